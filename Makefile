@@ -1,0 +1,54 @@
+# cellexplain: the two commands are `make serve` and `make test` (see README).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# the BentoML model store lives in the repo unless told otherwise
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
+DEFAULT_MODEL := pbmc-programs
+DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
+
+.PHONY: install serve test lint typecheck unit integration default-model compare clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DEFAULT_DIR)/model.onnx: | $(VENV)/.installed
+	$(BIN)/cellexplain train --arch programs --name $(DEFAULT_MODEL) --out $(DEFAULT_DIR)
+
+# trains the default model when missing and imports it into the store when the store lacks it
+default-model: $(DEFAULT_DIR)/model.onnx
+	@$(BIN)/cellexplain models show $(DEFAULT_MODEL) >/dev/null 2>&1 || \
+		$(BIN)/cellexplain models import $(DEFAULT_DIR)
+	@$(BIN)/cellexplain models list
+
+serve: default-model
+	@echo "The default model is trained and in the BentoML store ($(BENTOML_HOME))."
+	@echo "The REST/gRPC service is not built yet (issue: serve predictions over REST)."
+
+lint: install
+	$(BIN)/ruff check models service tests
+	$(BIN)/ruff format --check models service tests
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest tests/unit -q
+
+integration: install
+	$(BIN)/pytest tests/integration -q
+
+test: lint typecheck
+	$(BIN)/pytest tests -q
+
+compare: install
+	$(BIN)/cellexplain compare --seeds 5
+
+clean:
+	rm -rf $(VENV) artifacts .bentoml .mypy_cache .ruff_cache .pytest_cache

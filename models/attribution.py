@@ -1,0 +1,301 @@
+"""Attribution graphs: one ONNX graph computes logits, probabilities and attributions together.
+
+The network is a list of dense layers with ReLU between them (see
+:meth:`models.architectures.CellClassifier.dense_layers`). The backward pass is written by hand
+as plain ONNX ops (Gemm, MatMul, Mul, Where...), so the graph runs on any onnxruntime provider.
+
+Methods (for the class ``t`` of each cell: its predicted class, or the ``target`` input):
+
+* ``integrated_gradients``: ``(x - x0) * sum_k w_k dF_t/dx (x0 + a_k (x - x0))`` with the
+  nodes ``a_k`` and weights ``w_k`` of a quadrature rule (Captum's ``riemann_*`` and
+  ``gausslegendre``). Linearity makes it cheap: the first layer's ``W1 (x - x0)`` is computed once
+  and scaled by each ``a_k``; the upstream gradients are averaged over the steps **before** the
+  product with ``W1``, so the wide gene-dimension matmuls run once per cell, not once per step.
+  Steps are unrolled one after another, so memory is ``O(n * width)`` whatever the step count.
+  Completeness (attributions sum to ``F_t(x) - F_t(x0)``) holds up to the quadrature error.
+* ``deeplift``: DeepLIFT with the Rescale rule (single pass). For ReLU networks the attributions
+  sum **exactly** to ``F_t(x) - F_t(x0)``. Baseline activations are constants of the graph.
+* ``gradient_x_input``: ``x * dF_t/dx (x)`` (single pass, zero baseline; no completeness
+  guarantee for non-linear networks).
+
+For a network with no hidden layer (``linear``), all three equal the exact ``(x - x0) * W_t``.
+
+Program attributions (``programs`` models) attribute to the first layer's pre-activations
+(Captum's ``LayerIntegratedGradients`` / ``LayerDeepLift`` on that layer): one value per gene set;
+together with the free units they sum to the same ``F_t(x) - F_t(x0)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+Method = Literal["integrated_gradients", "deeplift", "gradient_x_input"]
+METHODS: tuple[Method, ...] = ("integrated_gradients", "deeplift", "gradient_x_input")
+Rule = Literal[
+    "riemann_middle", "riemann_trapezoid", "riemann_left", "riemann_right", "gausslegendre"
+]
+RULES: tuple[Rule, ...] = (
+    "riemann_middle",
+    "riemann_trapezoid",
+    "riemann_left",
+    "riemann_right",
+    "gausslegendre",
+)
+OPSET = 17
+#: DeepLIFT falls back to the gradient where |x - x0| at a ReLU input is below this (as Captum)
+DEEPLIFT_EPS = 1e-10
+
+Layers = Sequence[tuple[np.ndarray, np.ndarray]]
+
+
+def integration_rule(rule: Rule, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes ``alphas`` in [0, 1] and weights of a quadrature rule over [0, 1].
+
+    The same definitions as Captum's ``approximation_parameters``, so the graph and Captum
+    integrate at the same points.
+    """
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    n = n_steps
+    if rule == "riemann_middle":
+        alphas = np.linspace(0, 1, n, endpoint=False) + 1 / (2 * n)
+        weights = np.full(n, 1 / n)
+    elif rule == "riemann_left":
+        alphas = np.linspace(0, 1 - 1 / n, n)
+        weights = np.full(n, 1 / n)
+    elif rule == "riemann_right":
+        alphas = np.linspace(1 / n, 1, n)
+        weights = np.full(n, 1 / n)
+    elif rule == "riemann_trapezoid":
+        if n < 2:
+            raise ValueError("riemann_trapezoid needs n_steps >= 2")
+        # Captum's definition: weights 1/n with the two ends halved (they sum to (n-1)/n)
+        alphas = np.linspace(0, 1, n)
+        weights = np.full(n, 1 / n)
+        weights[[0, -1]] /= 2
+    elif rule == "gausslegendre":
+        nodes, w = np.polynomial.legendre.leggauss(n)
+        alphas = 0.5 * (nodes + 1)
+        weights = 0.5 * w
+    else:
+        raise ValueError(f"unknown integration rule {rule!r}; choose one of {RULES}")
+    return alphas.astype(np.float64), weights.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class AttributionSpec:
+    """How attributions are computed in the exported graph."""
+
+    method: Method = "integrated_gradients"
+    n_steps: int = 32
+    rule: Rule = "riemann_middle"
+    baseline: Literal["zero", "mean"] = "zero"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown attribution method {self.method!r}; choose one of {METHODS}")
+        if self.method == "gradient_x_input" and self.baseline != "zero":
+            raise ValueError("gradient_x_input has an implicit zero baseline")
+        if self.method == "integrated_gradients":
+            integration_rule(self.rule, self.n_steps)  # validates rule and steps
+
+
+class _GraphBuilder:
+    """A tiny helper to write ONNX graphs: unique names, constants as initializers."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}_{self._count}"
+
+    def const(self, prefix: str, value: np.ndarray) -> str:
+        name = self.name(prefix)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], out: str | None = None, **attrs: Any) -> str:
+        output = out or self.name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [output], **attrs))
+        return output
+
+
+def _relu_grad(b: _GraphBuilder, z: str, g: str, zero: str) -> str:
+    """``g * 1[z > 0]``: the gradient through a ReLU whose input is ``z``."""
+    return b.op("Where", [b.op("Greater", [z, zero]), g, zero])
+
+
+def build_graph(
+    layers: Layers,
+    spec: AttributionSpec,
+    baseline: np.ndarray,
+    n_programs: int = 0,
+    name: str = "cellexplain",
+    dtype: type[np.floating[Any]] = np.float32,
+) -> onnx.ModelProto:
+    """Write the prediction + attribution graph of a dense ReLU network.
+
+    Args:
+        layers: ``[(W [out, in], b [out]), ...]``, float64; ReLU between consecutive layers.
+        spec: attribution method, steps and rule.
+        baseline: ``[n_genes]`` baseline expression ``x0`` (zeros for the zero baseline).
+        n_programs: for program models, how many leading first-layer units are gene programs.
+        name: graph name.
+        dtype: ``np.float32`` (served) or ``np.float64`` (used by the export checks to verify
+            the graph's arithmetic against Captum without float32 rounding).
+
+    Returns:
+        An ONNX model with inputs ``x`` float32 ``[n, n_genes]`` and ``target`` int64 ``[m]``
+        (optional: an overridable initializer defaulting to ``[-1]``; ``m`` is 1 or ``n``; a
+        negative value means the predicted class) and outputs ``logits`` ``[n, C]``,
+        ``probabilities`` ``[n, C]``, ``attributions`` ``[n, n_genes]``, ``explained_class``
+        int64 ``[n]`` and, when ``n_programs > 0``, ``program_attributions`` ``[n, n_programs]``.
+    """
+    if not layers:
+        raise ValueError("a network needs at least one layer")
+    f32 = np.dtype(dtype)
+    elem = TensorProto.DOUBLE if f32 == np.float64 else TensorProto.FLOAT
+    G = layers[0][0].shape[1]
+    C = layers[-1][0].shape[0]
+    x0 = np.asarray(baseline, dtype=np.float64).reshape(G)
+    zero_baseline = not np.any(x0)
+    b = _GraphBuilder()
+    zero = b.const("zero", np.array(0.0, dtype=f32)) if len(layers) > 1 else ""
+    Ws = [b.const(f"W{i + 1}", W.astype(f32)) for i, (W, _) in enumerate(layers)]
+
+    # d = x - x0 and the first layer's pre-activation difference D1 = d @ W1^T
+    d = "x" if zero_baseline else b.op("Sub", ["x", b.const("baseline", x0.astype(f32))])
+    W1, b1 = layers[0]
+    a0 = W1 @ x0 + b1  # first-layer pre-activation at the baseline (a constant)
+    a0_c = b.const("a0", a0.astype(f32))
+    D1 = b.op("Gemm", [d, Ws[0]], transB=1)
+    z1 = b.op("Add", [D1, a0_c])
+
+    # forward pass at x: pre-activations z_1..z_{L-1} and the logits
+    zs = [z1]
+    h = z1
+    for i in range(1, len(layers)):
+        h = b.op(
+            "Gemm",
+            [b.op("Relu", [h]), Ws[i], b.const(f"b{i + 1}", layers[i][1].astype(f32))],
+            transB=1,
+        )
+        zs.append(h)
+    logits = b.op("Identity", [zs[-1]], out="logits")
+    b.op("Softmax", [logits], out="probabilities", axis=1)
+
+    # the explained class: target where given (>= 0), else the predicted class
+    pred = b.op("ArgMax", [logits], axis=1, keepdims=0)
+    t = b.op(
+        "Where",
+        [b.op("Less", ["target", b.const("zero_i", np.array(0, dtype=np.int64))]), pred, "target"],
+        out="explained_class",
+    )
+    g_top = b.op("Gather", [Ws[-1], t], axis=0)  # dF_t / d(last hidden activation), [n, width]
+
+    def backward_to_first(gate: Callable[[int, str], str]) -> str:
+        """Chain ``g_top`` back to the first layer's pre-activation: dF_t/dz1 ``[n, width1]``.
+
+        ``gate(i, g)`` applies the derivative (or DeepLIFT multiplier) of ReLU ``i`` to ``g``.
+        """
+        g = g_top
+        for i in range(len(layers) - 2, -1, -1):
+            g = gate(i, g)
+            if i > 0:
+                g = b.op("MatMul", [g, Ws[i]])
+        return g
+
+    def relu_gate(pre_activations: Sequence[str]) -> Callable[[int, str], str]:
+        """The ReLU derivative gate for :func:`backward_to_first` at these pre-activations."""
+        return lambda i, g: _relu_grad(b, pre_activations[i], g, zero)
+
+    program_out: str | None = None
+    if len(layers) == 1:
+        # linear: exact attributions (x - x0) * W_t for every method
+        b.op("Mul", [d, g_top], out="attributions")
+    else:
+        if spec.method == "integrated_gradients":
+            alphas, weights = integration_rule(spec.rule, spec.n_steps)
+            equal = bool(np.allclose(weights, weights[0]))
+            acc: str | None = None
+            for a_k, w_k in zip(alphas, weights, strict=True):
+                zk = b.op(
+                    "Add", [b.op("Mul", [D1, b.const("alpha", np.array(a_k, dtype=f32))]), a0_c]
+                )
+                hk = zk
+                zks = [zk]
+                for i in range(1, len(layers) - 1):
+                    hk = b.op(
+                        "Gemm",
+                        [b.op("Relu", [hk]), Ws[i], b.const(f"b{i + 1}", layers[i][1].astype(f32))],
+                        transB=1,
+                    )
+                    zks.append(hk)
+                g = backward_to_first(relu_gate(zks))
+                if not equal:
+                    g = b.op("Mul", [g, b.const("w", np.array(w_k, dtype=f32))])
+                acc = g if acc is None else b.op("Add", [acc, g])
+            assert acc is not None
+            g1 = b.op("Mul", [acc, b.const("w", np.array(weights[0], dtype=f32))]) if equal else acc
+        elif spec.method == "deeplift":
+            # baseline activations are constants; rescale multipliers m = Δrelu / Δz per ReLU
+            z0s: list[np.ndarray] = [a0]
+            for W, bias in layers[1:-1]:
+                z0s.append(W @ np.maximum(z0s[-1], 0) + bias)
+            mults: list[str] = []
+            for z, z0 in zip(zs[:-1], z0s, strict=True):
+                z0c = b.const("z0", z0.astype(f32))
+                dz = b.op("Sub", [z, z0c])
+                dr = b.op("Sub", [b.op("Relu", [z]), b.const("r0", np.maximum(z0, 0).astype(f32))])
+                small = b.op(
+                    "Less", [b.op("Abs", [dz]), b.const("eps", np.array(DEEPLIFT_EPS, dtype=f32))]
+                )
+                grad = b.op("Cast", [b.op("Greater", [z, zero])], to=elem)
+                # safe division: where dz is tiny, divide by 1 and take the gradient instead
+                safe_dz = b.op("Where", [small, b.const("one", np.array(1.0, dtype=f32)), dz])
+                mults.append(b.op("Where", [small, grad, b.op("Div", [dr, safe_dz])]))
+            g1 = backward_to_first(lambda i, g: b.op("Mul", [g, mults[i]]))
+        else:  # gradient_x_input: the gradient at x (the baseline is zero, so d is x)
+            g1 = backward_to_first(relu_gate(zs))
+        b.op("Mul", [d, b.op("MatMul", [g1, Ws[0]])], out="attributions")
+        if n_programs > 0:
+            # layer attribution at the first layer's pre-activation: Δz1 * dF/dz1
+            prog = b.op("Mul", [D1, g1])
+            starts = b.const("starts", np.array([0], dtype=np.int64))
+            ends = b.const("ends", np.array([n_programs], dtype=np.int64))
+            axes = b.const("axes", np.array([1], dtype=np.int64))
+            program_out = b.op("Slice", [prog, starts, ends, axes], out="program_attributions")
+
+    n, g_dim, c_dim = "n", G, C
+    inputs = [
+        helper.make_tensor_value_info("x", elem, [n, g_dim]),
+        helper.make_tensor_value_info("target", TensorProto.INT64, ["n_target"]),
+    ]
+    # `target` is an overridable initializer: optional, defaulting to "predicted class"
+    b.initializers.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "target"))
+    outputs = [
+        helper.make_tensor_value_info("logits", elem, [n, c_dim]),
+        helper.make_tensor_value_info("probabilities", elem, [n, c_dim]),
+        helper.make_tensor_value_info("attributions", elem, [n, g_dim]),
+        helper.make_tensor_value_info("explained_class", TensorProto.INT64, [n]),
+    ]
+    if program_out is not None:
+        outputs.append(helper.make_tensor_value_info("program_attributions", elem, [n, n_programs]))
+    graph = helper.make_graph(b.nodes, name, inputs, outputs, b.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="cellexplain",
+        ir_version=8,
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model

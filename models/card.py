@@ -1,0 +1,169 @@
+"""The model card: everything needed to serve, explain and audit an exported model.
+
+A model artifact is a folder with ``model.onnx`` and ``model.json`` (this card). The card alone
+says how to preprocess input (so serving needs no training code), which genes and classes the
+graph has, how attributions are computed, and how well the model did on held-out cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CARD_FILE = "model.json"
+ONNX_FILE = "model.onnx"
+CARD_SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Preprocessing(_Strict):
+    """How raw input becomes model input (re-applied at serving time)."""
+
+    model_input: Literal["log1p_cp10k"] = "log1p_cp10k"
+    target_sum: float = Field(default=1e4, description="counts per cell before log1p")
+    normalise_over: Literal["all_genes"] = "all_genes"
+    detected_training_input: Literal["counts", "log1p_cp10k"]
+    detection_reason: str
+    gene_selection: str = Field(description="'all' or 'highly_variable:N'")
+    n_genes_in_training_data: int
+
+
+class Architecture(_Strict):
+    kind: Literal["linear", "mlp", "programs"]
+    layer_sizes: list[int] = Field(description="input, hidden widths..., classes")
+    n_programs: int = 0
+    n_free_units: int = 0
+    dropout: float = 0.0
+    n_parameters: int
+
+
+class Attribution(_Strict):
+    method: Literal["integrated_gradients", "deeplift", "gradient_x_input"]
+    n_steps: int = Field(description="integration steps (integrated_gradients only)")
+    rule: str = Field(description="quadrature rule of the integral (Captum's names)")
+    baseline: Literal["zero", "mean"]
+    exact: bool = Field(description="true when attributions are exact (linear models)")
+    completeness: str
+
+
+class GeneSetsUsed(_Strict):
+    source: str
+    sha256: str
+    n_sets_in_file: int
+    programs: list[str]
+    program_sizes: list[int]
+    n_genes_covered: int
+
+
+class TrainingData(_Strict):
+    source: str
+    sha256: str = Field(description="fingerprint of matrix, genes and labels")
+    n_cells: int
+    n_genes: int
+    label_key: str
+    layer: str
+    gene_key: str | None = None
+
+
+class Split(_Strict):
+    seed: int
+    train: int
+    validation: int
+    test: int
+    class_counts: dict[str, int]
+
+
+class Scores(_Strict):
+    accuracy: float
+    macro_f1: float
+    per_class_f1: dict[str, float]
+
+
+class Metrics(_Strict):
+    split: Literal["test"] = "test"
+    model: Scores
+    logistic_regression: Scores
+    epochs_trained: int
+    best_epoch: int
+
+
+class ExportChecks(_Strict):
+    """Checks run by the exporter on held-out cells (float32 ONNX vs float64 torch/Captum)."""
+
+    n_cells: int
+    captum_method: str
+    captum_max_abs_error: float
+    captum_rel_error: float = Field(
+        description="float32 graph: max abs error / max |Captum attribution| over all cells"
+    )
+    captum_rel_error_p99: float = Field(
+        description="float32 graph: 99th percentile over cells of the per-cell relative error"
+    )
+    float64_graph_rel_error: float = Field(
+        description="the same graph built in float64 vs Captum: checks the graph's arithmetic"
+    )
+    program_captum_rel_error: float | None = None
+    completeness_max_abs_error: float = Field(
+        description="max |sum(attributions) - (F(x) - F(x0))| over the cells"
+    )
+    completeness_rel_error: float = Field(description="the same / mean |F(x) - F(x0)|")
+    completeness_tolerance: float
+    probabilities_max_abs_error: float
+    passed: bool
+
+
+class OnnxInfo(_Strict):
+    file: str = ONNX_FILE
+    sha256: str
+    opset: int
+    inputs: list[str]
+    outputs: list[str]
+
+
+class ModelCard(_Strict):
+    schema_version: int = CARD_SCHEMA_VERSION
+    name: str
+    version: str
+    created_at: str
+    cellexplain_version: str
+    description: str = ""
+    genes: list[str]
+    classes: list[str]
+    unassigned_threshold: float = Field(
+        default=0.5, description="cells whose confidence is below this are labelled 'Unassigned'"
+    )
+    preprocessing: Preprocessing
+    architecture: Architecture
+    attribution: Attribution
+    gene_sets: GeneSetsUsed | None = None
+    training_data: TrainingData
+    split: Split
+    metrics: Metrics
+    checks: ExportChecks
+    onnx: OnnxInfo
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / CARD_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> ModelCard:
+        path = Path(directory) / CARD_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no model card at {path}")
+        return cls.model_validate_json(path.read_text())
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

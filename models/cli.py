@@ -1,0 +1,285 @@
+"""The ``cellexplain`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from models.card import ModelCard
+from models.errors import CellexplainError
+
+if TYPE_CHECKING:
+    from models.data import LabelledData
+    from models.train import TrainConfig
+
+log = logging.getLogger("cellexplain")
+
+
+class CLIError(Exception):
+    """A user error: printed as ``error: ...`` with exit status 2."""
+
+
+def _hidden(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths, got {text!r}") from e
+    if any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError("widths must be positive")
+    return sizes
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="labelled .h5ad (default: scanpy's bundled pbmc68k_reduced)")
+    data.add_argument("--label-key", help="obs column with cell-type labels (default bulk_labels)")
+    data.add_argument("--gene-key", help="var column with gene symbols (default: var_names)")
+    data.add_argument("--layer", help="'raw' for .raw, a layer name, or omit for X")
+    data.add_argument(
+        "--n-top-genes", type=int, help="keep the N most variable genes (default all)"
+    )
+    data.add_argument("--min-cells-per-class", type=int, default=5)
+    model = p.add_argument_group("model")
+    model.add_argument("--gene-sets", help="GMT file for programs (default: bundled Hallmark)")
+    model.add_argument("--n-free", type=int, default=64, help="programs: free dense units")
+    model.add_argument(
+        "--hidden", type=_hidden, help="hidden widths after the first layer, e.g. 64"
+    )
+    model.add_argument("--dropout", type=float, default=0.2)
+    model.add_argument("--max-epochs", type=int, default=300)
+    model.add_argument("--patience", type=int, default=30, help="early-stopping patience (epochs)")
+    model.add_argument("--seed", type=int, default=0)
+    attr = p.add_argument_group("attribution (computed inside the ONNX graph)")
+    attr.add_argument(
+        "--attribution",
+        choices=["integrated_gradients", "deeplift", "gradient_x_input"],
+        default="integrated_gradients",
+    )
+    attr.add_argument("--steps", type=int, default=32, help="integrated-gradients steps")
+    attr.add_argument(
+        "--rule",
+        default="riemann_middle",
+        choices=[
+            "riemann_middle",
+            "riemann_trapezoid",
+            "riemann_left",
+            "riemann_right",
+            "gausslegendre",
+        ],
+        help="integration rule (Captum's names)",
+    )
+    attr.add_argument("--baseline", choices=["zero", "mean"], default="zero")
+
+
+def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
+    from models.attribution import AttributionSpec
+    from models.train import TrainConfig
+
+    try:
+        spec = AttributionSpec(
+            method=args.attribution, n_steps=args.steps, rule=args.rule, baseline=args.baseline
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    return TrainConfig(
+        arch=arch,  # type: ignore[arg-type]
+        name=name,
+        n_top_genes=args.n_top_genes,
+        hidden=args.hidden,
+        n_free=args.n_free,
+        gene_sets=args.gene_sets,
+        dropout=args.dropout,
+        max_epochs=args.max_epochs,
+        patience=args.patience,
+        seed=args.seed,
+        min_cells_per_class=args.min_cells_per_class,
+        attribution=spec,
+    )
+
+
+def _load(args: argparse.Namespace) -> LabelledData:
+    from models.data import load_labelled
+
+    if args.data is not None and args.label_key is None:
+        raise CLIError("--label-key is required with --data (the obs column holding labels)")
+    return load_labelled(args.data, args.label_key, args.gene_key, args.layer)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.store import check_name, import_model
+    from models.train import train
+
+    name = check_name(args.name or f"pbmc-{args.arch}")
+    out = Path(args.out or Path("artifacts") / name)
+    data = _load(args)
+    print(
+        f"data: {data.source}: {len(data.labels)} cells x {len(data.genes)} genes; "
+        f"input detected as {data.detection.kind} ({data.detection.reason})"
+    )
+    card = train(data, _config(args, args.arch, name), out, progress=not args.quiet)
+    _print_card_summary(card, out)
+    if args.import_:
+        print(f"imported into the BentoML store as {import_model(out)}")
+    return 0
+
+
+def _print_card_summary(card: ModelCard, out: Path) -> None:
+    m = card.metrics
+    c = card.checks
+    print(f"wrote {out / 'model.onnx'} and {out / 'model.json'}")
+    print(
+        f"  {card.architecture.kind}: {len(card.genes)} genes -> {len(card.classes)} classes, "
+        f"{card.architecture.n_parameters} parameters, best epoch {m.best_epoch}/"
+        f"{m.epochs_trained}"
+    )
+    print(
+        f"  test accuracy {m.model.accuracy:.3f}, macro-F1 {m.model.macro_f1:.3f} "
+        f"(logistic regression: {m.logistic_regression.accuracy:.3f}, "
+        f"{m.logistic_regression.macro_f1:.3f})"
+    )
+    print(
+        f"  attributions: {card.attribution.method}, vs {c.captum_method}: rel. error "
+        f"{c.captum_rel_error:.1e}; completeness error {c.completeness_rel_error:.1e} "
+        f"(relative); probabilities max error {c.probabilities_max_abs_error:.1e}"
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Train every architecture on the same splits over several seeds; print a table."""
+    import tempfile
+
+    import numpy as np
+
+    from models.train import train
+
+    data = _load(args)
+    rows: dict[str, list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            args.seed = seed
+            for arch in args.archs:
+                card = train(
+                    data, _config(args, arch, f"cmp-{arch}"), Path(tmp) / arch, progress=False
+                )
+                m = card.metrics
+                rows.setdefault(arch, []).append((m.model.accuracy, m.model.macro_f1))
+                if arch == args.archs[0]:
+                    rows.setdefault("logistic regression (baseline)", []).append(
+                        (m.logistic_regression.accuracy, m.logistic_regression.macro_f1)
+                    )
+                print(
+                    f"seed {seed} {arch}: macro-F1 {m.model.macro_f1:.3f} "
+                    f"(logistic regression {m.logistic_regression.macro_f1:.3f})",
+                    flush=True,
+                )
+    print(f"\n| model | test accuracy | test macro-F1 |  (mean ± sd over {args.seeds} seeds)")
+    print("|---|---|---|")
+    for arch, vals in rows.items():
+        a = np.array(vals)
+        print(
+            f"| {arch} | {a[:, 0].mean():.3f} ± {a[:, 0].std():.3f} "
+            f"| {a[:, 1].mean():.3f} ± {a[:, 1].std():.3f} |"
+        )
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from models.store import import_model
+
+    print(import_model(args.dir, args.name))
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from models.store import list_models
+
+    models = list_models()
+    if not models:
+        print("no cellexplain models in the BentoML store (cellexplain models import DIR)")
+        return 0
+    print(f"{'tag':<40} {'arch':<9} {'genes':>6} {'classes':>7} {'macro-F1':>8}  attribution")
+    for m in models:
+        c = m.card
+        print(
+            f"{m.tag:<40} {c.architecture.kind:<9} {len(c.genes):>6} {len(c.classes):>7} "
+            f"{c.metrics.model.macro_f1:>8.3f}  {c.attribution.method}"
+        )
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from models.store import get_model
+
+    print(get_model(args.tag).card.model_dump_json(indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cellexplain",
+        description="Interpretable cell-type annotation: train, export, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"cellexplain {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier and export it (ONNX + model card)")
+    p.add_argument("--arch", choices=["linear", "mlp", "programs"], default="programs")
+    p.add_argument("--name", help="model name (default pbmc-ARCH)")
+    p.add_argument("--out", help="output folder (default artifacts/NAME)")
+    p.add_argument(
+        "--import",
+        dest="import_",
+        action="store_true",
+        help="also import the result into the BentoML model store",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_training_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="held-out scores of every architecture vs the baseline")
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=["linear", "mlp", "programs"],
+        choices=["linear", "mlp", "programs"],
+    )
+    p.add_argument("--seeds", type=int, default=5, help="number of random splits")
+    _add_training_args(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("models", help="the BentoML model store")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser("import", help="save an exported model folder into the store")
+    q.add_argument("dir")
+    q.add_argument("--name", help="store name (default: the card's name)")
+    q.set_defaults(func=cmd_models_import)
+    q = msub.add_parser("list", help="list cellexplain models in the store")
+    q.set_defaults(func=cmd_models_list)
+    q = msub.add_parser("show", help="print a stored model's card")
+    q.add_argument("tag", help="NAME or NAME:VERSION")
+    q.set_defaults(func=cmd_models_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except (CLIError, CellexplainError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The one normalisation recipe, shared by training and serving.
+
+A model consumes ``log1p(counts per 10,000)`` values of its own genes. Counts are normalised over
+**all** genes of a cell (the whole submitted transcriptome) before the model's genes are taken, so
+the same cell gives the same model input whether it arrives with 765 genes or 30,000.
+
+Nothing here imports torch: the serving path uses this module as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import scipy.sparse as sp
+
+from models.errors import PreprocessError
+
+InputKind = Literal["counts", "log1p_cp10k"]
+
+#: counts per cell after normalisation (scanpy's ``normalize_total(target_sum=1e4)``)
+TARGET_SUM = 1e4
+#: log1p(1e6) ~ 13.8: a log1p-normalised matrix never gets near this
+MAX_LOG1P_VALUE = 15.0
+
+#: a dense ``numpy.ndarray`` or a scipy sparse matrix, ``[n_cells, n_genes]``
+Matrix: TypeAlias = Any
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What :func:`detect_input_kind` found, with the evidence for it."""
+
+    kind: InputKind
+    reason: str
+
+
+def _values(X: Matrix) -> np.ndarray:
+    """The stored values of a dense or sparse matrix, flattened (zeros of sparse omitted)."""
+    if sp.issparse(X):
+        return np.asarray(X.data)
+    return np.asarray(X).ravel()
+
+
+def check_finite_nonnegative(X: Matrix, what: str = "expression matrix") -> None:
+    """Raise :class:`PreprocessError` if ``X`` holds NaN, inf or negative values."""
+    v = _values(X)
+    if v.size == 0:
+        return
+    if not np.issubdtype(v.dtype, np.number):
+        raise PreprocessError(f"{what} is not numeric (dtype {v.dtype})")
+    bad_nan = np.isnan(v)
+    if bad_nan.any():
+        raise PreprocessError(f"{what} contains {int(bad_nan.sum())} NaN value(s)")
+    bad_inf = np.isinf(v)
+    if bad_inf.any():
+        raise PreprocessError(f"{what} contains {int(bad_inf.sum())} infinite value(s)")
+    neg = v < 0
+    if neg.any():
+        raise PreprocessError(
+            f"{what} contains {int(neg.sum())} negative value(s) (min {float(v.min()):.4g}); "
+            "expected raw counts or log1p-normalised values, which are never negative"
+        )
+
+
+def detect_input_kind(X: Matrix, max_rows: int = 2000) -> Detection:
+    """Tell raw counts from log1p(CP10k) values.
+
+    Args:
+        X: ``[n_cells, n_genes]`` expression matrix, dense or sparse.
+        max_rows: how many leading rows to inspect (detection is a property of the whole matrix;
+            a sample is enough and keeps this cheap on big files).
+
+    Returns:
+        ``counts`` when every inspected value is a non-negative integer, ``log1p_cp10k`` when the
+        values are non-integer and within the range of log1p-normalised data.
+
+    Raises:
+        PreprocessError: NaN/inf/negative values, or non-integer values too large to be log1p
+            data (e.g. CPM or TPM, which must be converted by the caller).
+    """
+    sample = X[: min(max_rows, X.shape[0])]
+    check_finite_nonnegative(sample)
+    v = _values(sample)
+    if v.size == 0 or np.all(v == 0):
+        return Detection("counts", "all inspected values are zero")
+    vmax = float(v.max())
+    if np.all(np.equal(np.mod(v, 1), 0)):
+        return Detection("counts", f"all inspected values are non-negative integers (max {vmax:g})")
+    if vmax <= MAX_LOG1P_VALUE:
+        return Detection(
+            "log1p_cp10k", f"non-integer values with max {vmax:.3g} <= {MAX_LOG1P_VALUE:g}"
+        )
+    raise PreprocessError(
+        f"values are non-integer with max {vmax:.4g}: neither raw counts nor log1p-normalised "
+        "data (CPM/TPM or scaled data?). Provide raw counts or log1p(CP10k) values"
+    )
+
+
+def normalize_log1p(X: Matrix, target_sum: float = TARGET_SUM) -> np.ndarray | sp.csr_matrix:
+    """Normalise counts to ``log1p(counts / total * target_sum)`` per cell.
+
+    Args:
+        X: ``[n_cells, n_genes]`` raw counts over **all** measured genes of each cell.
+        target_sum: counts per cell after scaling (10,000).
+
+    Returns:
+        float32 matrix of the same shape (sparse stays CSR). Cells with no counts stay all zero.
+    """
+    if sp.issparse(X):
+        Xc = sp.csr_matrix(X, dtype=np.float64)
+        totals = np.asarray(Xc.sum(axis=1)).ravel()
+        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        Xc = sp.csr_matrix(sp.diags(scale) @ Xc)
+        Xc.data = np.log1p(Xc.data)
+        return Xc.astype(np.float32)
+    Xd = np.asarray(X, dtype=np.float64)
+    totals = Xd.sum(axis=1, keepdims=True)
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    return np.log1p(Xd * scale).astype(np.float32)
+
+
+def to_model_input(X: Matrix, kind: InputKind, target_sum: float = TARGET_SUM) -> Matrix:
+    """Bring ``X`` (all genes of each cell) to the model's space, ``log1p_cp10k``.
+
+    Counts are normalised here; log1p-normalised values pass through unchanged.
+    """
+    if kind == "counts":
+        return normalize_log1p(X, target_sum)
+    if kind == "log1p_cp10k":
+        return X
+    raise PreprocessError(f"unknown input kind {kind!r}; expected 'counts' or 'log1p_cp10k'")
+
+
+def select_variable_genes(X: Matrix, n_top: int) -> np.ndarray:
+    """Indices (sorted) of the ``n_top`` genes with the highest variance of log1p values.
+
+    Args:
+        X: ``[n_cells, n_genes]`` log1p-normalised values.
+        n_top: number of genes to keep; all genes when ``n_top >= n_genes``.
+    """
+    n_genes = X.shape[1]
+    if n_top >= n_genes:
+        return np.arange(n_genes)
+    if sp.issparse(X):
+        Xc = sp.csr_matrix(X, dtype=np.float64)
+        mean = np.asarray(Xc.mean(axis=0)).ravel()
+        var = np.asarray(Xc.multiply(Xc).mean(axis=0)).ravel() - mean**2
+    else:
+        var = np.asarray(X, dtype=np.float64).var(axis=0)
+    # stable tie-break on index so selection is deterministic
+    order = np.lexsort((np.arange(n_genes), -var))
+    return np.sort(order[:n_top])

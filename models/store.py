@@ -1,0 +1,98 @@
+"""The BentoML model store: import exported artifacts, list them, find their files.
+
+Only ``model.onnx`` and ``model.json`` are stored (no pickled objects); the ONNX sha256 is checked
+against the card on import and again whenever a model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import bentoml
+
+from models.card import CARD_FILE, ONNX_FILE, ModelCard, sha256_file
+from models.errors import StoreError
+
+#: label that marks our models in a shared BentoML store
+FRAMEWORK_LABEL = "cellexplain"
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+
+def check_name(name: str) -> str:
+    """Model names are BentoML tag names: lowercase letters, digits, ``-``, ``_``, ``.``."""
+    if not NAME_RE.match(name):
+        raise StoreError(
+            f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def verify_artifact(directory: str | Path) -> ModelCard:
+    """Read the card of an artifact folder and check the ONNX file's sha256 against it."""
+    d = Path(directory)
+    for f in (ONNX_FILE, CARD_FILE):
+        if not (d / f).is_file():
+            raise StoreError(f"{d} is not a model artifact: {f} is missing")
+    card = ModelCard.read(d)
+    digest = sha256_file(d / ONNX_FILE)
+    if digest != card.onnx.sha256:
+        raise StoreError(
+            f"{d / ONNX_FILE} has sha256 {digest} but the card says {card.onnx.sha256}"
+        )
+    return card
+
+
+def import_model(directory: str | Path, name: str | None = None) -> str:
+    """Save an artifact folder into the BentoML model store; returns the tag ``name:version``."""
+    card = verify_artifact(directory)
+    model_name = check_name(name or card.name)
+    with bentoml.models.create(
+        model_name,
+        labels={"framework": FRAMEWORK_LABEL, "arch": card.architecture.kind},
+        metadata={
+            "card_version": card.version,
+            "n_genes": len(card.genes),
+            "n_classes": len(card.classes),
+            "attribution": card.attribution.method,
+            "test_macro_f1": round(card.metrics.model.macro_f1, 4),
+            "onnx_sha256": card.onnx.sha256,
+        },
+    ) as bento_model:
+        for f in (ONNX_FILE, CARD_FILE):
+            shutil.copyfile(Path(directory) / f, Path(bento_model.path) / f)
+    return str(bento_model.tag)
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    tag: str
+    path: Path
+    card: ModelCard
+
+
+def list_models() -> list[StoredModel]:
+    """cellexplain models in the store, newest first."""
+    found = []
+    for m in bentoml.models.list():
+        if m.info.labels.get("framework") != FRAMEWORK_LABEL:
+            continue
+        found.append(
+            (m.creation_time, StoredModel(str(m.tag), Path(m.path), ModelCard.read(m.path)))
+        )
+    return [s for _, s in sorted(found, key=lambda p: p[0], reverse=True)]
+
+
+def get_model(tag: str) -> StoredModel:
+    """A stored model by ``name`` (latest) or ``name:version``; its sha256 is verified."""
+    try:
+        m = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound as e:
+        raise StoreError(f"model {tag!r} is not in the BentoML store") from e
+    if m.info.labels.get("framework") != FRAMEWORK_LABEL:
+        raise StoreError(f"model {tag!r} is not a cellexplain model")
+    card = verify_artifact(m.path)
+    return StoredModel(str(m.tag), Path(m.path), card)

@@ -1,0 +1,315 @@
+"""Train an interpretable classifier, compare it with a logistic-regression baseline, export it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
+
+from models import __version__
+from models.architectures import Arch, ArchConfig, CellClassifier
+from models.attribution import AttributionSpec
+from models.card import (
+    Architecture,
+    GeneSetsUsed,
+    Metrics,
+    ModelCard,
+    Preprocessing,
+    Scores,
+    Split,
+    TrainingData,
+)
+from models.data import LabelledData
+from models.errors import DataError
+from models.export import export_model
+from models.genesets import program_mask, read_gmt
+from models.preprocess import Matrix, select_variable_genes
+
+log = logging.getLogger(__name__)
+
+#: standard deviations below this (log1p units) are floored when standardising genes
+MIN_STD = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a trained model (recorded in its card)."""
+
+    arch: Arch = "programs"
+    name: str = "pbmc-programs"
+    n_top_genes: int | None = None  # None: all genes
+    first_width: int = 256  # mlp only
+    hidden: list[int] | None = None  # default: mlp [128], programs [64]
+    n_free: int = 64  # programs: dense units beside the gene programs
+    gene_sets: str | None = None  # GMT path; default: bundled Hallmark sets
+    min_genes_per_set: int = 5
+    dropout: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    max_epochs: int = 300
+    patience: int = 30
+    seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    min_cells_per_class: int = 5
+    unassigned_threshold: float = 0.5
+    attribution: AttributionSpec = field(default_factory=AttributionSpec)
+    version: str = "1"
+
+
+@dataclass
+class SplitIndices:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def check_labels(labels: np.ndarray, min_cells: int) -> list[str]:
+    """Classes (sorted) after checking there are at least 2, each with ``min_cells`` cells."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise DataError(f"need at least 2 classes to train, found {len(classes)}: {list(classes)}")
+    small = [(c, int(n)) for c, n in zip(classes, counts, strict=True) if n < min_cells]
+    if small:
+        listed = ", ".join(f"{c!r} ({n})" for c, n in small)
+        raise DataError(
+            f"class(es) with too few cells (need at least {min_cells} per class for a "
+            f"stratified train/validation/test split): {listed}; drop or merge them, or lower "
+            "--min-cells-per-class"
+        )
+    return [str(c) for c in classes]
+
+
+def stratified_split(y: np.ndarray, seed: int, val: float, test: float) -> SplitIndices:
+    """Stratified train/validation/test indices with a fixed seed."""
+    idx = np.arange(len(y))
+    rest, te = train_test_split(idx, test_size=test, stratify=y, random_state=seed)
+    tr, va = train_test_split(rest, test_size=val / (1 - test), stratify=y[rest], random_state=seed)
+    return SplitIndices(np.sort(tr), np.sort(va), np.sort(te))
+
+
+def dense(X: Matrix, rows: np.ndarray | None = None) -> np.ndarray:
+    Xs = X if rows is None else X[rows]
+    return np.asarray(Xs.toarray() if sp.issparse(Xs) else Xs, dtype=np.float32)
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> Scores:
+    """Accuracy, macro-F1 and per-class F1 of integer predictions."""
+    labels = list(range(len(classes)))
+    per = f1_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    return Scores(
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        per_class_f1={c: float(f) for c, f in zip(classes, per, strict=True)},
+    )
+
+
+def logistic_regression_baseline(
+    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, seed: int
+) -> np.ndarray:
+    """CellTypist's model family on the same split: z-scored genes (clipped at 10), L2 logistic
+    regression (C=1). Returns predicted class indices for ``X_test``."""
+    mean = X_train.mean(axis=0)
+    std = X_train.std(axis=0)
+    std[std == 0] = 1.0
+    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
+    clf.fit(np.clip((X_train - mean) / std, -10, 10), y_train)
+    return np.asarray(clf.predict(np.clip((X_test - mean) / std, -10, 10)))
+
+
+def _fit(
+    model: CellClassifier,
+    Xtr: np.ndarray,
+    ytr: np.ndarray,
+    Xva: np.ndarray,
+    yva: np.ndarray,
+    cfg: TrainConfig,
+    progress: bool,
+) -> tuple[int, int]:
+    """Adam with class-weighted cross-entropy; early stopping on validation loss.
+
+    Returns (epochs trained, best epoch); the model ends with the best epoch's weights.
+    """
+    n_classes = model.config.n_classes
+    counts = np.bincount(ytr, minlength=n_classes).astype(np.float64)
+    weights = torch.as_tensor(
+        counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32
+    )
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    Xt, yt = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+    Xv, yv = torch.from_numpy(Xva), torch.from_numpy(yva)
+    best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
+    epoch = 0
+    bar = tqdm(range(cfg.max_epochs), desc=f"train {cfg.arch}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(len(yt), generator=gen)
+        for start in range(0, len(perm), cfg.batch_size):
+            b = perm[start : start + cfg.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model(Xt[b]), yt[b])
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = float(loss_fn(model(Xv), yv))
+        if val_loss < best[0] - 1e-6:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
+        bar.set_postfix(val_loss=f"{val_loss:.3f}", best_epoch=best[1])
+        if epoch - best[1] >= cfg.patience:
+            break
+    bar.close()
+    model.load_state_dict(best[2])
+    model.eval()
+    return epoch + 1, best[1] + 1
+
+
+def train(
+    data: LabelledData,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> ModelCard:
+    """Train ``cfg.arch`` on ``data``, evaluate it and the baseline on the test split, export.
+
+    Writes ``out_dir/model.onnx`` and ``out_dir/model.json`` and returns the card.
+
+    Raises:
+        DataError: fewer than 2 classes, a class with too few cells, no gene-set overlap.
+    """
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    classes = check_labels(data.labels, cfg.min_cells_per_class)
+    y = np.searchsorted(np.asarray(classes), data.labels).astype(np.int64)
+    split = stratified_split(y, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+
+    if cfg.n_top_genes is not None:
+        keep = select_variable_genes(data.X[split.train], cfg.n_top_genes)
+        selection = f"highly_variable:{len(keep)}"
+    else:
+        keep = np.arange(len(data.genes))
+        selection = "all"
+    genes = [data.genes[i] for i in keep]
+    X = data.X[:, keep]
+    Xtr, Xva, Xte = dense(X, split.train), dense(X, split.val), dense(X, split.test)
+    ytr, yva, yte = y[split.train], y[split.val], y[split.test]
+
+    mean = Xtr.mean(axis=0)
+    scale = 1.0 / np.maximum(Xtr.std(axis=0), MIN_STD)
+
+    gene_sets_used: GeneSetsUsed | None = None
+    mask = None
+    hidden = cfg.hidden
+    n_programs = 0
+    if cfg.arch == "programs":
+        gs = read_gmt(cfg.gene_sets)
+        pm = program_mask(gs, genes, cfg.min_genes_per_set)
+        mask = pm.mask
+        n_programs = len(pm.names)
+        gene_sets_used = GeneSetsUsed(
+            source=gs.source,
+            sha256=gs.sha256,
+            n_sets_in_file=len(gs.names),
+            programs=pm.names,
+            program_sizes=pm.sizes,
+            n_genes_covered=pm.n_genes_covered,
+        )
+        log.info(
+            "%d gene programs over %d of %d genes, plus %d free units",
+            n_programs,
+            pm.n_genes_covered,
+            len(genes),
+            cfg.n_free,
+        )
+        hidden = [64] if hidden is None else hidden
+    elif cfg.arch == "mlp":
+        hidden = [128] if hidden is None else hidden
+    else:
+        hidden = []
+    arch_cfg = ArchConfig(
+        arch=cfg.arch,
+        n_genes=len(genes),
+        n_classes=len(classes),
+        first_width=cfg.first_width if cfg.arch == "mlp" else None,
+        hidden=list(hidden),
+        n_programs=n_programs,
+        n_free=cfg.n_free if cfg.arch == "programs" else 0,
+        dropout=cfg.dropout,
+    )
+    model = CellClassifier(arch_cfg, mean, scale, mask)
+    epochs, best_epoch = _fit(model, Xtr, ytr, Xva, yva, cfg, progress)
+
+    with torch.no_grad():
+        pred = model(torch.from_numpy(Xte)).argmax(1).numpy()
+    model_scores = scores(yte, pred, classes)
+    lr_scores = scores(yte, logistic_regression_baseline(Xtr, ytr, Xte, cfg.seed), classes)
+    log.info(
+        "test macro-F1: %s %.3f, logistic regression %.3f",
+        cfg.arch,
+        model_scores.macro_f1,
+        lr_scores.macro_f1,
+    )
+
+    widths = [len(genes)] + [m.out_features for m in model.net if isinstance(m, torch.nn.Linear)]
+    train_counts = np.bincount(y, minlength=len(classes))
+    base_card = dict(
+        name=cfg.name,
+        version=cfg.version,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        cellexplain_version=__version__,
+        description=f"{cfg.arch} classifier of {data.label_key} trained on {data.source}",
+        genes=genes,
+        classes=classes,
+        unassigned_threshold=cfg.unassigned_threshold,
+        preprocessing=Preprocessing(
+            detected_training_input=data.detection.kind,
+            detection_reason=data.detection.reason,
+            gene_selection=selection,
+            n_genes_in_training_data=len(data.genes),
+        ),
+        architecture=Architecture(
+            kind=cfg.arch,
+            layer_sizes=widths,
+            n_programs=n_programs,
+            n_free_units=arch_cfg.n_free,
+            dropout=cfg.dropout,
+            n_parameters=int(sum(p.numel() for p in model.parameters())),
+        ),
+        gene_sets=gene_sets_used,
+        training_data=TrainingData(
+            source=data.source,
+            sha256=data.sha256,
+            n_cells=len(y),
+            n_genes=len(data.genes),
+            label_key=data.label_key,
+            layer=data.layer,
+            gene_key=data.gene_key,
+        ),
+        split=Split(
+            seed=cfg.seed,
+            train=len(split.train),
+            validation=len(split.val),
+            test=len(split.test),
+            class_counts={c: int(n) for c, n in zip(classes, train_counts, strict=True)},
+        ),
+        metrics=Metrics(
+            model=model_scores,
+            logistic_regression=lr_scores,
+            epochs_trained=epochs,
+            best_epoch=best_epoch,
+        ),
+    )
+    return export_model(model, cfg.attribution, base_card, out_dir, check_x=Xte, mean=mean)

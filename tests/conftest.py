@@ -1,0 +1,60 @@
+"""Shared fixtures: the real bundled PBMC data, and models trained on it once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# a quiet, deterministic test run on a 2-core machine
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def pbmc():
+    """scanpy's bundled pbmc68k_reduced (real 10x PBMCs; no download)."""
+    from models.data import load_default_adata
+
+    return load_default_adata()
+
+
+@pytest.fixture(scope="session")
+def pbmc_data():
+    """The default training data as :class:`models.data.LabelledData`."""
+    from models.data import load_labelled
+
+    return load_labelled()
+
+
+def train_small(data, out: Path, **overrides):
+    """Train on real data with settings that keep a test fast (seconds)."""
+    from models.attribution import AttributionSpec
+    from models.train import TrainConfig, train
+
+    spec = overrides.pop("attribution", AttributionSpec())
+    cfg = TrainConfig(name=overrides.pop("name", "test-model"), attribution=spec, **overrides)
+    return train(data, cfg, out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def programs_model(pbmc_data, tmp_path_factory):
+    """A programs model with 32-step IG, exported once for the session: (card, folder)."""
+    out = tmp_path_factory.mktemp("programs")
+    card = train_small(pbmc_data, out, arch="programs", name="pbmc-programs")
+    return card, out
+
+
+@pytest.fixture(scope="session")
+def counts_h5ad(pbmc, tmp_path_factory) -> Path:
+    """The PBMC cells as integer raw counts in an .h5ad (log1p undone, scaled by n_counts)."""
+    import anndata as ad
+
+    raw = pbmc.raw.to_adata()
+    x = raw.X.toarray() if hasattr(raw.X, "toarray") else np.asarray(raw.X)
+    counts = np.rint(np.expm1(x) * (pbmc.obs["n_counts"].to_numpy()[:, None] / 1e4))
+    a = ad.AnnData(counts.astype(np.float32), obs=pbmc.obs[["bulk_labels"]].copy(), var=raw.var)
+    path = tmp_path_factory.mktemp("h5ad") / "pbmc_counts.h5ad"
+    a.write_h5ad(path)
+    return path

@@ -1,0 +1,105 @@
+"""The ``cellexplain`` command line, run as a real process, with a real BentoML model store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "models.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bentoml_home")
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "cli-linear"
+    proc = run_cli(
+        "train",
+        "--arch",
+        "linear",
+        "--max-epochs",
+        "25",
+        "--name",
+        "cli-linear",
+        "--out",
+        str(out),
+        "--import",
+        "-q",
+        home=store,
+    )
+    assert "input detected as log1p_cp10k" in proc.stdout
+    assert "macro-F1" in proc.stdout and "logistic regression" in proc.stdout
+    assert "imported into the BentoML store as cli-linear:" in proc.stdout
+    return out
+
+
+def test_train_import_list_show(trained, store):
+    assert (trained / "model.onnx").is_file() and (trained / "model.json").is_file()
+    listed = run_cli("models", "list", home=store).stdout
+    assert "cli-linear:" in listed and "linear" in listed
+    card = json.loads(run_cli("models", "show", "cli-linear", home=store).stdout)
+    assert card["name"] == "cli-linear"
+    assert (
+        card["onnx"]["sha256"] == json.loads((trained / "model.json").read_text())["onnx"]["sha256"]
+    )
+    # the store holds only the ONNX graph and the JSON card: nothing to unpickle
+    stored = [p for p in (store / "models" / "cli-linear").rglob("*") if p.is_file()]
+    names = {p.name for p in stored}
+    assert {"model.onnx", "model.json"} <= names
+    assert not any(n.endswith((".pkl", ".pickle", ".pt", ".pth")) for n in names)
+
+
+def test_tampered_store_model_is_refused(trained, store, tmp_path):
+    tag = run_cli("models", "import", str(trained), "--name", "cli-tampered", home=store)
+    assert tag.stdout.startswith("cli-tampered:")
+    onnx_file = next((store / "models" / "cli-tampered").rglob("model.onnx"))
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    proc = run_cli("models", "show", "cli-tampered", home=store, check=False)
+    assert proc.returncode == 2
+    assert "sha256" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--data", "missing.h5ad", "--label-key", "x"], "data file not found"),
+        (["train", "--data", "missing.h5ad"], "--label-key is required"),
+        (["train", "--name", "Bad Name!"], "invalid model name"),
+        (["train", "--arch", "mlp", "--steps", "0"], "n_steps must be >= 1"),
+        (["models", "import", "."], "is not a model artifact"),
+        (["models", "show", "no-such-model"], "not in the BentoML store"),
+    ],
+)
+def test_errors_are_clear(args, message, store):
+    proc = run_cli(*args, home=store, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_compare_prints_a_table(store):
+    proc = run_cli("compare", "--archs", "linear", "--seeds", "1", "--max-epochs", "10", home=store)
+    assert "| linear |" in proc.stdout
+    assert "| logistic regression (baseline) |" in proc.stdout

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from models.errors import PreprocessError
+from models.preprocess import (
+    detect_input_kind,
+    normalize_log1p,
+    select_variable_genes,
+    to_model_input,
+)
+
+
+def test_detects_counts_and_log1p(pbmc):
+    raw = pbmc.raw.X
+    assert detect_input_kind(raw).kind == "log1p_cp10k"
+    counts = sp.csr_matrix(np.rint(np.expm1(raw.toarray()) * 3))
+    det = detect_input_kind(counts)
+    assert det.kind == "counts"
+    assert "integer" in det.reason
+
+
+def test_rejects_values_that_are_neither(pbmc):
+    cpm = np.expm1(pbmc.raw.X.toarray()) * 100.0 + 0.5  # non-integer, far above log range
+    with pytest.raises(PreprocessError, match="neither raw counts nor log1p"):
+        detect_input_kind(cpm)
+
+
+@pytest.mark.parametrize(
+    ("value", "word"), [(np.nan, "NaN"), (np.inf, "infinite"), (-1.0, "negative")]
+)
+def test_bad_values_are_named(value, word):
+    x = np.ones((3, 4), dtype=np.float32)
+    x[1, 2] = value
+    with pytest.raises(PreprocessError, match=word):
+        detect_input_kind(x)
+
+
+def test_normalize_matches_scanpy_and_keeps_sparsity():
+    import anndata as ad
+    import scanpy as sc
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(0.5, size=(50, 200)).astype(np.float32)
+    counts[3] = 0  # a cell with no counts stays all-zero instead of dividing by zero
+    ref = ad.AnnData(counts.copy())
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    dense = normalize_log1p(counts)
+    np.testing.assert_allclose(dense, ref.X, rtol=1e-5, atol=1e-6)
+    assert not dense[3].any()
+    sparse = normalize_log1p(sp.csr_matrix(counts))
+    assert sp.issparse(sparse)
+    np.testing.assert_allclose(sparse.toarray(), dense, rtol=1e-6, atol=1e-6)
+
+
+def test_normalisation_uses_all_genes_before_selection():
+    counts = np.array([[10.0, 30.0, 60.0]])
+    full = normalize_log1p(counts)[:, :2]
+    subset_first = normalize_log1p(counts[:, :2])
+    assert not np.allclose(full, subset_first)
+    np.testing.assert_allclose(np.expm1(full), [[1000.0, 3000.0]], rtol=1e-5)
+
+
+def test_log1p_input_passes_through_and_unknown_kind_fails():
+    x = np.array([[0.5, 1.0]], dtype=np.float32)
+    assert to_model_input(x, "log1p_cp10k") is x
+    with pytest.raises(PreprocessError, match="unknown input kind"):
+        to_model_input(x, "tpm")  # type: ignore[arg-type]
+
+
+def test_variable_gene_selection_is_deterministic_and_dense_sparse_agree():
+    rng = np.random.default_rng(1)
+    x = np.log1p(rng.poisson(1.0, size=(100, 40)) * rng.uniform(0.1, 5, size=40)).astype(np.float32)
+    top = select_variable_genes(x, 10)
+    assert len(top) == 10 and np.all(np.diff(top) > 0)
+    np.testing.assert_array_equal(top, select_variable_genes(sp.csr_matrix(x), 10))
+    expected = np.sort(np.argsort(-x.var(axis=0), kind="stable")[:10])
+    np.testing.assert_array_equal(top, expected)
+    np.testing.assert_array_equal(select_variable_genes(x, 100), np.arange(40))

@@ -1,0 +1,219 @@
+"""Training and export on the real bundled PBMC data."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from models.attribution import AttributionSpec
+from models.card import ModelCard, sha256_file
+from models.data import load_labelled
+from models.errors import ArtifactError, DataError, GeneSetError
+from models.runtime import OnnxModel
+from tests.conftest import train_small
+
+
+def test_card_records_everything(programs_model, pbmc_data):
+    card, out = programs_model
+    on_disk = ModelCard.read(out)
+    assert on_disk == card
+    assert card.genes == pbmc_data.genes and len(card.genes) == 765
+    assert len(card.classes) == 10 and card.classes == sorted(card.classes)
+    assert card.preprocessing.detected_training_input == "log1p_cp10k"
+    assert card.preprocessing.gene_selection == "all"
+    assert card.architecture.kind == "programs"
+    assert card.architecture.n_programs == len(card.gene_sets.programs) > 20
+    assert card.architecture.layer_sizes[0] == 765 and card.architecture.layer_sizes[-1] == 10
+    assert card.gene_sets.source == "hallmark.v7.5.1.symbols.gmt"
+    assert card.attribution.method == "integrated_gradients" and card.attribution.n_steps == 32
+    assert card.training_data.source == "scanpy:pbmc68k_reduced"
+    assert card.split.train + card.split.validation + card.split.test == 700
+    assert card.onnx.sha256 == sha256_file(out / "model.onnx")
+    assert card.onnx.inputs == ["x", "target"]
+    assert "program_attributions" in card.onnx.outputs
+    # held-out scores for the model and the logistic-regression baseline, on the same split
+    for s in (card.metrics.model, card.metrics.logistic_regression):
+        assert 0.5 < s.accuracy <= 1 and 0.3 < s.macro_f1 <= 1
+        assert set(s.per_class_f1) == set(card.classes)
+    assert card.checks.passed
+    assert card.checks.float64_graph_rel_error < 1e-9
+    assert card.checks.captum_rel_error_p99 < 1e-4
+    assert card.checks.captum_rel_error < 1e-2
+    assert card.checks.program_captum_rel_error is not None
+    assert card.checks.program_captum_rel_error < 1e-4
+    assert card.checks.completeness_max_abs_error <= card.checks.completeness_tolerance
+    json.loads((out / "model.json").read_text())  # plain JSON, readable by anything
+
+
+def test_onnx_matches_captum_on_real_cells(programs_model, pbmc_data):
+    """Independent of the exporter's own checks: rebuild the torch reference here."""
+    card, out = programs_model
+    model = OnnxModel(out)
+    x = pbmc_data.X[:64].toarray()
+    pred = model.predict(x)
+    assert pred.attributions.shape == (64, 765)
+    assert pred.program_attributions is not None
+    assert pred.program_attributions.shape == (64, card.architecture.n_programs)
+    np.testing.assert_allclose(pred.probabilities.sum(1), 1, rtol=1e-5)
+    # completeness: gene attributions sum to the same total as programs + free units would;
+    # here against F(x) - F(0) computed from the graph's own logits at x and at zero
+    zero = model.predict(np.zeros((1, 765), np.float32), target=pred.explained_class[:1])
+    assert zero.logits.shape == (1, 10)
+    delta = (
+        pred.logits[np.arange(64), pred.explained_class]
+        - model.predict(np.zeros((64, 765), np.float32)).logits[np.arange(64), pred.explained_class]
+    )
+    err = np.abs(pred.attributions.sum(1) - delta)
+    assert err.max() < 0.05 * np.abs(delta).mean()  # 32 midpoint steps on a ReLU net
+
+
+def test_deeplift_export_is_complete_and_matches_captum(pbmc_data, tmp_path):
+    card = train_small(
+        pbmc_data,
+        tmp_path,
+        arch="mlp",
+        max_epochs=40,
+        attribution=AttributionSpec("deeplift", baseline="mean"),
+    )
+    assert card.checks.passed and card.checks.captum_method == "DeepLift(rescale)"
+    assert card.checks.completeness_rel_error < 1e-4
+    assert "exact" in card.attribution.completeness
+
+
+def test_linear_model_exact(pbmc_data, tmp_path):
+    card = train_small(pbmc_data, tmp_path, arch="linear", max_epochs=40)
+    assert card.attribution.exact and card.attribution.n_steps == 0
+    assert card.checks.completeness_rel_error < 1e-4
+    assert "program_attributions" not in card.onnx.outputs
+
+
+def test_training_is_deterministic(pbmc_data, tmp_path):
+    a = train_small(pbmc_data, tmp_path / "a", arch="mlp", max_epochs=15, seed=3)
+    b = train_small(pbmc_data, tmp_path / "b", arch="mlp", max_epochs=15, seed=3)
+    c = train_small(pbmc_data, tmp_path / "c", arch="mlp", max_epochs=15, seed=4)
+    assert a.onnx.sha256 == b.onnx.sha256
+    assert a.metrics == b.metrics
+    assert a.onnx.sha256 != c.onnx.sha256
+
+
+def test_highly_variable_selection_and_explicit_target(pbmc_data, tmp_path):
+    card = train_small(pbmc_data, tmp_path, arch="mlp", n_top_genes=200, max_epochs=30)
+    assert card.preprocessing.gene_selection == "highly_variable:200"
+    assert len(card.genes) == 200 and set(card.genes) <= set(pbmc_data.genes)
+    model = OnnxModel(tmp_path)
+    idx = [pbmc_data.genes.index(g) for g in card.genes]
+    x = pbmc_data.X[:20][:, idx].toarray()
+    target = card.classes.index("CD14+ Monocyte")
+    pred = model.predict(x, target=target)
+    assert (pred.explained_class == target).all()
+    assert not np.allclose(pred.attributions, model.predict(x).attributions)
+    with pytest.raises(ValueError, match="out of range"):
+        model.predict(x, target=len(card.classes))
+    with pytest.raises(ValueError, match=r"x must be \[n, 200\]"):
+        model.predict(x[:, :10])
+
+
+def test_counts_input_is_detected_and_normalised(counts_h5ad, tmp_path):
+    data = load_labelled(counts_h5ad, label_key="bulk_labels")
+    assert data.detection.kind == "counts"
+    # normalised over all (765) genes: rows of expm1 sum to 10,000
+    np.testing.assert_allclose(
+        np.expm1(data.X.toarray() if sp.issparse(data.X) else data.X).sum(1), 1e4, rtol=1e-3
+    )
+    card = train_small(data, tmp_path, arch="linear", max_epochs=30)
+    assert card.preprocessing.detected_training_input == "counts"
+    assert card.training_data.source == str(counts_h5ad)
+
+
+def test_artifact_tampering_is_refused(programs_model, tmp_path):
+    import shutil
+
+    _, out = programs_model
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    with open(bad / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="sha256"):
+        OnnxModel(bad)
+    (bad / "model.json").unlink()
+    with pytest.raises(ArtifactError, match="no model card"):
+        OnnxModel(bad)
+
+
+# -- bad data: each gets an error that names the problem ------------------------------------
+
+
+def _write(adata: ad.AnnData, path) -> str:
+    adata.write_h5ad(path)
+    return str(path)
+
+
+@pytest.fixture
+def small_adata(pbmc):
+    raw = pbmc.raw.to_adata()
+    return ad.AnnData(raw.X.toarray(), obs=pbmc.obs[["bulk_labels"]].copy(), var=raw.var.copy())
+
+
+def test_missing_label_column(small_adata, tmp_path):
+    path = _write(small_adata, tmp_path / "a.h5ad")
+    with pytest.raises(DataError, match=r"label column .cell_type. not found.*bulk_labels"):
+        load_labelled(path, label_key="cell_type")
+
+
+def test_gene_key_not_found(small_adata, tmp_path):
+    path = _write(small_adata, tmp_path / "a.h5ad")
+    with pytest.raises(DataError, match="gene key 'symbol' not found"):
+        load_labelled(path, label_key="bulk_labels", gene_key="symbol")
+
+
+def test_nan_in_matrix(small_adata, tmp_path):
+    small_adata.X[5, 7] = np.nan
+    path = _write(small_adata, tmp_path / "a.h5ad")
+    with pytest.raises(DataError, match="NaN"):
+        load_labelled(path, label_key="bulk_labels")
+
+
+def test_missing_layer_and_file(small_adata, tmp_path):
+    path = _write(small_adata, tmp_path / "a.h5ad")
+    with pytest.raises(DataError, match="layer 'counts' not found"):
+        load_labelled(path, label_key="bulk_labels", layer="counts")
+    with pytest.raises(DataError, match=r"has no \.raw"):
+        load_labelled(path, label_key="bulk_labels", layer="raw")
+    with pytest.raises(DataError, match="not found"):
+        load_labelled(tmp_path / "nope.h5ad", label_key="bulk_labels")
+    (tmp_path / "junk.h5ad").write_text("not hdf5")
+    with pytest.raises(DataError, match="cannot read"):
+        load_labelled(tmp_path / "junk.h5ad", label_key="bulk_labels")
+
+
+def test_one_class_and_rare_class(small_adata, tmp_path):
+    one = small_adata.copy()
+    one.obs["bulk_labels"] = "T cell"
+    data = load_labelled(_write(one, tmp_path / "one.h5ad"), label_key="bulk_labels")
+    with pytest.raises(DataError, match="at least 2 classes"):
+        train_small(data, tmp_path / "m1")
+    data = load_labelled(_write(small_adata, tmp_path / "rare.h5ad"), label_key="bulk_labels")
+    with pytest.raises(DataError, match=r"too few cells.*'CD4\+/CD45RA\+/CD25- Naive T' \(8\)"):
+        train_small(data, tmp_path / "m2", min_cells_per_class=10)
+
+
+def test_no_overlap_with_gene_sets(small_adata, tmp_path):
+    ens = small_adata.copy()
+    ens.var_names = [f"ENSG{i:011d}" for i in range(ens.n_vars)]
+    data = load_labelled(_write(ens, tmp_path / "ens.h5ad"), label_key="bulk_labels")
+    with pytest.raises(GeneSetError, match="no overlap with the gene sets"):
+        train_small(data, tmp_path / "m", arch="programs")
+
+
+def test_duplicated_genes(small_adata, tmp_path):
+    dup = small_adata.copy()
+    names = list(dup.var_names)
+    names[1] = names[0]
+    dup.var_names = names
+    path = _write(dup, tmp_path / "dup.h5ad")
+    with pytest.raises(DataError, match="duplicated gene name"):
+        load_labelled(path, label_key="bulk_labels")

@@ -18,13 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-$(DEFAULT_DIR)/model.onnx: | $(VENV)/.installed
-	$(BIN)/cellexplain train --arch programs --name $(DEFAULT_MODEL) --out $(DEFAULT_DIR)
-
-# trains the default model when missing and imports it into the store when the store lacks it
-default-model: $(DEFAULT_DIR)/model.onnx
+# the default model: reuse the store's, else import the trained folder, else train it
+default-model: $(VENV)/.installed
 	@$(BIN)/cellexplain models show $(DEFAULT_MODEL) >/dev/null 2>&1 || \
-		$(BIN)/cellexplain models import $(DEFAULT_DIR)
+		$(BIN)/cellexplain models import $(DEFAULT_DIR) 2>/dev/null || \
+		$(BIN)/cellexplain train --arch programs --name $(DEFAULT_MODEL) --out $(DEFAULT_DIR) --import
 	@$(BIN)/cellexplain models list
 
 serve: default-model

@@ -11,7 +11,9 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.errors import ArtifactError
 
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"
@@ -157,8 +159,15 @@ class ModelCard(_Strict):
     def read(cls, directory: str | Path) -> ModelCard:
         path = Path(directory) / CARD_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"no model card at {path}")
-        return cls.model_validate_json(path.read_text())
+            raise ArtifactError(f"no model card at {path}")
+        try:
+            return cls.model_validate_json(path.read_text())
+        except ValidationError as e:
+            raise ArtifactError(
+                f"{path} is not a valid model card (written by another cellexplain version?): "
+                f"{e.error_count()} problem(s), first: {e.errors()[0]['loc']}: "
+                f"{e.errors()[0]['msg']}"
+            ) from e
 
 
 def sha256_file(path: str | Path) -> str:

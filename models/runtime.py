@@ -53,10 +53,7 @@ class OnnxModel:
         intra_op_threads: int = 0,
     ) -> None:
         self.directory = Path(directory)
-        try:
-            self.card = ModelCard.read(self.directory)
-        except FileNotFoundError as e:
-            raise ArtifactError(str(e)) from e
+        self.card = ModelCard.read(self.directory)
         onnx_path = self.directory / ONNX_FILE
         if not onnx_path.is_file():
             raise ArtifactError(f"no ONNX graph at {onnx_path}")

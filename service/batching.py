@@ -1,0 +1,138 @@
+"""Adaptive batching: concurrent requests for one model share onnxruntime calls.
+
+Each request is cut into chunks of at most ``max_cells`` cells. One worker task per model takes
+chunks off a queue and merges them, up to ``max_cells`` cells, into one onnxruntime call that runs
+in a dedicated thread. While a call runs, new chunks queue up, so batches grow with the load; at
+low load a chunk waits at most ``max_latency_s`` for company. Memory is bounded by ``max_cells``
+whatever the request size, and every front door (REST, gRPC) goes through the same queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.runtime import OnnxModel, Prediction
+from service import metrics
+
+
+@dataclass
+class _Chunk:
+    x: np.ndarray
+    target: np.ndarray
+    future: asyncio.Future[Prediction]
+
+
+def concat_predictions(parts: list[Prediction]) -> Prediction:
+    if len(parts) == 1:
+        return parts[0]
+    progs = [p.program_attributions for p in parts]
+    return Prediction(
+        logits=np.concatenate([p.logits for p in parts]),
+        probabilities=np.concatenate([p.probabilities for p in parts]),
+        attributions=np.concatenate([p.attributions for p in parts]),
+        explained_class=np.concatenate([p.explained_class for p in parts]),
+        program_attributions=None if progs[0] is None else np.concatenate(progs),  # type: ignore[arg-type]
+    )
+
+
+def slice_prediction(p: Prediction, sl: slice) -> Prediction:
+    return Prediction(
+        logits=p.logits[sl],
+        probabilities=p.probabilities[sl],
+        attributions=p.attributions[sl],
+        explained_class=p.explained_class[sl],
+        program_attributions=None if p.program_attributions is None else p.program_attributions[sl],
+    )
+
+
+class Batcher:
+    """Merges concurrent prediction requests for one model (one instance per model and loop)."""
+
+    def __init__(self, name: str, model: OnnxModel, max_cells: int, max_latency_s: float) -> None:
+        self.name = name
+        self.model = model
+        self.max_cells = max_cells
+        self.max_latency_s = max_latency_s
+        self._queue: asyncio.Queue[_Chunk] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+
+    def _ensure_started(self) -> asyncio.Queue[_Chunk]:
+        if self._queue is None or self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._worker())
+        return self._queue
+
+    async def predict(self, x: np.ndarray, target: np.ndarray) -> Prediction:
+        """Run the graph on ``x`` ``[n, n_genes]`` (model input) with per-cell ``target``."""
+        queue = self._ensure_started()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, x.shape[0], self.max_cells):
+            sl = slice(start, start + self.max_cells)
+            fut: asyncio.Future[Prediction] = loop.create_future()
+            queue.put_nowait(_Chunk(x[sl], target[sl], fut))
+            futures.append(fut)
+        return concat_predictions(list(await asyncio.gather(*futures)))
+
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        carry: _Chunk | None = None
+        while True:
+            first = carry if carry is not None else await queue.get()
+            carry = None
+            batch = [first]
+            cells = first.x.shape[0]
+            deadline = time.monotonic() + self.max_latency_s
+            while cells < self.max_cells:
+                try:
+                    nxt = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        nxt = await asyncio.wait_for(queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                if cells + nxt.x.shape[0] > self.max_cells:
+                    carry = nxt
+                    break
+                batch.append(nxt)
+                cells += nxt.x.shape[0]
+            live = [c for c in batch if not c.future.done()]  # a cancelled request drops out
+            if not live:
+                continue
+            x = np.concatenate([c.x for c in live]) if len(live) > 1 else live[0].x
+            t = np.concatenate([c.target for c in live]) if len(live) > 1 else live[0].target
+            t0 = time.perf_counter()
+            try:
+                pred = await loop.run_in_executor(
+                    self._executor, self.model.predict, x, t, self.max_cells
+                )
+            except Exception as e:  # surfaced to each waiting request
+                for c in live:
+                    if not c.future.done():
+                        c.future.set_exception(e)
+                continue
+            metrics.INFERENCE_SECONDS.labels(model=self.name).observe(time.perf_counter() - t0)
+            metrics.BATCH_CELLS.labels(model=self.name).observe(x.shape[0])
+            metrics.BATCH_REQUESTS.labels(model=self.name).observe(len(live))
+            start = 0
+            for c in live:
+                n = c.x.shape[0]
+                if not c.future.done():
+                    c.future.set_result(slice_prediction(pred, slice(start, start + n)))
+                start += n
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,441 @@
+"""The annotation data plane: one ``annotate()`` for every front door.
+
+Validate the request, align genes, normalise, run the ONNX graph (through the batcher), label
+low-confidence cells ``Unassigned``, rank attributions, count metrics. No transport code here:
+REST, gRPC and the CLI translate to and from :class:`~service.schemas.AnnotateRequest` and
+:class:`~service.schemas.AnnotateResponse` and call :meth:`Annotator.annotate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from models.errors import PreprocessError
+from models.preprocess import MAX_LOG1P_VALUE, detect_input_kind, normalize_log1p
+from models.runtime import OnnxModel, Prediction, available_providers
+from service import metrics
+from service.alignment import Alignment, GeneAligner
+from service.batching import Batcher
+from service.errors import InvalidInputError, ModelNotFoundError, TooLargeError
+from service.schemas import (
+    AnnotateRequest,
+    AnnotateResponse,
+    CellAnnotation,
+    GeneAttribution,
+    GeneMatching,
+    ModelDetail,
+    ModelList,
+    ModelSummary,
+    ProgramAttribution,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+UNASSIGNED = "Unassigned"
+
+
+@dataclass
+class LoadedModel:
+    """A served model: the verified ONNX session, its gene aligner and its batcher."""
+
+    name: str
+    tag: str
+    model: OnnxModel
+    aligner: GeneAligner
+    batcher: Batcher
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classes
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the graph."""
+
+    x: np.ndarray  # [n, n_model_genes] float32, log1p CP10k
+    target: np.ndarray  # [n] int64, -1 = predicted
+    cell_ids: list[str]
+    alignment: Alignment
+    n_submitted: int
+    input_kind: str
+
+
+def _first_bad(values: np.ndarray) -> tuple[int, str] | None:
+    """Index and description of the first NaN / inf / negative value, if any."""
+    bad = ~np.isfinite(values) | (values < 0)
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    v = float(values[i])
+    what = "NaN" if np.isnan(v) else ("infinite" if np.isinf(v) else f"negative ({v:g})")
+    return i, what
+
+
+class Annotator:
+    """Holds the served models and annotates requests against them."""
+
+    def __init__(self, settings: Settings, models: Sequence[LoadedModel]) -> None:
+        if not models:
+            raise ValueError("no models to serve")
+        self.settings = settings
+        self.models = {m.name: m for m in models}
+        self.default = settings.default_model or models[0].name
+        if self.default not in self.models:
+            raise ValueError(f"default model {self.default!r} is not among {list(self.models)}")
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Annotator:
+        """Load every model the settings name (store tags, then folders) and warm them up."""
+        from models.store import get_model
+
+        providers = available_providers(settings.prefer_gpu)
+        loaded: list[LoadedModel] = []
+        sources: list[tuple[str, Path]] = []
+        for tag in settings.models:
+            stored = get_model(tag)
+            sources.append((stored.tag, stored.path))
+        for d in settings.model_dirs:
+            sources.append((f"dir:{d}", Path(d)))
+        for tag, path in sources:
+            m = OnnxModel(path, providers=providers, intra_op_threads=settings.intra_op_threads)
+            m.predict(np.zeros((2, len(m.genes)), np.float32))  # warm-up
+            name = m.card.name
+            if any(lm.name == name for lm in loaded):
+                raise ValueError(f"two served models are named {name!r}")
+            loaded.append(
+                LoadedModel(
+                    name,
+                    tag,
+                    m,
+                    GeneAligner(m.genes),
+                    Batcher(
+                        name,
+                        m,
+                        settings.max_batch_cells,
+                        settings.max_batch_latency_ms / 1000.0,
+                    ),
+                )
+            )
+            log.info("serving %s (%s) on %s", name, tag, m.providers[0])
+        return cls(settings, loaded)
+
+    def get(self, name: str | None) -> LoadedModel:
+        key = name or self.default
+        if key not in self.models:
+            raise ModelNotFoundError(
+                f"unknown model {key!r}; served models: {', '.join(sorted(self.models))}", "model"
+            )
+        return self.models[key]
+
+    # -- model metadata --------------------------------------------------------------------
+    def list_models(self) -> ModelList:
+        return ModelList(
+            models=[
+                ModelSummary(
+                    name=m.name,
+                    tag=m.tag,
+                    architecture=m.model.card.architecture.kind,
+                    n_genes=len(m.model.genes),
+                    classes=m.classes,
+                    attribution_method=m.model.card.attribution.method,
+                    test_macro_f1=m.model.card.metrics.model.macro_f1,
+                    default=m.name == self.default,
+                )
+                for m in self.models.values()
+            ]
+        )
+
+    def model_detail(self, name: str) -> ModelDetail:
+        m = self.get(name)
+        return ModelDetail(tag=m.tag, providers=m.model.providers, card=m.model.card)
+
+    # -- the data plane --------------------------------------------------------------------
+    def prepare(self, req: AnnotateRequest, lm: LoadedModel) -> Prepared:
+        """Validate and convert a request into model input (CPU work, no I/O).
+
+        Raises:
+            InvalidInputError, TooLargeError: with the offending field named.
+        """
+        s = self.settings
+        n = len(req.cells)
+        if n == 0:
+            raise InvalidInputError("cells is empty: send at least one cell", "cells")
+        if n > s.max_cells_per_request:
+            raise TooLargeError(
+                f"{n} cells in one request; the limit is {s.max_cells_per_request} "
+                "(split the request, or use the streaming gRPC API)",
+                "cells",
+            )
+        if isinstance(req.cells[0], dict):
+            genes, X = self._sparse_matrix(req)
+        else:
+            genes, X = self._dense_matrix(req)
+        if len(genes) > s.max_genes_per_request:
+            raise TooLargeError(
+                f"{len(genes)} genes in one request; the limit is {s.max_genes_per_request}",
+                "genes",
+            )
+        alignment = lm.aligner.align(genes, "genes" if req.genes is not None else "cells")
+        Xn, kind = self._normalise(X, req.input)
+        x = alignment.apply(Xn)
+        return Prepared(
+            x=x,
+            target=np.full(n, self._target_index(req.target, lm), dtype=np.int64),
+            cell_ids=self._cell_ids(req.cell_ids, n),
+            alignment=alignment,
+            n_submitted=len(genes),
+            input_kind=kind,
+        )
+
+    async def annotate(self, req: AnnotateRequest) -> AnnotateResponse:
+        """Annotate the cells of ``req`` (the one core every front door calls)."""
+        lm = self.get(req.model)
+        self._check_options(req, lm)
+        prep = self.prepare(req, lm)
+        pred = await lm.batcher.predict(prep.x, prep.target)
+        return self.respond(req, lm, prep, pred)
+
+    def annotate_sync(self, req: AnnotateRequest) -> AnnotateResponse:
+        """The same as :meth:`annotate`, in-process with no batching (CLI ``--local``)."""
+        lm = self.get(req.model)
+        self._check_options(req, lm)
+        prep = self.prepare(req, lm)
+        pred = lm.model.predict(prep.x, prep.target, self.settings.max_batch_cells)
+        return self.respond(req, lm, prep, pred)
+
+    def respond(
+        self, req: AnnotateRequest, lm: LoadedModel, prep: Prepared, pred: Prediction
+    ) -> AnnotateResponse:
+        """Labels, confidence, thresholding, ranked attributions, and metrics."""
+        t0 = time.perf_counter()
+        card = lm.model.card
+        classes = lm.classes
+        threshold = (
+            card.unassigned_threshold
+            if req.unassigned_threshold is None
+            else req.unassigned_threshold
+        )
+        n = len(prep.cell_ids)
+        probs = pred.probabilities
+        best = probs.argmax(axis=1)
+        conf = probs[np.arange(n), best]
+        assigned = conf >= threshold
+        genes = lm.model.genes
+        attr = pred.attributions
+        k = min(req.top_k, len(genes))
+        top_idx: np.ndarray | None = None
+        if req.attributions == "top_k" and k > 0:
+            part = np.argpartition(-np.abs(attr), k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.abs(np.take_along_axis(attr, part, axis=1)), axis=1)
+            top_idx = np.take_along_axis(part, order, axis=1)
+        programs = card.gene_sets.programs if card.gene_sets is not None else None
+        cells: list[CellAnnotation] = []
+        for i in range(n):
+            label = classes[best[i]]
+            cell = CellAnnotation(
+                id=prep.cell_ids[i],
+                label=label if assigned[i] else UNASSIGNED,
+                predicted_label=label,
+                confidence=float(conf[i]),
+                explained_class=None
+                if req.attributions == "none"
+                else classes[int(pred.explained_class[i])],
+            )
+            if req.return_probabilities:
+                cell.probabilities = {c: float(p) for c, p in zip(classes, probs[i], strict=True)}
+            if top_idx is not None:
+                cell.top_genes = [
+                    GeneAttribution(gene=genes[j], attribution=float(attr[i, j]))
+                    for j in top_idx[i]
+                ]
+            elif req.attributions == "full":
+                cell.attributions = attr[i].tolist()
+            if (
+                req.attributions != "none"
+                and programs is not None
+                and pred.program_attributions is not None
+            ):
+                pa = pred.program_attributions[i]
+                cell.program_attributions = [
+                    ProgramAttribution(program=programs[j], attribution=float(pa[j]))
+                    for j in np.argsort(-np.abs(pa))
+                ]
+                cell.free_units_attribution = float(attr[i].sum() - pa.sum())
+            cells.append(cell)
+        self._count(lm.name, prep, classes, best, conf, assigned)
+        metrics.ATTRIBUTION_SECONDS.labels(model=lm.name).observe(time.perf_counter() - t0)
+        al = prep.alignment
+        return AnnotateResponse(
+            model=lm.name,
+            model_version=card.version,
+            input_kind=prep.input_kind,  # type: ignore[arg-type]
+            attribution_method=card.attribution.method,
+            unassigned_threshold=threshold,
+            gene_matching=GeneMatching(
+                n_model_genes=len(genes),
+                n_found=al.n_found,
+                n_missing=len(al.missing),
+                missing=al.missing[: self.settings.missing_genes_listed],
+                n_submitted=prep.n_submitted,
+                n_unused=al.n_unused,
+                missing_fraction=al.missing_fraction,
+            ),
+            attribution_genes=genes if req.attributions == "full" else None,
+            cells=cells,
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _check_options(self, req: AnnotateRequest, lm: LoadedModel) -> None:
+        if req.top_k > self.settings.max_top_k:
+            raise InvalidInputError(
+                f"top_k is {req.top_k}; the limit is {self.settings.max_top_k}", "top_k"
+            )
+
+    @staticmethod
+    def _target_index(target: str, lm: LoadedModel) -> int:
+        if target == "predicted":
+            return -1
+        if target in lm.classes:
+            return lm.classes.index(target)
+        folded = [c.casefold() for c in lm.classes]
+        if target.casefold() in folded:
+            return folded.index(target.casefold())
+        raise InvalidInputError(
+            f"target {target!r} is not a class of model {lm.name}; use 'predicted' or one of: "
+            + ", ".join(lm.classes),
+            "target",
+        )
+
+    @staticmethod
+    def _cell_ids(ids: list[str] | None, n: int) -> list[str]:
+        if ids is None:
+            return [str(i) for i in range(n)]
+        if len(ids) != n:
+            raise InvalidInputError(f"cell_ids has {len(ids)} ids for {n} cells", "cell_ids")
+        return list(ids)
+
+    @staticmethod
+    def _dense_matrix(req: AnnotateRequest) -> tuple[list[str], np.ndarray]:
+        if req.genes is None:
+            raise InvalidInputError(
+                "genes is required when cells are rows of values (or send cells as "
+                "{gene: value} maps)",
+                "genes",
+            )
+        rows = req.cells
+        g = len(req.genes)
+        if g == 0:
+            raise InvalidInputError("genes is empty: send the gene of each column", "genes")
+        for i, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != g:
+                got = len(row) if isinstance(row, list) else type(row).__name__
+                raise InvalidInputError(
+                    f"cells[{i}] has {got} values but genes has {g}: every row needs one value "
+                    "per gene",
+                    f"cells[{i}]",
+                )
+        X = np.asarray(rows, dtype=np.float64).reshape(len(rows), g)
+        bad = _first_bad(X.ravel())
+        if bad is not None:
+            i, j = divmod(bad[0], g)
+            raise InvalidInputError(
+                f"cells[{i}][{j}] (gene {req.genes[j]!r}) is {bad[1]}: expression values "
+                "must be finite and non-negative",
+                f"cells[{i}][{j}]",
+            )
+        return req.genes, X
+
+    @staticmethod
+    def _sparse_matrix(req: AnnotateRequest) -> tuple[list[str], sp.csr_matrix]:
+        if req.genes is not None:
+            raise InvalidInputError(
+                "genes must be omitted when cells are {gene: value} maps (each map names its "
+                "genes)",
+                "genes",
+            )
+        columns: dict[str, int] = {}
+        indptr = [0]
+        indices: list[int] = []
+        data: list[float] = []
+        for i, cell in enumerate(req.cells):
+            if not isinstance(cell, dict):
+                raise InvalidInputError(
+                    f"cells[{i}] is not a {{gene: value}} map like cells[0]", f"cells[{i}]"
+                )
+            for gene, value in cell.items():
+                v = float(value)
+                if not np.isfinite(v) or v < 0:
+                    what = "NaN" if np.isnan(v) else ("infinite" if np.isinf(v) else f"{v:g}")
+                    raise InvalidInputError(
+                        f"cells[{i}][{gene!r}] is {what}: expression values must be finite "
+                        "and non-negative",
+                        f"cells[{i}]",
+                    )
+                indices.append(columns.setdefault(gene, len(columns)))
+                data.append(v)
+            indptr.append(len(indices))
+        X = sp.csr_matrix(
+            (np.asarray(data, np.float64), np.asarray(indices, np.int64), np.asarray(indptr)),
+            shape=(len(req.cells), len(columns)),
+        )
+        X.sum_duplicates()
+        return list(columns), X
+
+    @staticmethod
+    def _normalise(
+        X: np.ndarray | sp.csr_matrix, kind: str
+    ) -> tuple[np.ndarray | sp.csr_matrix, str]:
+        try:
+            if kind == "auto":
+                kind = detect_input_kind(X).kind
+        except PreprocessError as e:
+            raise InvalidInputError(f"{e} (or set input explicitly)", "cells") from e
+        if kind == "counts":
+            Xn = normalize_log1p(X)
+        else:
+            vmax = float(X.max()) if X.shape[1] else 0.0
+            if vmax > MAX_LOG1P_VALUE:
+                raise InvalidInputError(
+                    f"input is 'log1p_cp10k' but values reach {vmax:g}, more than log1p data "
+                    "ever holds: are these raw counts (input='counts')?",
+                    "input",
+                )
+            Xn = X
+        return Xn, kind
+
+    def _count(
+        self,
+        model: str,
+        prep: Prepared,
+        classes: list[str],
+        best: np.ndarray,
+        conf: np.ndarray,
+        assigned: np.ndarray,
+    ) -> None:
+        labels, counts = np.unique(
+            np.where(assigned, np.asarray(classes, dtype=object)[best], UNASSIGNED),
+            return_counts=True,
+        )
+        for label, c in zip(labels, counts, strict=True):
+            metrics.CELLS.labels(model=model, label=str(label)).inc(int(c))
+        unassigned = int((~assigned).sum())
+        if unassigned:
+            metrics.UNASSIGNED.labels(model=model).inc(unassigned)
+        hist = metrics.CONFIDENCE.labels(model=model)
+        for c in conf:
+            hist.observe(float(c))
+        metrics.MISSING_GENES.labels(model=model).observe(prep.alignment.missing_fraction)
+
+    def close(self) -> None:
+        for m in self.models.values():
+            m.batcher.close()

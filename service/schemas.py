@@ -1,0 +1,121 @@
+"""Request and response schemas of the annotation API (shared by every front door)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.card import ModelCard
+
+InputKind = Literal["auto", "counts", "log1p_cp10k"]
+AttributionMode = Literal["top_k", "full", "none"]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class AnnotateRequest(_Schema):
+    """Cells to annotate: dense (``genes`` + rows) or sparse (``{gene: value}`` per cell)."""
+
+    model: str | None = Field(default=None, description="model name; default: the service's")
+    genes: list[str] | None = Field(
+        default=None,
+        description="gene symbols or Ensembl IDs, one per column of `cells` (dense form); "
+        "omit with the sparse form",
+    )
+    cells: list[list[float]] | list[dict[str, float]] = Field(
+        description="dense: one row per cell, in `genes` order; sparse: one {gene: value} map "
+        "per cell, absent genes are zero",
+    )
+    cell_ids: list[str] | None = Field(default=None, description="one id per cell (default 0..n-1)")
+    input: InputKind = Field(
+        default="auto",
+        description="'counts' (raw UMI counts over all measured genes), 'log1p_cp10k', or "
+        "'auto' (integers are counts, otherwise log1p)",
+    )
+    top_k: int = Field(default=10, ge=0, description="top genes per cell, by |attribution|")
+    attributions: AttributionMode = Field(
+        default="top_k", description="'top_k' genes, the 'full' vector, or 'none'"
+    )
+    target: str = Field(
+        default="predicted", description="'predicted', or a class name whose evidence to explain"
+    )
+    return_probabilities: bool = Field(default=False, description="include every class's prob.")
+    unassigned_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="override the model's confidence threshold"
+    )
+
+
+class GeneAttribution(_Schema):
+    gene: str
+    attribution: float
+
+
+class ProgramAttribution(_Schema):
+    program: str
+    attribution: float
+
+
+class CellAnnotation(_Schema):
+    id: str
+    label: str = Field(description="predicted class, or 'Unassigned' below the threshold")
+    predicted_label: str = Field(description="the most probable class, whatever its confidence")
+    confidence: float = Field(description="probability of the predicted class")
+    explained_class: str | None = Field(default=None, description="class the attributions explain")
+    probabilities: dict[str, float] | None = None
+    top_genes: list[GeneAttribution] | None = None
+    attributions: list[float] | None = Field(
+        default=None, description="full vector, in the order of `attribution_genes`"
+    )
+    program_attributions: list[ProgramAttribution] | None = Field(
+        default=None, description="programs models: every program, by |attribution|"
+    )
+    free_units_attribution: float | None = Field(
+        default=None, description="programs models: the share of the free (non-program) units"
+    )
+
+
+class GeneMatching(_Schema):
+    n_model_genes: int
+    n_found: int
+    n_missing: int
+    missing: list[str] = Field(description="the first missing model genes")
+    n_submitted: int
+    n_unused: int = Field(description="submitted genes the model does not use")
+    missing_fraction: float
+
+
+class AnnotateResponse(_Schema):
+    model: str
+    model_version: str
+    input_kind: Literal["counts", "log1p_cp10k"] = Field(description="how the input was read")
+    attribution_method: str
+    unassigned_threshold: float
+    gene_matching: GeneMatching
+    attribution_genes: list[str] | None = Field(
+        default=None, description="gene order of `attributions` (with attributions='full')"
+    )
+    cells: list[CellAnnotation]
+
+
+class ModelSummary(_Schema):
+    name: str
+    tag: str
+    architecture: str
+    n_genes: int
+    classes: list[str]
+    attribution_method: str
+    test_macro_f1: float
+    default: bool
+
+
+class ModelList(_Schema):
+    models: list[ModelSummary]
+
+
+class ModelDetail(_Schema):
+    tag: str
+    providers: list[str]
+    card: ModelCard

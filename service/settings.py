@@ -1,0 +1,70 @@
+"""One settings object, read from ``CELLEXPLAIN_*`` environment variables.
+
+Every knob of the service is here, with its default and its variable name; nothing else in the
+service reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ENV_PREFIX = "CELLEXPLAIN_"
+
+
+class Settings(BaseModel):
+    """Service settings. Each field ``foo_bar`` is read from ``CELLEXPLAIN_FOO_BAR``."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    models: list[str] = Field(
+        default_factory=lambda: ["pbmc-programs"],
+        description="BentoML store tags to serve (comma-separated in the environment)",
+    )
+    model_dirs: list[str] = Field(
+        default_factory=list,
+        description="artifact folders (model.onnx + model.json) to serve besides the store",
+    )
+    default_model: str | None = Field(
+        default=None, description="model used when a request names none (default: the first)"
+    )
+    http_port: int = 3000
+    grpc_port: int = 50051
+    workers: int = Field(default=1, ge=1)
+    max_cells_per_request: int = Field(default=10_000, ge=1)
+    max_genes_per_request: int = Field(default=60_000, ge=1)
+    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    max_h5ad_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_batch_cells: int = Field(
+        default=1024, ge=1, description="cells per onnxruntime call; larger requests are chunked"
+    )
+    max_batch_latency_ms: float = Field(
+        default=5.0, ge=0, description="how long a batch waits for more requests to merge"
+    )
+    max_top_k: int = Field(default=100, ge=1)
+    missing_genes_listed: int = Field(default=20, ge=0)
+    intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime decides")
+    prefer_gpu: bool = True
+
+    @field_validator("models", "model_dirs", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``CELLEXPLAIN_*`` variables; unknown ones are an error (typos)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, str] = {}
+        for key, value in env.items():
+            if key.startswith(ENV_PREFIX):
+                name = key[len(ENV_PREFIX) :].lower()
+                if name not in cls.model_fields:
+                    known = ", ".join(ENV_PREFIX + f.upper() for f in cls.model_fields)
+                    raise ValueError(f"unknown setting {key}; known settings: {known}")
+                values[name] = value
+        return cls.model_validate(values)

@@ -1,0 +1,88 @@
+"""Start real servers for integration tests: `bentoml serve` in a subprocess on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def import_into_store(artifact: Path, home: Path, name: str | None = None) -> str:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    args = [sys.executable, "-m", "models.cli", "models", "import", str(artifact)]
+    if name:
+        args += ["--name", name]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    return out.stdout.strip()
+
+
+@contextmanager
+def bentoml_server(home: Path, env: dict[str, str], timeout: float = 120) -> Iterator[str]:
+    """Run ``bentoml serve service.rest:CellExplain``; yields its base URL once /readyz is 200."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "True",
+        **env,
+    }
+    log = open(home / f"server-{port}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service.rest:CellExplain",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                tail = Path(log.name).read_text()[-3000:]
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{tail}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"server not ready after {timeout}s:\n{Path(log.name).read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -43,6 +43,31 @@ def _values(X: Matrix) -> np.ndarray:
     return np.asarray(X).ravel()
 
 
+def first_invalid(X: Matrix) -> tuple[int, int, str] | None:
+    """Row, column and description of the first NaN, infinite or negative value of ``X``
+    (dense or sparse), or ``None`` when all values are finite and non-negative."""
+    if sp.issparse(X):
+        Xc = sp.csr_matrix(X)
+        v = np.asarray(Xc.data)
+    else:
+        Xc = None
+        v = np.asarray(X).ravel()
+    if v.size == 0:
+        return None
+    bad = ~np.isfinite(v) | (v < 0)
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    x = float(v[i])
+    what = "NaN" if np.isnan(x) else ("infinite" if np.isinf(x) else f"negative ({x:g})")
+    if Xc is None:
+        row, col = divmod(i, X.shape[1])
+    else:
+        row = int(np.searchsorted(Xc.indptr, i, side="right") - 1)
+        col = int(Xc.indices[i])
+    return row, col, what
+
+
 def check_finite_nonnegative(X: Matrix, what: str = "expression matrix") -> None:
     """Raise :class:`PreprocessError` if ``X`` holds NaN, inf or negative values."""
     v = _values(X)

@@ -16,15 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from anndata import AnnData
 
 from models.errors import PreprocessError
-from models.preprocess import MAX_LOG1P_VALUE, detect_input_kind, normalize_log1p
+from models.preprocess import (
+    MAX_LOG1P_VALUE,
+    detect_input_kind,
+    first_invalid,
+    normalize_log1p,
+)
 from models.runtime import OnnxModel, Prediction, available_providers
-from service import metrics
+from service import anndata_io, metrics
 from service.alignment import Alignment, GeneAligner
 from service.batching import Batcher
 from service.errors import InvalidInputError, ModelNotFoundError, TooLargeError
 from service.schemas import (
+    AnnotateOptions,
     AnnotateRequest,
     AnnotateResponse,
     CellAnnotation,
@@ -69,15 +76,12 @@ class Prepared:
     input_kind: str
 
 
-def _first_bad(values: np.ndarray) -> tuple[int, str] | None:
-    """Index and description of the first NaN / inf / negative value, if any."""
-    bad = ~np.isfinite(values) | (values < 0)
-    if not bad.any():
-        return None
-    i = int(np.argmax(bad))
-    v = float(values[i])
-    what = "NaN" if np.isnan(v) else ("infinite" if np.isinf(v) else f"negative ({v:g})")
-    return i, what
+def top_k_indices(attr: np.ndarray, k: int) -> np.ndarray:
+    """``[n, k]`` column indices of each row's ``k`` largest ``|attr|``, largest first."""
+    k = min(k, attr.shape[1])
+    part = np.argpartition(-np.abs(attr), k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.abs(np.take_along_axis(attr, part, axis=1)), axis=1)
+    return np.take_along_axis(part, order, axis=1)
 
 
 class Annotator:
@@ -178,20 +182,37 @@ class Annotator:
             )
         if isinstance(req.cells[0], dict):
             genes, X = self._sparse_matrix(req)
+            genes_field = "cells"
         else:
             genes, X = self._dense_matrix(req)
+            genes_field = "genes"
+        return self.prepare_matrix(genes, X, req, lm, self._cell_ids(req.cell_ids, n), genes_field)
+
+    def prepare_matrix(
+        self,
+        genes: Sequence[str],
+        X: np.ndarray | sp.csr_matrix,
+        opts: AnnotateOptions,
+        lm: LoadedModel,
+        cell_ids: list[str],
+        genes_field: str = "genes",
+    ) -> Prepared:
+        """Validate an expression matrix ``[n_cells, n_genes]`` (values already checked finite
+        and non-negative) and turn it into model input: align, normalise, pick the target."""
+        s = self.settings
+        if X.shape[0] == 0:
+            raise InvalidInputError("no cells to annotate", "cells")
         if len(genes) > s.max_genes_per_request:
             raise TooLargeError(
                 f"{len(genes)} genes in one request; the limit is {s.max_genes_per_request}",
-                "genes",
+                genes_field,
             )
-        alignment = lm.aligner.align(genes, "genes" if req.genes is not None else "cells")
-        Xn, kind = self._normalise(X, req.input)
-        x = alignment.apply(Xn)
+        alignment = lm.aligner.align(genes, genes_field)
+        Xn, kind = self._normalise(X, opts.input)
         return Prepared(
-            x=x,
-            target=np.full(n, self._target_index(req.target, lm), dtype=np.int64),
-            cell_ids=self._cell_ids(req.cell_ids, n),
+            x=alignment.apply(Xn),
+            target=np.full(X.shape[0], self._target_index(opts.target, lm), dtype=np.int64),
+            cell_ids=cell_ids,
             alignment=alignment,
             n_submitted=len(genes),
             input_kind=kind,
@@ -204,6 +225,47 @@ class Annotator:
         prep = self.prepare(req, lm)
         pred = await lm.batcher.predict(prep.x, prep.target)
         return self.respond(req, lm, prep, pred)
+
+    async def annotate_anndata(
+        self,
+        adata: AnnData,
+        opts: AnnotateOptions,
+        gene_key: str | None = None,
+        layer: str | None = None,
+    ) -> AnnData:
+        """Annotate every cell of ``adata`` and write the results into it (see
+        :func:`service.anndata_io.write_annotations` for what lands where)."""
+        lm = self.get(opts.model)
+        self._check_options(opts, lm)
+        genes, X = anndata_io.expression(adata, gene_key, layer)
+        bad = first_invalid(X)
+        if bad is not None:
+            row, col, what = bad
+            raise InvalidInputError(
+                f"cell {adata.obs_names[row]!r} (row {row}), gene {genes[col]!r} is {what}: "
+                "expression values must be finite and non-negative",
+                "file",
+            )
+        prep = self.prepare_matrix(
+            genes, X, opts, lm, [str(i) for i in adata.obs_names], "var_names"
+        )
+        pred = await lm.batcher.predict(prep.x, prep.target)
+        threshold = self._threshold(opts, lm)
+        best, conf, assigned = self._calls(pred, threshold)
+        self._count(lm.name, prep, lm.classes, best, conf, assigned)
+        anndata_io.write_annotations(
+            adata,
+            lm.model.card,
+            pred,
+            best,
+            conf,
+            assigned,
+            opts,
+            threshold,
+            prep.input_kind,
+            self._matching(prep),
+        )
+        return adata
 
     def annotate_sync(self, req: AnnotateRequest) -> AnnotateResponse:
         """The same as :meth:`annotate`, in-process with no batching (CLI ``--local``)."""
@@ -220,24 +282,15 @@ class Annotator:
         t0 = time.perf_counter()
         card = lm.model.card
         classes = lm.classes
-        threshold = (
-            card.unassigned_threshold
-            if req.unassigned_threshold is None
-            else req.unassigned_threshold
-        )
+        threshold = self._threshold(req, lm)
         n = len(prep.cell_ids)
         probs = pred.probabilities
-        best = probs.argmax(axis=1)
-        conf = probs[np.arange(n), best]
-        assigned = conf >= threshold
+        best, conf, assigned = self._calls(pred, threshold)
         genes = lm.model.genes
         attr = pred.attributions
-        k = min(req.top_k, len(genes))
         top_idx: np.ndarray | None = None
-        if req.attributions == "top_k" and k > 0:
-            part = np.argpartition(-np.abs(attr), k - 1, axis=1)[:, :k]
-            order = np.argsort(-np.abs(np.take_along_axis(attr, part, axis=1)), axis=1)
-            top_idx = np.take_along_axis(part, order, axis=1)
+        if req.attributions == "top_k" and req.top_k > 0:
+            top_idx = top_k_indices(attr, req.top_k)
         programs = card.gene_sets.programs if card.gene_sets is not None else None
         cells: list[CellAnnotation] = []
         for i in range(n):
@@ -274,28 +327,44 @@ class Annotator:
             cells.append(cell)
         self._count(lm.name, prep, classes, best, conf, assigned)
         metrics.ATTRIBUTION_SECONDS.labels(model=lm.name).observe(time.perf_counter() - t0)
-        al = prep.alignment
         return AnnotateResponse(
             model=lm.name,
             model_version=card.version,
             input_kind=prep.input_kind,  # type: ignore[arg-type]
             attribution_method=card.attribution.method,
             unassigned_threshold=threshold,
-            gene_matching=GeneMatching(
-                n_model_genes=len(genes),
-                n_found=al.n_found,
-                n_missing=len(al.missing),
-                missing=al.missing[: self.settings.missing_genes_listed],
-                n_submitted=prep.n_submitted,
-                n_unused=al.n_unused,
-                missing_fraction=al.missing_fraction,
-            ),
+            gene_matching=self._matching(prep),
             attribution_genes=genes if req.attributions == "full" else None,
             cells=cells,
         )
 
     # -- helpers ---------------------------------------------------------------------------
-    def _check_options(self, req: AnnotateRequest, lm: LoadedModel) -> None:
+    def _matching(self, prep: Prepared) -> GeneMatching:
+        al = prep.alignment
+        return GeneMatching(
+            n_model_genes=len(al.take),
+            n_found=al.n_found,
+            n_missing=len(al.missing),
+            missing=al.missing[: self.settings.missing_genes_listed],
+            n_submitted=prep.n_submitted,
+            n_unused=al.n_unused,
+            missing_fraction=al.missing_fraction,
+        )
+
+    @staticmethod
+    def _threshold(opts: AnnotateOptions, lm: LoadedModel) -> float:
+        if opts.unassigned_threshold is None:
+            return lm.model.card.unassigned_threshold
+        return opts.unassigned_threshold
+
+    @staticmethod
+    def _calls(pred: Prediction, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predicted class index, its probability, and whether it clears the threshold."""
+        best = pred.probabilities.argmax(axis=1)
+        conf = pred.probabilities[np.arange(len(best)), best]
+        return best, conf, conf >= threshold
+
+    def _check_options(self, req: AnnotateOptions, lm: LoadedModel) -> None:
         if req.top_k > self.settings.max_top_k:
             raise InvalidInputError(
                 f"top_k is {req.top_k}; the limit is {self.settings.max_top_k}", "top_k"
@@ -345,11 +414,11 @@ class Annotator:
                     f"cells[{i}]",
                 )
         X = np.asarray(rows, dtype=np.float64).reshape(len(rows), g)
-        bad = _first_bad(X.ravel())
+        bad = first_invalid(X)
         if bad is not None:
-            i, j = divmod(bad[0], g)
+            i, j, what = bad
             raise InvalidInputError(
-                f"cells[{i}][{j}] (gene {req.genes[j]!r}) is {bad[1]}: expression values "
+                f"cells[{i}][{j}] (gene {req.genes[j]!r}) is {what}: expression values "
                 "must be finite and non-negative",
                 f"cells[{i}][{j}]",
             )

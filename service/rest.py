@@ -9,39 +9,63 @@ Run: ``bentoml serve service.rest:CellExplain --port 3000`` (``make serve`` does
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import bentoml
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import __version__
 from service import metrics
+from service.anndata_io import read_h5ad_bytes, to_h5ad_bytes
 from service.core import Annotator
 from service.errors import ServiceError, TooLargeError
-from service.schemas import AnnotateRequest, AnnotateResponse, ModelDetail, ModelList
+from service.schemas import (
+    AnnotateOptions,
+    AnnotateRequest,
+    AnnotateResponse,
+    AttributionMode,
+    InputKind,
+    ModelDetail,
+    ModelList,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 SETTINGS = Settings.from_env()
+H5AD_MEDIA_TYPE = "application/x-hdf5"
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413 before they are read into memory."""
+    """Refuse request bodies over the limit with 413 before they are read into memory.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    ``.h5ad`` uploads have their own limit (``max_h5ad_bytes``); every other route has
+    ``max_body_bytes``.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_h5ad_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_h5ad_bytes = max_h5ad_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        h5ad = str(scope.get("path", "")).endswith("/annotate/h5ad")
+        limit, setting = (
+            (self.max_h5ad_bytes, "CELLEXPLAIN_MAX_H5AD_BYTES")
+            if h5ad
+            else (self.max_bytes, "CELLEXPLAIN_MAX_BODY_BYTES")
+        )
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send, int(declared))
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(send, _too_large(int(declared), limit, setting))
             return
         received = 0
 
@@ -50,24 +74,25 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise TooLargeError(self._message(received), "body")
+                if received > limit:
+                    raise _too_large(received, limit, setting)
             return message
 
         await self.app(scope, limited, send)
 
-    def _message(self, n: int) -> str:
-        return (
-            f"request body of {n} bytes exceeds the limit of {self.max_bytes} bytes "
-            "(CELLEXPLAIN_MAX_BODY_BYTES); split the request"
-        )
-
-    async def _reject(self, send: Send, n: int) -> None:
-        err = TooLargeError(self._message(n), "body")
+    async def _reject(self, send: Send, err: TooLargeError) -> None:
         metrics.ERRORS.labels(door="rest", type=err.kind).inc()
         await JSONResponse(err.to_dict(), status_code=err.http_status)(
             {"type": "http"}, _no_receive, send
         )
+
+
+def _too_large(n: int, limit: int, setting: str) -> TooLargeError:
+    return TooLargeError(
+        f"request body of {n} bytes exceeds the limit of {limit} bytes ({setting}); "
+        "split the request",
+        "body",
+    )
 
 
 async def _no_receive() -> Message:
@@ -80,7 +105,9 @@ app = FastAPI(
     description="Cell-type annotation with per-gene attributions computed inside the model's "
     "ONNX graph. Errors are JSON: {error: {type, field, message}}.",
 )
-app.add_middleware(BodySizeLimit, max_bytes=SETTINGS.max_body_bytes)
+app.add_middleware(
+    BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, max_h5ad_bytes=SETTINGS.max_h5ad_bytes
+)
 
 
 def _error_response(err: ServiceError) -> JSONResponse:
@@ -106,6 +133,21 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return _error_response(ServiceError(message, field or None))
 
 
+@app.exception_handler(ValidationError)
+async def _pydantic_error(_: Request, exc: ValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"])
+    return _error_response(ServiceError(f"{field}: {first['msg']}", field or None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error")
+    metrics.ERRORS.labels(door="rest", type="internal").inc()
+    body = {"error": {"type": "internal", "field": None, "message": "internal error"}}
+    return JSONResponse(body, status_code=500)
+
+
 @bentoml.service(
     name="cellexplain",
     workers=SETTINGS.workers,
@@ -125,6 +167,44 @@ class CellExplain:
     async def annotate(self, body: AnnotateRequest) -> AnnotateResponse:
         """Annotate cells: labels, confidence, and the genes that drove each call."""
         return await self.annotator.annotate(body)
+
+    @app.post(
+        "/annotate/h5ad",
+        response_class=Response,
+        responses={200: {"content": {H5AD_MEDIA_TYPE: {}}, "description": "annotated .h5ad"}},
+    )
+    async def annotate_h5ad(
+        self,
+        file: UploadFile,
+        model: Annotated[str | None, Form()] = None,
+        gene_key: Annotated[str | None, Form(description="var column with genes")] = None,
+        layer: Annotated[str | None, Form(description="'raw', a layer, or X")] = None,
+        input: Annotated[InputKind, Form()] = "auto",
+        top_k: Annotated[int, Form(ge=0)] = 10,
+        attributions: Annotated[AttributionMode, Form()] = "full",
+        target: Annotated[str, Form()] = "predicted",
+        unassigned_threshold: Annotated[float | None, Form(ge=0, le=1)] = None,
+    ) -> Response:
+        """Upload an .h5ad file and get it back annotated: obs label/confidence/top-gene
+        columns, attributions and probabilities in obsm, the details in uns['cellexplain']."""
+        opts = AnnotateOptions(
+            model=model,
+            input=input,
+            top_k=top_k,
+            attributions=attributions,
+            target=target,
+            unassigned_threshold=unassigned_threshold,
+        )
+        data = await file.read()
+        adata = await run_in_threadpool(read_h5ad_bytes, data)
+        await self.annotator.annotate_anndata(adata, opts, gene_key, layer)
+        body = await run_in_threadpool(to_h5ad_bytes, adata)
+        name = Path(file.filename or "cells.h5ad").stem
+        return Response(
+            body,
+            media_type=H5AD_MEDIA_TYPE,
+            headers={"Content-Disposition": f'attachment; filename="{name}.annotated.h5ad"'},
+        )
 
     @app.get("/models")
     def models(self) -> ModelList:

@@ -16,20 +16,10 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class AnnotateRequest(_Schema):
-    """Cells to annotate: dense (``genes`` + rows) or sparse (``{gene: value}`` per cell)."""
+class AnnotateOptions(_Schema):
+    """How to annotate (everything but the cells themselves)."""
 
     model: str | None = Field(default=None, description="model name; default: the service's")
-    genes: list[str] | None = Field(
-        default=None,
-        description="gene symbols or Ensembl IDs, one per column of `cells` (dense form); "
-        "omit with the sparse form",
-    )
-    cells: list[list[float]] | list[dict[str, float]] = Field(
-        description="dense: one row per cell, in `genes` order; sparse: one {gene: value} map "
-        "per cell, absent genes are zero",
-    )
-    cell_ids: list[str] | None = Field(default=None, description="one id per cell (default 0..n-1)")
     input: InputKind = Field(
         default="auto",
         description="'counts' (raw UMI counts over all measured genes), 'log1p_cp10k', or "
@@ -46,6 +36,21 @@ class AnnotateRequest(_Schema):
     unassigned_threshold: float | None = Field(
         default=None, ge=0, le=1, description="override the model's confidence threshold"
     )
+
+
+class AnnotateRequest(AnnotateOptions):
+    """Cells to annotate: dense (``genes`` + rows) or sparse (``{gene: value}`` per cell)."""
+
+    genes: list[str] | None = Field(
+        default=None,
+        description="gene symbols or Ensembl IDs, one per column of `cells` (dense form); "
+        "omit with the sparse form",
+    )
+    cells: list[list[float]] | list[dict[str, float]] = Field(
+        description="dense: one row per cell, in `genes` order; sparse: one {gene: value} map "
+        "per cell, absent genes are zero",
+    )
+    cell_ids: list[str] | None = Field(default=None, description="one id per cell (default 0..n-1)")
 
 
 class GeneAttribution(_Schema):

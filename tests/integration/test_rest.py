@@ -12,6 +12,7 @@ import pytest
 
 from models.preprocess import normalize_log1p
 from models.runtime import OnnxModel
+from tests.conftest import train_small
 from tests.integration.servers import bentoml_server, import_into_store
 
 pytestmark = pytest.mark.integration
@@ -21,12 +22,15 @@ MAX_BODY = 4 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(programs_model, tmp_path_factory):
+def server(programs_model, pbmc_data, tmp_path_factory):
     _, artifact = programs_model
     home = tmp_path_factory.mktemp("bentoml_home")
     import_into_store(artifact, home)
+    linear = tmp_path_factory.mktemp("linear")
+    train_small(pbmc_data, linear, arch="linear", name="pbmc-linear", max_epochs=30)
+    import_into_store(linear, home)
     env = {
-        "CELLEXPLAIN_MODELS": "pbmc-programs",
+        "CELLEXPLAIN_MODELS": "pbmc-programs,pbmc-linear",
         "CELLEXPLAIN_WORKERS": "2",
         "CELLEXPLAIN_MAX_CELLS_PER_REQUEST": str(MAX_CELLS),
         "CELLEXPLAIN_MAX_BODY_BYTES": str(MAX_BODY),
@@ -53,7 +57,8 @@ def test_health_and_models(client, programs_model):
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").status_code == 200
     models = client.get("/v1/models").json()["models"]
-    assert [m["name"] for m in models] == ["pbmc-programs"] and models[0]["default"]
+    assert [m["name"] for m in models] == ["pbmc-programs", "pbmc-linear"]
+    assert [m["default"] for m in models] == [True, False]
     detail = client.get("/v1/models/pbmc-programs").json()
     assert detail["card"]["genes"] == card.genes
     assert detail["card"]["onnx"]["sha256"] == card.onnx.sha256
@@ -327,3 +332,90 @@ def test_openapi_describes_the_api(client):
     schemas = doc["components"]["schemas"]
     assert {"AnnotateRequest", "AnnotateResponse", "CellAnnotation"} <= set(schemas)
     assert "top_k" in schemas["AnnotateRequest"]["properties"]
+
+
+def test_h5ad_upload_comes_back_annotated(client, counts_h5ad, cells):
+    import anndata as ad
+
+    genes, _, _ = cells
+    with open(counts_h5ad, "rb") as f:
+        r = client.post("/v1/annotate/h5ad", files={"file": ("pbmc.h5ad", f)}, data={"top_k": "3"})
+    assert r.status_code == 200, r.text[:500]
+    assert r.headers["content-type"] == "application/x-hdf5"
+    out_path = counts_h5ad.with_name("annotated.h5ad")
+    out_path.write_bytes(r.content)
+    out = ad.read_h5ad(out_path)
+    assert out.n_obs == 700
+    for col in (
+        "cellexplain_label",
+        "cellexplain_predicted_label",
+        "cellexplain_confidence",
+        "cellexplain_top_genes",
+        "cellexplain_explained_class",
+    ):
+        assert col in out.obs.columns, col
+    assert out.obsm["cellexplain_attributions"].shape == (700, 765)
+    assert out.obsm["cellexplain_probabilities"].shape == (700, 10)
+    assert out.obsm["cellexplain_program_attributions"].shape[0] == 700
+    info = out.uns["cellexplain"]
+    assert info["input_kind"] == "counts" and list(info["genes"]) == genes
+    assert all(len(t.split(";")) == 3 for t in out.obs["cellexplain_top_genes"])
+    # the same cells as JSON counts give the same calls
+    counts = out.X[:20].toarray() if hasattr(out.X, "toarray") else np.asarray(out.X[:20])
+    js = client.post(
+        "/v1/annotate",
+        json={"genes": genes, "cells": counts.tolist(), "input": "counts", "attributions": "none"},
+    ).json()
+    assert [c["predicted_label"] for c in js["cells"]] == list(
+        out.obs["cellexplain_predicted_label"][:20]
+    )
+    np.testing.assert_allclose(
+        [c["confidence"] for c in js["cells"]], out.obs["cellexplain_confidence"][:20], rtol=1e-5
+    )
+
+
+def test_h5ad_raw_layer_and_bad_files(client, pbmc, tmp_path):
+    path = tmp_path / "pbmc.h5ad"
+    pbmc.write_h5ad(path)
+    with open(path, "rb") as f:
+        r = client.post(
+            "/v1/annotate/h5ad",
+            files={"file": ("pbmc.h5ad", f)},
+            data={"layer": "raw", "attributions": "none"},
+        )
+    assert r.status_code == 200, r.text[:500]
+    with open(path, "rb") as f:
+        r = client.post(
+            "/v1/annotate/h5ad", files={"file": ("pbmc.h5ad", f)}, data={"gene_key": "symbols"}
+        )
+    _err(r, 400, "gene_key", "not found in var")
+    with open(path, "rb") as f:
+        r = client.post(
+            "/v1/annotate/h5ad", files={"file": ("pbmc.h5ad", f)}, data={"layer": "counts"}
+        )
+    _err(r, 400, "layer", "not found")
+    r = client.post("/v1/annotate/h5ad", files={"file": ("junk.h5ad", b"not an hdf5 file")})
+    _err(r, 400, "file", "not a readable .h5ad")
+    r = client.post("/v1/annotate/h5ad", files={"file": ("empty.h5ad", b"")})
+    _err(r, 400, "file", "empty")
+    r = client.post("/v1/annotate/h5ad", data={"top_k": "3"})
+    _err(r, 400, "file", "required")
+
+
+def test_several_models_served_at_once(client, cells):
+    genes, X, _ = cells
+    body = {"genes": genes, "cells": X[:8].tolist(), "top_k": 2}
+    default = client.post("/v1/annotate", json=body).json()
+    linear = client.post("/v1/annotate", json={**body, "model": "pbmc-linear"}).json()
+    assert default["model"] == "pbmc-programs" and linear["model"] == "pbmc-linear"
+    assert all("program_attributions" in c for c in default["cells"])
+    assert not any("program_attributions" in c for c in linear["cells"])
+    assert linear["attribution_method"] == "integrated_gradients"
+
+
+def test_h5ad_with_invalid_values_names_the_cell(client, pbmc, tmp_path):
+    path = tmp_path / "scaled.h5ad"
+    pbmc.write_h5ad(path)  # X holds scaled (z-scored) values: negative
+    with open(path, "rb") as f:
+        r = client.post("/v1/annotate/h5ad", files={"file": ("scaled.h5ad", f)})
+    _err(r, 400, "file", r"cell '.+' \(row \d+\), gene '.+' is negative")

@@ -25,9 +25,9 @@ default-model: $(VENV)/.installed
 		$(BIN)/cellexplain train --arch programs --name $(DEFAULT_MODEL) --out $(DEFAULT_DIR) --import
 	@$(BIN)/cellexplain models list
 
+# REST on CELLEXPLAIN_HTTP_PORT (default 3000); settings: CELLEXPLAIN_* (see README)
 serve: default-model
-	@echo "The default model is trained and in the BentoML store ($(BENTOML_HOME))."
-	@echo "The REST/gRPC service is not built yet (issue: serve predictions over REST)."
+	$(BIN)/bentoml serve service.rest:CellExplain
 
 lint: install
 	$(BIN)/ruff check models service tests

@@ -9,6 +9,7 @@ REST, gRPC and the CLI translate to and from :class:`~service.schemas.AnnotateRe
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,6 +104,8 @@ class Annotator:
         from models.store import get_model
 
         providers = available_providers(settings.prefer_gpu)
+        # share the cores between worker processes instead of oversubscribing them
+        threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // settings.workers)
         loaded: list[LoadedModel] = []
         sources: list[tuple[str, Path]] = []
         for tag in settings.models:
@@ -111,7 +114,7 @@ class Annotator:
         for d in settings.model_dirs:
             sources.append((f"dir:{d}", Path(d)))
         for tag, path in sources:
-            m = OnnxModel(path, providers=providers, intra_op_threads=settings.intra_op_threads)
+            m = OnnxModel(path, providers=providers, intra_op_threads=threads)
             m.predict(np.zeros((2, len(m.genes)), np.float32))  # warm-up
             name = m.card.name
             if any(lm.name == name for lm in loaded):
@@ -130,7 +133,13 @@ class Annotator:
                     ),
                 )
             )
-            log.info("serving %s (%s) on %s", name, tag, m.providers[0])
+            log.info(
+                "serving %s (%s) on %s with %d onnxruntime threads",
+                name,
+                tag,
+                m.providers[0],
+                threads,
+            )
         return cls(settings, loaded)
 
     def get(self, name: str | None) -> LoadedModel:
@@ -319,9 +328,11 @@ class Annotator:
                 and pred.program_attributions is not None
             ):
                 pa = pred.program_attributions[i]
+                order = np.argsort(-np.abs(pa))
+                if req.attributions == "top_k":
+                    order = order[: req.top_k]
                 cell.program_attributions = [
-                    ProgramAttribution(program=programs[j], attribution=float(pa[j]))
-                    for j in np.argsort(-np.abs(pa))
+                    ProgramAttribution(program=programs[j], attribution=float(pa[j])) for j in order
                 ]
                 cell.free_units_attribution = float(attr[i].sum() - pa.sum())
             cells.append(cell)

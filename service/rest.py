@@ -152,6 +152,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     name="cellexplain",
     workers=SETTINGS.workers,
     traffic={"timeout": 300},
+    http={"port": SETTINGS.http_port},
 )
 @bentoml.asgi_app(app, path="/v1")
 class CellExplain:

@@ -75,7 +75,8 @@ class CellAnnotation(_Schema):
         default=None, description="full vector, in the order of `attribution_genes`"
     )
     program_attributions: list[ProgramAttribution] | None = Field(
-        default=None, description="programs models: every program, by |attribution|"
+        default=None,
+        description="programs models: by |attribution|, the top_k (attributions='top_k') or all",
     )
     free_units_attribution: float | None = Field(
         default=None, description="programs models: the share of the free (non-program) units"

@@ -70,6 +70,41 @@ def fingerprint(X: Matrix, genes: list[str], labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def select_matrix(
+    adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None
+) -> tuple[list[str], Matrix]:
+    """The gene names and the ``[n_cells, n_genes]`` matrix of ``adata`` to use.
+
+    Args:
+        gene_key: ``var`` column holding gene names (default: ``var_names``).
+        layer: ``"raw"`` for ``adata.raw``, a name in ``adata.layers``, or ``None`` for ``X``.
+
+    Raises:
+        DataError: no ``.raw``, unknown layer or gene key, or no matrix (``field`` names which).
+    """
+    if layer == "raw":
+        if adata.raw is None:
+            raise DataError("layer 'raw' was asked for, but the AnnData has no .raw", "layer")
+        X, var, var_names = adata.raw.X, adata.raw.var, adata.raw.var_names
+    elif layer is not None:
+        if layer not in adata.layers:
+            have = ", ".join(adata.layers.keys()) or "(none)"
+            raise DataError(f"layer {layer!r} not found; layers are: {have} (or 'raw')", "layer")
+        X, var, var_names = adata.layers[layer], adata.var, adata.var_names
+    else:
+        X, var, var_names = adata.X, adata.var, adata.var_names
+    if X is None:
+        raise DataError(f"the AnnData has no matrix in {layer or 'X'}", "layer")
+    if gene_key is not None:
+        if gene_key not in var.columns:
+            cols = ", ".join(map(str, var.columns[:20])) or "(none)"
+            raise DataError(
+                f"gene key {gene_key!r} not found in var; var columns are: {cols}", "gene_key"
+            )
+        return [str(g) for g in var[gene_key]], X
+    return [str(g) for g in var_names], X
+
+
 def load_labelled(
     data: str | Path | None = None,
     label_key: str | None = None,
@@ -108,29 +143,7 @@ def load_labelled(
         raise DataError(f"label column {label_key!r} not found in obs; obs columns are: {cols}")
 
     layer_name = layer or "X"
-    if layer == "raw":
-        if adata.raw is None:
-            raise DataError("--layer raw was asked for, but the AnnData has no .raw")
-        X = adata.raw.X
-        var = adata.raw.var
-        var_names = adata.raw.var_names
-    elif layer is not None:
-        if layer not in adata.layers:
-            have = ", ".join(adata.layers.keys()) or "(none)"
-            raise DataError(f"layer {layer!r} not found; layers are: {have} (or 'raw')")
-        X, var, var_names = adata.layers[layer], adata.var, adata.var_names
-    else:
-        X, var, var_names = adata.X, adata.var, adata.var_names
-    if X is None:
-        raise DataError(f"the AnnData has no matrix in {layer_name}")
-
-    if gene_key is not None:
-        if gene_key not in var.columns:
-            cols = ", ".join(map(str, var.columns[:20])) or "(none)"
-            raise DataError(f"gene key {gene_key!r} not found in var; var columns are: {cols}")
-        genes = [str(g) for g in var[gene_key]]
-    else:
-        genes = [str(g) for g in var_names]
+    genes, X = select_matrix(adata, gene_key, layer)
     dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
     if len(dup):
         raise DataError(

@@ -6,7 +6,14 @@ message names the problem; the CLI prints it as ``error: ...`` and exits with st
 
 
 class CellexplainError(Exception):
-    """Base of the errors whose message is meant for the user."""
+    """Base of the errors whose message is meant for the user.
+
+    ``field`` optionally names the input (option, file part) the problem is about.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PreprocessError(CellexplainError, ValueError):

@@ -26,6 +26,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from models.card import ModelCard
+from models.data import select_matrix
+from models.errors import DataError
 from models.runtime import Prediction
 from service.errors import InvalidInputError
 from service.schemas import AnnotateOptions, GeneMatching
@@ -36,35 +38,12 @@ PREFIX = "cellexplain"
 def expression(
     adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None
 ) -> tuple[list[str], np.ndarray | sp.csr_matrix]:
-    """Gene names and the ``[n_cells, n_genes]`` matrix to annotate.
-
-    Args:
-        gene_key: ``var`` column holding gene symbols or IDs (default: ``var_names``).
-        layer: ``"raw"`` for ``adata.raw``, a name in ``adata.layers``, or ``None`` for ``X``.
-    """
-    if layer == "raw":
-        if adata.raw is None:
-            raise InvalidInputError("layer 'raw' was asked for, but the file has no .raw", "layer")
-        X, var = adata.raw.X, adata.raw.var
-        names = adata.raw.var_names
-    elif layer is not None:
-        if layer not in adata.layers:
-            have = ", ".join(adata.layers.keys()) or "(none)"
-            raise InvalidInputError(f"layer {layer!r} not found; layers are: {have}", "layer")
-        X, var, names = adata.layers[layer], adata.var, adata.var_names
-    else:
-        X, var, names = adata.X, adata.var, adata.var_names
-    if X is None:
-        raise InvalidInputError("the file has no expression matrix in X", "layer")
-    if gene_key is not None:
-        if gene_key not in var.columns:
-            cols = ", ".join(map(str, var.columns[:20])) or "(none)"
-            raise InvalidInputError(
-                f"gene key {gene_key!r} not found in var; var columns are: {cols}", "gene_key"
-            )
-        genes = [str(g) for g in var[gene_key]]
-    else:
-        genes = [str(g) for g in names]
+    """Gene names and the ``[n_cells, n_genes]`` float64 matrix to annotate (dense or CSR);
+    see :func:`models.data.select_matrix` for ``gene_key`` and ``layer``."""
+    try:
+        genes, X = select_matrix(adata, gene_key, layer)
+    except DataError as e:
+        raise InvalidInputError(str(e), e.field) from e
     if sp.issparse(X):
         return genes, sp.csr_matrix(X, dtype=np.float64)
     return genes, np.asarray(X, dtype=np.float64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +83,20 @@ def top_k_indices(attr: np.ndarray, k: int) -> np.ndarray:
     part = np.argpartition(-np.abs(attr), k - 1, axis=1)[:, :k]
     order = np.argsort(-np.abs(np.take_along_axis(attr, part, axis=1)), axis=1)
     return np.take_along_axis(part, order, axis=1)
+
+
+def _require_valid(
+    X: np.ndarray | sp.csr_matrix, where: Callable[[int, int], tuple[str, str]]
+) -> None:
+    """Raise a 400 naming the first NaN, infinite or negative value; ``where(row, col)`` gives
+    its description and the request field."""
+    bad = first_invalid(X)
+    if bad is not None:
+        row, col, what = bad
+        text, field = where(row, col)
+        raise InvalidInputError(
+            f"{text} is {what}: expression values must be finite and non-negative", field
+        )
 
 
 class Annotator:
@@ -247,14 +261,9 @@ class Annotator:
         lm = self.get(opts.model)
         self._check_options(opts, lm)
         genes, X = anndata_io.expression(adata, gene_key, layer)
-        bad = first_invalid(X)
-        if bad is not None:
-            row, col, what = bad
-            raise InvalidInputError(
-                f"cell {adata.obs_names[row]!r} (row {row}), gene {genes[col]!r} is {what}: "
-                "expression values must be finite and non-negative",
-                "file",
-            )
+        _require_valid(
+            X, lambda r, c: (f"cell {adata.obs_names[r]!r} (row {r}), gene {genes[c]!r}", "file")
+        )
         prep = self.prepare_matrix(
             genes, X, opts, lm, [str(i) for i in adata.obs_names], "var_names"
         )
@@ -425,15 +434,9 @@ class Annotator:
                     f"cells[{i}]",
                 )
         X = np.asarray(rows, dtype=np.float64).reshape(len(rows), g)
-        bad = first_invalid(X)
-        if bad is not None:
-            i, j, what = bad
-            raise InvalidInputError(
-                f"cells[{i}][{j}] (gene {req.genes[j]!r}) is {what}: expression values "
-                "must be finite and non-negative",
-                f"cells[{i}][{j}]",
-            )
-        return req.genes, X
+        genes = req.genes
+        _require_valid(X, lambda i, j: (f"cells[{i}][{j}] (gene {genes[j]!r})", f"cells[{i}][{j}]"))
+        return genes, X
 
     @staticmethod
     def _sparse_matrix(req: AnnotateRequest) -> tuple[list[str], sp.csr_matrix]:
@@ -453,23 +456,17 @@ class Annotator:
                     f"cells[{i}] is not a {{gene: value}} map like cells[0]", f"cells[{i}]"
                 )
             for gene, value in cell.items():
-                v = float(value)
-                if not np.isfinite(v) or v < 0:
-                    what = "NaN" if np.isnan(v) else ("infinite" if np.isinf(v) else f"{v:g}")
-                    raise InvalidInputError(
-                        f"cells[{i}][{gene!r}] is {what}: expression values must be finite "
-                        "and non-negative",
-                        f"cells[{i}]",
-                    )
                 indices.append(columns.setdefault(gene, len(columns)))
-                data.append(v)
+                data.append(value)
             indptr.append(len(indices))
         X = sp.csr_matrix(
             (np.asarray(data, np.float64), np.asarray(indices, np.int64), np.asarray(indptr)),
             shape=(len(req.cells), len(columns)),
         )
+        genes = list(columns)
+        _require_valid(X, lambda i, j: (f"cells[{i}][{genes[j]!r}]", f"cells[{i}]"))
         X.sum_duplicates()
-        return list(columns), X
+        return genes, X
 
     @staticmethod
     def _normalise(

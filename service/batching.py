@@ -4,12 +4,16 @@ Each request is cut into chunks of at most ``max_cells`` cells. One worker task 
 chunks off a queue and merges them, up to ``max_cells`` cells, into one onnxruntime call that runs
 in a dedicated thread. While a call runs, new chunks queue up, so batches grow with the load; at
 low load a chunk waits at most ``max_latency_s`` for company. Memory is bounded by ``max_cells``
-whatever the request size, and every front door (REST, gRPC) goes through the same queue.
+whatever the request size.
+
+The queue lives on the batcher's own event loop (its own thread), so every front door shares it
+whatever loop it runs on: REST on the HTTP server's loop, gRPC on its server's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,19 +62,30 @@ class Batcher:
         self.model = model
         self.max_cells = max_cells
         self.max_latency_s = max_latency_s
-        self._queue: asyncio.Queue[_Chunk] | None = None
-        self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"batcher-{name}", daemon=True
+        )
+        self._thread.start()
+        self._queue: asyncio.Queue[_Chunk] = asyncio.run_coroutine_threadsafe(
+            self._make_queue(), self._loop
+        ).result()
+        self._task = asyncio.run_coroutine_threadsafe(self._worker(), self._loop)
 
-    def _ensure_started(self) -> asyncio.Queue[_Chunk]:
-        if self._queue is None or self._task is None or self._task.done():
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._worker())
-        return self._queue
+    @staticmethod
+    async def _make_queue() -> asyncio.Queue[_Chunk]:
+        return asyncio.Queue()
 
     async def predict(self, x: np.ndarray, target: np.ndarray) -> Prediction:
-        """Run the graph on ``x`` ``[n, n_genes]`` (model input) with per-cell ``target``."""
-        queue = self._ensure_started()
+        """Run the graph on ``x`` ``[n, n_genes]`` (model input) with per-cell ``target``.
+
+        Callable from any event loop; the work is queued on the batcher's loop."""
+        fut = asyncio.run_coroutine_threadsafe(self._predict(x, target), self._loop)
+        return await asyncio.wrap_future(fut)
+
+    async def _predict(self, x: np.ndarray, target: np.ndarray) -> Prediction:
+        queue = self._queue
         loop = asyncio.get_running_loop()
         futures = []
         for start in range(0, x.shape[0], self.max_cells):
@@ -81,7 +96,6 @@ class Batcher:
         return concat_predictions(list(await asyncio.gather(*futures)))
 
     async def _worker(self) -> None:
-        assert self._queue is not None
         queue = self._queue
         loop = asyncio.get_running_loop()
         carry: _Chunk | None = None
@@ -133,6 +147,6 @@ class Batcher:
                 start += n
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._task.cancel()
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._executor.shutdown(wait=False, cancel_futures=True)

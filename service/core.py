@@ -187,29 +187,19 @@ class Annotator:
         return ModelDetail(tag=m.tag, providers=m.model.providers, card=m.model.card)
 
     # -- the data plane --------------------------------------------------------------------
-    def prepare(self, req: AnnotateRequest, lm: LoadedModel) -> Prepared:
-        """Validate and convert a request into model input (CPU work, no I/O).
-
-        Raises:
-            InvalidInputError, TooLargeError: with the offending field named.
-        """
-        s = self.settings
-        n = len(req.cells)
-        if n == 0:
+    def parse_request(
+        self, req: AnnotateRequest
+    ) -> tuple[list[str], np.ndarray | sp.csr_matrix, str]:
+        """The genes and ``[n_cells, n_genes]`` matrix of a JSON request (dense rows or sparse
+        maps), and the request field that holds the gene names."""
+        if len(req.cells) == 0:
             raise InvalidInputError("cells is empty: send at least one cell", "cells")
-        if n > s.max_cells_per_request:
-            raise TooLargeError(
-                f"{n} cells in one request; the limit is {s.max_cells_per_request} "
-                "(split the request, or use the streaming gRPC API)",
-                "cells",
-            )
+        self._check_n_cells(len(req.cells))
         if isinstance(req.cells[0], dict):
             genes, X = self._sparse_matrix(req)
-            genes_field = "cells"
-        else:
-            genes, X = self._dense_matrix(req)
-            genes_field = "genes"
-        return self.prepare_matrix(genes, X, req, lm, self._cell_ids(req.cell_ids, n), genes_field)
+            return genes, X, "cells"
+        genes, Xd = self._dense_matrix(req)
+        return genes, Xd, "genes"
 
     def prepare_matrix(
         self,
@@ -242,12 +232,64 @@ class Annotator:
         )
 
     async def annotate(self, req: AnnotateRequest) -> AnnotateResponse:
-        """Annotate the cells of ``req`` (the one core every front door calls)."""
-        lm = self.get(req.model)
-        self._check_options(req, lm)
-        prep = self.prepare(req, lm)
+        """Annotate the cells of a JSON request."""
+        genes, X, genes_field = self.parse_request(req)
+        return await self.annotate_matrix(genes, X, req, req.cell_ids, genes_field)
+
+    async def annotate_matrix(
+        self,
+        genes: Sequence[str],
+        X: np.ndarray | sp.csr_matrix,
+        opts: AnnotateOptions,
+        cell_ids: Sequence[str] | None = None,
+        genes_field: str = "genes",
+    ) -> AnnotateResponse:
+        """Annotate ``X`` ``[n_cells, n_genes]`` (raw counts or log1p values, dense or CSR,
+        columns named by ``genes``): the one core every front door calls.
+
+        Raises:
+            ServiceError: bad input, unknown model, too many cells; the message names the field.
+        """
+        lm = self.get(opts.model)
+        self._check_options(opts, lm)
+        n = X.shape[0]
+        if n == 0:
+            raise InvalidInputError("cells is empty: send at least one cell", "cells")
+        self._check_n_cells(n)
+        _require_valid(X, lambda i, j: (f"cells[{i}][{j}] (gene {genes[j]!r})", f"cells[{i}][{j}]"))
+        prep = self.prepare_matrix(genes, X, opts, lm, self._cell_ids(cell_ids, n), genes_field)
         pred = await lm.batcher.predict(prep.x, prep.target)
-        return self.respond(req, lm, prep, pred)
+        return self.respond(opts, lm, prep, pred)
+
+    async def infer(
+        self, model: str, x: np.ndarray, target: np.ndarray | None = None
+    ) -> tuple[LoadedModel, Prediction, list[str]]:
+        """Run a model on its own input (``x`` ``[n, n_genes]``: log1p CP10k values of the
+        model's genes, in card order), as the Open Inference Protocol does; no alignment or
+        normalisation. Returns the model, the graph outputs and the labels (``Unassigned``
+        below the card's threshold)."""
+        lm = self.get(model)
+        g = len(lm.model.genes)
+        if x.ndim != 2 or x.shape[1] != g:
+            raise InvalidInputError(f"input x must have shape [n, {g}], got {list(x.shape)}", "x")
+        if x.shape[0] == 0:
+            raise InvalidInputError("input x has no rows", "x")
+        self._check_n_cells(x.shape[0])
+        _require_valid(x, lambda i, j: (f"x[{i}][{j}] (gene {lm.model.genes[j]!r})", "x"))
+        if target is None:
+            t = np.full(x.shape[0], -1, dtype=np.int64)
+        else:
+            t = np.broadcast_to(np.asarray(target, dtype=np.int64).ravel(), (x.shape[0],)).copy()
+            if np.any(t >= len(lm.classes)):
+                raise InvalidInputError(
+                    f"target class index out of range: the model has {len(lm.classes)} classes",
+                    "target",
+                )
+        pred = await lm.batcher.predict(np.ascontiguousarray(x, dtype=np.float32), t)
+        best, conf, assigned = self._calls(pred, lm.model.card.unassigned_threshold)
+        labels = [lm.classes[b] if a else UNASSIGNED for b, a in zip(best, assigned, strict=True)]
+        self._count(lm.name, 0.0, lm.classes, best, conf, assigned)
+        return lm, pred, labels
 
     async def annotate_anndata(
         self,
@@ -270,7 +312,7 @@ class Annotator:
         pred = await lm.batcher.predict(prep.x, prep.target)
         threshold = self._threshold(opts, lm)
         best, conf, assigned = self._calls(pred, threshold)
-        self._count(lm.name, prep, lm.classes, best, conf, assigned)
+        self._count(lm.name, prep.alignment.missing_fraction, lm.classes, best, conf, assigned)
         anndata_io.write_annotations(
             adata,
             lm.model.card,
@@ -285,16 +327,8 @@ class Annotator:
         )
         return adata
 
-    def annotate_sync(self, req: AnnotateRequest) -> AnnotateResponse:
-        """The same as :meth:`annotate`, in-process with no batching (CLI ``--local``)."""
-        lm = self.get(req.model)
-        self._check_options(req, lm)
-        prep = self.prepare(req, lm)
-        pred = lm.model.predict(prep.x, prep.target, self.settings.max_batch_cells)
-        return self.respond(req, lm, prep, pred)
-
     def respond(
-        self, req: AnnotateRequest, lm: LoadedModel, prep: Prepared, pred: Prediction
+        self, req: AnnotateOptions, lm: LoadedModel, prep: Prepared, pred: Prediction
     ) -> AnnotateResponse:
         """Labels, confidence, thresholding, ranked attributions, and metrics."""
         t0 = time.perf_counter()
@@ -345,7 +379,7 @@ class Annotator:
                 ]
                 cell.free_units_attribution = float(attr[i].sum() - pa.sum())
             cells.append(cell)
-        self._count(lm.name, prep, classes, best, conf, assigned)
+        self._count(lm.name, prep.alignment.missing_fraction, classes, best, conf, assigned)
         metrics.ATTRIBUTION_SECONDS.labels(model=lm.name).observe(time.perf_counter() - t0)
         return AnnotateResponse(
             model=lm.name,
@@ -384,6 +418,15 @@ class Annotator:
         conf = pred.probabilities[np.arange(len(best)), best]
         return best, conf, conf >= threshold
 
+    def _check_n_cells(self, n: int) -> None:
+        limit = self.settings.max_cells_per_request
+        if n > limit:
+            raise TooLargeError(
+                f"{n} cells in one request; the limit is {limit} (split the request, or use "
+                "the streaming gRPC API)",
+                "cells",
+            )
+
     def _check_options(self, req: AnnotateOptions, lm: LoadedModel) -> None:
         if req.top_k > self.settings.max_top_k:
             raise InvalidInputError(
@@ -406,7 +449,7 @@ class Annotator:
         )
 
     @staticmethod
-    def _cell_ids(ids: list[str] | None, n: int) -> list[str]:
+    def _cell_ids(ids: Sequence[str] | None, n: int) -> list[str]:
         if ids is None:
             return [str(i) for i in range(n)]
         if len(ids) != n:
@@ -434,9 +477,7 @@ class Annotator:
                     f"cells[{i}]",
                 )
         X = np.asarray(rows, dtype=np.float64).reshape(len(rows), g)
-        genes = req.genes
-        _require_valid(X, lambda i, j: (f"cells[{i}][{j}] (gene {genes[j]!r})", f"cells[{i}][{j}]"))
-        return genes, X
+        return req.genes, X
 
     @staticmethod
     def _sparse_matrix(req: AnnotateRequest) -> tuple[list[str], sp.csr_matrix]:
@@ -464,7 +505,6 @@ class Annotator:
             shape=(len(req.cells), len(columns)),
         )
         genes = list(columns)
-        _require_valid(X, lambda i, j: (f"cells[{i}][{genes[j]!r}]", f"cells[{i}]"))
         X.sum_duplicates()
         return genes, X
 
@@ -493,7 +533,7 @@ class Annotator:
     def _count(
         self,
         model: str,
-        prep: Prepared,
+        missing_fraction: float,
         classes: list[str],
         best: np.ndarray,
         conf: np.ndarray,
@@ -511,7 +551,7 @@ class Annotator:
         hist = metrics.CONFIDENCE.labels(model=model)
         for c in conf:
             hist.observe(float(c))
-        metrics.MISSING_GENES.labels(model=model).observe(prep.alignment.missing_fraction)
+        metrics.MISSING_GENES.labels(model=model).observe(missing_fraction)
 
     def close(self) -> None:
         for m in self.models.values():

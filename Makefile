@@ -8,13 +8,18 @@ export BENTOML_HOME ?= $(CURDIR)/.bentoml
 DEFAULT_MODEL := pbmc-programs
 DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 
-.PHONY: install serve test lint typecheck unit integration default-model compare clean
+.PHONY: install proto serve test lint typecheck unit integration default-model compare clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[train,dev]'
+	$(PY) -m service.grpc.codegen
 	touch $@
+
+# compile the gRPC protos (service/grpc/protos) into service/grpc/_generated
+proto: $(VENV)/.installed
+	$(PY) -m service.grpc.codegen --force
 
 install: $(VENV)/.installed
 
@@ -25,7 +30,7 @@ default-model: $(VENV)/.installed
 		$(BIN)/cellexplain train --arch programs --name $(DEFAULT_MODEL) --out $(DEFAULT_DIR) --import
 	@$(BIN)/cellexplain models list
 
-# REST on CELLEXPLAIN_HTTP_PORT (default 3000); settings: CELLEXPLAIN_* (see README)
+# REST on CELLEXPLAIN_HTTP_PORT (3000), gRPC on CELLEXPLAIN_GRPC_PORT (50051); see README
 serve: default-model
 	$(BIN)/bentoml serve service.rest:CellExplain
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +83,25 @@ def top_k_indices(attr: np.ndarray, k: int) -> np.ndarray:
     part = np.argpartition(-np.abs(attr), k - 1, axis=1)[:, :k]
     order = np.argsort(-np.abs(np.take_along_axis(attr, part, axis=1)), axis=1)
     return np.take_along_axis(part, order, axis=1)
+
+
+def sparse_from_maps(cells: Sequence[Mapping[str, float]]) -> tuple[list[str], sp.csr_matrix]:
+    """One ``{gene: value}`` map per cell -> (genes in order of first appearance, CSR
+    ``[n_cells, n_genes]``); genes absent from a map are zero."""
+    columns: dict[str, int] = {}
+    indptr = [0]
+    indices: list[int] = []
+    data: list[float] = []
+    for cell in cells:
+        for gene, value in cell.items():
+            indices.append(columns.setdefault(gene, len(columns)))
+            data.append(value)
+        indptr.append(len(indices))
+    X = sp.csr_matrix(
+        (np.asarray(data, np.float64), np.asarray(indices, np.int64), np.asarray(indptr)),
+        shape=(len(cells), len(columns)),
+    )
+    return list(columns), X
 
 
 def _require_valid(
@@ -487,26 +506,12 @@ class Annotator:
                 "genes)",
                 "genes",
             )
-        columns: dict[str, int] = {}
-        indptr = [0]
-        indices: list[int] = []
-        data: list[float] = []
         for i, cell in enumerate(req.cells):
             if not isinstance(cell, dict):
                 raise InvalidInputError(
                     f"cells[{i}] is not a {{gene: value}} map like cells[0]", f"cells[{i}]"
                 )
-            for gene, value in cell.items():
-                indices.append(columns.setdefault(gene, len(columns)))
-                data.append(value)
-            indptr.append(len(indices))
-        X = sp.csr_matrix(
-            (np.asarray(data, np.float64), np.asarray(indices, np.int64), np.asarray(indptr)),
-            shape=(len(req.cells), len(columns)),
-        )
-        genes = list(columns)
-        X.sum_duplicates()
-        return genes, X
+        return sparse_from_maps(req.cells)  # type: ignore[arg-type]
 
     @staticmethod
     def _normalise(

@@ -21,10 +21,11 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import __version__
-from service import metrics
+from service import metrics, oip, oip_http
 from service.anndata_io import read_h5ad_bytes, to_h5ad_bytes
 from service.core import Annotator
 from service.errors import ServiceError, TooLargeError
+from service.grpc.server import GrpcServer
 from service.schemas import (
     AnnotateOptions,
     AnnotateRequest,
@@ -148,6 +149,33 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=500)
 
 
+# -- the Open Inference Protocol (KServe V2) over HTTP, at /v2 ----------------------------------
+v2 = FastAPI(
+    title="cellexplain: Open Inference Protocol (V2)",
+    version=__version__,
+    description="KServe/Triton V2 REST protocol; errors are {error: message} as it specifies.",
+    openapi_url="/v2/openapi.json",
+    docs_url=None,
+    redoc_url=None,
+)
+v2.add_middleware(
+    BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, max_h5ad_bytes=SETTINGS.max_h5ad_bytes
+)
+
+
+@v2.exception_handler(ServiceError)
+async def _v2_service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    metrics.ERRORS.labels(door="oip-rest", type=exc.kind).inc()
+    return JSONResponse({"error": exc.message}, status_code=exc.http_status)
+
+
+@v2.exception_handler(Exception)
+async def _v2_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error")
+    metrics.ERRORS.labels(door="oip-rest", type="internal").inc()
+    return JSONResponse({"error": "internal error"}, status_code=500)
+
+
 @bentoml.service(
     name="cellexplain",
     workers=SETTINGS.workers,
@@ -155,11 +183,22 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     http={"port": SETTINGS.http_port},
 )
 @bentoml.asgi_app(app, path="/v1")
+@bentoml.asgi_app(v2, path="/")  # passive mount: its routes are /v2/...
 class CellExplain:
     """Serves the configured models over REST (and, from the same core, gRPC)."""
 
     def __init__(self) -> None:
         self.annotator = Annotator.from_settings(SETTINGS)
+        self.grpc: GrpcServer | None = None
+        if SETTINGS.grpc_enabled:
+            self.grpc = GrpcServer(self.annotator, SETTINGS)
+            self.grpc.start()
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        if self.grpc is not None:
+            self.grpc.stop()
+        self.annotator.close()
 
     def __is_ready__(self) -> bool:
         return bool(self.annotator.models)
@@ -216,3 +255,40 @@ class CellExplain:
     def model(self, name: str) -> ModelDetail:
         """A served model's card (genes, classes, metrics, attribution method)."""
         return self.annotator.model_detail(name)
+
+    # -- Open Inference Protocol ---------------------------------------------------------------
+    @v2.get("/v2")
+    def v2_server_metadata(self) -> dict[str, object]:
+        return oip.server_metadata()
+
+    @v2.get("/v2/health/live")
+    def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @v2.get("/v2/health/ready")
+    def v2_ready(self) -> dict[str, bool]:
+        return {"ready": self.__is_ready__()}
+
+    @v2.get("/v2/models/{name}")
+    @v2.get("/v2/models/{name}/versions/{version}")
+    def v2_model_metadata(self, name: str, version: str | None = None) -> dict[str, object]:
+        lm = self.annotator.get(name)
+        oip.check_version(lm, version)
+        return oip.model_metadata(lm)
+
+    @v2.get("/v2/models/{name}/ready")
+    @v2.get("/v2/models/{name}/versions/{version}/ready")
+    def v2_model_ready(self, name: str, version: str | None = None) -> JSONResponse:
+        lm = self.annotator.get(name)
+        oip.check_version(lm, version)
+        return JSONResponse({"name": name, "ready": True})
+
+    @v2.post("/v2/models/{name}/infer")
+    @v2.post("/v2/models/{name}/versions/{version}/infer")
+    async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
+        """Inference on the model's own input ``x`` (FP32 [n, n_genes], log1p CP10k of the
+        model's genes in card order) and optional ``target`` (INT64)."""
+        req = oip_http.decode(await request.body(), request.headers.get(oip_http.HEADER_LENGTH))
+        lm, outputs = await oip.infer(self.annotator, name, version, req.inputs, req.requested)
+        body, headers = oip_http.encode(lm.name, lm.model.card.version, req, outputs)
+        return Response(body, headers=headers)

@@ -31,6 +31,8 @@ class Settings(BaseModel):
         default=None, description="model used when a request names none (default: the first)"
     )
     http_port: int = 3000
+    grpc_enabled: bool = Field(default=True, description="serve gRPC beside REST")
+    grpc_host: str = "[::]"
     grpc_port: int = 50051
     workers: int = Field(default=1, ge=1)
     max_cells_per_request: int = Field(default=10_000, ge=1)

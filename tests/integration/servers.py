@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _grpc_serving(target: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(target) as ch:
+            res = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return bool(res.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
 def import_into_store(artifact: Path, home: Path, name: str | None = None) -> str:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     args = [sys.executable, "-m", "models.cli", "models", "import", str(artifact)]
@@ -32,14 +45,26 @@ def import_into_store(artifact: Path, home: Path, name: str | None = None) -> st
     return out.stdout.strip()
 
 
+@dataclass
+class Server:
+    url: str  # REST base URL
+    grpc: str  # gRPC target host:port
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
 @contextmanager
-def bentoml_server(home: Path, env: dict[str, str], timeout: float = 120) -> Iterator[str]:
-    """Run ``bentoml serve service.rest:CellExplain``; yields its base URL once /readyz is 200."""
+def bentoml_server(home: Path, env: dict[str, str], timeout: float = 120) -> Iterator[Server]:
+    """Run ``bentoml serve service.rest:CellExplain`` (REST and gRPC on free ports); yields
+    once /readyz answers 200 and gRPC health says SERVING."""
     port = free_port()
+    grpc_port = free_port()
     full_env = {
         **os.environ,
         "BENTOML_HOME": str(home),
         "BENTOML_DO_NOT_TRACK": "True",
+        "CELLEXPLAIN_GRPC_PORT": str(grpc_port),
+        "CELLEXPLAIN_GRPC_HOST": "127.0.0.1",
         **env,
     }
     log = open(home / f"server-{port}.log", "w")  # noqa: SIM115
@@ -62,6 +87,7 @@ def bentoml_server(home: Path, env: dict[str, str], timeout: float = 120) -> Ite
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    grpc_on = env.get("CELLEXPLAIN_GRPC_ENABLED", "true").lower() not in ("false", "0")
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -69,7 +95,8 @@ def bentoml_server(home: Path, env: dict[str, str], timeout: float = 120) -> Ite
                 tail = Path(log.name).read_text()[-3000:]
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{tail}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+                if ready and (not grpc_on or _grpc_serving(f"127.0.0.1:{grpc_port}")):
                     break
             except httpx.HTTPError:
                 pass
@@ -78,7 +105,7 @@ def bentoml_server(home: Path, env: dict[str, str], timeout: float = 120) -> Ite
                     f"server not ready after {timeout}s:\n{Path(log.name).read_text()[-3000:]}"
                 )
             time.sleep(0.5)
-        yield url
+        yield Server(url, f"127.0.0.1:{grpc_port}", proc, Path(log.name))
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -36,8 +36,8 @@ def server(programs_model, pbmc_data, tmp_path_factory):
         "CELLEXPLAIN_MAX_BODY_BYTES": str(MAX_BODY),
         "CELLEXPLAIN_INTRA_OP_THREADS": "1",
     }
-    with bentoml_server(home, env) as url:
-        yield url
+    with bentoml_server(home, env) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,100 @@
+"""The gRPC server: typed API, Open Inference Protocol, health checking and reflection.
+
+It runs inside each BentoML worker process, on its own thread and event loop, and shares that
+worker's :class:`~service.core.Annotator` (and so its batchers) with REST. Several workers bind
+the same port (``SO_REUSEPORT``, gRPC's default on Linux) and the kernel spreads connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.core import Annotator
+from service.grpc.servicers import (
+    CellExplainServicer,
+    InferenceServicer,
+    oip_grpc,
+    oip_pb,
+    pb,
+    pb_grpc,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["CellExplain"].full_name,
+    oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+)
+
+
+def build_server(
+    annotator: Annotator, settings: Settings
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A configured (not yet started) server, the port it bound (``grpc_port`` 0 picks a free
+    one), and its health servicer."""
+    limit = settings.max_body_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    pb_grpc.add_CellExplainServicer_to_server(CellExplainServicer(annotator), server)
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(annotator), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    return server, port, health_servicer
+
+
+class GrpcServer:
+    """Runs :func:`build_server` on a background thread with its own event loop."""
+
+    def __init__(self, annotator: Annotator, settings: Settings) -> None:
+        self.annotator = annotator
+        self.settings = settings
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc", daemon=True)
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+
+    def start(self) -> int:
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        log.info("gRPC serving on port %d", self.port)
+        return self.port
+
+    async def _start(self) -> int:
+        server, port, health_servicer = build_server(self.annotator, self.settings)
+        if port == 0:
+            raise RuntimeError(f"could not bind gRPC port {self.settings.grpc_port}")
+        await server.start()
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server, self._health = server, health_servicer
+        return port
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting calls and let in-flight ones finish (up to ``grace_s``)."""
+        if self._server is None or self._health is None:
+            return
+        server, health_servicer = self._server, self._health
+
+        async def _stop() -> None:
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(grace_s)
+
+        asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=grace_s + 5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._server = None

@@ -1,0 +1,155 @@
+"""gRPC servicers: translate, call the core, translate back. Errors map to status codes in one
+place (:func:`_abort`), from the same :class:`~service.errors.ServiceError` family as REST."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+
+from service import metrics, oip
+from service.core import Annotator
+from service.errors import InvalidInputError, ServiceError
+from service.grpc import converters
+from service.grpc.codegen import load
+
+log = logging.getLogger(__name__)
+pb = load("cellexplain_v1_pb2")
+pb_grpc = load("cellexplain_v1_pb2_grpc")
+oip_pb = load("grpc_predict_v2_pb2")
+oip_grpc = load("grpc_predict_v2_pb2_grpc")
+
+#: chunks of one AnnotateStream call in flight at once (bounds the stream's memory)
+STREAM_WINDOW = 4
+
+
+async def _abort(context: grpc.aio.ServicerContext, door: str, exc: Exception) -> NoReturn:
+    if isinstance(exc, ServiceError):
+        metrics.ERRORS.labels(door=door, type=exc.kind).inc()
+        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+    log.exception("unexpected error in %s", door)
+    metrics.ERRORS.labels(door=door, type="internal").inc()
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+_CellExplainBase: Any = pb_grpc.CellExplainServicer
+_InferenceBase: Any = oip_grpc.GRPCInferenceServiceServicer
+
+
+class CellExplainServicer(_CellExplainBase):
+    """``cellexplain.v1.CellExplain``."""
+
+    def __init__(self, annotator: Annotator) -> None:
+        self.annotator = annotator
+
+    async def _annotate(self, req: Any, genes: list[str], opts: Any) -> Any:
+        g, X, field = converters.matrix(req, genes)
+        res = await self.annotator.annotate_matrix(g, X, opts, list(req.cell_ids) or None, field)
+        return converters.annotate_response(res)
+
+    async def Annotate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        try:
+            opts = converters.options(request.options)
+            return await self._annotate(request, list(request.genes), opts)
+        except Exception as e:
+            await _abort(context, "grpc", e)
+
+    async def AnnotateStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        pending: collections.deque[asyncio.Task[Any]] = collections.deque()
+        genes: list[str] = []
+        opts = None
+        chunk = 0
+        try:
+            async for req in request_iterator:
+                if req.HasField("options") or opts is None:
+                    opts = converters.options(req.options)
+                if req.genes:
+                    genes = list(req.genes)
+                pending.append(asyncio.create_task(self._chunk(req, genes, opts, chunk)))
+                chunk += 1
+                if len(pending) >= STREAM_WINDOW:
+                    yield await pending.popleft()
+            while pending:
+                yield await pending.popleft()
+        except Exception as e:
+            for task in pending:
+                task.cancel()
+            await _abort(context, "grpc", e)
+
+    async def _chunk(self, req: Any, genes: list[str], opts: Any, chunk: int) -> Any:
+        try:
+            return await self._annotate(req, genes, opts)
+        except ServiceError as e:
+            e.message = f"chunk {chunk}: {e.message}"
+            raise
+
+    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        models = self.annotator.list_models().models
+        return pb.ListModelsResponse(models=[pb.ModelSummary(**m.model_dump()) for m in models])
+
+    async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        try:
+            detail = self.annotator.model_detail(request.name)
+        except Exception as e:
+            await _abort(context, "grpc", e)
+        return pb.GetModelResponse(
+            tag=detail.tag, providers=detail.providers, card_json=detail.card.model_dump_json()
+        )
+
+
+class InferenceServicer(_InferenceBase):
+    """``inference.GRPCInferenceService`` (the Open Inference Protocol)."""
+
+    def __init__(self, annotator: Annotator) -> None:
+        self.annotator = annotator
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return oip_pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return oip_pb.ServerReadyResponse(ready=bool(self.annotator.models))
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        try:
+            oip.check_version(self.annotator.get(request.name), request.version)
+        except Exception as e:
+            await _abort(context, "oip-grpc", e)
+        return oip_pb.ModelReadyResponse(ready=True)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return oip_pb.ServerMetadataResponse(**oip.server_metadata())
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        try:
+            lm = self.annotator.get(request.name)
+            oip.check_version(lm, request.version)
+        except Exception as e:
+            await _abort(context, "oip-grpc", e)
+        md = oip.model_metadata(lm)
+        res = oip_pb.ModelMetadataResponse(
+            name=md["name"], versions=md["versions"], platform=md["platform"]
+        )
+        for key in ("inputs", "outputs"):
+            for t in md[key]:  # type: ignore[attr-defined]
+                getattr(res, key).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        return res
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        try:
+            if not request.model_name:
+                raise InvalidInputError("model_name is required", "model_name")
+            inputs = converters.infer_inputs(request)
+            requested = [o.name for o in request.outputs] or None
+            lm, outputs = await oip.infer(
+                self.annotator, request.model_name, request.model_version, inputs, requested
+            )
+        except Exception as e:
+            await _abort(context, "oip-grpc", e)
+        return converters.infer_response(lm.name, lm.model.card.version, request.id, outputs)

@@ -1,0 +1,203 @@
+"""The Open Inference Protocol (KServe V2 / Triton) as a protocol layer over the core.
+
+Transport-independent: tensors in, tensors out. ``service/rest.py`` (``/v2`` JSON, with the
+binary tensor extension) and ``service/grpc/servicers.py`` (``inference.GRPCInferenceService``)
+only encode and decode these.
+
+The model's tensors: input ``x`` FP32 ``[n, n_genes]`` (log1p-CP10k values of the model's genes,
+in the card's order: no alignment or normalisation happens here) and optional ``target`` INT64
+``[n]`` or ``[1]`` (class index to explain; -1 = the predicted class). Outputs: ``logits``,
+``probabilities``, ``attributions``, ``explained_class``, ``labels`` (BYTES, ``Unassigned`` below
+the card's threshold) and, for programs models, ``program_attributions``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from models import __version__
+from service.core import Annotator, LoadedModel
+from service.errors import InvalidInputError
+
+SERVER_NAME = "cellexplain"
+EXTENSIONS = ["binary_tensor_data"]
+PLATFORM = "onnxruntime_onnx"
+
+#: OIP datatype -> numpy dtype (BYTES are object arrays of bytes)
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+
+
+@dataclass
+class Tensor:
+    """A named tensor; ``data`` has ``shape`` and the numpy dtype of ``datatype``."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+
+
+def output_names(lm: LoadedModel) -> list[str]:
+    names = ["logits", "probabilities", "attributions", "explained_class", "labels"]
+    if lm.model.card.gene_sets is not None:
+        names.append("program_attributions")
+    return names
+
+
+def server_metadata() -> dict[str, object]:
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+
+def model_metadata(lm: LoadedModel) -> dict[str, object]:
+    """Name, versions, platform, inputs and outputs with datatypes and shapes (-1: any)."""
+    card = lm.model.card
+    g, c = len(card.genes), len(card.classes)
+    shapes = {
+        "logits": ("FP32", [-1, c]),
+        "probabilities": ("FP32", [-1, c]),
+        "attributions": ("FP32", [-1, g]),
+        "explained_class": ("INT64", [-1]),
+        "labels": ("BYTES", [-1]),
+        "program_attributions": ("FP32", [-1, card.architecture.n_programs]),
+    }
+    return {
+        "name": lm.name,
+        "versions": [card.version],
+        "platform": PLATFORM,
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [-1, g]},
+            {"name": "target", "datatype": "INT64", "shape": [-1]},
+        ],
+        "outputs": [
+            {"name": n, "datatype": shapes[n][0], "shape": shapes[n][1]} for n in output_names(lm)
+        ],
+    }
+
+
+def check_version(lm: LoadedModel, version: str | None) -> None:
+    if version and version != lm.model.card.version:
+        raise InvalidInputError(
+            f"model {lm.name} has version {lm.model.card.version}, not {version!r}", "version"
+        )
+
+
+def to_array(name: str, datatype: str, shape: Sequence[int], flat: object) -> np.ndarray:
+    """Build the array of an input tensor from flat data (list or numpy), checking its size."""
+    if datatype not in DTYPES:
+        raise InvalidInputError(f"input {name}: unknown datatype {datatype!r}", name)
+    if any(int(d) < 0 for d in shape):
+        raise InvalidInputError(f"input {name}: negative dimension in shape {list(shape)}", name)
+    try:
+        arr = np.asarray(flat, dtype=DTYPES[datatype])
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"input {name}: data is not {datatype}: {e}", name) from e
+    expected = int(np.prod(shape)) if len(shape) else 1
+    if arr.size != expected:
+        raise InvalidInputError(
+            f"input {name}: shape {list(shape)} needs {expected} values, got {arr.size}", name
+        )
+    return arr.reshape([int(d) for d in shape])
+
+
+def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+    """Decode raw little-endian tensor bytes (gRPC ``raw_input_contents``, REST binary data)."""
+    if datatype == "BYTES":
+        items, pos = [], 0
+        while pos < len(raw):
+            if pos + 4 > len(raw):
+                raise InvalidInputError(f"input {name}: truncated BYTES element", name)
+            (n,) = struct.unpack_from("<I", raw, pos)
+            items.append(raw[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        return to_array(name, datatype, shape, np.array(items, dtype=object))
+    dtype = DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInputError(f"input {name}: unknown datatype {datatype!r}", name)
+    if len(raw) % dtype.itemsize:
+        raise InvalidInputError(
+            f"input {name}: {len(raw)} bytes is not a whole number of {datatype} values", name
+        )
+    return to_array(name, datatype, shape, np.frombuffer(raw, dtype=dtype.newbyteorder("<")))
+
+
+def to_raw(t: Tensor) -> bytes:
+    """Encode a tensor as raw little-endian bytes (BYTES: 4-byte length before each element)."""
+    if t.datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(b)) + b for b in t.data.ravel())
+    return np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<")).tobytes()
+
+
+async def infer(
+    annotator: Annotator,
+    model: str,
+    version: str | None,
+    inputs: Sequence[Tensor],
+    requested: Sequence[str] | None,
+) -> tuple[LoadedModel, list[Tensor]]:
+    """Run an OIP inference request through the annotation core (and its batcher)."""
+    lm = annotator.get(model)
+    check_version(lm, version)
+    by_name = {t.name: t for t in inputs}
+    unknown = set(by_name) - {"x", "target"}
+    if unknown:
+        raise InvalidInputError(
+            f"unknown input(s) {sorted(unknown)}; the model takes x (FP32) and optional "
+            "target (INT64)",
+            "inputs",
+        )
+    if "x" not in by_name:
+        raise InvalidInputError("input x is required (FP32 [n, n_genes])", "x")
+    x = by_name["x"]
+    if x.datatype not in ("FP32", "FP64", "FP16"):
+        raise InvalidInputError(f"input x must be FP32, got {x.datatype}", "x")
+    target = None
+    if "target" in by_name:
+        t = by_name["target"]
+        if t.datatype not in ("INT64", "INT32"):
+            raise InvalidInputError(f"input target must be INT64, got {t.datatype}", "target")
+        target = t.data.astype(np.int64).ravel()
+        if target.size not in (1, x.data.shape[0] if x.data.ndim else 0):
+            raise InvalidInputError(
+                f"input target must have 1 or n values, got {target.size}", "target"
+            )
+    available = output_names(lm)
+    names = list(requested) if requested else available
+    bad = [n for n in names if n not in available]
+    if bad:
+        raise InvalidInputError(
+            f"unknown output(s) {bad}; model {lm.name} has: {', '.join(available)}", "outputs"
+        )
+    lm, pred, labels = await annotator.infer(lm.name, x.data.astype(np.float32), target)
+    arrays = {
+        "logits": pred.logits,
+        "probabilities": pred.probabilities,
+        "attributions": pred.attributions,
+        "explained_class": pred.explained_class.astype(np.int64),
+        "labels": np.array([s.encode() for s in labels], dtype=object),
+        "program_attributions": pred.program_attributions,
+    }
+    out = []
+    for n in names:
+        a = arrays[n]
+        assert a is not None
+        datatype = "BYTES" if n == "labels" else ("INT64" if a.dtype == np.int64 else "FP32")
+        out.append(Tensor(n, datatype, list(a.shape), a))
+    return lm, out

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -30,7 +33,7 @@ from models.data import select_matrix
 from models.errors import DataError
 from models.runtime import Prediction
 from service.errors import InvalidInputError
-from service.schemas import AnnotateOptions, GeneMatching
+from service.schemas import AnnotateOptions, AnnotateResponse, GeneMatching
 
 PREFIX = "cellexplain"
 
@@ -79,42 +82,114 @@ def to_h5ad_bytes(adata: ad.AnnData) -> bytes:
         return path.read_bytes()
 
 
-def write_annotations(
-    adata: ad.AnnData,
-    card: ModelCard,
-    pred: Prediction,
-    best: np.ndarray,
-    conf: np.ndarray,
-    assigned: np.ndarray,
-    opts: AnnotateOptions,
-    threshold: float,
-    input_kind: str,
-    matching: GeneMatching,
-) -> None:
-    """Write one model's calls and explanations into ``adata`` (see the module docstring)."""
-    from service.core import UNASSIGNED, top_k_indices
+@dataclass
+class Annotations:
+    """Per-cell results for ``n`` cells, in the form they take in an AnnData.
 
-    classes = np.asarray(card.classes, dtype=object)
-    predicted = classes[best]
-    labels = np.where(assigned, predicted, UNASSIGNED)
-    obs = adata.obs
-    obs[f"{PREFIX}_label"] = pd.Categorical(labels, categories=[*card.classes, UNASSIGNED])
-    obs[f"{PREFIX}_predicted_label"] = pd.Categorical(predicted, categories=card.classes)
-    obs[f"{PREFIX}_confidence"] = conf.astype(np.float32)
-    obsm = adata.obsm
-    obsm[f"{PREFIX}_probabilities"] = pred.probabilities.astype(np.float32)
-    if opts.attributions != "none":
-        obs[f"{PREFIX}_explained_class"] = pd.Categorical(
-            classes[pred.explained_class], categories=card.classes
-        )
-        obsm[f"{PREFIX}_attributions"] = pred.attributions.astype(np.float32)
-        if opts.top_k > 0:
+    String arrays are object arrays; ``None`` where not asked for.
+    """
+
+    label: np.ndarray  # [n] predicted type or Unassigned
+    predicted_label: np.ndarray  # [n]
+    confidence: np.ndarray  # [n] float32
+    probabilities: np.ndarray | None = None  # [n, n_classes]
+    explained_class: np.ndarray | None = None  # [n]
+    attributions: np.ndarray | None = None  # [n, n_model_genes]
+    top_genes: np.ndarray | None = None  # [n] "GENE1;GENE2;..."
+    program_attributions: np.ndarray | None = None  # [n, n_programs]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    @staticmethod
+    def concat(parts: Sequence[Annotations]) -> Annotations:
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return Annotations(**{f.name: cat(f.name) for f in fields(Annotations)})  # type: ignore[arg-type]
+
+    @classmethod
+    def from_prediction(
+        cls,
+        card: ModelCard,
+        pred: Prediction,
+        labels: np.ndarray,
+        best: np.ndarray,
+        conf: np.ndarray,
+        opts: AnnotateOptions,
+    ) -> Annotations:
+        """From the graph's outputs (server side)."""
+        from service.core import top_k_indices
+
+        classes = np.asarray(card.classes, dtype=object)
+        explain = opts.attributions != "none"
+        top = None
+        if explain and opts.top_k > 0:
             genes = np.asarray(card.genes, dtype=object)
-            top = top_k_indices(pred.attributions, opts.top_k)
-            obs[f"{PREFIX}_top_genes"] = [";".join(genes[row]) for row in top]
-        if pred.program_attributions is not None:
-            obsm[f"{PREFIX}_program_attributions"] = pred.program_attributions.astype(np.float32)
-    adata.uns[PREFIX] = {
+            top = np.array(
+                [";".join(genes[row]) for row in top_k_indices(pred.attributions, opts.top_k)],
+                dtype=object,
+            )
+        return cls(
+            label=labels,
+            predicted_label=classes[best],
+            confidence=conf.astype(np.float32),
+            probabilities=pred.probabilities.astype(np.float32),
+            explained_class=classes[pred.explained_class] if explain else None,
+            attributions=pred.attributions.astype(np.float32) if explain else None,
+            top_genes=top,
+            program_attributions=(
+                pred.program_attributions.astype(np.float32)
+                if explain and pred.program_attributions is not None
+                else None
+            ),
+        )
+
+    @classmethod
+    def from_response(cls, res: AnnotateResponse, programs: Sequence[str]) -> Annotations:
+        """From an API response (client side): full attributions and probabilities when the
+        request asked for them, top genes from ``top_genes`` (or none)."""
+        cells = res.cells
+        obj = lambda values: np.array(values, dtype=object)  # noqa: E731
+        first = cells[0]
+        probs = None
+        if first.probabilities is not None:
+            probs = np.array(
+                [list((c.probabilities or {}).values()) for c in cells], dtype=np.float32
+            )
+        attr = None
+        if first.attributions is not None:
+            attr = np.array([c.attributions for c in cells], dtype=np.float32)
+        top = None
+        if first.top_genes is not None:
+            top = obj([";".join(g.gene for g in c.top_genes or []) for c in cells])
+        prog = None
+        if first.program_attributions is not None and res.attribution_genes is not None:
+            index = {p: j for j, p in enumerate(programs)}
+            prog = np.zeros((len(cells), len(programs)), dtype=np.float32)
+            for i, c in enumerate(cells):
+                for pa in c.program_attributions or []:
+                    prog[i, index[pa.program]] = pa.attribution
+        return cls(
+            label=obj([c.label for c in cells]),
+            predicted_label=obj([c.predicted_label for c in cells]),
+            confidence=np.array([c.confidence for c in cells], dtype=np.float32),
+            probabilities=probs,
+            explained_class=None
+            if first.explained_class is None
+            else obj([c.explained_class for c in cells]),
+            attributions=attr,
+            top_genes=top,
+            program_attributions=prog,
+        )
+
+
+def annotation_info(
+    card: ModelCard, threshold: float, input_kind: str, matching: GeneMatching
+) -> dict[str, Any]:
+    """What goes into ``uns['cellexplain']``."""
+    return {
         "model": card.name,
         "model_version": card.version,
         "attribution_method": card.attribution.method,
@@ -123,7 +198,40 @@ def write_annotations(
         "programs": list(card.gene_sets.programs) if card.gene_sets else [],
         "unassigned_threshold": float(threshold),
         "input_kind": input_kind,
-        "gene_matching": {
-            k: (list(v) if isinstance(v, list) else v) for k, v in matching.model_dump().items()
-        },
+        "gene_matching": matching.model_dump(),
     }
+
+
+def obs_columns(ann: Annotations, classes: Sequence[str]) -> dict[str, Any]:
+    """The ``obs`` columns of ``ann`` (categoricals over the model's classes)."""
+    from service.core import UNASSIGNED
+
+    cols: dict[str, Any] = {
+        f"{PREFIX}_label": pd.Categorical(ann.label, categories=[*classes, UNASSIGNED]),
+        f"{PREFIX}_predicted_label": pd.Categorical(ann.predicted_label, categories=classes),
+        f"{PREFIX}_confidence": ann.confidence,
+    }
+    if ann.explained_class is not None:
+        cols[f"{PREFIX}_explained_class"] = pd.Categorical(ann.explained_class, categories=classes)
+    if ann.top_genes is not None:
+        cols[f"{PREFIX}_top_genes"] = ann.top_genes.astype(str)
+    return cols
+
+
+def obsm_arrays(ann: Annotations) -> dict[str, np.ndarray]:
+    """The ``obsm`` matrices of ``ann``."""
+    arrays = {
+        f"{PREFIX}_probabilities": ann.probabilities,
+        f"{PREFIX}_attributions": ann.attributions,
+        f"{PREFIX}_program_attributions": ann.program_attributions,
+    }
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+def write_annotations(adata: ad.AnnData, ann: Annotations, info: dict[str, Any]) -> None:
+    """Write annotations into an in-memory ``adata`` (see the module docstring)."""
+    for name, col in obs_columns(ann, info["classes"]).items():
+        adata.obs[name] = col
+    for name, arr in obsm_arrays(ann).items():
+        adata.obsm[name] = arr
+    adata.uns[PREFIX] = info

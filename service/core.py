@@ -306,7 +306,7 @@ class Annotator:
                 )
         pred = await lm.batcher.predict(np.ascontiguousarray(x, dtype=np.float32), t)
         best, conf, assigned = self._calls(pred, lm.model.card.unassigned_threshold)
-        labels = [lm.classes[b] if a else UNASSIGNED for b, a in zip(best, assigned, strict=True)]
+        labels = list(self._labels(lm, best, assigned))
         self._count(lm.name, 0.0, lm.classes, best, conf, assigned)
         return lm, pred, labels
 
@@ -332,18 +332,12 @@ class Annotator:
         threshold = self._threshold(opts, lm)
         best, conf, assigned = self._calls(pred, threshold)
         self._count(lm.name, prep.alignment.missing_fraction, lm.classes, best, conf, assigned)
-        anndata_io.write_annotations(
-            adata,
-            lm.model.card,
-            pred,
-            best,
-            conf,
-            assigned,
-            opts,
-            threshold,
-            prep.input_kind,
-            self._matching(prep),
+        card = lm.model.card
+        ann = anndata_io.Annotations.from_prediction(
+            card, pred, self._labels(lm, best, assigned), best, conf, opts
         )
+        info = anndata_io.annotation_info(card, threshold, prep.input_kind, self._matching(prep))
+        anndata_io.write_annotations(adata, ann, info)
         return adata
 
     def respond(
@@ -429,6 +423,11 @@ class Annotator:
         if opts.unassigned_threshold is None:
             return lm.model.card.unassigned_threshold
         return opts.unassigned_threshold
+
+    @staticmethod
+    def _labels(lm: LoadedModel, best: np.ndarray, assigned: np.ndarray) -> np.ndarray:
+        """Object array of labels: the class, or ``Unassigned`` where not ``assigned``."""
+        return np.where(assigned, np.asarray(lm.classes, dtype=object)[best], UNASSIGNED)
 
     @staticmethod
     def _calls(pred: Prediction, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models.card import ModelCard
 from models.errors import CellexplainError
@@ -218,6 +218,74 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """Annotate an .h5ad file of any size, through a running service or in-process."""
+    import asyncio
+
+    from service.client import ClientError
+    from service.errors import ServiceError
+    from service.pipeline import LocalBackend, annotate_file, raise_on_sigterm
+    from service.schemas import AnnotateOptions
+
+    raise_on_sigterm()
+    options = AnnotateOptions(
+        model=args.model,
+        input=args.input,
+        top_k=args.top_k,
+        attributions=args.attributions,
+        target=args.target,
+        unassigned_threshold=args.threshold,
+    )
+
+    async def run() -> int:
+        backend: Any
+        if args.local:
+            from service.core import Annotator
+            from service.settings import Settings
+
+            settings = Settings(
+                models=[] if args.model_dir else [args.model or "pbmc-programs"],
+                model_dirs=[args.model_dir] if args.model_dir else [],
+                max_cells_per_request=max(args.chunk_size, 1),
+            )
+            backend = LocalBackend(Annotator.from_settings(settings))
+        else:
+            from service.client import AsyncClient
+
+            backend = AsyncClient(args.url, transport=args.transport, grpc_target=args.grpc)
+        try:
+            stats = await annotate_file(
+                backend,
+                args.input_file,
+                args.out,
+                options,
+                gene_key=args.gene_key,
+                layer=args.layer,
+                chunk_size=args.chunk_size,
+                concurrency=args.concurrency,
+                cluster_key=args.cluster_key,
+                overwrite=args.force,
+                progress=not args.quiet,
+            )
+        finally:
+            await backend.close()
+        print(
+            f"annotated {stats.n_cells} cells in {stats.seconds:.1f} s "
+            f"({stats.cells_per_second:,.0f} cells/s) -> {stats.output}"
+        )
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except ServiceError as e:
+        raise CLIError(f"{e.field + ': ' if e.field else ''}{e.message}") from e
+    except ClientError as e:
+        raise CLIError(f"{e} (status {e.status})") from e
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models import __version__
 
@@ -253,6 +321,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5, help="number of random splits")
     _add_training_args(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("annotate", help="annotate an .h5ad file (any size) into a new file")
+    p.add_argument("input_file", metavar="IN.h5ad")
+    p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default="http://localhost:3000", help="service REST URL")
+    where.add_argument("--local", action="store_true", help="run the ONNX graph in-process")
+    p.add_argument("--transport", choices=["rest", "grpc"], default="rest")
+    p.add_argument("--grpc", help="gRPC target host:port (default: the URL's host, 50051)")
+    p.add_argument("--model", help="model name (default: the service's default)")
+    p.add_argument("--model-dir", help="with --local: an artifact folder instead of the store")
+    p.add_argument("--chunk-size", type=int, default=1000, help="cells per request")
+    p.add_argument("--concurrency", type=int, default=2, help="chunks in flight")
+    p.add_argument(
+        "--attributions",
+        choices=["top_k", "full", "none"],
+        default="top_k",
+        help="full also writes obsm['cellexplain_attributions'] (cells x genes)",
+    )
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--target", default="predicted")
+    p.add_argument("--threshold", type=float, help="Unassigned below this confidence")
+    p.add_argument("--input", choices=["auto", "counts", "log1p_cp10k"], default="auto")
+    p.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs")
+    p.add_argument("--layer", help="'raw', a layer name, or omit for X")
+    p.add_argument("--cluster-key", help="obs column of clusters: add majority voting")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("models", help="the BentoML model store")
     msub = p.add_subparsers(dest="models_command", required=True)

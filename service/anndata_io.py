@@ -147,9 +147,14 @@ class Annotations:
         )
 
     @classmethod
-    def from_response(cls, res: AnnotateResponse, programs: Sequence[str]) -> Annotations:
-        """From an API response (client side): full attributions and probabilities when the
-        request asked for them, top genes from ``top_genes`` (or none)."""
+    def from_response(
+        cls, res: AnnotateResponse, programs: Sequence[str], top_k: int = 0
+    ) -> Annotations:
+        """From an API response (client side): probabilities and full attributions (and all
+        program attributions) when the request asked for them; top genes from ``top_genes``
+        (``attributions='top_k'``) or, with full attributions, the ``top_k`` largest."""
+        from service.core import top_k_indices
+
         cells = res.cells
         obj = lambda values: np.array(values, dtype=object)  # noqa: E731
         first = cells[0]
@@ -164,6 +169,9 @@ class Annotations:
         top = None
         if first.top_genes is not None:
             top = obj([";".join(g.gene for g in c.top_genes or []) for c in cells])
+        elif attr is not None and top_k > 0 and res.attribution_genes is not None:
+            genes = obj(res.attribution_genes)
+            top = obj([";".join(genes[row]) for row in top_k_indices(attr, top_k)])
         prog = None
         if first.program_attributions is not None and res.attribution_genes is not None:
             index = {p: j for j, p in enumerate(programs)}
@@ -235,3 +243,32 @@ def write_annotations(adata: ad.AnnData, ann: Annotations, info: dict[str, Any])
     for name, arr in obsm_arrays(ann).items():
         adata.obsm[name] = arr
     adata.uns[PREFIX] = info
+
+
+def majority_vote(labels: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell majority label of its cluster, as CellTypist's majority voting.
+
+    ``Unassigned`` cells do not vote (a cluster of only ``Unassigned`` stays so). Returns the
+    voted label per cell and the share of the cluster's cells that carry it.
+    """
+    from service.core import UNASSIGNED
+
+    frame = pd.DataFrame(
+        {"label": np.asarray(labels, dtype=object), "cluster": pd.Categorical(clusters)}
+    )
+    voting = frame[frame["label"] != UNASSIGNED]
+    counts = voting.groupby(["cluster", "label"], observed=True).size()
+    sizes = frame.groupby("cluster", observed=True).size()
+    winner: dict[Any, str] = {}
+    share: dict[Any, float] = {}
+    for cluster, size in sizes.items():
+        if cluster in counts.index.get_level_values(0):
+            c = counts.loc[cluster]
+            winner[cluster] = str(c.idxmax())
+            share[cluster] = float(c.max()) / float(size)
+        else:
+            winner[cluster] = UNASSIGNED
+            share[cluster] = float((frame["cluster"] == cluster).sum()) / float(size)
+    voted = frame["cluster"].map(winner).astype(object).to_numpy()
+    shares = frame["cluster"].map(share).astype(np.float32).to_numpy()
+    return voted, shares

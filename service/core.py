@@ -85,16 +85,33 @@ def top_k_indices(attr: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
-def sparse_from_maps(cells: Sequence[Mapping[str, float]]) -> tuple[list[str], sp.csr_matrix]:
-    """One ``{gene: value}`` map per cell -> (genes in order of first appearance, CSR
-    ``[n_cells, n_genes]``); genes absent from a map are zero."""
-    columns: dict[str, int] = {}
+def sparse_from_maps(
+    cells: Sequence[Mapping[str, float]], genes: Sequence[str] | None = None
+) -> tuple[list[str], sp.csr_matrix]:
+    """One ``{gene: value}`` map per cell -> (genes, CSR ``[n_cells, n_genes]``); genes absent
+    from a map are zero.
+
+    With ``genes`` (all genes measured), the maps may only name those and the columns follow
+    them; without, the columns are the genes named, in order of first appearance.
+
+    Raises:
+        InvalidInputError: a map names a gene outside ``genes``.
+    """
+    columns: dict[str, int] = {g: i for i, g in enumerate(genes or [])}
+    fixed = genes is not None
     indptr = [0]
     indices: list[int] = []
     data: list[float] = []
-    for cell in cells:
+    for i, cell in enumerate(cells):
         for gene, value in cell.items():
-            indices.append(columns.setdefault(gene, len(columns)))
+            j = columns.get(gene)
+            if j is None:
+                if fixed:
+                    raise InvalidInputError(
+                        f"cells[{i}] names gene {gene!r}, which is not in genes", f"cells[{i}]"
+                    )
+                j = columns[gene] = len(columns)
+            indices.append(j)
             data.append(value)
         indptr.append(len(indices))
     X = sp.csr_matrix(
@@ -216,7 +233,7 @@ class Annotator:
         self._check_n_cells(len(req.cells))
         if isinstance(req.cells[0], dict):
             genes, X = self._sparse_matrix(req)
-            return genes, X, "cells"
+            return genes, X, "genes" if req.genes is not None else "cells"
         genes, Xd = self._dense_matrix(req)
         return genes, Xd, "genes"
 
@@ -499,18 +516,12 @@ class Annotator:
 
     @staticmethod
     def _sparse_matrix(req: AnnotateRequest) -> tuple[list[str], sp.csr_matrix]:
-        if req.genes is not None:
-            raise InvalidInputError(
-                "genes must be omitted when cells are {gene: value} maps (each map names its "
-                "genes)",
-                "genes",
-            )
         for i, cell in enumerate(req.cells):
             if not isinstance(cell, dict):
                 raise InvalidInputError(
                     f"cells[{i}] is not a {{gene: value}} map like cells[0]", f"cells[{i}]"
                 )
-        return sparse_from_maps(req.cells)  # type: ignore[arg-type]
+        return sparse_from_maps(req.cells, req.genes)  # type: ignore[arg-type]
 
     @staticmethod
     def _normalise(

@@ -1,65 +1,65 @@
 """Prometheus metrics of the annotation core (beside BentoML's own request metrics).
 
-``bentoml.metrics`` wraps ``prometheus_client`` and sets up its multiprocess mode, so the values of
-every worker appear on ``/metrics``.
+Plain ``prometheus_client`` metrics: BentoML runs its workers in prometheus_client's
+multiprocess mode, so ``/metrics`` sums the values of every worker.
 """
 
 from __future__ import annotations
 
-import bentoml
+import prometheus_client as prom
 
 _FRACTION_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 _CELL_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
-CELLS = bentoml.metrics.Counter(
+CELLS = prom.Counter(
     name="cellexplain_cells_annotated_total",
     documentation="Cells annotated, by model and predicted label (Unassigned included)",
     labelnames=["model", "label"],
 )
-UNASSIGNED = bentoml.metrics.Counter(
+UNASSIGNED = prom.Counter(
     name="cellexplain_cells_unassigned_total",
     documentation="Cells below the confidence threshold, labelled Unassigned",
     labelnames=["model"],
 )
-CONFIDENCE = bentoml.metrics.Histogram(
+CONFIDENCE = prom.Histogram(
     name="cellexplain_confidence",
     documentation="Probability of the predicted class, per cell",
     labelnames=["model"],
     buckets=_FRACTION_BUCKETS,
 )
-MISSING_GENES = bentoml.metrics.Histogram(
+MISSING_GENES = prom.Histogram(
     name="cellexplain_missing_gene_fraction",
     documentation="Fraction of the model's genes absent from a request (drift signal)",
     labelnames=["model"],
     buckets=_FRACTION_BUCKETS,
 )
-INFERENCE_SECONDS = bentoml.metrics.Histogram(
+INFERENCE_SECONDS = prom.Histogram(
     name="cellexplain_inference_seconds",
     documentation="onnxruntime time per batch (prediction and in-graph attributions together)",
     labelnames=["model"],
     buckets=_SECONDS_BUCKETS,
 )
-BATCH_CELLS = bentoml.metrics.Histogram(
+BATCH_CELLS = prom.Histogram(
     name="cellexplain_batch_cells",
     documentation="Cells per onnxruntime call, after merging concurrent requests",
     labelnames=["model"],
     buckets=_CELL_BUCKETS,
 )
-BATCH_REQUESTS = bentoml.metrics.Histogram(
+BATCH_REQUESTS = prom.Histogram(
     name="cellexplain_batch_requests",
     documentation="Request chunks merged into one onnxruntime call",
     labelnames=["model"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
 )
-ATTRIBUTION_SECONDS = bentoml.metrics.Histogram(
+ATTRIBUTION_SECONDS = prom.Histogram(
     name="cellexplain_attribution_seconds",
     documentation="Time to rank and serialise attributions per request (their computation is "
     "inside the ONNX graph, counted in cellexplain_inference_seconds)",
     labelnames=["model"],
     buckets=_SECONDS_BUCKETS,
 )
-ERRORS = bentoml.metrics.Counter(
+ERRORS = prom.Counter(
     name="cellexplain_request_errors_total",
     documentation="Rejected requests, by front door and error type",
     labelnames=["door", "type"],

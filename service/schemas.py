@@ -43,8 +43,9 @@ class AnnotateRequest(AnnotateOptions):
 
     genes: list[str] | None = Field(
         default=None,
-        description="gene symbols or Ensembl IDs, one per column of `cells` (dense form); "
-        "omit with the sparse form",
+        description="gene symbols or Ensembl IDs: one per column of `cells` (dense rows); "
+        "with {gene: value} maps, optional: every gene measured (so that genes absent from "
+        "every map still count as measured zeros)",
     )
     cells: list[list[float]] | list[dict[str, float]] = Field(
         description="dense: one row per cell, in `genes` order; sparse: one {gene: value} map "

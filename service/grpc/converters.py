@@ -45,10 +45,10 @@ def matrix(msg: Any, genes: list[str]) -> tuple[list[str], np.ndarray | sp.csr_m
     """The genes, ``[n_cells, n_genes]`` matrix and genes field of an ``AnnotateRequest``."""
     which = msg.WhichOneof("cells")
     if which == "sparse":
-        if msg.genes:
-            raise InvalidInputError("genes must be empty with sparse cells", "genes")
-        sparse_genes, Xs = sparse_from_maps([dict(c.values) for c in msg.sparse.cells])
-        return sparse_genes, Xs, "sparse"
+        sparse_genes, Xs = sparse_from_maps(
+            [dict(c.values) for c in msg.sparse.cells], genes or None
+        )
+        return sparse_genes, Xs, "genes" if genes else "sparse"
     if which != "dense":
         raise InvalidInputError("send cells as dense or sparse", "cells")
     if not genes:
@@ -156,3 +156,88 @@ def infer_response(model: str, version: str, request_id: str, outputs: list[Tens
         res.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
         res.raw_output_contents.append(to_raw(t))
     return res
+
+
+def response_from_proto(msg: Any) -> AnnotateResponse:
+    """``cellexplain.v1.AnnotateResponse`` -> :class:`AnnotateResponse` (client side)."""
+    from service.schemas import CellAnnotation, GeneAttribution, GeneMatching, ProgramAttribution
+
+    cells = []
+    for c in msg.cells:
+        cells.append(
+            CellAnnotation(
+                id=c.id,
+                label=c.label,
+                predicted_label=c.predicted_label,
+                confidence=c.confidence,
+                explained_class=c.explained_class or None,
+                probabilities=dict(c.probabilities) or None,
+                top_genes=[
+                    GeneAttribution(gene=g.gene, attribution=g.attribution) for g in c.top_genes
+                ]
+                or None,
+                attributions=list(c.attributions) or None,
+                program_attributions=[
+                    ProgramAttribution(program=p.program, attribution=p.attribution)
+                    for p in c.program_attributions
+                ]
+                or None,
+                free_units_attribution=(
+                    c.free_units_attribution if c.HasField("free_units_attribution") else None
+                ),
+            )
+        )
+    gm = msg.gene_matching
+    return AnnotateResponse(
+        model=msg.model,
+        model_version=msg.model_version,
+        input_kind=msg.input_kind,
+        attribution_method=msg.attribution_method,
+        unassigned_threshold=msg.unassigned_threshold,
+        gene_matching=GeneMatching(
+            n_model_genes=gm.n_model_genes,
+            n_found=gm.n_found,
+            n_missing=gm.n_missing,
+            missing=list(gm.missing),
+            n_submitted=gm.n_submitted,
+            n_unused=gm.n_unused,
+            missing_fraction=gm.missing_fraction,
+        ),
+        attribution_genes=list(msg.attribution_genes) or None,
+        cells=cells,
+    )
+
+
+def request_to_proto(
+    genes: list[str],
+    X: np.ndarray | sp.csr_matrix,
+    opts: AnnotateOptions,
+    cell_ids: list[str] | None = None,
+) -> Any:
+    """An ``AnnotateRequest`` for a matrix (client side): dense as raw float32, CSR as maps."""
+    input_codes = {v: k for k, v in _INPUT.items()}
+    attr_codes = {v: k for k, v in _ATTRIBUTIONS.items()}
+    o = pb.AnnotateOptions(
+        model=opts.model or "",
+        input=input_codes[opts.input],
+        top_k=opts.top_k,
+        attributions=attr_codes[opts.attributions],
+        target=opts.target,
+        return_probabilities=opts.return_probabilities,
+    )
+    if opts.unassigned_threshold is not None:
+        o.unassigned_threshold = opts.unassigned_threshold
+    req = pb.AnnotateRequest(options=o, cell_ids=cell_ids or [])
+    req.genes.extend(genes)
+    if sp.issparse(X):
+        Xc = sp.csr_matrix(X)
+        cells = req.sparse.cells
+        for i in range(Xc.shape[0]):
+            row = slice(Xc.indptr[i], Xc.indptr[i + 1])
+            cells.add().values.update(
+                {genes[j]: float(v) for j, v in zip(Xc.indices[row], Xc.data[row], strict=True)}
+            )
+    else:
+        req.dense.n_cells = X.shape[0]
+        req.dense.raw_le_float32 = np.ascontiguousarray(X, dtype="<f4").tobytes()
+    return req

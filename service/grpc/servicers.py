@@ -4,7 +4,6 @@ place (:func:`_abort`), from the same :class:`~service.errors.ServiceError` fami
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -62,25 +61,40 @@ class CellExplainServicer(_CellExplainBase):
     async def AnnotateStream(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        pending: collections.deque[asyncio.Task[Any]] = collections.deque()
-        genes: list[str] = []
-        opts = None
-        chunk = 0
+        # a reader task starts one annotation task per chunk; at most STREAM_WINDOW wait in the
+        # queue, and each result is sent as soon as it and those before it are done
+        queue: asyncio.Queue[asyncio.Task[Any] | BaseException | None] = asyncio.Queue(
+            maxsize=STREAM_WINDOW
+        )
+
+        async def read() -> None:
+            genes: list[str] = []
+            opts = None
+            try:
+                chunk = 0
+                async for req in request_iterator:
+                    if req.HasField("options") or opts is None:
+                        opts = converters.options(req.options)
+                    if req.genes:
+                        genes = list(req.genes)
+                    await queue.put(asyncio.create_task(self._chunk(req, genes, opts, chunk)))
+                    chunk += 1
+                await queue.put(None)
+            except BaseException as e:  # surfaced by the sender below
+                await queue.put(e)
+
+        reader = asyncio.create_task(read())
         try:
-            async for req in request_iterator:
-                if req.HasField("options") or opts is None:
-                    opts = converters.options(req.options)
-                if req.genes:
-                    genes = list(req.genes)
-                pending.append(asyncio.create_task(self._chunk(req, genes, opts, chunk)))
-                chunk += 1
-                if len(pending) >= STREAM_WINDOW:
-                    yield await pending.popleft()
-            while pending:
-                yield await pending.popleft()
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield await item
         except Exception as e:
-            for task in pending:
-                task.cancel()
+            reader.cancel()
+            while not queue.empty():
+                left = queue.get_nowait()
+                if isinstance(left, asyncio.Task):
+                    left.cancel()
             await _abort(context, "grpc", e)
 
     async def _chunk(self, req: Any, genes: list[str], opts: Any, chunk: int) -> Any:

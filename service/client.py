@@ -1,0 +1,404 @@
+"""Python client for the cellexplain service: REST or gRPC streaming, sync or async.
+
+    import scanpy as sc
+    from service.client import annotate
+
+    adata = sc.read_h5ad("cells.h5ad")
+    annotate(adata, url="http://localhost:3000")          # writes obs/obsm/uns, like sc.tl.*
+    adata.obs["cellexplain_label"].value_counts()
+
+Retries with exponential backoff on HTTP 502/503/504, gRPC ``UNAVAILABLE`` and connection
+errors (annotation is a pure function, so a retried request gives the same answer); other
+errors raise :class:`ClientError` with the server's message and field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import anndata as ad
+import httpx
+import numpy as np
+import scipy.sparse as sp
+
+from service.anndata_io import Annotations, expression, write_annotations
+from service.schemas import AnnotateOptions, AnnotateResponse, ModelDetail, ModelList
+
+Transport = Literal["rest", "grpc"]
+T = TypeVar("T")
+RETRY_HTTP = {502, 503, 504}
+
+
+class ClientError(RuntimeError):
+    """The service refused a request; ``status`` is the HTTP status or gRPC code name."""
+
+    def __init__(self, message: str, status: int | str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+@dataclass
+class Chunk:
+    """Rows ``start:start+n`` of a dataset, ready to send."""
+
+    start: int
+    genes: list[str]
+    X: np.ndarray | sp.csr_matrix
+    cell_ids: list[str] | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+
+async def _aiter(items: AsyncIterator[T] | Sequence[T]) -> AsyncIterator[T]:
+    if isinstance(items, Sequence):
+        for item in items:
+            yield item
+    else:
+        async for item in items:
+            yield item
+
+
+async def ordered_window(
+    items: AsyncIterator[T] | Sequence[T],
+    fn: Callable[[T], Awaitable[Any]],
+    window: int,
+) -> AsyncIterator[tuple[T, Any]]:
+    """``fn`` over ``items`` with at most ``window`` calls in flight; results in input order."""
+    pending: collections.deque[tuple[T, asyncio.Task[Any]]] = collections.deque()
+
+    try:
+        async for item in _aiter(items):
+            pending.append((item, asyncio.ensure_future(fn(item))))
+            if len(pending) >= window:
+                first, task = pending.popleft()
+                yield first, await task
+        while pending:
+            first, task = pending.popleft()
+            yield first, await task
+    finally:
+        for _, task in pending:
+            task.cancel()
+
+
+def _json_cells(chunk: Chunk) -> tuple[list[str], list[Any]]:
+    """Dense rows, or ``{gene: value}`` maps for sparse input (smaller for wide matrices);
+    the gene list goes with both, so that all-zero genes count as measured."""
+    if sp.issparse(chunk.X):
+        Xc = sp.csr_matrix(chunk.X)
+        genes = chunk.genes
+        cells = []
+        for i in range(Xc.shape[0]):
+            row = slice(Xc.indptr[i], Xc.indptr[i + 1])
+            cells.append(
+                {genes[j]: float(v) for j, v in zip(Xc.indices[row], Xc.data[row], strict=True)}
+            )
+        return genes, cells
+    return chunk.genes, np.asarray(chunk.X, dtype=np.float64).tolist()
+
+
+class AsyncClient:
+    """Async client. ``url`` is the REST base URL; gRPC uses ``grpc_target`` (host:port,
+    default: the URL's host on port 50051)."""
+
+    def __init__(
+        self,
+        url: str = "http://localhost:3000",
+        *,
+        transport: Transport = "rest",
+        grpc_target: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff: float = 0.5,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if transport not in ("rest", "grpc"):
+            raise ValueError(f"transport must be 'rest' or 'grpc', got {transport!r}")
+        self.url = url.rstrip("/")
+        self.transport = transport
+        host = httpx.URL(self.url).host or "localhost"
+        self.grpc_target = grpc_target or f"{host}:50051"
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
+        self._channel: Any = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+        if self._channel is not None:
+            await self._channel.close()
+
+    # -- plumbing --------------------------------------------------------------------------
+    async def _retrying(self, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        import grpc
+
+        for attempt in range(self.retries + 1):
+            try:
+                return await call()
+            except httpx.TransportError as e:
+                if attempt == self.retries:
+                    raise ClientError(
+                        f"cannot reach {self.url} after {attempt + 1} attempts: "
+                        f"{type(e).__name__}: {e}",
+                        "unreachable",
+                    ) from e
+            except _RetryableError:
+                if attempt == self.retries:
+                    raise
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise ClientError(e.details() or str(e.code()), e.code().name) from e
+            await asyncio.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _request(self, method: str, path: str, **kw: Any) -> Any:
+        async def once() -> Any:
+            r = await self._http.request(method, path, **kw)
+            if r.status_code in RETRY_HTTP:
+                raise _RetryableError(r)
+            if r.status_code >= 400:
+                try:
+                    err = r.json()["error"]
+                    raise ClientError(err["message"], r.status_code, err.get("field"))
+                except (ValueError, KeyError, TypeError):
+                    raise ClientError(r.text[:500], r.status_code) from None
+            return r.json()
+
+        try:
+            return await self._retrying(once)
+        except _RetryableError as e:
+            raise ClientError(
+                f"service unavailable after {self.retries + 1} attempts", e.response.status_code
+            ) from e
+
+    def _stub(self) -> Any:
+        import grpc
+
+        from service.grpc.codegen import load
+
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.grpc_target,
+                options=[
+                    ("grpc.max_receive_message_length", 1 << 30),
+                    ("grpc.max_send_message_length", 1 << 30),
+                ],
+            )
+        return load("cellexplain_v1_pb2_grpc").CellExplainStub(self._channel)
+
+    # -- API -------------------------------------------------------------------------------
+    async def models(self) -> ModelList:
+        return ModelList.model_validate(await self._request("GET", "/v1/models"))
+
+    async def model(self, name: str | None = None) -> ModelDetail:
+        if name is None:
+            listed = (await self.models()).models
+            name = next(m.name for m in listed if m.default)
+        return ModelDetail.model_validate(await self._request("GET", f"/v1/models/{name}"))
+
+    async def annotate_chunk(self, chunk: Chunk, options: AnnotateOptions) -> AnnotateResponse:
+        """Annotate one chunk (unary REST or gRPC call, with retries)."""
+        if self.transport == "grpc":
+            from service.grpc import converters
+
+            req = converters.request_to_proto(chunk.genes, chunk.X, options, chunk.cell_ids)
+            stub = self._stub()
+            res = await self._retrying(lambda: stub.Annotate(req, timeout=self.timeout))
+            return converters.response_from_proto(res)
+        genes, cells = _json_cells(chunk)
+        body = {**options.model_dump(exclude_none=True), "genes": genes, "cells": cells}
+        if chunk.cell_ids is not None:
+            body["cell_ids"] = chunk.cell_ids
+        return AnnotateResponse.model_validate(
+            await self._request("POST", "/v1/annotate", json=body)
+        )
+
+    async def annotate_chunks(
+        self,
+        chunks: AsyncIterator[Chunk] | Sequence[Chunk],
+        options: AnnotateOptions,
+        concurrency: int = 2,
+    ) -> AsyncIterator[tuple[Chunk, AnnotateResponse]]:
+        """Annotate a stream of chunks, ``concurrency`` in flight, results in order.
+
+        REST sends concurrent requests; gRPC pushes the chunks through one ``AnnotateStream``
+        call (re-opened, re-sending the unanswered chunks, if the server becomes unavailable).
+        """
+        if self.transport == "rest":
+            async for item in ordered_window(
+                chunks, lambda c: self.annotate_chunk(c, options), concurrency
+            ):
+                yield item
+            return
+        async for item in self._grpc_stream(chunks, options, max(concurrency, 1)):
+            yield item
+
+    async def _grpc_stream(
+        self,
+        chunks: AsyncIterator[Chunk] | Sequence[Chunk],
+        options: AnnotateOptions,
+        window: int,
+    ) -> AsyncIterator[tuple[Chunk, AnnotateResponse]]:
+        import grpc
+
+        from service.grpc import converters
+
+        source = _aiter(chunks)
+        pending: collections.deque[Chunk] = collections.deque()  # sent, not yet answered
+        exhausted = False
+        attempt = 0
+        while True:
+            call = self._stub().AnnotateStream(timeout=None)
+            try:
+                for ch in pending:  # after a retry: send the unanswered chunks again
+                    await call.write(
+                        converters.request_to_proto(ch.genes, ch.X, options, ch.cell_ids)
+                    )
+                if exhausted:
+                    await call.done_writing()
+                while True:
+                    while not exhausted and len(pending) < window:
+                        nxt = await anext(source, None)
+                        if nxt is None:
+                            exhausted = True
+                            await call.done_writing()
+                            break
+                        pending.append(nxt)
+                        await call.write(
+                            converters.request_to_proto(nxt.genes, nxt.X, options, nxt.cell_ids)
+                        )
+                    if not pending:
+                        return
+                    res = await call.read()
+                    if res is grpc.aio.EOF:
+                        raise ClientError(
+                            "stream ended before every chunk was answered", "DATA_LOSS"
+                        )
+                    attempt = 0
+                    yield pending.popleft(), converters.response_from_proto(res)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+                    raise ClientError(e.details() or str(e.code()), e.code().name) from e
+                await asyncio.sleep(self.backoff * 2**attempt)
+                attempt += 1
+
+    async def annotate(
+        self,
+        adata: ad.AnnData,
+        *,
+        model: str | None = None,
+        gene_key: str | None = None,
+        layer: str | None = None,
+        input: Literal["auto", "counts", "log1p_cp10k"] = "auto",
+        attributions: Literal["top_k", "full", "none"] = "full",
+        top_k: int = 10,
+        target: str = "predicted",
+        unassigned_threshold: float | None = None,
+        chunk_size: int = 1000,
+        concurrency: int = 2,
+    ) -> ad.AnnData:
+        """Annotate ``adata`` in place and return it.
+
+        Writes ``obs['cellexplain_label']``, ``obs['cellexplain_predicted_label']``,
+        ``obs['cellexplain_confidence']``, ``obs['cellexplain_top_genes']``,
+        ``obsm['cellexplain_attributions']`` (cells x model genes, with
+        ``attributions='full'``), ``obsm['cellexplain_probabilities']``,
+        ``obsm['cellexplain_program_attributions']`` (programs models) and
+        ``uns['cellexplain']`` (model, genes, classes, programs, gene matching).
+        """
+        detail = await self.model(model)
+        opts = AnnotateOptions(
+            model=detail.card.name,
+            input=input,
+            top_k=top_k,
+            attributions=attributions,
+            target=target,
+            return_probabilities=True,
+            unassigned_threshold=unassigned_threshold,
+        )
+        genes, X = expression(adata, gene_key, layer)
+        chunks = [Chunk(s, genes, X[s : s + chunk_size]) for s in range(0, adata.n_obs, chunk_size)]
+        programs = detail.card.gene_sets.programs if detail.card.gene_sets else []
+        parts, first = [], None
+        async for _, res in self.annotate_chunks(chunks, opts, concurrency):
+            first = first or res
+            parts.append(Annotations.from_response(res, programs, top_k))
+        assert first is not None
+        write_annotations(adata, Annotations.concat(parts), response_info(detail, first))
+        return adata
+
+
+class _RetryableError(Exception):
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+def response_info(detail: ModelDetail, res: AnnotateResponse) -> dict[str, Any]:
+    """``uns['cellexplain']`` from the model card and a response."""
+    from service.anndata_io import annotation_info
+
+    return annotation_info(detail.card, res.unassigned_threshold, res.input_kind, res.gene_matching)
+
+
+class Client:
+    """The synchronous client: :class:`AsyncClient` on a private event loop thread (works in
+    Jupyter, where a loop is already running)."""
+
+    def __init__(self, url: str = "http://localhost:3000", **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._async = self._run(_make(url, kwargs))
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def models(self) -> ModelList:
+        return self._run(self._async.models())
+
+    def model(self, name: str | None = None) -> ModelDetail:
+        return self._run(self._async.model(name))
+
+    def annotate(self, adata: ad.AnnData, **kwargs: Any) -> ad.AnnData:
+        """See :meth:`AsyncClient.annotate`."""
+        return self._run(self._async.annotate(adata, **kwargs))
+
+    def close(self) -> None:
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _make(url: str, kwargs: dict[str, Any]) -> AsyncClient:
+    return AsyncClient(url, **kwargs)  # created on the client's own loop
+
+
+def annotate(adata: ad.AnnData, url: str = "http://localhost:3000", **kwargs: Any) -> ad.AnnData:
+    """Annotate ``adata`` in place with a running service (see :meth:`AsyncClient.annotate`);
+    client options (``transport``, ``grpc_target``, ``timeout``, ``retries``) may be passed
+    too."""
+    client_keys = {"transport", "grpc_target", "timeout", "retries", "backoff", "headers"}
+    client_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in client_keys}
+    with Client(url, **client_kw) as client:
+        return client.annotate(adata, **kwargs)

@@ -1,0 +1,325 @@
+"""Annotate ``.h5ad`` files of any size: read in chunks, annotate, write atomically.
+
+Memory stays bounded whatever the file size: the matrix is read a chunk of rows at a time
+(dense datasets and CSR matrices, straight from HDF5), at most ``concurrency`` chunks are in
+flight, matrices in ``obsm`` are written to disk chunk by chunk, and only a few small values
+per cell (label codes, confidence, top genes) are held until the end.
+
+The output is written to a temporary file beside ``--out`` (a copy of the input plus the
+annotations) and renamed into place only when complete: an interrupted run never leaves a
+half-written or clobbered output, and the input is never opened for writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+import anndata.io as aio
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from service.anndata_io import PREFIX, Annotations, majority_vote, obs_columns
+from service.client import Chunk, ordered_window, response_info
+from service.core import Annotator
+from service.errors import InvalidInputError
+from service.schemas import AnnotateOptions, AnnotateResponse, ModelDetail
+
+
+class Backend(Protocol):
+    """Where chunks are annotated: a running service (:class:`~service.client.AsyncClient`)
+    or the same core in-process (:class:`LocalBackend`)."""
+
+    async def model(self, name: str | None = None) -> ModelDetail: ...
+
+    def annotate_chunks(
+        self, chunks: Any, options: AnnotateOptions, concurrency: int = 2
+    ) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The annotation core in this process (``--local``): the same ONNX graph, alignment and
+    normalisation as the service, no server."""
+
+    def __init__(self, annotator: Annotator) -> None:
+        self.annotator = annotator
+
+    async def model(self, name: str | None = None) -> ModelDetail:
+        return self.annotator.model_detail(name or self.annotator.default)
+
+    async def annotate_chunks(
+        self, chunks: Any, options: AnnotateOptions, concurrency: int = 2
+    ) -> Any:
+        async def one(c: Chunk) -> AnnotateResponse:
+            return await self.annotator.annotate_matrix(c.genes, c.X, options, c.cell_ids)
+
+        async for item in ordered_window(chunks, one, concurrency):
+            yield item
+
+    async def close(self) -> None:
+        self.annotator.close()
+
+
+class H5adReader:
+    """Row chunks of an ``.h5ad`` matrix, read with h5py without loading the file.
+
+    Args:
+        layer: ``"raw"`` (``raw/X``), a layer name, or ``None`` for ``X``.
+        gene_key: ``var`` column with gene names (default: the var index).
+    """
+
+    def __init__(self, path: str | Path, gene_key: str | None = None, layer: str | None = None):
+        self.path = Path(path)
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise InvalidInputError(f"{self.path} is not a readable .h5ad: {e}", "input") from e
+        f = self.file
+        if layer == "raw":
+            if "raw" not in f:
+                raise InvalidInputError(f"{self.path} has no .raw (--layer raw)", "layer")
+            mpath, vpath = "raw/X", "raw/var"
+        elif layer is not None:
+            if f"layers/{layer}" not in f:
+                have = ", ".join(f["layers"].keys()) if "layers" in f else "(none)"
+                raise InvalidInputError(f"layer {layer!r} not found; layers are: {have}", "layer")
+            mpath, vpath = f"layers/{layer}", "var"
+        else:
+            mpath, vpath = "X", "var"
+        if mpath not in f:
+            raise InvalidInputError(f"{self.path} has no matrix at {mpath}", "layer")
+        var = aio.read_elem(f[vpath])
+        if gene_key is not None:
+            if gene_key not in var.columns:
+                cols = ", ".join(map(str, var.columns[:20])) or "(none)"
+                raise InvalidInputError(f"gene key {gene_key!r} not in var: {cols}", "gene_key")
+            self.genes = [str(g) for g in var[gene_key]]
+        else:
+            self.genes = [str(g) for g in var.index]
+        self.obs = aio.read_elem(f["obs"])
+        node = f[mpath]
+        if isinstance(node, h5py.Dataset):
+            self.matrix: Any = node
+        else:
+            encoding = node.attrs.get("encoding-type", "")
+            if encoding != "csr_matrix":
+                raise InvalidInputError(
+                    f"{mpath} is stored as {encoding or 'an unknown format'}; chunked reading "
+                    "needs a dense or CSR matrix (convert with adata.X = adata.X.tocsr())",
+                    "input",
+                )
+            self.matrix = aio.sparse_dataset(node)
+        self.n_obs = int(self.matrix.shape[0])
+        if self.matrix.shape[1] != len(self.genes):
+            raise InvalidInputError(
+                f"{mpath} has {self.matrix.shape[1]} columns but {vpath} names {len(self.genes)}",
+                "input",
+            )
+
+    def chunks(self, size: int) -> Iterator[Chunk]:
+        names = self.obs.index
+        for start in range(0, self.n_obs, size):
+            X = self.matrix[start : start + size]
+            X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+            yield Chunk(start, self.genes, X, [str(n) for n in names[start : start + size]])
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class _Collected:
+    """The small per-cell values kept until the end (categorical codes, not strings)."""
+
+    classes: list[str]
+    label: list[np.ndarray] = field(default_factory=list)
+    predicted: list[np.ndarray] = field(default_factory=list)
+    explained: list[np.ndarray] = field(default_factory=list)
+    confidence: list[np.ndarray] = field(default_factory=list)
+    top_genes: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, ann: Annotations) -> None:
+        codes = {c: i for i, c in enumerate([*self.classes, "Unassigned"])}
+        enc = lambda a: np.fromiter((codes[x] for x in a), np.int16, len(a))  # noqa: E731
+        self.label.append(enc(ann.label))
+        self.predicted.append(enc(ann.predicted_label))
+        if ann.explained_class is not None:
+            self.explained.append(enc(ann.explained_class))
+        self.confidence.append(ann.confidence)
+        if ann.top_genes is not None:
+            self.top_genes.append(ann.top_genes)
+
+    def annotations(self) -> Annotations:
+        names = np.array([*self.classes, "Unassigned"], dtype=object)
+        cat = lambda parts: names[np.concatenate(parts)] if parts else None  # noqa: E731
+        return Annotations(
+            label=names[np.concatenate(self.label)],
+            predicted_label=names[np.concatenate(self.predicted)],
+            confidence=np.concatenate(self.confidence),
+            explained_class=cat(self.explained),
+            top_genes=np.concatenate(self.top_genes) if self.top_genes else None,
+        )
+
+
+class AtomicH5adWriter:
+    """A copy of the input at a temporary path, annotations written into it, renamed into
+    place by :meth:`commit`; :meth:`abort` (or any exception) removes it."""
+
+    def __init__(self, src: Path, dst: Path, n_obs: int) -> None:
+        self.dst = dst
+        self.tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+        shutil.copyfile(src, self.tmp)
+        self.file = h5py.File(self.tmp, "r+")
+        self.n_obs = n_obs
+        obsm = self.file.require_group("obsm")
+        obsm.attrs.setdefault("encoding-type", "dict")
+        obsm.attrs.setdefault("encoding-version", "0.1.0")
+
+    def write_obsm(self, start: int, ann: Annotations) -> None:
+        from service.anndata_io import obsm_arrays
+
+        obsm = self.file["obsm"]
+        for name, arr in obsm_arrays(ann).items():
+            if name not in obsm or obsm[name].shape != (self.n_obs, arr.shape[1]):
+                if name in obsm:
+                    del obsm[name]
+                ds = obsm.create_dataset(
+                    name,
+                    shape=(self.n_obs, arr.shape[1]),
+                    dtype=np.float32,
+                    chunks=(min(self.n_obs, 1024), arr.shape[1]),
+                )
+                ds.attrs["encoding-type"] = "array"
+                ds.attrs["encoding-version"] = "0.2.0"
+            obsm[name][start : start + arr.shape[0]] = arr
+
+    def commit(self, obs: pd.DataFrame, info: dict[str, Any]) -> None:
+        del self.file["obs"]
+        aio.write_elem(self.file, "obs", obs)
+        uns = self.file.require_group("uns")
+        if PREFIX in uns:
+            del uns[PREFIX]
+        aio.write_elem(uns, PREFIX, info)
+        self.file.close()
+        os.replace(self.tmp, self.dst)
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class RunStats:
+    n_cells: int
+    seconds: float
+    output: Path
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.n_cells / max(self.seconds, 1e-9)
+
+
+async def annotate_file(
+    backend: Backend,
+    src: str | Path,
+    dst: str | Path,
+    options: AnnotateOptions,
+    *,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    chunk_size: int = 1000,
+    concurrency: int = 2,
+    cluster_key: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunStats:
+    """Annotate every cell of ``src`` into a new file ``dst`` (see the module docstring)."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise InvalidInputError(f"input file not found: {src}", "input")
+    if dst.resolve() == src.resolve():
+        raise InvalidInputError(
+            "--out must differ from the input: the input is never modified", "out"
+        )
+    if dst.exists() and not overwrite:
+        raise InvalidInputError(f"{dst} exists; pass --force to replace it", "out")
+    if chunk_size < 1 or concurrency < 1:
+        raise InvalidInputError("--chunk-size and --concurrency must be >= 1", "chunk_size")
+    reader = H5adReader(src, gene_key, layer)
+    if cluster_key is not None and cluster_key not in reader.obs.columns:
+        reader.close()
+        raise InvalidInputError(f"cluster key {cluster_key!r} not found in obs", "cluster_key")
+    detail = await backend.model(options.model)
+    card = detail.card
+    options = options.model_copy(update={"model": card.name, "return_probabilities": True})
+    programs = card.gene_sets.programs if card.gene_sets else []
+    writer = AtomicH5adWriter(src, dst, reader.n_obs)
+    collected = _Collected(card.classes)
+    first: AnnotateResponse | None = None
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=reader.n_obs,
+        unit="cell",
+        unit_scale=True,
+        desc="annotate",
+        disable=not progress,
+        smoothing=0.1,
+    )
+    try:
+        async for chunk, res in backend.annotate_chunks(
+            _to_async(reader.chunks(chunk_size)), options, concurrency
+        ):
+            first = first or res
+            ann = Annotations.from_response(res, programs, options.top_k)
+            writer.write_obsm(chunk.start, ann)
+            collected.add(ann)
+            bar.update(chunk.n)
+        assert first is not None
+        ann = collected.annotations()
+        obs = reader.obs.copy()
+        for name, col in obs_columns(ann, card.classes).items():
+            obs[name] = col
+        if cluster_key is not None:
+            voted, share = majority_vote(ann.label, obs[cluster_key].to_numpy())
+            obs[f"{PREFIX}_majority_voting"] = pd.Categorical(voted)
+            obs[f"{PREFIX}_majority_fraction"] = share
+        info = response_info(detail, first)
+        info["cluster_key"] = cluster_key or ""
+        writer.commit(obs, info)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        reader.close()
+    return RunStats(reader.n_obs, time.perf_counter() - t0, dst)
+
+
+async def _to_async(items: Iterator[Chunk]) -> Any:
+    for item in items:
+        yield item
+        await asyncio.sleep(0)
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so that an interrupted run cleans up."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)

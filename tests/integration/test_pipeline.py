@@ -1,0 +1,320 @@
+"""`cellexplain annotate` and the Python client on real .h5ad files, against a real server and
+in-process (--local)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from service.client import AsyncClient, Client, ClientError, annotate
+from tests.integration.servers import REPO, bentoml_server, free_port, import_into_store
+
+pytestmark = pytest.mark.integration
+MODEL = "pbmc-programs"
+
+
+@pytest.fixture(scope="module")
+def store(programs_model, tmp_path_factory):
+    _, artifact = programs_model
+    home = tmp_path_factory.mktemp("bentoml_home")
+    import_into_store(artifact, home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    with bentoml_server(store, {"CELLEXPLAIN_MODELS": MODEL}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def files(pbmc, tmp_path_factory):
+    """The bundled PBMCs as .h5ad in several forms: counts (sparse and dense), log1p in .raw."""
+    d = tmp_path_factory.mktemp("files")
+    raw = pbmc.raw.to_adata()
+    x = raw.X.toarray()
+    counts = np.rint(np.expm1(x) * (pbmc.obs["n_counts"].to_numpy()[:, None] / 1e4))
+    obs = pbmc.obs[["bulk_labels", "louvain"]].copy()
+    out = {}
+    a = ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=raw.var[[]].copy())
+    a.write_h5ad(out.setdefault("counts_sparse", d / "counts_sparse.h5ad"))
+    a.X = counts.astype(np.float32)
+    a.write_h5ad(out.setdefault("counts_dense", d / "counts_dense.h5ad"))
+    pbmc.write_h5ad(out.setdefault("log1p_raw", d / "pbmc_raw.h5ad"))  # .raw: log1p, X: scaled
+    n = ad.AnnData(x.astype(np.float32), obs=obs, var=raw.var[[]].copy())
+    n.var["symbol"] = list(n.var_names)
+    n.var_names = [f"g{i}" for i in range(n.n_vars)]
+    n.write_h5ad(out.setdefault("log1p_gene_key", d / "log1p_gene_key.h5ad"))
+    return out
+
+
+def cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "models.cli", "annotate", *args, "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read(path: Path) -> ad.AnnData:
+    return ad.read_h5ad(path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [
+        ("counts_sparse", []),
+        ("counts_dense", []),
+        ("log1p_raw", ["--layer", "raw"]),
+        ("log1p_gene_key", ["--gene-key", "symbol"]),
+    ],
+)
+def test_remote_and_local_agree(kind, extra, files, server, store, tmp_path):
+    src = files[kind]
+    before = src.read_bytes()
+    remote, local = tmp_path / "remote.h5ad", tmp_path / "local.h5ad"
+    out = cli(
+        str(src),
+        "--out",
+        str(remote),
+        "--url",
+        server.url,
+        "--chunk-size",
+        "150",
+        "--concurrency",
+        "3",
+        "--cluster-key",
+        "louvain",
+        *extra,
+        home=store,
+    )
+    assert "annotated 700 cells" in out.stdout
+    cli(str(src), "--out", str(local), "--local", "--chunk-size", "256", *extra, home=store)
+    assert src.read_bytes() == before  # the input is never modified
+    r, loc = read(remote), read(local)
+    assert r.n_obs == 700 and list(r.obs_names) == list(loc.obs_names)
+    for col in ("cellexplain_label", "cellexplain_predicted_label", "cellexplain_top_genes"):
+        assert (r.obs[col].astype(str) == loc.obs[col].astype(str)).all(), col
+    np.testing.assert_allclose(
+        r.obs["cellexplain_confidence"], loc.obs["cellexplain_confidence"], rtol=1e-6
+    )
+    assert r.uns["cellexplain"]["input_kind"] == ("counts" if "counts" in kind else "log1p_cp10k")
+    assert r.uns["cellexplain"]["gene_matching"]["n_found"] == 765
+    assert len(r.obs["cellexplain_top_genes"].iloc[0].split(";")) == 10
+    # majority voting over the given clusters: one label per cluster
+    voted = r.obs.groupby("louvain", observed=True)["cellexplain_majority_voting"].nunique()
+    assert (voted == 1).all()
+    assert (
+        (r.obs["cellexplain_majority_fraction"] > 0) & (r.obs["cellexplain_majority_fraction"] <= 1)
+    ).all()
+    # the original data and annotations are kept
+    assert (r.obs["bulk_labels"] == loc.obs["bulk_labels"]).all()
+    agree = r.obs["cellexplain_predicted_label"].astype(str) == r.obs["bulk_labels"].astype(str)
+    assert agree.mean() > 0.8
+
+
+def test_grpc_transport_and_full_attributions(files, server, store, tmp_path):
+    rest, grpc_out = tmp_path / "rest.h5ad", tmp_path / "grpc.h5ad"
+    common = ["--url", server.url, "--attributions", "full", "--chunk-size", "200"]
+    cli(str(files["counts_sparse"]), "--out", str(rest), *common, home=store)
+    cli(
+        str(files["counts_sparse"]),
+        "--out",
+        str(grpc_out),
+        *common,
+        "--transport",
+        "grpc",
+        "--grpc",
+        server.grpc,
+        home=store,
+    )
+    r, g = read(rest), read(grpc_out)
+    assert r.obsm["cellexplain_attributions"].shape == (700, 765)
+    assert r.obsm["cellexplain_program_attributions"].shape[0] == 700
+    np.testing.assert_allclose(
+        r.obsm["cellexplain_attributions"], g.obsm["cellexplain_attributions"], rtol=1e-5, atol=1e-7
+    )
+    assert (r.obs["cellexplain_label"] == g.obs["cellexplain_label"]).all()
+    assert list(r.uns["cellexplain"]["genes"]) == list(read(files["counts_sparse"]).var_names)
+
+
+def test_python_client_sync_and_async(files, server, tmp_path):
+    cli_out = tmp_path / "cli.h5ad"
+    adata = read(files["counts_sparse"])
+    annotate(adata, url=server.url, chunk_size=300)
+    assert adata.obsm["cellexplain_attributions"].shape == (700, 765)
+    assert "cellexplain_label" in adata.obs and adata.uns["cellexplain"]["model"] == MODEL
+
+    async def run():
+        async with AsyncClient(server.url, transport="grpc", grpc_target=server.grpc) as c:
+            other = read(files["counts_sparse"])
+            await c.annotate(other, attributions="top_k", top_k=3, chunk_size=250)
+            return other
+
+    other = asyncio.run(run())
+    assert (other.obs["cellexplain_label"] == adata.obs["cellexplain_label"]).all()
+    assert all(len(t.split(";")) == 3 for t in other.obs["cellexplain_top_genes"])
+    with Client(server.url) as c:
+        assert [m.name for m in c.models().models] == [MODEL]
+        with pytest.raises(ClientError) as e:
+            c.annotate(read(files["counts_sparse"]), model="nope")
+        assert e.value.status == 404 and "unknown model" in str(e.value)
+    del cli_out
+
+
+def test_client_retries_until_the_service_answers(server, tmp_path):
+    """A real flaky front: a proxy that answers 503 to the first two requests, then forwards
+    to the real server."""
+    import http.server
+    import urllib.request
+
+    calls = {"n": 0}
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            calls["n"] += 1
+            if calls["n"] <= 2:
+                self.send_response(503)
+                self.end_headers()
+                return
+            with urllib.request.urlopen(server.url + self.path) as r:
+                body = r.read()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    proxy = http.server.HTTPServer(("127.0.0.1", port), Flaky)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        with Client(f"http://127.0.0.1:{port}", retries=3, backoff=0.05) as c:
+            assert [m.name for m in c.models().models] == [MODEL]
+        assert calls["n"] == 3
+        calls["n"] = -10  # ten 503s in a row: more than the retries
+        with (
+            Client(f"http://127.0.0.1:{port}", retries=2, backoff=0.01) as c,
+            pytest.raises(ClientError, match="unavailable after 3 attempts"),
+        ):
+            c.models()
+    finally:
+        proxy.shutdown()
+
+
+def test_interrupted_run_leaves_no_output(files, store, tmp_path):
+    big = tmp_path / "big.h5ad"
+    a = read(files["counts_sparse"])
+    ad.concat([a] * 30, index_unique="-").write_h5ad(big)  # 21,000 cells
+    out = tmp_path / "out.h5ad"
+    out.write_text("an earlier result")
+    env = {**os.environ, "BENTOML_HOME": str(store), "BENTOML_DO_NOT_TRACK": "True"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "models.cli",
+            "annotate",
+            str(big),
+            "--out",
+            str(out),
+            "--local",
+            "--force",
+            "--chunk-size",
+            "50",
+            "--concurrency",
+            "1",
+            "--attributions",
+            "full",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.h5ad.partial-*")):  # wait until it is writing
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "no output written" in err
+    assert out.read_text() == "an earlier result"  # not clobbered
+    assert not list(tmp_path.glob(".out.h5ad.partial-*"))  # nothing half-written left
+
+
+def test_bad_files_get_clear_errors(files, store, tmp_path):
+    junk = tmp_path / "junk.h5ad"
+    junk.write_text("not hdf5")
+    p = cli(str(junk), "--out", str(tmp_path / "o.h5ad"), "--local", home=store, check=False)
+    assert p.returncode == 2 and "not a readable .h5ad" in p.stderr
+    p = cli(
+        str(files["counts_sparse"]),
+        "--out",
+        str(files["counts_sparse"]),
+        "--local",
+        home=store,
+        check=False,
+    )
+    assert p.returncode == 2 and "input is never modified" in p.stderr
+    p = cli(
+        str(files["counts_sparse"]),
+        "--out",
+        str(tmp_path / "o.h5ad"),
+        "--local",
+        "--layer",
+        "spliced",
+        home=store,
+        check=False,
+    )
+    assert p.returncode == 2 and "layer 'spliced' not found" in p.stderr
+    p = cli(
+        str(files["log1p_gene_key"]),
+        "--out",
+        str(tmp_path / "o.h5ad"),
+        "--local",
+        home=store,
+        check=False,
+    )  # var names g0, g1, ...: no overlap without --gene-key
+    assert p.returncode == 2 and "matches any of the model's 765 genes" in p.stderr
+    csc = tmp_path / "csc.h5ad"
+    a = read(files["counts_sparse"])
+    a.X = sp.csc_matrix(a.X)
+    a.write_h5ad(csc)
+    p = cli(str(csc), "--out", str(tmp_path / "o.h5ad"), "--local", home=store, check=False)
+    assert p.returncode == 2 and "csc_matrix" in p.stderr
+    scaled = cli(
+        str(files["log1p_raw"]),
+        "--out",
+        str(tmp_path / "o.h5ad"),
+        "--local",
+        home=store,
+        check=False,
+    )  # X holds z-scores
+    assert scaled.returncode == 2 and "negative" in scaled.stderr
+    assert not (tmp_path / "o.h5ad").exists()

@@ -286,6 +286,22 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         return 130
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Pictures of an annotated file: an HTML page, or PNG files with --png."""
+    from service.errors import ServiceError
+    from service.report import write_pngs, write_report
+
+    try:
+        if args.png:
+            for p in write_pngs(args.input_file, args.out, args.top):
+                print(p)
+        else:
+            print(write_report(args.input_file, args.out, args.top))
+    except ServiceError as e:
+        raise CLIError(e.message) from e
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models import __version__
 
@@ -350,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("report", help="HTML report (or PNGs) of an annotated .h5ad")
+    p.add_argument("input_file", metavar="ANNOTATED.h5ad")
+    p.add_argument("--out", required=True, help="report.html, or a folder with --png")
+    p.add_argument("--png", action="store_true", help="write PNG files into --out instead")
+    p.add_argument("--top", type=int, default=10, help="genes per cell type")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", help="the BentoML model store")
     msub = p.add_subparsers(dest="models_command", required=True)

@@ -318,3 +318,52 @@ def test_bad_files_get_clear_errors(files, store, tmp_path):
     )  # X holds z-scores
     assert scaled.returncode == 2 and "negative" in scaled.stderr
     assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_report_pictures(files, store, tmp_path):
+    from PIL import Image
+
+    annotated = tmp_path / "annotated.h5ad"
+    cli(
+        str(files["counts_sparse"]),
+        "--out",
+        str(annotated),
+        "--local",
+        "--attributions",
+        "full",
+        home=store,
+    )
+    env = {**os.environ, "BENTOML_HOME": str(store)}
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "models.cli", "report", *a],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    p = run(str(annotated), "--out", str(tmp_path / "report.html"))
+    assert p.returncode == 0, p.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5
+    assert "pbmc-programs" in page and "700" in page
+    p = run(str(annotated), "--out", str(tmp_path / "png"), "--png")
+    names = sorted(x.name for x in (tmp_path / "png").glob("*.png"))
+    assert names == [
+        "composition.png",
+        "confidence.png",
+        "genes.png",
+        "heatmap.png",
+        "programs.png",
+    ]
+    for name in names:
+        with Image.open(tmp_path / "png" / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+            assert len(set(im.convert("L").getdata())) > 10  # a picture, not a blank
+    # a top-k-only file still gets gene charts (from how often genes are among the top ones)
+    topk = tmp_path / "topk.h5ad"
+    cli(str(files["counts_sparse"]), "--out", str(topk), "--local", home=store)
+    p = run(str(topk), "--out", str(tmp_path / "png2"), "--png")
+    assert p.returncode == 0 and (tmp_path / "png2" / "genes.png").is_file()
+    p = run(str(files["counts_sparse"]), "--out", str(tmp_path / "x.html"))
+    assert p.returncode == 2 and "annotate it first" in p.stderr

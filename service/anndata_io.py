@@ -222,7 +222,7 @@ def obs_columns(ann: Annotations, classes: Sequence[str]) -> dict[str, Any]:
     if ann.explained_class is not None:
         cols[f"{PREFIX}_explained_class"] = pd.Categorical(ann.explained_class, categories=classes)
     if ann.top_genes is not None:
-        cols[f"{PREFIX}_top_genes"] = ann.top_genes.astype(str)
+        cols[f"{PREFIX}_top_genes"] = ann.top_genes  # object array of str (no fixed-width copy)
     return cols
 
 

@@ -1,4 +1,9 @@
-"""Protobuf messages <-> the core's types (no annotation logic here)."""
+"""``cellexplain.v1`` messages <-> the core's types (no annotation logic here).
+
+The Open Inference Protocol's messages are in :mod:`service.grpc.oip_converters`, imported by the
+server only: clients that also load Triton's ``tritonclient`` (which registers the same
+``inference.*`` protobuf names) can use this module.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,9 @@ from pydantic import ValidationError
 from service.core import sparse_from_maps
 from service.errors import InvalidInputError
 from service.grpc.codegen import load
-from service.oip import Tensor, from_raw, to_array
 from service.schemas import AnnotateOptions, AnnotateResponse
 
 pb = load("cellexplain_v1_pb2")
-oip_pb = load("grpc_predict_v2_pb2")
 
 _INPUT = {0: "auto", 1: "counts", 2: "log1p_cp10k"}
 _ATTRIBUTIONS = {0: "top_k", 1: "full", 2: "none"}
@@ -105,57 +108,6 @@ def annotate_response(res: AnnotateResponse) -> Any:
         if c.free_units_attribution is not None:
             cell.free_units_attribution = c.free_units_attribution
     return out
-
-
-# -- Open Inference Protocol -------------------------------------------------------------------
-_CONTENTS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
-
-def infer_inputs(req: Any) -> list[Tensor]:
-    """Tensors of a ``ModelInferRequest`` (``raw_input_contents`` or typed ``contents``)."""
-    raw = list(req.raw_input_contents)
-    if raw and len(raw) != len(req.inputs):
-        raise InvalidInputError(
-            f"{len(raw)} raw_input_contents for {len(req.inputs)} inputs", "raw_input_contents"
-        )
-    tensors = []
-    for i, t in enumerate(req.inputs):
-        shape = [int(d) for d in t.shape]
-        if raw:
-            data = from_raw(t.name, t.datatype, shape, raw[i])
-        else:
-            field = _CONTENTS.get(t.datatype)
-            if field is None:
-                raise InvalidInputError(
-                    f"input {t.name}: unsupported datatype {t.datatype}", t.name
-                )
-            data = to_array(t.name, t.datatype, shape, list(getattr(t.contents, field)))
-        tensors.append(Tensor(t.name, t.datatype, shape, data))
-    return tensors
-
-
-def infer_response(model: str, version: str, request_id: str, outputs: list[Tensor]) -> Any:
-    """A ``ModelInferResponse`` with every output in ``raw_output_contents`` (as Triton does)."""
-    from service.oip import to_raw
-
-    res = oip_pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
-    for t in outputs:
-        res.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-        res.raw_output_contents.append(to_raw(t))
-    return res
 
 
 def response_from_proto(msg: Any) -> AnnotateResponse:

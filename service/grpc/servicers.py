@@ -13,7 +13,7 @@ import grpc
 from service import metrics, oip
 from service.core import Annotator
 from service.errors import InvalidInputError, ServiceError
-from service.grpc import converters
+from service.grpc import converters, oip_converters
 from service.grpc.codegen import load
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,11 @@ class InferenceServicer(_InferenceBase):
         try:
             if not request.model_name:
                 raise InvalidInputError("model_name is required", "model_name")
-            inputs = converters.infer_inputs(request)
+            inputs = oip_converters.infer_inputs(request)
             requested = [o.name for o in request.outputs] or None
             lm, outputs = await oip.infer(
                 self.annotator, request.model_name, request.model_version, inputs, requested
             )
         except Exception as e:
             await _abort(context, "oip-grpc", e)
-        return converters.infer_response(lm.name, lm.model.card.version, request.id, outputs)
+        return oip_converters.infer_response(lm.name, lm.model.card.version, request.id, outputs)

@@ -1,0 +1,62 @@
+"""Open Inference Protocol (``inference.*``) messages <-> :class:`service.oip.Tensor`.
+
+Server side only: the generated ``grpc_predict_v2_pb2`` registers the ``inference.*`` protobuf
+names, as Triton's ``tritonclient`` does, so the two cannot share a process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.errors import InvalidInputError
+from service.grpc.codegen import load
+from service.oip import Tensor, from_raw, to_array, to_raw
+
+oip_pb = load("grpc_predict_v2_pb2")
+
+_CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def infer_inputs(req: Any) -> list[Tensor]:
+    """Tensors of a ``ModelInferRequest`` (``raw_input_contents`` or typed ``contents``)."""
+    raw = list(req.raw_input_contents)
+    if raw and len(raw) != len(req.inputs):
+        raise InvalidInputError(
+            f"{len(raw)} raw_input_contents for {len(req.inputs)} inputs", "raw_input_contents"
+        )
+    tensors = []
+    for i, t in enumerate(req.inputs):
+        shape = [int(d) for d in t.shape]
+        if raw:
+            data = from_raw(t.name, t.datatype, shape, raw[i])
+        else:
+            field = _CONTENTS.get(t.datatype)
+            if field is None:
+                raise InvalidInputError(
+                    f"input {t.name}: unsupported datatype {t.datatype}", t.name
+                )
+            data = to_array(t.name, t.datatype, shape, list(getattr(t.contents, field)))
+        tensors.append(Tensor(t.name, t.datatype, shape, data))
+    return tensors
+
+
+def infer_response(model: str, version: str, request_id: str, outputs: list[Tensor]) -> Any:
+    """A ``ModelInferResponse`` with every output in ``raw_output_contents`` (as Triton does)."""
+    res = oip_pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
+    for t in outputs:
+        res.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        res.raw_output_contents.append(to_raw(t))
+    return res

@@ -35,8 +35,8 @@ serve: default-model
 	$(BIN)/bentoml serve service.rest:CellExplain
 
 lint: install
-	$(BIN)/ruff check models service tests
-	$(BIN)/ruff format --check models service tests
+	$(BIN)/ruff check models service tests benchmarks
+	$(BIN)/ruff format --check models service tests benchmarks
 
 typecheck: install
 	$(BIN)/mypy

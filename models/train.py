@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -177,6 +178,17 @@ def _fit(
     return epoch + 1, best[1] + 1
 
 
+@dataclass
+class Fitted:
+    """A trained model with what its export needs: the card's fields, held-out model input
+    ``[n_test, n_genes]`` for the export checks, and the training mean (``mean`` baseline)."""
+
+    model: CellClassifier
+    card_fields: dict[str, Any]
+    test_x: np.ndarray
+    mean: np.ndarray
+
+
 def train(
     data: LabelledData,
     cfg: TrainConfig,
@@ -190,6 +202,14 @@ def train(
     Raises:
         DataError: fewer than 2 classes, a class with too few cells, no gene-set overlap.
     """
+    f = fit(data, cfg, progress)
+    return export_model(
+        f.model, cfg.attribution, f.card_fields, out_dir, check_x=f.test_x, mean=f.mean
+    )
+
+
+def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
+    """Train and evaluate (model and baseline, on the test split), without exporting."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     classes = check_labels(data.labels, cfg.min_cells_per_class)
@@ -312,4 +332,4 @@ def train(
             best_epoch=best_epoch,
         ),
     )
-    return export_model(model, cfg.attribution, base_card, out_dir, check_x=Xte, mean=mean)
+    return Fitted(model, base_card, Xte, mean)

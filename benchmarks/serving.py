@@ -5,7 +5,7 @@ Starts a real server (``bentoml serve``, REST + gRPC, on free ports) on a model 
 clients for a fixed time through each door, and compares with the model run in-process
 (``OnnxModel.predict`` on the same cells, one call per "request"). Usage:
 
-    python benchmarks/serving.py [--artifact DIR] [--sizes 1 64 1024] [--clients 8] [--seconds 10]
+    python -m benchmarks.serving [--artifact DIR] [--sizes 1 64 1024] [--clients 8] [--seconds 10]
 """
 
 from __future__ import annotations

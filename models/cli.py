@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -252,7 +253,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         else:
             from service.client import AsyncClient
 
-            backend = AsyncClient(args.url, transport=args.transport, grpc_target=args.grpc)
+            backend = AsyncClient(
+                args.url,
+                transport=args.transport,
+                grpc_target=args.grpc,
+                api_key=os.environ.get("CELLEXPLAIN_CLIENT_API_KEY") or None,
+            )
         try:
             stats = await annotate_file(
                 backend,
@@ -346,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", action="store_true", help="run the ONNX graph in-process")
     p.add_argument("--transport", choices=["rest", "grpc"], default="rest")
     p.add_argument("--grpc", help="gRPC target host:port (default: the URL's host, 50051)")
+    # the API key, when the service needs one, comes from CELLEXPLAIN_CLIENT_API_KEY (not a flag:
+    # command lines end up in shell history and process lists)
     p.add_argument("--model", help="model name (default: the service's default)")
     p.add_argument("--model-dir", help="with --local: an artifact folder instead of the store")
     p.add_argument("--chunk-size", type=int, default=1000, help="cells per request")

@@ -118,6 +118,7 @@ class AsyncClient:
         retries: int = 4,
         backoff: float = 0.5,
         headers: dict[str, str] | None = None,
+        api_key: str | None = None,
     ) -> None:
         if transport not in ("rest", "grpc"):
             raise ValueError(f"transport must be 'rest' or 'grpc', got {transport!r}")
@@ -128,6 +129,11 @@ class AsyncClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        headers = dict(headers or {})
+        self._metadata: list[tuple[str, str]] = []
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+            self._metadata.append(("authorization", f"Bearer {api_key}"))
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
         self._channel: Any = None
 
@@ -217,7 +223,9 @@ class AsyncClient:
 
             req = converters.request_to_proto(chunk.genes, chunk.X, options, chunk.cell_ids)
             stub = self._stub()
-            res = await self._retrying(lambda: stub.Annotate(req, timeout=self.timeout))
+            res = await self._retrying(
+                lambda: stub.Annotate(req, timeout=self.timeout, metadata=self._metadata)
+            )
             return converters.response_from_proto(res)
         genes, cells = _json_cells(chunk)
         body = {**options.model_dump(exclude_none=True), "genes": genes, "cells": cells}
@@ -262,7 +270,7 @@ class AsyncClient:
         exhausted = False
         attempt = 0
         while True:
-            call = self._stub().AnnotateStream(timeout=None)
+            call = self._stub().AnnotateStream(timeout=None, metadata=self._metadata)
             try:
                 for ch in pending:  # after a retry: send the unanswered chunks again
                     await call.write(
@@ -291,8 +299,15 @@ class AsyncClient:
                     attempt = 0
                     yield pending.popleft(), converters.response_from_proto(res)
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
-                    raise ClientError(e.details() or str(e.code()), e.code().name) from e
+                # a write to a call the server already ended fails with a generic INTERNAL;
+                # the call's own final status says why (e.g. UNAUTHENTICATED)
+                code, details = e.code(), e.details()
+                if code == grpc.StatusCode.INTERNAL:
+                    final = await call.code()
+                    if final not in (None, grpc.StatusCode.OK):
+                        code, details = final, await call.details()
+                if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+                    raise ClientError(details or str(code), code.name) from e
                 await asyncio.sleep(self.backoff * 2**attempt)
                 attempt += 1
 
@@ -398,7 +413,15 @@ def annotate(adata: ad.AnnData, url: str = "http://localhost:3000", **kwargs: An
     """Annotate ``adata`` in place with a running service (see :meth:`AsyncClient.annotate`);
     client options (``transport``, ``grpc_target``, ``timeout``, ``retries``) may be passed
     too."""
-    client_keys = {"transport", "grpc_target", "timeout", "retries", "backoff", "headers"}
+    client_keys = {
+        "transport",
+        "grpc_target",
+        "timeout",
+        "retries",
+        "backoff",
+        "headers",
+        "api_key",
+    }
     client_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in client_keys}
     with Client(url, **client_kw) as client:
         return client.annotate(adata, **kwargs)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import __version__
-from service import metrics, oip, oip_http
+from service import auth, metrics, oip, oip_http
 from service.anndata_io import read_h5ad_bytes, to_h5ad_bytes
 from service.core import Annotator
 from service.errors import ServiceError, TooLargeError
@@ -89,6 +89,35 @@ class BodySizeLimit:
         )
 
 
+class ApiKeyAuth:
+    """Require an API key (``CELLEXPLAIN_API_KEYS``) on the API routes; probes stay open.
+
+    Errors use the app's error body: ``/v1``'s, or the Open Inference Protocol's (``oip``)."""
+
+    def __init__(self, app: ASGIApp, keys: list[str], oip: bool = False) -> None:
+        self.app = app
+        self.keys = keys
+        self.oip = oip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        if scope["type"] != "http" or not self.keys or path in auth.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers") or []}
+        try:
+            auth.check(self.keys, headers.get("authorization"), headers.get("x-api-key"))
+        except auth.UnauthenticatedError as e:
+            metrics.ERRORS.labels(door="oip-rest" if self.oip else "rest", type=e.kind).inc()
+            body = {"error": e.message} if self.oip else e.to_dict()
+            response = JSONResponse(
+                body, status_code=e.http_status, headers={"WWW-Authenticate": "Bearer"}
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def _too_large(n: int, limit: int, setting: str) -> TooLargeError:
     return TooLargeError(
         f"request body of {n} bytes exceeds the limit of {limit} bytes ({setting}); "
@@ -110,6 +139,7 @@ app = FastAPI(
 app.add_middleware(
     BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, max_h5ad_bytes=SETTINGS.max_h5ad_bytes
 )
+app.add_middleware(ApiKeyAuth, keys=SETTINGS.api_keys)
 
 
 def _error_response(err: ServiceError) -> JSONResponse:
@@ -182,6 +212,7 @@ v2 = FastAPI(
 v2.add_middleware(
     BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, max_h5ad_bytes=SETTINGS.max_h5ad_bytes
 )
+v2.add_middleware(ApiKeyAuth, keys=SETTINGS.api_keys, oip=True)
 
 
 @v2.exception_handler(ServiceError)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ENV_PREFIX = "CELLEXPLAIN_"
+#: variables for clients (``cellexplain annotate``), not for the service
+CLIENT_PREFIX = "CELLEXPLAIN_CLIENT_"
 
 
 class Settings(BaseModel):
@@ -29,6 +31,11 @@ class Settings(BaseModel):
     )
     default_model: str | None = Field(
         default=None, description="model used when a request names none (default: the first)"
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="if set (comma-separated, from a Secret), REST /v1 /v2 and gRPC calls need "
+        "'Authorization: Bearer KEY' or 'X-API-Key: KEY'; health and metrics stay open",
     )
     http_port: int = 3000
     grpc_enabled: bool = Field(default=True, description="serve gRPC beside REST")
@@ -50,7 +57,7 @@ class Settings(BaseModel):
     intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime decides")
     prefer_gpu: bool = True
 
-    @field_validator("models", "model_dirs", mode="before")
+    @field_validator("models", "model_dirs", "api_keys", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         if isinstance(v, str):
@@ -63,7 +70,7 @@ class Settings(BaseModel):
         env = os.environ if environ is None else environ
         values: dict[str, str] = {}
         for key, value in env.items():
-            if key.startswith(ENV_PREFIX):
+            if key.startswith(ENV_PREFIX) and not key.startswith(CLIENT_PREFIX):
                 name = key[len(ENV_PREFIX) :].lower()
                 if name not in cls.model_fields:
                     known = ", ".join(ENV_PREFIX + f.upper() for f in cls.model_fields)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service import auth, metrics
 from service.core import Annotator
 from service.grpc.servicers import (
     CellExplainServicer,
@@ -41,11 +43,12 @@ def build_server(
     one), and its health servicer."""
     limit = settings.max_body_bytes
     server = grpc.aio.server(
+        interceptors=[ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else [],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 1),
-        ]
+        ],
     )
     pb_grpc.add_CellExplainServicer_to_server(CellExplainServicer(annotator), server)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(annotator), server)
@@ -98,3 +101,45 @@ class GrpcServer:
         asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=grace_s + 5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._server = None
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without a valid API key (``UNAUTHENTICATED``), except health checks."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(auth.OPEN_GRPC_PREFIXES):
+            return handler
+        metadata = {k: v for k, v in (details.invocation_metadata or ())}
+        try:
+            auth.check(self.keys, metadata.get("authorization"), metadata.get("x-api-key"))
+        except auth.UnauthenticatedError as e:
+            metrics.ERRORS.labels(door="grpc", type=e.kind).inc()
+            return _denying(handler, e.message)
+        return handler
+
+
+def _denying(handler: Any, message: str) -> Any:
+    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover  (makes this an async generator)
+
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)

@@ -1,0 +1,94 @@
+"""Optional API-key authentication on a real server: REST /v1, /v2 and gRPC; probes stay open."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.client import AsyncClient, Chunk, ClientError
+from service.grpc.codegen import load
+from service.schemas import AnnotateOptions
+from tests.integration.servers import bentoml_server, import_into_store
+
+pytestmark = pytest.mark.integration
+pb = load("cellexplain_v1_pb2")
+pb_grpc = load("cellexplain_v1_pb2_grpc")
+KEYS = ("first-secret", "second-secret")
+
+
+@pytest.fixture(scope="module")
+def server(programs_model, tmp_path_factory):
+    _, artifact = programs_model
+    home = tmp_path_factory.mktemp("bentoml_home")
+    import_into_store(artifact, home)
+    env = {"CELLEXPLAIN_MODELS": "pbmc-programs", "CELLEXPLAIN_API_KEYS": ",".join(KEYS)}
+    with bentoml_server(home, env) as srv:
+        yield srv
+
+
+def test_rest_needs_a_key_but_probes_do_not(server):
+    url = server.url
+    for path in ("/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"):
+        assert httpx.get(url + path).status_code == 200, path
+    r = httpx.get(f"{url}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthenticated"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{url}/v1/models", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert httpx.get(f"{url}/v1/models", headers={"X-API-Key": KEYS[1]}).status_code == 200
+    ok = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEYS[0]}"})
+    assert ok.status_code == 200
+    r = httpx.get(f"{url}/v2/models/pbmc-programs")
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]
+    assert (
+        httpx.get(f"{url}/v2/models/pbmc-programs", headers={"X-API-Key": KEYS[0]}).status_code
+        == 200
+    )
+    assert (
+        'cellexplain_request_errors_total{door="rest",type="unauthenticated"}'
+        in httpx.get(f"{url}/metrics").text
+    )
+
+
+def test_grpc_needs_a_key_but_health_does_not(server):
+    with grpc.insecure_channel(server.grpc) as ch:
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.CellExplainStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ListModels(pb.ListModelsRequest())
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.AnnotateStream(iter([pb.AnnotateRequest()])))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        res = stub.ListModels(
+            pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {KEYS[1]}")]
+        )
+        assert [m.name for m in res.models] == ["pbmc-programs"]
+
+
+def test_client_sends_its_key(server, cells_matrix):
+    genes, X = cells_matrix
+
+    async def run(transport: str, key: str | None):
+        async with AsyncClient(
+            server.url, transport=transport, grpc_target=server.grpc, api_key=key, retries=0
+        ) as c:
+            chunks = [Chunk(0, genes, X[:20]), Chunk(20, genes, X[20:40])]
+            return [r async for _, r in c.annotate_chunks(chunks, AnnotateOptions(), 2)]
+
+    for transport in ("rest", "grpc"):
+        results = asyncio.run(run(transport, KEYS[0]))
+        assert sum(len(r.cells) for r in results) == 40
+        with pytest.raises(ClientError) as e:
+            asyncio.run(run(transport, None))
+        assert e.value.status in (401, "UNAUTHENTICATED")
+
+
+@pytest.fixture(scope="module")
+def cells_matrix(pbmc):
+    return list(pbmc.raw.var_names), np.asarray(pbmc.raw.X.toarray(), dtype=np.float32)

@@ -264,7 +264,17 @@ class AsyncClient:
         import grpc
 
         from service.grpc import converters
+        from service.grpc.codegen import load
 
+        # one small unary call first: a refused key or an unreachable server then fails with
+        # its own status code, instead of surfacing mid-stream as a generic write error
+        pb = load("cellexplain_v1_pb2")
+        stub = self._stub()
+        await self._retrying(
+            lambda: stub.ListModels(
+                pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        )
         source = _aiter(chunks)
         pending: collections.deque[Chunk] = collections.deque()  # sent, not yet answered
         exhausted = False

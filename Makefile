@@ -8,7 +8,8 @@ export BENTOML_HOME ?= $(CURDIR)/.bentoml
 DEFAULT_MODEL := pbmc-programs
 DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 
-.PHONY: install proto serve test lint typecheck unit integration default-model compare clean
+.PHONY: install proto serve test lint typecheck unit integration default-model compare clean \
+	bento bento-gpu manifests
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,18 @@ integration: install
 
 test: lint typecheck
 	$(BIN)/pytest tests -q
+
+# Bentos (docs/deploy.md): the service, its models and the serving requirements
+bento: default-model
+	$(BIN)/bentoml build -f bentofile.yaml .
+
+bento-gpu: default-model
+	$(BIN)/bentoml build -f bentofile.gpu.yaml .
+
+# the Kubernetes objects each overlay applies (needs kubectl or kustomize)
+manifests:
+	kubectl kustomize deploy/overlays/cpu
+	kubectl kustomize deploy/overlays/gpu
 
 compare: install
 	$(BIN)/cellexplain compare --seeds 5

@@ -22,6 +22,7 @@ import numpy as np
 
 from models.runtime import OnnxModel, Prediction
 from service import metrics
+from service.errors import DeadlineExceededError
 
 
 @dataclass
@@ -57,8 +58,16 @@ def slice_prediction(p: Prediction, sl: slice) -> Prediction:
 class Batcher:
     """Merges concurrent prediction requests for one model (one instance per model and loop)."""
 
-    def __init__(self, name: str, model: OnnxModel, max_cells: int, max_latency_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: OnnxModel,
+        max_cells: int,
+        max_latency_s: float,
+        timeout_s: float | None = None,
+    ) -> None:
         self.name = name
+        self.timeout_s = timeout_s
         self.model = model
         self.max_cells = max_cells
         self.max_latency_s = max_latency_s
@@ -80,11 +89,25 @@ class Batcher:
     async def predict(self, x: np.ndarray, target: np.ndarray) -> Prediction:
         """Run the graph on ``x`` ``[n, n_genes]`` (model input) with per-cell ``target``.
 
-        Callable from any event loop; the work is queued on the batcher's loop."""
+        Callable from any event loop; the work is queued on the batcher's loop. Raises
+        :class:`~service.errors.DeadlineExceededError` after ``timeout_s`` (its chunks still
+        queued are then skipped)."""
         fut = asyncio.run_coroutine_threadsafe(self._predict(x, target), self._loop)
         return await asyncio.wrap_future(fut)
 
     async def _predict(self, x: np.ndarray, target: np.ndarray) -> Prediction:
+        if self.timeout_s is None:
+            return await self._queue_and_wait(x, target)
+        try:
+            return await asyncio.wait_for(self._queue_and_wait(x, target), self.timeout_s)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"inference for {x.shape[0]} cells did not finish within "
+                f"{self.timeout_s:g} s (CELLEXPLAIN_REQUEST_TIMEOUT_S); the service is "
+                "overloaded or the request too large: retry later or send fewer cells"
+            ) from None
+
+    async def _queue_and_wait(self, x: np.ndarray, target: np.ndarray) -> Prediction:
         queue = self._queue
         loop = asyncio.get_running_loop()
         futures = []
@@ -93,7 +116,11 @@ class Batcher:
             fut: asyncio.Future[Prediction] = loop.create_future()
             queue.put_nowait(_Chunk(x[sl], target[sl], fut))
             futures.append(fut)
-        return concat_predictions(list(await asyncio.gather(*futures)))
+        try:
+            return concat_predictions(list(await asyncio.gather(*futures)))
+        finally:
+            for f in futures:  # on timeout: chunks not yet run are skipped by the worker
+                f.cancel()
 
     async def _worker(self) -> None:
         queue = self._queue

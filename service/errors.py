@@ -47,3 +47,11 @@ class NotReadyError(ServiceError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     kind = "unavailable"
+
+
+class DeadlineExceededError(ServiceError):
+    """The request did not get through inference within the configured timeout (HTTP 504)."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    kind = "timeout"

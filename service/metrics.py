@@ -64,3 +64,10 @@ ERRORS = prom.Counter(
     documentation="Rejected requests, by front door and error type",
     labelnames=["door", "type"],
 )
+GRPC_SECONDS = prom.Histogram(
+    name="cellexplain_grpc_request_seconds",
+    documentation="gRPC call duration by method and status code (BentoML's own request "
+    "metrics cover REST only)",
+    labelnames=["method", "code"],
+    buckets=(*_SECONDS_BUCKETS, 10, 30, 60),
+)

@@ -32,6 +32,7 @@ from service.schemas import (
     AnnotateRequest,
     AnnotateResponse,
     AttributionMode,
+    ErrorResponse,
     InputKind,
     ModelDetail,
     ModelList,
@@ -147,17 +148,46 @@ def _error_response(err: ServiceError) -> JSONResponse:
     return JSONResponse(err.to_dict(), status_code=err.http_status)
 
 
+#: error statuses each kind of /v1 operation can answer (401 only with CELLEXPLAIN_API_KEYS)
+_ERRORS_BY_METHOD = {
+    "get": {"401": "missing or wrong API key", "404": "unknown model"},
+    "post": {
+        "400": "invalid request: the message names the field and the problem",
+        "401": "missing or wrong API key",
+        "404": "unknown model",
+        "413": "too many cells or genes, or too large a body or upload",
+        "503": "the model is not loaded yet",
+        "504": "inference did not finish within CELLEXPLAIN_REQUEST_TIMEOUT_S",
+    },
+}
+
+
 def _openapi() -> dict[str, Any]:
-    """FastAPI's document, plus the request schema of /annotate (parsed from raw bytes)."""
+    """FastAPI's document, plus the request schema of /annotate (parsed from raw bytes) and
+    the error responses every operation can give (FastAPI's 422 is a 400 here)."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
-        request = AnnotateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for name, definition in request.pop("$defs", {}).items():
-            components.setdefault(name, definition)
-        components["AnnotateRequest"] = request
+        for model in (AnnotateRequest, ErrorResponse):
+            definition = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in definition.pop("$defs", {}).items():
+                components.setdefault(name, sub)
+            components[model.__name__] = definition
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+        error_body = {"application/json": {"schema": error_ref}}
+        for path, item in schema.get("paths", {}).items():
+            for method, op in item.items():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                errors = dict(_ERRORS_BY_METHOD.get(method, {}))
+                if "{" not in path and method == "get":
+                    errors.pop("404")
+                for code, what in errors.items():
+                    responses[code] = {"description": what, "content": error_body}
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -231,7 +261,7 @@ async def _v2_unexpected(_: Request, exc: Exception) -> JSONResponse:
 @bentoml.service(
     name="cellexplain",
     workers=SETTINGS.workers,
-    traffic={"timeout": 300},
+    traffic={"timeout": SETTINGS.request_timeout_s + 30},  # parsing + serialising too
     http={"port": SETTINGS.http_port},
 )
 @bentoml.asgi_app(app, path="/v1")
@@ -249,7 +279,7 @@ class CellExplain:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         if self.grpc is not None:
-            self.grpc.stop()
+            self.grpc.stop(SETTINGS.shutdown_grace_s)
         self.annotator.close()
 
     def __is_ready__(self) -> bool:
@@ -273,8 +303,7 @@ class CellExplain:
         # parsed and serialised by pydantic-core straight from/to bytes (4x faster than
         # json.loads + validation for large matrices); NaN/Infinity reach our own checks
         body = AnnotateRequest.model_validate_json(await request.body())
-        res = await self.annotator.annotate(body)
-        return Response(res.model_dump_json(exclude_none=True), media_type="application/json")
+        return Response(await self.annotator.annotate_json(body), media_type="application/json")
 
     @app.post(
         "/annotate/h5ad",

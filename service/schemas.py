@@ -126,3 +126,18 @@ class ModelDetail(_Schema):
     tag: str
     providers: list[str]
     card: ModelCard
+
+
+class ErrorDetail(_Schema):
+    type: str = Field(
+        description="invalid_argument, not_found, too_large, unauthenticated, unavailable, "
+        "timeout or internal"
+    )
+    field: str | None = Field(default=None, description="the request field at fault, if any")
+    message: str = Field(description="what is wrong and how to fix it")
+
+
+class ErrorResponse(_Schema):
+    """The body of every /v1 error response."""
+
+    error: ErrorDetail

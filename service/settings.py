@@ -52,6 +52,18 @@ class Settings(BaseModel):
     max_batch_latency_ms: float = Field(
         default=5.0, ge=0, description="how long a batch waits for more requests to merge"
     )
+    request_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="longest a request may wait for and run inference; beyond it HTTP 504 / "
+        "DEADLINE_EXCEEDED (the cells it queued are dropped from their batch)",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="after SIGTERM, how long in-flight gRPC calls may run on (in-flight HTTP "
+        "requests always finish; keep terminationGracePeriodSeconds above both)",
+    )
     max_top_k: int = Field(default=100, ge=1)
     missing_genes_listed: int = Field(default=20, ge=0)
     intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime decides")

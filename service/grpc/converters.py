@@ -78,36 +78,11 @@ def matrix(msg: Any, genes: list[str]) -> tuple[list[str], np.ndarray | sp.csr_m
     return genes, X.astype(np.float64), "genes"
 
 
-def annotate_response(res: AnnotateResponse) -> Any:
-    """:class:`AnnotateResponse` -> ``cellexplain.v1.AnnotateResponse``."""
-    gm = res.gene_matching
-    out = pb.AnnotateResponse(
-        model=res.model,
-        model_version=res.model_version,
-        input_kind=res.input_kind,
-        attribution_method=res.attribution_method,
-        unassigned_threshold=res.unassigned_threshold,
-        gene_matching=pb.GeneMatching(**gm.model_dump()),
-        attribution_genes=res.attribution_genes or [],
-    )
-    for c in res.cells:
-        cell = out.cells.add(
-            id=c.id,
-            label=c.label,
-            predicted_label=c.predicted_label,
-            confidence=c.confidence,
-            explained_class=c.explained_class or "",
-            attributions=c.attributions or [],
-        )
-        if c.probabilities:
-            cell.probabilities.update(c.probabilities)
-        for t in c.top_genes or []:
-            cell.top_genes.add(gene=t.gene, attribution=t.attribution)
-        for p in c.program_attributions or []:
-            cell.program_attributions.add(program=p.program, attribution=p.attribution)
-        if c.free_units_attribution is not None:
-            cell.free_units_attribution = c.free_units_attribution
-    return out
+def annotate_response(payload: dict[str, Any]) -> Any:
+    """:meth:`Annotator.payload <service.core.Annotator.payload>` (plain values, the fields of
+    :class:`AnnotateResponse`) -> ``cellexplain.v1.AnnotateResponse``, in one protobuf call
+    (nested dicts and lists become messages and repeated fields inside the C extension)."""
+    return pb.AnnotateResponse(**payload)
 
 
 def response_from_proto(msg: Any) -> AnnotateResponse:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -43,7 +45,10 @@ def build_server(
     one), and its health servicer."""
     limit = settings.max_body_bytes
     server = grpc.aio.server(
-        interceptors=[ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else [],
+        interceptors=[
+            TimingInterceptor(),
+            *([ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []),
+        ],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -132,10 +137,7 @@ def _denying(handler: Any, message: str) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover  (makes this an async generator)
 
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    kw = _handler_kwargs(handler)
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(streaming, **kw)
     if handler.request_streaming:
@@ -143,3 +145,58 @@ def _denying(handler: Any, message: str) -> Any:
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(streaming, **kw)
     return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+def _handler_kwargs(handler: Any) -> dict[str, Any]:
+    return {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+
+
+class TimingInterceptor(grpc.aio.ServerInterceptor):
+    """Observes ``cellexplain_grpc_request_seconds{method, code}`` for every call (unary and
+    bidirectional streaming; health checks excluded)."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        method = str(details.method)
+        if handler is None or method.startswith(auth.OPEN_GRPC_PREFIXES):
+            return handler
+        name = method.rsplit("/", 1)[-1]
+
+        def observe(context: grpc.aio.ServicerContext, t0: float, failed: bool) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            label = code.name if isinstance(code, grpc.StatusCode) else None
+            label = label or ("UNKNOWN" if failed else "OK")
+            metrics.GRPC_SECONDS.labels(method=name, code=label).observe(time.perf_counter() - t0)
+
+        if handler.unary_unary is not None:
+            behaviour = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                t0, failed = time.perf_counter(), True
+                try:
+                    res = await behaviour(request, context)
+                    failed = False
+                    return res
+                finally:
+                    observe(context, t0, failed)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **_handler_kwargs(handler))
+        if handler.stream_stream is not None:
+            stream_behaviour = handler.stream_stream
+
+            async def streaming(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                t0, failed = time.perf_counter(), True
+                try:
+                    async for res in stream_behaviour(requests, context):
+                        yield res
+                    failed = False
+                finally:
+                    observe(context, t0, failed)
+
+            return grpc.stream_stream_rpc_method_handler(streaming, **_handler_kwargs(handler))
+        return handler

@@ -48,8 +48,10 @@ class CellExplainServicer(_CellExplainBase):
 
     async def _annotate(self, req: Any, genes: list[str], opts: Any) -> Any:
         g, X, field = converters.matrix(req, genes)
-        res = await self.annotator.annotate_matrix(g, X, opts, list(req.cell_ids) or None, field)
-        return converters.annotate_response(res)
+        payload = await self.annotator.annotate_payload(
+            g, X, opts, list(req.cell_ids) or None, field
+        )
+        return converters.annotate_response(payload)
 
     async def Annotate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:

@@ -4,6 +4,7 @@ write."""
 
 from __future__ import annotations
 
+import re
 import grpc
 import httpx
 import numpy as np
@@ -236,6 +237,24 @@ def test_stream_error_names_the_chunk(stub, cells):
         list(stub.AnnotateStream(chunks()))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "chunk 1" in e.value.details() and "negative" in e.value.details()
+
+
+def test_grpc_calls_are_timed_by_method_and_code(server):
+    """Runs after the calls above: the timing interceptor saw successful and refused calls,
+    unary and streaming."""
+    text = httpx.get(f"{server.url}/metrics").text
+    counts = {}
+    for line in text.splitlines():
+        m = re.match(r'cellexplain_grpc_request_seconds_count\{(.*)\} (\S+)', line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            counts[(labels["method"], labels["code"])] = float(m.group(2))
+    assert counts[("Annotate", "OK")] >= 2
+    assert counts[("Annotate", "INVALID_ARGUMENT")] >= 5
+    assert counts[("Annotate", "NOT_FOUND")] >= 1
+    assert counts[("AnnotateStream", "OK")] >= 1
+    assert counts[("AnnotateStream", "INVALID_ARGUMENT")] >= 1
+    assert not [k for k in counts if k[0] == "Check"]  # health checks are not counted
 
 
 # -- Open Inference Protocol, through tritonclient ----------------------------------------------

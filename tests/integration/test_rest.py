@@ -326,6 +326,30 @@ def test_batching_merges_concurrent_requests_and_metrics_appear(server, cells):
     assert re.search(r'cellexplain_cells_annotated_total\{.*label="CD14\+ Monocyte".*\} \d', text)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"top_k": 3},
+        {"attributions": "full", "return_probabilities": True},
+        {"attributions": "none"},
+        {"model": "pbmc-linear", "top_k": 2, "unassigned_threshold": 0.99},
+    ],
+    ids=["top_k", "full+probabilities", "none", "linear"],
+)
+def test_fast_json_responses_conform_to_the_response_model(client, cells, options):
+    """REST writes responses from plain values without pydantic (the fast path): they must be
+    exactly what the validated AnnotateResponse would serialise to."""
+    from service.schemas import AnnotateResponse
+
+    genes, X, ids = cells
+    body = {"genes": genes, "cells": X[:12].tolist(), "cell_ids": ids[:12], **options}
+    r = client.post("/v1/annotate", json=body)
+    assert r.status_code == 200, r.text
+    validated = AnnotateResponse.model_validate_json(r.content)
+    assert validated.model_dump(mode="json", exclude_none=True) == r.json()
+    assert len(validated.cells) == 12
+
+
 def test_openapi_describes_the_api(client):
     doc = client.get("/v1/openapi.json").json()
     assert "/annotate" in doc["paths"] and "/models/{name}" in doc["paths"]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -30,15 +33,51 @@ def test_base_validates_strictly(path):
     kubernetes_validate.validate(load(path), K8S_VERSION, strict=True)
 
 
+def custom_resource(kind: str) -> dict:
+    (doc,) = [d for d in map(load, base_resources(core=False)) if d["kind"] == kind]
+    return doc
+
+
 def test_service_monitor_scrapes_the_metrics_port():
-    (path,) = base_resources(core=False)
-    monitor = load(path)
-    assert monitor["kind"] == "ServiceMonitor"
+    monitor = custom_resource("ServiceMonitor")
     svc = load(DEPLOY / "base" / "service.yaml")
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics"
     assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
     assert monitor["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+
+
+def test_alert_rules_use_metrics_the_service_exports():
+    """Every cellexplain_* series an alert reads is one the service declares (a renamed metric
+    would otherwise leave an alert silently empty)."""
+    import prometheus_client
+
+    from service import metrics  # noqa: F401  (registers the metrics)
+
+    declared = set()
+    for family in prometheus_client.REGISTRY.collect():
+        if family.name.startswith("cellexplain_"):
+            declared |= {family.name, f"{family.name}_total"}
+            declared |= {f"{family.name}_{s}" for s in ("sum", "count", "bucket")}
+    rules = custom_resource("PrometheusRule")["spec"]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} >= {"CellexplainServerErrors", "CellexplainSlowRequests"}
+    used = {m for r in rules for m in re.findall(r"\b(cellexplain_\w+)", r["expr"])}
+    assert used and used <= declared, used - declared
+    for r in rules:
+        assert r["for"] and r["labels"]["severity"] in {"page", "warn"}
+
+
+def test_drain_budget_fits_the_grace_period():
+    """preStop pause + the longest request + the gRPC grace must end before SIGKILL."""
+    pod = load(DEPLOY / "base" / "deployment.yaml")["spec"]["template"]["spec"]
+    settings = load(DEPLOY / "base" / "configmap.yaml")["data"]
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    budget = (
+        pre_stop
+        + float(settings["CELLEXPLAIN_REQUEST_TIMEOUT_S"])
+        + float(settings["CELLEXPLAIN_SHUTDOWN_GRACE_S"])
+    )
+    assert pod["terminationGracePeriodSeconds"] >= budget
 
 
 def test_validation_can_fail():
@@ -84,3 +123,50 @@ def test_gpu_overlay_patches_the_base_deployment():
         "tolerations"
     ]
     kubernetes_validate.validate(merged, K8S_VERSION, strict=True)
+
+
+def kustomize_command() -> list[str] | None:
+    """`kustomize build` or `kubectl kustomize`, whichever is on PATH."""
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+def render(overlay: str) -> list[dict]:
+    cmd = kustomize_command()
+    if cmd is None:
+        pytest.skip("neither kustomize nor kubectl is installed: overlays not rendered")
+    out = subprocess.run(
+        [*cmd, str(DEPLOY / "overlays" / overlay)], capture_output=True, text=True, check=True
+    )
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_overlays_render_and_validate(overlay):
+    docs = render(overlay)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "PrometheusRule",
+            "Service",
+            "ServiceMonitor",
+        ]
+    )
+    for doc in docs:
+        if "." not in doc["apiVersion"].split("/")[0]:  # core kinds (not the CRD)
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    limits = container["resources"]["limits"]
+    assert ("nvidia.com/gpu" in limits) == (overlay == "gpu")
+    # the ConfigMap the Deployment reads is the one rendered (kustomize may rename it)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    refs = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]
+    assert cm["metadata"]["name"] in refs

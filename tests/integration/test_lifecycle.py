@@ -1,0 +1,153 @@
+"""Process lifecycle of a real `bentoml serve`: SIGTERM drains in-flight work, a killed worker
+is replaced while the service keeps answering, and a request over its timeout gets a 504."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import grpc
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from service.grpc.codegen import load
+from tests.integration.servers import bentoml_server, import_into_store
+
+pytestmark = pytest.mark.integration
+pb = load("cellexplain_v1_pb2")
+pb_grpc = load("cellexplain_v1_pb2_grpc")
+
+N_CELLS = 3000  # big enough that a few requests queue up behind each other on one worker
+
+
+@pytest.fixture(scope="module")
+def home(programs_model, tmp_path_factory):
+    _, artifact = programs_model
+    home = tmp_path_factory.mktemp("bentoml_home")
+    import_into_store(artifact, home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def cells(pbmc):
+    raw = pbmc.raw.to_adata()
+    X = np.tile(raw.X.toarray().astype(np.float32), (5, 1))[:N_CELLS]
+    return list(raw.var_names), X
+
+
+@pytest.fixture(scope="module")
+def body(cells) -> bytes:
+    genes, X = cells
+    return json.dumps({"genes": genes, "cells": X.tolist(), "top_k": 5}).encode()
+
+
+def workers(proc) -> list[psutil.Process]:
+    """The BentoML worker processes under the `bentoml serve` arbiter."""
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    return [p for p in kids if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+
+
+def post(url: str, body: bytes, timeout: float = 120) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/annotate",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=timeout,
+    )
+
+
+def test_sigterm_drains_in_flight_rest_and_grpc(home, cells, body):
+    """Kubernetes sends SIGTERM to the container's first process (the arbiter): requests
+    already sent, on both doors, still get full answers, and the server exits cleanly."""
+    genes, X = cells
+    env = {"CELLEXPLAIN_WORKERS": "1", "CELLEXPLAIN_INTRA_OP_THREADS": "1"}
+    with bentoml_server(home, env) as srv:
+        done: list[tuple[str, object, float]] = []
+
+        def rest_call() -> None:
+            r = post(srv.url, body)
+            n = len(r.json()["cells"]) if r.status_code == 200 else r.text
+            done.append(("rest", (r.status_code, n), time.monotonic()))
+
+        def grpc_call() -> None:
+            req = pb.AnnotateRequest(
+                genes=genes,
+                dense=pb.DenseMatrix(n_cells=len(X), raw_le_float32=X.astype("<f4").tobytes()),
+                options=pb.AnnotateOptions(top_k=5),
+            )
+            with grpc.insecure_channel(srv.grpc) as ch:
+                try:
+                    res = pb_grpc.CellExplainStub(ch).Annotate(req, timeout=120)
+                    done.append(("grpc", ("OK", len(res.cells)), time.monotonic()))
+                except grpc.RpcError as e:
+                    done.append(("grpc", (e.code().name, e.details()), time.monotonic()))
+
+        threads = [threading.Thread(target=rest_call) for _ in range(4)]
+        threads += [threading.Thread(target=grpc_call) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.8)  # all six are sent and queued behind each other
+        sigterm_at = time.monotonic()
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=180)
+        assert srv.proc.wait(timeout=60) == 0
+    answers = sorted((door, str(res)) for door, res, _ in done)
+    assert answers == [("grpc", str(("OK", N_CELLS)))] * 2 + [("rest", str((200, N_CELLS)))] * 4
+    # the drain was real: some requests were answered after SIGTERM
+    assert sum(at > sigterm_at for _, _, at in done) >= 2
+
+
+def test_killed_worker_is_replaced(home, body):
+    """SIGKILL one of two workers: the other keeps answering, and the arbiter starts a new
+    one (outside a container; in one, the liveness probe restarts the pod instead)."""
+    env = {"CELLEXPLAIN_WORKERS": "2", "CELLEXPLAIN_INTRA_OP_THREADS": "1"}
+    with bentoml_server(home, env) as srv:
+        before = workers(srv.proc)
+        assert len(before) == 2
+        victim = before[0]
+        victim.kill()
+        victim.wait(timeout=10)
+        # the survivor answers at once (REST shares the socket; gRPC uses SO_REUSEPORT)
+        statuses = [post(srv.url, body).status_code for _ in range(3)]
+        assert statuses == [200, 200, 200]
+        deadline = time.monotonic() + 90
+        while True:
+            now = workers(srv.proc)
+            if len(now) == 2 and victim.pid not in {p.pid for p in now}:
+                break
+            assert time.monotonic() < deadline, f"no replacement worker: {now}"
+            time.sleep(0.5)
+        # wait until the replacement has loaded its model, then use both workers
+        for _ in range(120):
+            if httpx.get(f"{srv.url}/readyz", timeout=5).status_code == 200:
+                break
+            time.sleep(0.5)
+        statuses = [post(srv.url, body).status_code for _ in range(6)]
+        assert statuses == [200] * 6
+
+
+def test_request_timeout_gives_504_and_deadline_exceeded(home, cells, body):
+    genes, X = cells
+    env = {"CELLEXPLAIN_WORKERS": "1", "CELLEXPLAIN_REQUEST_TIMEOUT_S": "0.001"}
+    with bentoml_server(home, env) as srv:
+        r = post(srv.url, body)
+        assert r.status_code == 504
+        err = r.json()["error"]
+        assert err["type"] == "timeout" and "CELLEXPLAIN_REQUEST_TIMEOUT_S" in err["message"]
+        req = pb.AnnotateRequest(
+            genes=genes,
+            dense=pb.DenseMatrix(n_cells=len(X), raw_le_float32=X.astype("<f4").tobytes()),
+        )
+        with grpc.insecure_channel(srv.grpc) as ch, pytest.raises(grpc.RpcError) as e:
+            pb_grpc.CellExplainStub(ch).Annotate(req, timeout=60)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=5).text
+        assert 'cellexplain_request_errors_total{door="rest",type="timeout"} 1.0' in metrics
+        assert 'cellexplain_request_errors_total{door="grpc",type="timeout"} 1.0' in metrics
+        assert httpx.get(f"{srv.url}/readyz", timeout=5).status_code == 200

@@ -1,0 +1,110 @@
+"""`bentoml build` of the CPU and GPU Bentos (real builds, locked requirements), the generated
+Dockerfiles checked (no Docker engine here), and the exported Bento holding the served models."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.servers import REPO, import_into_store
+
+pytestmark = pytest.mark.integration
+
+NOT_AT_SERVING_TIME = ("torch", "captum", "scanpy", "scikit-learn", "onnx")
+
+
+def requirement_names(path: Path) -> list[str]:
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    return [re.split(r"[<>=!~\[ ;]", ln)[0].lower() for ln in lines if ln and ln[0] not in "#-"]
+
+
+def test_requirement_files_follow_pyproject():
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    cpu = (REPO / "service" / "requirements.txt").read_text().split("\n")
+    gpu = (REPO / "service" / "requirements-gpu.txt").read_text().split("\n")
+    cpu_reqs = [ln for ln in cpu if ln and not ln.startswith("#")]
+    gpu_reqs = [ln for ln in gpu if ln and not ln.startswith("#")]
+    assert sorted(cpu_reqs) == sorted(deps)
+    assert sorted(gpu_reqs) == sorted(d.replace("onnxruntime>", "onnxruntime-gpu>") for d in deps)
+
+
+def bentoml(home: Path, *args: str) -> str:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def built(programs_model, tmp_path_factory):
+    """Both Bentos built from the repo's bentofiles: {"cpu"|"gpu": bento folder}."""
+    _, artifact = programs_model
+    home = tmp_path_factory.mktemp("bentoml_home")
+    import_into_store(artifact, home)
+    folders = {}
+    for variant, bentofile in (("cpu", "bentofile.yaml"), ("gpu", "bentofile.gpu.yaml")):
+        out = bentoml(home, "build", "-f", bentofile, "--output", "tag", ".")
+        tag = out.strip().splitlines()[-1].removeprefix("__tag__:")
+        name, version = tag.split(":")
+        folders[variant] = home / "bentos" / name / version
+    return home, folders
+
+
+def test_dockerfiles(built):
+    _, folders = built
+    deployment = yaml.safe_load((REPO / "deploy" / "base" / "deployment.yaml").read_text())
+    uid = deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    bases = {}
+    for variant, folder in folders.items():
+        dockerfile = (folder / "env" / "docker" / "Dockerfile").read_text()
+        bases[variant] = re.search(r"^FROM (\S+)", dockerfile, re.M).group(1)  # type: ignore[union-attr]
+        assert re.search(r"^USER bentoml$", dockerfile, re.M)  # not root
+        # the Kubernetes securityContext runs as the image's own user
+        assert f"ARG BENTO_USER_UID={uid}" in dockerfile
+        assert "ENV CELLEXPLAIN_MODELS=$CELLEXPLAIN_MODELS" in dockerfile
+    assert bases["cpu"].startswith("python:3.11")
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", bases["gpu"])
+
+
+def test_locked_requirements_have_no_training_stack(built):
+    _, folders = built
+    for variant, folder in folders.items():
+        names = requirement_names(folder / "env" / "python" / "requirements.txt")
+        assert "bentoml" in names and "grpcio" in names
+        for pkg in NOT_AT_SERVING_TIME:
+            assert pkg not in names, f"{variant} Bento would install {pkg}"
+        ort = "onnxruntime-gpu" if variant == "gpu" else "onnxruntime"
+        other = "onnxruntime" if variant == "gpu" else "onnxruntime-gpu"
+        assert ort in names and other not in names
+
+
+def test_bento_sources_and_exported_models(built, tmp_path):
+    home, folders = built
+    src = folders["cpu"] / "src"
+    assert (src / "service" / "rest.py").is_file()
+    assert (src / "service" / "grpc" / "_generated" / "cellexplain_v1_pb2.py").is_file()
+    assert not (src / "tests").exists() and not (src / "artifacts").exists()
+    assert not (src / "models" / "train.py").exists()  # training code stays out
+    # the exported archive carries the served model: ONNX + JSON card, nothing pickled
+    archive = tmp_path / "cellexplain.bento"
+    bentoml(home, "export", f"cellexplain:{folders['cpu'].name}", str(archive))
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    model_files = {Path(n).name for n in names if n.startswith("./models/pbmc-programs/")}
+    assert {"model.onnx", "model.json"} <= model_files
+    assert not [n for n in names if n.endswith((".pkl", ".pt", ".pth", ".joblib"))]

@@ -9,7 +9,7 @@ DEFAULT_MODEL := pbmc-programs
 DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 
 .PHONY: install proto serve test lint typecheck unit integration default-model compare clean \
-	bento bento-gpu manifests
+	bento bento-gpu manifests load-test bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,8 @@ serve: default-model
 	$(BIN)/bentoml serve service.rest:CellExplain
 
 lint: install
-	$(BIN)/ruff check models service tests benchmarks
-	$(BIN)/ruff format --check models service tests benchmarks
+	$(BIN)/ruff check models service tests benchmarks load_tests
+	$(BIN)/ruff format --check models service tests benchmarks load_tests
 
 typecheck: install
 	$(BIN)/mypy
@@ -62,6 +62,18 @@ bento-gpu: default-model
 manifests:
 	kubectl kustomize deploy/overlays/cpu
 	kubectl kustomize deploy/overlays/gpu
+
+# load tests against a running server (make serve): Locust on REST, the gRPC driver, SLOs
+URL ?= http://localhost:3000
+GRPC ?= localhost:50051
+USERS ?= 16
+DURATION ?= 300
+load-test: install
+	mkdir -p load_tests/results
+	$(BIN)/locust -f load_tests/locustfile.py --headless --host $(URL) -u $(USERS) -r 4 \
+		-t $(DURATION)s --csv load_tests/results/rest --html load_tests/results/rest.html
+	$(PY) -m load_tests.grpc_load --target $(GRPC) --metrics-url $(URL) --users $(USERS) \
+		--duration $(DURATION) --csv load_tests/results/grpc.csv
 
 compare: install
 	$(BIN)/cellexplain compare --seeds 5

@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import gzip
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -65,7 +67,7 @@ class Alignment:
         n_unused: submitted genes the model does not use.
     """
 
-    take: np.ndarray
+    take: np.ndarray  # read-only: alignments are cached and shared between requests
     merged: dict[int, list[int]] = field(default_factory=dict)
     n_found: int = 0
     missing: list[str] = field(default_factory=list)
@@ -92,6 +94,10 @@ class Alignment:
         return out
 
 
+#: gene lists remembered per model (see :meth:`GeneAligner.align`)
+CACHE_SIZE = 16
+
+
 class GeneAligner:
     """Aligns submitted gene names to one model's genes (built once per model)."""
 
@@ -101,14 +107,36 @@ class GeneAligner:
         for i, g in enumerate(self.model_genes):
             self.index.setdefault(canonical(g), i)
         self.model_uses_ids = sum(is_ensembl(g) for g in self.model_genes) > len(model_genes) / 2
+        self._cache: OrderedDict[tuple[str, ...], Alignment] = OrderedDict()
+        self._lock = threading.Lock()
 
     def align(self, genes: Sequence[str], field_name: str = "genes") -> Alignment:
         """Match ``genes`` (submitted order) to the model's genes.
+
+        The last :data:`CACHE_SIZE` gene lists that aligned are remembered: a pipeline sends the
+        same list with every chunk, and matching 30,000 names costs more than the inference of
+        a small request.
 
         Raises:
             InvalidInputError: empty list, empty or non-string names, duplicated genes, or no
                 overlap at all with the model's genes.
         """
+        key = tuple(genes) if all(isinstance(g, str) for g in genes) else None
+        if key is not None:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return hit
+        alignment = self._align(genes, field_name)
+        if key is not None:
+            with self._lock:
+                self._cache[key] = alignment
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return alignment
+
+    def _align(self, genes: Sequence[str], field_name: str) -> Alignment:
         if len(genes) == 0:
             raise InvalidInputError(
                 f"{field_name} is empty: send the gene of each column", field_name
@@ -151,6 +179,7 @@ class GeneAligner:
         if n_found == 0:
             raise InvalidInputError(self._no_overlap_message(genes), field_name)
         missing = [self.model_genes[j] for j in np.flatnonzero(take < 0)]
+        take.flags.writeable = False
         return Alignment(take, merged, n_found, missing, len(genes) - used)
 
     def _no_overlap_message(self, genes: Sequence[str]) -> str:

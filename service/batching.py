@@ -166,6 +166,7 @@ class Batcher:
             metrics.INFERENCE_SECONDS.labels(model=self.name).observe(time.perf_counter() - t0)
             metrics.BATCH_CELLS.labels(model=self.name).observe(x.shape[0])
             metrics.BATCH_REQUESTS.labels(model=self.name).observe(len(live))
+            metrics.WORKER_RSS.set(metrics.resident_bytes())
             start = 0
             for c in live:
                 n = c.x.shape[0]

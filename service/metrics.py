@@ -6,6 +6,8 @@ multiprocess mode, so ``/metrics`` sums the values of every worker.
 
 from __future__ import annotations
 
+import os
+
 import prometheus_client as prom
 
 _FRACTION_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -71,3 +73,21 @@ GRPC_SECONDS = prom.Histogram(
     labelnames=["method", "code"],
     buckets=(*_SECONDS_BUCKETS, 10, 30, 60),
 )
+WORKER_RSS = prom.Gauge(
+    name="cellexplain_worker_resident_memory_bytes",
+    documentation="Resident memory of the serving workers, summed over live workers (updated "
+    "after every onnxruntime call): the soak tests watch it for growth",
+    multiprocess_mode="livesum",
+)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -5,6 +5,7 @@ write."""
 from __future__ import annotations
 
 import re
+
 import grpc
 import httpx
 import numpy as np
@@ -245,7 +246,7 @@ def test_grpc_calls_are_timed_by_method_and_code(server):
     text = httpx.get(f"{server.url}/metrics").text
     counts = {}
     for line in text.splitlines():
-        m = re.match(r'cellexplain_grpc_request_seconds_count\{(.*)\} (\S+)', line)
+        m = re.match(r"cellexplain_grpc_request_seconds_count\{(.*)\} (\S+)", line)
         if m:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
             counts[(labels["method"], labels["code"])] = float(m.group(2))

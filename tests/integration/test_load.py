@@ -1,0 +1,69 @@
+"""The load tests, short: Locust (REST) and the gRPC driver against a real server, with their
+SLOs (no valid request fails, p99 per size, bad requests refused as expected, no memory growth).
+`make load-test` runs the same scenario for minutes against a running server."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.servers import REPO, bentoml_server, import_into_store
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(programs_model, tmp_path_factory):
+    _, artifact = programs_model
+    home = tmp_path_factory.mktemp("bentoml_home")
+    import_into_store(artifact, home)
+    with bentoml_server(home, {"CELLEXPLAIN_WORKERS": "1"}) as srv:
+        yield srv
+
+
+def run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args,
+        cwd=REPO,
+        env={**os.environ, "LOAD_WARMUP_S": "4", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_locust_scenario_meets_its_slo(server, tmp_path):
+    out = run(
+        [
+            *(sys.executable, "-m", "locust", "-f", "load_tests/locustfile.py", "--headless"),
+            *("--host", server.url, "-u", "4", "-r", "4", "-t", "15s", "--only-summary"),
+            *("--csv", str(tmp_path / "rest"), "--html", str(tmp_path / "rest.html")),
+        ]
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "SLO met" in out.stderr
+    with open(tmp_path / "rest_stats.csv") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    assert int(rows["annotate 1 cell"]["Request Count"]) > 0
+    assert any(name.startswith("bad: ") for name in rows)  # bad requests were sent
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    assert (tmp_path / "rest.html").stat().st_size > 0
+
+
+def test_grpc_driver_meets_its_slo_and_can_miss_one(server, tmp_path):
+    args = [sys.executable, "-m", "load_tests.grpc_load", "--target", server.grpc]
+    args += ["--metrics-url", server.url, "--users", "4"]
+    out = run([*args, "--duration", "10", "--csv", str(tmp_path / "grpc.csv")])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    with open(tmp_path / "grpc.csv") as f:
+        rows = {r["request"]: r for r in csv.DictReader(f)}
+    assert int(rows["annotate 1 cell"]["count"]) > 0 and rows["annotate 1 cell"]["failed"] == "0"
+    assert any(name.startswith("bad: ") for name in rows)
+    # an impossible p99 bound must fail the run
+    strict = run([*args, "--duration", "3"], LOAD_P99_MS_1="0.001")
+    assert strict.returncode == 1 and "SLO MISSED" in strict.stdout
+    assert "p99 of 1-cell requests" in strict.stdout

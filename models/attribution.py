@@ -134,6 +134,36 @@ def _relu_grad(b: _GraphBuilder, z: str, g: str, zero: str) -> str:
     return b.op("Where", [b.op("Greater", [z, zero]), g, zero])
 
 
+def _float32_interface(
+    b: _GraphBuilder,
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+) -> None:
+    """Give a float16 graph float32 inputs and outputs: ``x`` is cast to float16 on the way
+    in and every float16 output to float32 on the way out (clients see no difference)."""
+    half = {
+        v.name for v in (*inputs, *outputs) if v.type.tensor_type.elem_type == TensorProto.FLOAT16
+    }
+    renamed = {n: f"{n}_fp16" for n in half}
+    for node in b.nodes:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+    casts_in = [
+        helper.make_node("Cast", [v.name], [renamed[v.name]], to=TensorProto.FLOAT16)
+        for v in inputs
+        if v.name in half
+    ]
+    casts_out = [
+        helper.make_node("Cast", [renamed[v.name]], [v.name], to=TensorProto.FLOAT)
+        for v in outputs
+        if v.name in half
+    ]
+    b.nodes[:] = [*casts_in, *b.nodes, *casts_out]
+    for v in (*inputs, *outputs):
+        if v.name in half:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+
+
 def build_graph(
     layers: Layers,
     spec: AttributionSpec,
@@ -150,8 +180,10 @@ def build_graph(
         baseline: ``[n_genes]`` baseline expression ``x0`` (zeros for the zero baseline).
         n_programs: for program models, how many leading first-layer units are gene programs.
         name: graph name.
-        dtype: ``np.float32`` (served) or ``np.float64`` (used by the export checks to verify
-            the graph's arithmetic against Captum without float32 rounding).
+        dtype: ``np.float32`` (served), ``np.float16`` (the half-precision export for GPUs:
+            float32 inputs and outputs, float16 weights and arithmetic inside) or
+            ``np.float64`` (used by the export checks to verify the graph's arithmetic against
+            Captum without float32 rounding; its inputs and outputs are float64).
 
     Returns:
         An ONNX model with inputs ``x`` float32 ``[n, n_genes]`` and ``target`` int64 ``[m]``
@@ -163,7 +195,11 @@ def build_graph(
     if not layers:
         raise ValueError("a network needs at least one layer")
     f32 = np.dtype(dtype)
-    elem = TensorProto.DOUBLE if f32 == np.float64 else TensorProto.FLOAT
+    elem = {
+        np.dtype(np.float64): TensorProto.DOUBLE,
+        np.dtype(np.float32): TensorProto.FLOAT,
+        np.dtype(np.float16): TensorProto.FLOAT16,
+    }[f32]
     G = layers[0][0].shape[1]
     C = layers[-1][0].shape[0]
     x0 = np.asarray(baseline, dtype=np.float64).reshape(G)
@@ -290,6 +326,8 @@ def build_graph(
     ]
     if program_out is not None:
         outputs.append(helper.make_tensor_value_info("program_attributions", elem, [n, n_programs]))
+    if elem == TensorProto.FLOAT16:
+        _float32_interface(b, inputs, outputs)
     graph = helper.make_graph(b.nodes, name, inputs, outputs, b.initializers)
     model = helper.make_model(
         graph,

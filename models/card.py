@@ -95,6 +95,18 @@ class Metrics(_Strict):
     best_epoch: int
 
 
+class Float16Checks(_Strict):
+    """The float16 graph vs the checked float32 graph on the same held-out cells."""
+
+    label_agreement: float = Field(description="share of cells with the same predicted class")
+    probabilities_max_abs_error: float
+    attributions_rel_error_median: float = Field(
+        description="per cell: sum |a16 - a32| / sum |a32|; the median over cells"
+    )
+    attributions_rel_error_p99: float
+    attributions_rel_error_max: float
+
+
 class ExportChecks(_Strict):
     """Checks run by the exporter on held-out cells (float32 ONNX vs float64 torch/Captum)."""
 
@@ -117,12 +129,19 @@ class ExportChecks(_Strict):
     completeness_rel_error: float = Field(description="the same / mean |F(x) - F(x0)|")
     completeness_tolerance: float
     probabilities_max_abs_error: float
+    float16: Float16Checks | None = Field(
+        default=None, description="for a float16 export: its error versus float32"
+    )
     passed: bool
 
 
 class OnnxInfo(_Strict):
     file: str = ONNX_FILE
     sha256: str
+    precision: Literal["float32", "float16"] = Field(
+        default="float32",
+        description="arithmetic inside the graph; inputs and outputs are float32 either way",
+    )
     opset: int
     inputs: list[str]
     outputs: list[str]

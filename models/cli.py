@@ -74,6 +74,13 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
         help="integration rule (Captum's names)",
     )
     attr.add_argument("--baseline", choices=["zero", "mean"], default="zero")
+    attr.add_argument(
+        "--precision",
+        choices=["float32", "float16"],
+        default="float32",
+        help="arithmetic inside the served graph; float16 halves GPU memory traffic and is "
+        "checked against float32 at export (the error is recorded in the model card)",
+    )
 
 
 def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
@@ -99,6 +106,7 @@ def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
         seed=args.seed,
         min_cells_per_class=args.min_cells_per_class,
         attribution=spec,
+        precision=args.precision,
     )
 
 

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -66,6 +66,7 @@ class TrainConfig:
     min_cells_per_class: int = 5
     unassigned_threshold: float = 0.5
     attribution: AttributionSpec = field(default_factory=AttributionSpec)
+    precision: Literal["float32", "float16"] = "float32"  # arithmetic inside the served graph
     version: str = "1"
 
 
@@ -204,7 +205,13 @@ def train(
     """
     f = fit(data, cfg, progress)
     return export_model(
-        f.model, cfg.attribution, f.card_fields, out_dir, check_x=f.test_x, mean=f.mean
+        f.model,
+        cfg.attribution,
+        f.card_fields,
+        out_dir,
+        check_x=f.test_x,
+        mean=f.mean,
+        precision=cfg.precision,
     )
 
 

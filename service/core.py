@@ -152,7 +152,9 @@ class Annotator:
         """Load every model the settings name (store tags, then folders) and warm them up."""
         from models.store import get_model
 
-        providers = available_providers(settings.prefer_gpu)
+        providers = available_providers(
+            settings.prefer_gpu, settings.tensorrt, settings.trt_cache_dir or None
+        )
         # share the cores between worker processes instead of oversubscribing them
         threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // settings.workers)
         loaded: list[LoadedModel] = []

@@ -68,6 +68,13 @@ class Settings(BaseModel):
     missing_genes_listed: int = Field(default=20, ge=0)
     intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime decides")
     prefer_gpu: bool = True
+    tensorrt: bool = Field(
+        default=False,
+        description="try onnxruntime's TensorRT provider first (when installed), engines cached",
+    )
+    trt_cache_dir: str = Field(
+        default="", description="TensorRT engine cache (default: $TMPDIR/cellexplain-trt)"
+    )
 
     @field_validator("models", "model_dirs", "api_keys", mode="before")
     @classmethod

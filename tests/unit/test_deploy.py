@@ -170,3 +170,5 @@ def test_overlays_render_and_validate(overlay):
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
     refs = [e["configMapRef"]["name"] for e in container.get("envFrom", []) if "configMapRef" in e]
     assert cm["metadata"]["name"] in refs
+    # GPUs get larger onnxruntime calls
+    assert cm["data"]["CELLEXPLAIN_MAX_BATCH_CELLS"] == ("8192" if overlay == "gpu" else "1024")

@@ -1,0 +1,70 @@
+"""The onnxruntime side of a model: provider choice, IO binding, and the float16 export."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from models.runtime import OnnxModel, available_providers, provider_name
+from tests.conftest import train_small
+
+
+@pytest.fixture(scope="module")
+def cells(pbmc):
+    return np.asarray(pbmc.raw.X.toarray(), dtype=np.float32)
+
+
+def test_providers_fall_back_to_the_cpu():
+    names = [provider_name(p) for p in available_providers()]
+    assert names[-1] == "CPUExecutionProvider"
+    assert [provider_name(p) for p in available_providers(prefer_gpu=False)] == [
+        "CPUExecutionProvider"
+    ]
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        # asking for TensorRT where it is not installed is not an error: CUDA/CPU serve
+        assert "TensorrtExecutionProvider" not in [
+            provider_name(p) for p in available_providers(tensorrt=True)
+        ]
+
+
+def test_io_binding_gives_the_same_outputs(programs_model, cells):
+    _, artifact = programs_model
+    plain = OnnxModel(artifact, providers=["CPUExecutionProvider"], io_binding=False)
+    bound = OnnxModel(artifact, providers=["CPUExecutionProvider"], io_binding=True)
+    assert not plain.io_binding and bound.io_binding
+    a, b = plain.predict(cells[:300], batch_size=128), bound.predict(cells[:300], batch_size=128)
+    for name in ("logits", "probabilities", "attributions", "explained_class"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    np.testing.assert_array_equal(a.program_attributions, b.program_attributions)
+    # an explicit class to explain (not bindable: the same answer through run())
+    t = np.arange(300) % len(plain.classes)
+    np.testing.assert_array_equal(
+        plain.predict(cells[:300], t).attributions, bound.predict(cells[:300], t).attributions
+    )
+
+
+def test_float16_export_is_checked_and_recorded(pbmc_data, programs_model, cells, tmp_path):
+    card32, artifact32 = programs_model
+    card16 = train_small(pbmc_data, tmp_path, arch="programs", precision="float16")
+    assert card32.onnx.precision == "float32" and card32.checks.float16 is None
+    assert card16.onnx.precision == "float16"
+    fp16 = card16.checks.float16
+    assert fp16 is not None and card16.checks.passed
+    assert fp16.label_agreement >= 0.99 and fp16.attributions_rel_error_p99 < 2e-2
+    assert 0 < fp16.attributions_rel_error_median <= fp16.attributions_rel_error_max
+    # half-precision weights inside, float32 at the edges
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    weights = [i for i in graph.initializer if i.name.startswith("W")]
+    assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    m16 = OnnxModel(tmp_path, providers=["CPUExecutionProvider"])
+    m32 = OnnxModel(artifact32, providers=["CPUExecutionProvider"])
+    p16, p32 = m16.predict(cells), m32.predict(cells)
+    assert p16.attributions.dtype == np.float32
+    # the same seed and data train the same weights: the two graphs differ by rounding only
+    agree = (p16.probabilities.argmax(1) == p32.probabilities.argmax(1)).mean()
+    assert agree >= 0.99
+    rel = np.abs(p16.attributions - p32.attributions).sum(1) / np.abs(p32.attributions).sum(1)
+    assert np.quantile(rel, 0.99) < 2e-2

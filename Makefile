@@ -75,6 +75,10 @@ load-test: install
 	$(PY) -m load_tests.grpc_load --target $(GRPC) --metrics-url $(URL) --users $(USERS) \
 		--duration $(DURATION) --csv load_tests/results/grpc.csv
 
+# every table in docs/benchmarks.md (~12 min on 2 cores; QUICK=1 for a few minutes)
+bench: default-model
+	$(PY) -m benchmarks $(if $(QUICK),--quick,)
+
 compare: install
 	$(BIN)/cellexplain compare --seeds 5
 

@@ -50,6 +50,11 @@ RULES: tuple[Rule, ...] = (
 OPSET = 17
 #: DeepLIFT falls back to the gradient where |x - x0| at a ReLU input is below this (as Captum)
 DEEPLIFT_EPS = 1e-10
+#: integration steps computed side by side in one set of ops (bounds IG's memory per batch:
+#: about IG_STEP_GROUP x cells x widest layer floats per intermediate)
+IG_STEP_GROUP = 8
+#: the same in a float16 graph, where 1e-10 rounds to 0 (and 0/0 would give NaN)
+DEEPLIFT_EPS_FP16 = 1e-3
 
 Layers = Sequence[tuple[np.ndarray, np.ndarray]]
 
@@ -260,40 +265,46 @@ def build_graph(
         b.op("Mul", [d, g_top], out="attributions")
     else:
         if spec.method == "integrated_gradients":
+            # the steps run side by side: a leading step axis [k, n, width] per group of at
+            # most IG_STEP_GROUP steps (few, large ops; memory bounded by the group size)
             alphas, weights = integration_rule(spec.rule, spec.n_steps)
-            equal = bool(np.allclose(weights, weights[0]))
+            Wts = [b.const(f"W{i + 1}T", W.T.astype(f32)) for i, (W, _) in enumerate(layers)]
+            axis0 = b.const("axis0", np.array([0], dtype=np.int64))
             acc: str | None = None
-            for a_k, w_k in zip(alphas, weights, strict=True):
-                zk = b.op(
-                    "Add", [b.op("Mul", [D1, b.const("alpha", np.array(a_k, dtype=f32))]), a0_c]
-                )
+            for start in range(0, len(alphas), IG_STEP_GROUP):
+                a_k = alphas[start : start + IG_STEP_GROUP].reshape(-1, 1, 1)
+                w_k = weights[start : start + IG_STEP_GROUP].reshape(-1, 1, 1)
+                zk = b.op("Add", [b.op("Mul", [D1, b.const("alpha", a_k.astype(f32))]), a0_c])
                 hk = zk
                 zks = [zk]
                 for i in range(1, len(layers) - 1):
                     hk = b.op(
-                        "Gemm",
-                        [b.op("Relu", [hk]), Ws[i], b.const(f"b{i + 1}", layers[i][1].astype(f32))],
-                        transB=1,
+                        "Add",
+                        [
+                            b.op("MatMul", [b.op("Relu", [hk]), Wts[i]]),
+                            b.const(f"b{i + 1}", layers[i][1].astype(f32)),
+                        ],
                     )
                     zks.append(hk)
-                g = backward_to_first(relu_gate(zks))
-                if not equal:
-                    g = b.op("Mul", [g, b.const("w", np.array(w_k, dtype=f32))])
+                g = backward_to_first(relu_gate(zks))  # [k, n, width1]
+                g = b.op("Mul", [g, b.const("w", w_k.astype(f32))])
+                g = b.op("ReduceSum", [g, axis0], keepdims=0)
                 acc = g if acc is None else b.op("Add", [acc, g])
             assert acc is not None
-            g1 = b.op("Mul", [acc, b.const("w", np.array(weights[0], dtype=f32))]) if equal else acc
+            g1 = acc
         elif spec.method == "deeplift":
             # baseline activations are constants; rescale multipliers m = Δrelu / Δz per ReLU
             z0s: list[np.ndarray] = [a0]
             for W, bias in layers[1:-1]:
                 z0s.append(W @ np.maximum(z0s[-1], 0) + bias)
             mults: list[str] = []
+            eps = DEEPLIFT_EPS_FP16 if elem == TensorProto.FLOAT16 else DEEPLIFT_EPS
             for z, z0 in zip(zs[:-1], z0s, strict=True):
                 z0c = b.const("z0", z0.astype(f32))
                 dz = b.op("Sub", [z, z0c])
                 dr = b.op("Sub", [b.op("Relu", [z]), b.const("r0", np.maximum(z0, 0).astype(f32))])
                 small = b.op(
-                    "Less", [b.op("Abs", [dz]), b.const("eps", np.array(DEEPLIFT_EPS, dtype=f32))]
+                    "Less", [b.op("Abs", [dz]), b.const("eps", np.array(eps, dtype=f32))]
                 )
                 grad = b.op("Cast", [b.op("Greater", [z, zero])], to=elem)
                 # safe division: where dz is tiny, divide by 1 and take the gradient instead

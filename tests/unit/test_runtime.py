@@ -68,3 +68,14 @@ def test_float16_export_is_checked_and_recorded(pbmc_data, programs_model, cells
     assert agree >= 0.99
     rel = np.abs(p16.attributions - p32.attributions).sum(1) / np.abs(p32.attributions).sum(1)
     assert np.quantile(rel, 0.99) < 2e-2
+
+
+def test_float16_deeplift_has_no_nan(pbmc_data, cells, tmp_path):
+    """DeepLIFT divides by pre-activation differences; in float16 its guard must not round to 0."""
+    from models.attribution import AttributionSpec
+
+    spec = AttributionSpec(method="deeplift")
+    card = train_small(pbmc_data, tmp_path, arch="mlp", attribution=spec, precision="float16")
+    assert card.checks.passed and card.checks.float16 is not None
+    pred = OnnxModel(tmp_path, providers=["CPUExecutionProvider"]).predict(cells)
+    assert np.isfinite(pred.attributions).all()

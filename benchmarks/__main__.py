@@ -1,0 +1,96 @@
+"""Every benchmark behind docs/benchmarks.md, in one command (``make bench``):
+
+1. ``benchmarks.attribution``: in-graph IG / DeepLIFT vs torch + Captum;
+2. ``benchmarks.precision``: float32 vs float16 graphs on each device onnxruntime sees;
+3. ``benchmarks.serving``: the service (REST, gRPC, OIP) vs in-process onnxruntime;
+4. ``benchmarks.annotate_scale``: ``cellexplain annotate --local`` from 10k to 1M cells.
+
+Each runs in its own process; their tables go to stdout and to
+``benchmarks/results/latest.md`` (with the machine), from which docs/benchmarks.md is updated.
+
+    python -m benchmarks [--quick] [--only serving precision ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+FULL: dict[str, list[str]] = {
+    "attribution": ["benchmarks/attribution.py"],
+    "precision": ["-m", "benchmarks.precision"],
+    "serving": ["-m", "benchmarks.serving", "--seconds", "5"],
+    "annotate_scale": ["benchmarks/annotate_scale.py", "--local"],
+}
+QUICK_ARGS: dict[str, list[str]] = {
+    "attribution": ["--min-seconds", "0.3", "--repeat", "2"],
+    "precision": ["--min-seconds", "0.3", "--batches", "1024"],
+    "serving": ["--seconds", "2", "--sizes", "64", "1024"],
+    "annotate_scale": ["--cells", "10000", "100000"],
+}
+
+
+def machine() -> str:
+    gpu = "no GPU visible to onnxruntime"
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            gpu = out.stdout.strip() or gpu
+        except (OSError, subprocess.SubprocessError):
+            pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}; "
+        f"Python {platform.python_version()}, onnxruntime {ort.__version__}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="shorter runs (minutes, not ~15)")
+    p.add_argument("--only", nargs="+", choices=list(FULL), help="run only these")
+    args = p.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    report = [
+        "# Benchmark results",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M')} on {machine()}" + (" (--quick)" if args.quick else ""),
+        "",
+    ]
+    failed = []
+    for name, cmd in FULL.items():
+        if args.only and name not in args.only:
+            continue
+        full = [sys.executable, *cmd, *(QUICK_ARGS[name] if args.quick else [])]
+        print(f"\n=== {name}: {' '.join(full[1:])}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(full, capture_output=True, text=True)
+        print(proc.stdout[-6000:], flush=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            failed.append(name)
+        tables = [ln for ln in proc.stdout.splitlines() if ln.startswith(("|", "#", "No GPU"))]
+        report += [f"## {name} ({time.perf_counter() - t0:.0f} s)", "", *tables, ""]
+    out = RESULTS / ("latest-quick.md" if args.quick else "latest.md")
+    out.write_text("\n".join(report) + "\n")
+    print(f"\nwrote {out}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()

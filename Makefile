@@ -9,7 +9,7 @@ DEFAULT_MODEL := pbmc-programs
 DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 
 .PHONY: install proto serve test lint typecheck unit integration default-model compare clean \
-	bento bento-gpu manifests load-test bench
+	bento bento-gpu manifests load-test bench install-gpu
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ proto: $(VENV)/.installed
 	$(PY) -m service.grpc.codegen --force
 
 install: $(VENV)/.installed
+
+# on a CUDA machine: onnxruntime-gpu in place of onnxruntime (they cannot share an environment)
+install-gpu: $(VENV)/.installed
+	$(PY) -m pip uninstall --quiet --yes onnxruntime
+	$(PY) -m pip install --quiet 'onnxruntime-gpu>=1.20'
 
 # the default model: reuse the store's, else import the trained folder, else train it
 default-model: $(VENV)/.installed
@@ -70,10 +75,13 @@ USERS ?= 16
 DURATION ?= 300
 load-test: install
 	mkdir -p load_tests/results
+	@rest=0; grpc=0; \
 	$(BIN)/locust -f load_tests/locustfile.py --headless --host $(URL) -u $(USERS) -r 4 \
-		-t $(DURATION)s --csv load_tests/results/rest --html load_tests/results/rest.html
+		-t $(DURATION)s --csv load_tests/results/rest --html load_tests/results/rest.html \
+		|| rest=$$?; \
 	$(PY) -m load_tests.grpc_load --target $(GRPC) --metrics-url $(URL) --users $(USERS) \
-		--duration $(DURATION) --csv load_tests/results/grpc.csv
+		--duration $(DURATION) --csv load_tests/results/grpc.csv || grpc=$$?; \
+	echo "load test: REST exit $$rest, gRPC exit $$grpc"; test $$rest -eq 0 -a $$grpc -eq 0
 
 # every table in docs/benchmarks.md (~12 min on 2 cores; QUICK=1 for a few minutes)
 bench: default-model

@@ -108,7 +108,7 @@ def run_one(n_cells: int, args: argparse.Namespace, workdir: Path) -> dict[str, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--cells", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
     p.add_argument("--local", action="store_true", help="in-process (no server)")
     p.add_argument("--url", default="http://localhost:3000")
     p.add_argument("--chunk-size", type=int, default=4096)

@@ -80,15 +80,14 @@ async def run(args: argparse.Namespace) -> int:
                         failures[name] += 1
                 latencies[name].append(time.perf_counter() - t0)
 
-    async def sample_memory() -> None:
-        if not args.metrics_url:
-            return
-        await asyncio.sleep(min(slo.warmup_s, args.duration / 2))
-        memory["start"] = await asyncio.to_thread(scenario.server_rss_mb, args.metrics_url)
-
-    await asyncio.gather(sample_memory(), *(user() for _ in range(args.users)))
-    if args.metrics_url:
-        memory["end"] = await asyncio.to_thread(scenario.server_rss_mb, args.metrics_url)
+    sampler = (
+        scenario.MemorySampler(args.metrics_url, min(slo.warmup_s, args.duration / 4))
+        if args.metrics_url
+        else None
+    )
+    await asyncio.gather(*(user() for _ in range(args.users)))
+    if sampler is not None:
+        memory["start"], memory["end"] = sampler.stop()
 
     rows = []
     p99: dict[int, float] = {}

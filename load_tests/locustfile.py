@@ -36,6 +36,7 @@ BAD = [
     for b in scenario.bad_requests(GENES, X)
 ]
 _memory: dict[str, float | None] = {}
+_sampler: list[scenario.MemorySampler] = []
 _bad_unexpected = 0
 _lock = threading.Lock()
 
@@ -85,17 +86,13 @@ class Annotator(HttpUser):
 
 @events.test_start.add_listener
 def _start(environment: Any, **_: Any) -> None:
-    host = environment.host
-
-    def sample_after_warmup() -> None:
-        _memory["start"] = scenario.server_rss_mb(host)
-
-    threading.Timer(SLO.warmup_s, sample_after_warmup).start()
+    _sampler.append(scenario.MemorySampler(environment.host, SLO.warmup_s))
 
 
 @events.test_stopping.add_listener
 def _stopping(environment: Any, **_: Any) -> None:
-    _memory["end"] = scenario.server_rss_mb(environment.host)
+    if _sampler:
+        _memory["start"], _memory["end"] = _sampler[0].stop()
 
 
 @events.quitting.add_listener

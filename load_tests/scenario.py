@@ -29,7 +29,9 @@ class Slo:
     p99_ms: dict[int, float] = field(default_factory=lambda: {1: 1500.0, 64: 3000.0, 1024: 15000.0})
     #: valid requests that may fail (0: none)
     max_error_rate: float = 0.0
-    #: growth of the workers' resident memory from the end of the warm-up to the end (MB)
+    #: growth of the workers' resident memory over the soak (MB): the median of the samples in
+    #: the last third of the run minus that of the first third after the warm-up (single
+    #: samples swing by the requests in flight: a 1024-cell JSON body parses to ~25 MB)
     max_memory_growth_mb: float = 64.0
     #: seconds before memory is first sampled (models, caches and pools settle)
     warmup_s: float = 10.0
@@ -122,6 +124,43 @@ def server_rss_mb(url: str) -> float | None:
     return float(m.group(1)) / 1e6 if m else None
 
 
+class MemorySampler:
+    """Samples the server's worker memory every ``interval_s`` from ``warmup_s`` on, in a
+    background thread, until :meth:`stop`."""
+
+    def __init__(self, url: str, warmup_s: float, interval_s: float = 2.0) -> None:
+        import threading
+
+        self.url = url
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._warmup_s = warmup_s
+        self._interval_s = interval_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self._stop.wait(self._warmup_s):
+            return
+        while not self._stop.is_set():
+            try:
+                rss = server_rss_mb(self.url)
+            except Exception:  # a missed sample is not a failure of the service
+                rss = None
+            if rss is not None:
+                self.samples.append(rss)
+            self._stop.wait(self._interval_s)
+
+    def stop(self) -> tuple[float | None, float | None]:
+        """(start, end) in MB: medians of the first and last thirds of the samples."""
+        self._stop.set()
+        self._thread.join(timeout=15)
+        k = len(self.samples) // 3
+        if k == 0:
+            return None, None
+        return float(np.median(self.samples[:k])), float(np.median(self.samples[-k:]))
+
+
 def check_slo(
     slo: Slo,
     p99_ms: dict[int, float],
@@ -147,7 +186,10 @@ def check_slo(
     if bad_unexpected:
         problems.append(f"{bad_unexpected} bad requests got an unexpected answer")
     if rss_start_mb is None or rss_end_mb is None:
-        problems.append("server memory not reported (cellexplain_worker_resident_memory_bytes)")
+        problems.append(
+            "server memory not sampled (cellexplain_worker_resident_memory_bytes): is the run "
+            "longer than three samples after the warm-up?"
+        )
     elif rss_end_mb - rss_start_mb > slo.max_memory_growth_mb:
         problems.append(
             f"server memory grew {rss_end_mb - rss_start_mb:.0f} MB after warm-up "

@@ -303,9 +303,7 @@ def build_graph(
                 z0c = b.const("z0", z0.astype(f32))
                 dz = b.op("Sub", [z, z0c])
                 dr = b.op("Sub", [b.op("Relu", [z]), b.const("r0", np.maximum(z0, 0).astype(f32))])
-                small = b.op(
-                    "Less", [b.op("Abs", [dz]), b.const("eps", np.array(eps, dtype=f32))]
-                )
+                small = b.op("Less", [b.op("Abs", [dz]), b.const("eps", np.array(eps, dtype=f32))])
                 grad = b.op("Cast", [b.op("Greater", [z, zero])], to=elem)
                 # safe division: where dz is tiny, divide by 1 and take the gradient instead
                 safe_dz = b.op("Where", [small, b.const("one", np.array(1.0, dtype=f32)), dz])

@@ -1,6 +1,6 @@
 """The GPU path: the CUDA (and TensorRT) providers with IO binding, and float16 on the GPU.
 
-These run only where onnxruntime-gpu sees a GPU (`pip install -e '.[gpu]'` on a CUDA machine);
+These run only where onnxruntime-gpu sees a GPU (`make install-gpu` on a CUDA machine);
 elsewhere they skip, saying why. The same checks on the CPU are in tests/unit/test_runtime.py.
 """
 

@@ -268,7 +268,11 @@ def build_graph(
             # the steps run side by side: a leading step axis [k, n, width] per group of at
             # most IG_STEP_GROUP steps (few, large ops; memory bounded by the group size)
             alphas, weights = integration_rule(spec.rule, spec.n_steps)
-            Wts = [b.const(f"W{i + 1}T", W.T.astype(f32)) for i, (W, _) in enumerate(layers)]
+            # hidden layers' weights, transposed for batched MatMul over the step axis
+            Wts = {
+                i: b.const(f"W{i + 1}T", layers[i][0].T.astype(f32))
+                for i in range(1, len(layers) - 1)
+            }
             axis0 = b.const("axis0", np.array([0], dtype=np.int64))
             acc: str | None = None
             for start in range(0, len(alphas), IG_STEP_GROUP):

@@ -254,3 +254,16 @@ def test_spec_validation():
         AttributionSpec(n_steps=0)
     with pytest.raises(ValueError, match="unknown integration rule"):
         AttributionSpec(rule="simpson")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "deeplift", "gradient_x_input"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_graph_has_no_dead_weights(method, dtype):
+    """Every initializer feeds a node (an unused copy of a weight matrix doubles the file)."""
+    model = make_model("mlp")
+    graph = build_graph(
+        model.dense_layers(), AttributionSpec(method=method), np.zeros(G), dtype=dtype
+    ).graph
+    used = {i for node in graph.node for i in node.input}
+    dead = [t.name for t in graph.initializer if t.name not in used]
+    assert dead == []

@@ -83,7 +83,7 @@ load-test: install
 		--duration $(DURATION) --csv load_tests/results/grpc.csv || grpc=$$?; \
 	echo "load test: REST exit $$rest, gRPC exit $$grpc"; test $$rest -eq 0 -a $$grpc -eq 0
 
-# every table in docs/benchmarks.md (~12 min on 2 cores; QUICK=1 for a few minutes)
+# every table in docs/benchmarks.md (~18 min on 2 cores; QUICK=1 for a few minutes)
 bench: default-model
 	$(PY) -m benchmarks $(if $(QUICK),--quick,)
 

@@ -3,7 +3,8 @@
 1. ``benchmarks.attribution``: in-graph IG / DeepLIFT vs torch + Captum;
 2. ``benchmarks.precision``: float32 vs float16 graphs on each device onnxruntime sees;
 3. ``benchmarks.serving``: the service (REST, gRPC, OIP) vs in-process onnxruntime;
-4. ``benchmarks.annotate_scale``: ``cellexplain annotate --local`` from 10k to 1M cells.
+4. ``benchmarks.annotate_scale``: ``cellexplain annotate --local`` from 1k to 1M cells;
+5. ``benchmarks.soak``: the load tests (Locust on REST, the gRPC driver) for 5 minutes each.
 
 Each runs in its own process; their tables go to stdout and to
 ``benchmarks/results/latest.md`` (with the machine), from which docs/benchmarks.md is updated.
@@ -30,12 +31,14 @@ FULL: dict[str, list[str]] = {
     "precision": ["-m", "benchmarks.precision"],
     "serving": ["-m", "benchmarks.serving", "--seconds", "5"],
     "annotate_scale": ["benchmarks/annotate_scale.py", "--local"],
+    "soak": ["-m", "benchmarks.soak", "--duration", "300"],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "attribution": ["--min-seconds", "0.3", "--repeat", "2"],
     "precision": ["--min-seconds", "0.3", "--batches", "1024"],
     "serving": ["--seconds", "2", "--sizes", "64", "1024"],
     "annotate_scale": ["--cells", "10000", "100000"],
+    "soak": ["--duration", "30"],
 }
 
 

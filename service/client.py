@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -57,17 +57,20 @@ class Chunk:
         return int(self.X.shape[0])
 
 
-async def _aiter(items: AsyncIterator[T] | Sequence[T]) -> AsyncIterator[T]:
-    if isinstance(items, Sequence):
-        for item in items:
-            yield item
-    else:
+async def _aiter(items: AsyncIterator[T] | Iterable[T]) -> AsyncIterator[T]:
+    """Any iterable as an async iterator; a plain (possibly lazy, reading) iterable yields to
+    the event loop between items, so responses are handled while the next chunk is read."""
+    if isinstance(items, AsyncIterator):
         async for item in items:
             yield item
+    else:
+        for item in items:
+            yield item
+            await asyncio.sleep(0)
 
 
 async def ordered_window(
-    items: AsyncIterator[T] | Sequence[T],
+    items: AsyncIterator[T] | Iterable[T],
     fn: Callable[[T], Awaitable[Any]],
     window: int,
 ) -> AsyncIterator[tuple[T, Any]]:
@@ -237,7 +240,7 @@ class AsyncClient:
 
     async def annotate_chunks(
         self,
-        chunks: AsyncIterator[Chunk] | Sequence[Chunk],
+        chunks: AsyncIterator[Chunk] | Iterable[Chunk],
         options: AnnotateOptions,
         concurrency: int = 2,
     ) -> AsyncIterator[tuple[Chunk, AnnotateResponse]]:
@@ -257,7 +260,7 @@ class AsyncClient:
 
     async def _grpc_stream(
         self,
-        chunks: AsyncIterator[Chunk] | Sequence[Chunk],
+        chunks: AsyncIterator[Chunk] | Iterable[Chunk],
         options: AnnotateOptions,
         window: int,
     ) -> AsyncIterator[tuple[Chunk, AnnotateResponse]]:

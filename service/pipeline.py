@@ -12,7 +12,6 @@ half-written or clobbered output, and the input is never opened for writing.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -282,7 +281,7 @@ async def annotate_file(
     )
     try:
         async for chunk, res in backend.annotate_chunks(
-            _to_async(reader.chunks(chunk_size)), options, concurrency
+            reader.chunks(chunk_size), options, concurrency
         ):
             first = first or res
             ann = Annotations.from_response(res, programs, options.top_k)
@@ -308,12 +307,6 @@ async def annotate_file(
         bar.close()
         reader.close()
     return RunStats(reader.n_obs, time.perf_counter() - t0, dst)
-
-
-async def _to_async(items: Iterator[Chunk]) -> Any:
-    for item in items:
-        yield item
-        await asyncio.sleep(0)
 
 
 def raise_on_sigterm() -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from benchmarks.precision import gpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 FULL: dict[str, list[str]] = {
@@ -43,18 +45,7 @@ QUICK_ARGS: dict[str, list[str]] = {
 
 
 def machine() -> str:
-    gpu = "no GPU visible to onnxruntime"
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            gpu = out.stdout.strip() or gpu
-        except (OSError, subprocess.SubprocessError):
-            pass
+    gpu = gpu_name() or "no GPU visible to onnxruntime"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"{platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from functools import partial
@@ -36,21 +37,26 @@ def session(model: onnx.ModelProto, provider: str, folder: Path) -> ort.Inferenc
     return ort.InferenceSession(str(path), providers=[*providers, "CPUExecutionProvider"])
 
 
-def device_name(provider: str) -> str:
-    if provider == "CPUExecutionProvider":
-        return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    try:  # the GPU's name, where nvidia-smi is on PATH
-        import subprocess
-
+def gpu_name() -> str | None:
+    """The GPU's name from nvidia-smi, or None (no GPU provider, or no nvidia-smi)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=10,
         )
-        return f"{provider.removesuffix('ExecutionProvider')} ({out.stdout.strip()})"
     except (OSError, subprocess.SubprocessError):
-        return provider
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(provider: str) -> str:
+    if provider == "CPUExecutionProvider":
+        return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    return f"{provider.removesuffix('ExecutionProvider')} ({gpu_name() or 'unnamed GPU'})"
 
 
 def main() -> None:

@@ -307,7 +307,8 @@ class Annotator:
         Raises:
             ServiceError: bad input, unknown model, too many cells; the message names the field.
         """
-        return self.respond(opts, *await self._run(genes, X, opts, cell_ids, genes_field))
+        payload = await self.annotate_payload(genes, X, opts, cell_ids, genes_field)
+        return AnnotateResponse.model_validate(payload)
 
     async def _run(
         self,
@@ -389,18 +390,13 @@ class Annotator:
         anndata_io.write_annotations(adata, ann, info)
         return adata
 
-    def respond(
-        self, req: AnnotateOptions, lm: LoadedModel, prep: Prepared, pred: Prediction
-    ) -> AnnotateResponse:
-        """Labels, confidence, thresholding, ranked attributions, and metrics."""
-        return AnnotateResponse.model_validate(self.payload(req, lm, prep, pred))
-
     def payload(
         self, req: AnnotateOptions, lm: LoadedModel, prep: Prepared, pred: Prediction
     ) -> dict[str, Any]:
-        """:meth:`respond` as plain JSON-ready values, unvalidated (``None`` fields left out):
-        REST serialises it straight to bytes, skipping ~20 pydantic objects per cell. The
-        integration tests check it validates as :class:`AnnotateResponse` and round-trips."""
+        """Labels, confidence, thresholding, ranked attributions, and metrics, as the fields of
+        :class:`AnnotateResponse` in plain JSON-ready values, unvalidated (``None`` fields left
+        out): REST serialises them straight to bytes and gRPC to protobuf, skipping ~20 pydantic
+        objects per cell. The integration tests check they validate and round-trip."""
         t0 = time.perf_counter()
         card = lm.model.card
         classes = lm.classes

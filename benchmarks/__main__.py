@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from benchmarks.precision import gpu_name
+from benchmarks.timing import gpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

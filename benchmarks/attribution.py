@@ -25,25 +25,10 @@ import onnxruntime as ort
 import torch
 from captum.attr import DeepLift, IntegratedGradients
 
+from benchmarks.timing import best_rate
 from models.attribution import AttributionSpec, build_graph
 from models.data import load_labelled
 from models.train import TrainConfig, fit
-
-
-def best_rate(fn: Callable[[], object], n_cells: int, repeat: int, min_seconds: float) -> float:
-    """Cells per second of ``fn`` (best of ``repeat`` timed rounds after a warm-up)."""
-    fn()
-    rates = []
-    for _ in range(repeat):
-        calls, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= min_seconds:
-                break
-        rates.append(calls * n_cells / elapsed)
-    return max(rates)
 
 
 def main() -> None:

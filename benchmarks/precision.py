@@ -10,9 +10,6 @@ times one session run on batches of real cells (IO binding on GPU providers). Us
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
 import tempfile
 import time
 from functools import partial
@@ -23,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from benchmarks.attribution import best_rate
+from benchmarks.timing import best_rate, device_name
 from models.attribution import AttributionSpec, build_graph
 from models.data import load_labelled
 from models.runtime import available_providers, provider_name
@@ -35,28 +32,6 @@ def session(model: onnx.ModelProto, provider: str, folder: Path) -> ort.Inferenc
     onnx.save(model, path)
     providers = [p for p in available_providers(prefer_gpu=True) if provider_name(p) == provider]
     return ort.InferenceSession(str(path), providers=[*providers, "CPUExecutionProvider"])
-
-
-def gpu_name() -> str | None:
-    """The GPU's name from nvidia-smi, or None (no GPU provider, or no nvidia-smi)."""
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def device_name(provider: str) -> str:
-    if provider == "CPUExecutionProvider":
-        return f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    return f"{provider.removesuffix('ExecutionProvider')} ({gpu_name() or 'unnamed GPU'})"
 
 
 def main() -> None:

@@ -95,6 +95,12 @@ class Metrics(_Strict):
     best_epoch: int
 
 
+#: a float16 export must predict the float32 graph's class for this share of held-out cells...
+FLOAT16_MIN_LABEL_AGREEMENT = 0.99
+#: ...and its per-cell attribution error (L1, relative) must stay under this for 99% of them
+FLOAT16_RTOL = 2e-2
+
+
 class Float16Checks(_Strict):
     """The float16 graph vs the checked float32 graph on the same held-out cells."""
 

@@ -37,6 +37,8 @@ from models.architectures import CellClassifier
 from models.attribution import OPSET, AttributionSpec, build_graph
 from models.card import (
     CARD_FILE,
+    FLOAT16_MIN_LABEL_AGREEMENT,
+    FLOAT16_RTOL,
     ONNX_FILE,
     Attribution,
     ExportChecks,
@@ -55,10 +57,6 @@ FLOAT64_RTOL = 1e-9
 #: bound on the worst cell, where a ReLU gate flips between float32 and float64 at one step
 KINK_RTOL = 1e-2
 MAX_CHECK_CELLS = 512
-#: a float16 export must predict the float32 graph's class for this share of held-out cells...
-FLOAT16_MIN_LABEL_AGREEMENT = 0.99
-#: ...and its per-cell attribution error (L1, relative) must stay under this for 99% of them
-FLOAT16_RTOL = 2e-2
 
 Precision = Literal["float32", "float16"]
 

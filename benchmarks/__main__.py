@@ -29,7 +29,7 @@ from benchmarks.timing import gpu_name
 RESULTS = Path(__file__).resolve().parent / "results"
 
 FULL: dict[str, list[str]] = {
-    "attribution": ["benchmarks/attribution.py"],
+    "attribution": ["-m", "benchmarks.attribution"],
     "precision": ["-m", "benchmarks.precision"],
     "serving": ["-m", "benchmarks.serving", "--seconds", "5"],
     "annotate_scale": ["benchmarks/annotate_scale.py", "--local"],

@@ -9,7 +9,7 @@ method and step count, and times, on the same batch of real cells:
 
 Prints cells/s and the ratio, as a Markdown table. Usage:
 
-    python benchmarks/attribution.py [--arch programs] [--batch 1024] [--steps 16 32 64]
+    python -m benchmarks.attribution [--arch programs] [--batch 1024] [--steps 16 32 64]
 """
 
 from __future__ import annotations

@@ -248,7 +248,7 @@ def profile(folder: Path, providers: list[Provider], x: np.ndarray, out_dir: Pat
     sess = ort.InferenceSession(
         str(folder / "ig32-float32" / "model.onnx"),
         opts,
-        providers=[*providers, "CPUExecutionProvider"],
+        providers=list(dict.fromkeys([*providers, "CPUExecutionProvider"])),
     )
     t = np.full(len(x), -1, np.int64)
     for _ in range(6):

@@ -4,7 +4,9 @@
 2. ``benchmarks.precision``: float32 vs float16 graphs on each device onnxruntime sees;
 3. ``benchmarks.serving``: the service (REST, gRPC, OIP) vs in-process onnxruntime;
 4. ``benchmarks.annotate_scale``: ``cellexplain annotate --local`` from 1k to 1M cells;
-5. ``benchmarks.soak``: the load tests (Locust on REST, the gRPC driver) for 5 minutes each.
+5. ``benchmarks.soak``: the load tests (Locust on REST, the gRPC driver) for 5 minutes each;
+6. ``benchmarks.gpu``: the CUDA path (checks, cells/s per call size, torch + Captum on the GPU),
+   only where onnxruntime has the CUDA provider (skipped otherwise, saying so).
 
 Each runs in its own process; their tables go to stdout and to
 ``benchmarks/results/latest.md`` (with the machine), from which docs/benchmarks.md is updated.
@@ -34,6 +36,7 @@ FULL: dict[str, list[str]] = {
     "serving": ["-m", "benchmarks.serving", "--seconds", "5"],
     "annotate_scale": ["benchmarks/annotate_scale.py", "--local"],
     "soak": ["-m", "benchmarks.soak", "--duration", "300"],
+    "gpu": ["-m", "benchmarks.gpu", "all"],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "attribution": ["--min-seconds", "0.3", "--repeat", "2"],
@@ -41,6 +44,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "serving": ["--seconds", "2", "--sizes", "64", "1024"],
     "annotate_scale": ["--cells", "10000", "100000"],
     "soak": ["--duration", "30"],
+    "gpu": ["--min-seconds", "0.2"],
 }
 
 
@@ -68,6 +72,10 @@ def main() -> None:
     failed = []
     for name, cmd in FULL.items():
         if args.only and name not in args.only:
+            continue
+        if name == "gpu" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            print("\n=== gpu: skipped (no CUDA provider in this onnxruntime)", flush=True)
+            report += ["## gpu", "", "No GPU: skipped (no CUDA provider in this onnxruntime).", ""]
             continue
         full = [sys.executable, *cmd, *(QUICK_ARGS[name] if args.quick else [])]
         print(f"\n=== {name}: {' '.join(full[1:])}", flush=True)

@@ -5,6 +5,7 @@ this runs in two steps:
 
     python -m benchmarks.gpu prepare DIR        # here: train once, export the graphs to DIR
     python -m benchmarks.gpu run DIR [--out F]  # there: numpy + onnxruntime-gpu + pydantic
+    python -m benchmarks.gpu all                # both, where one machine has everything
 
 ``prepare`` exports the default programs model with IG 16/32/64 steps and DeepLIFT, each in
 float32 and float16, plus a prediction-only graph (probabilities, no attributions) and the
@@ -13,8 +14,9 @@ code path: CUDA provider, IO binding) and
 
 1. checks the CUDA results against the CPU provider's (labels, probabilities, attributions)
    and each float16 graph against its float32 twin and the error recorded in its card;
-2. measures cells/s at 1 to 65,536 cells per call on the GPU (IO binding on, and off at 8,192),
-   and on the CPU provider for the same graphs, with the GPU memory in use after each graph.
+2. measures cells/s at 1 to 65,536 cells per call on the GPU (as served, and for float32 with
+   IO binding too), on the CPU provider for the same graphs, the GPU memory in use after each
+   graph, and torch + Captum on the GPU for the same network and cells.
 
 Exit code 1 when a check fails. Tables go to stdout (and ``--out``), Markdown, with the device.
 """
@@ -42,6 +44,9 @@ GRAPHS = [("ig16", "integrated_gradients", 16), ("ig32", "integrated_gradients",
 GRAPHS += [("ig64", "integrated_gradients", 64), ("deeplift", "deeplift", 0)]
 PREDICT_ONLY = "predict_only.onnx"
 CELLS = "cells.npy"
+LAYERS = "layers.npz"
+#: cells per call of the torch + Captum comparison on the GPU
+CAPTUM_BATCH = 8192
 #: call sizes measured on the CPU provider (beside the GPU's, for the ratio)
 CPU_BATCHES = [1024, 8192]
 #: (graph, device, cells per call, cells/s)
@@ -80,7 +85,14 @@ def prepare(folder: Path) -> None:
         output_names=["probabilities"],
     )
     np.save(folder / CELLS, np.asarray(fitted.test_x, np.float32))
+    layers = fitted.model.dense_layers()  # the network as dense ReLU layers, for Captum there
+    np.savez(folder / LAYERS, *[a.astype(np.float32) for W, bias in layers for a in (W, bias)])
     print(f"prepared {folder} ({len(fitted.test_x)} held-out cells)")
+
+
+def with_cpu(providers: list[Provider]) -> list[Provider]:
+    """``providers`` with the CPU provider last (for nodes the others cannot run), once."""
+    return [*providers, *([] if "CPUExecutionProvider" in providers else ["CPUExecutionProvider"])]
 
 
 def gpu_memory_mib() -> float | None:
@@ -146,6 +158,10 @@ def run(
     check = Checks()
     rows: list[Row] = []
     memory: list[tuple[str, float | None]] = []
+    ours: dict[str, tuple[float, np.ndarray]] = {}
+    nc = max(
+        [b for b in batches if b <= CAPTUM_BATCH], default=min(batches)
+    )  # cells per call compared with torch + Captum
     gpu_label = device_name(provider_name(cuda[0]))
     cpu_label = device_name("CPUExecutionProvider")
 
@@ -161,10 +177,9 @@ def run(
         return lambda xb: m.predict(xb, batch_size=len(xb))
 
     # prediction only: the limit of what any attribution can cost on top
-    for provider, where in ((cuda, gpu_label), (["CPUExecutionProvider"], cpu_label)):
-        sess = ort.InferenceSession(
-            str(folder / PREDICT_ONLY), providers=[*provider, "CPUExecutionProvider"]
-        )
+    cpu_only: list[Provider] = ["CPUExecutionProvider"]
+    for provider, where in ((cuda, gpu_label), (cpu_only, cpu_label)):
+        sess = ort.InferenceSession(str(folder / PREDICT_ONLY), providers=with_cpu(provider))
         sizes = batches if where == gpu_label else CPU_BATCHES
         measure("prediction only", where, partial(run_probabilities, sess), sizes)
         del sess
@@ -175,13 +190,9 @@ def run(
         ref: dict[str, Prediction] = {}
         for precision in ("float32", "float16"):
             path = folder / f"{name}-{precision}"
-            gpu = OnnxModel(path, providers=cuda, io_binding=True)
+            gpu = OnnxModel(path, providers=cuda)
             if device == "cuda":
                 check(gpu.providers[0] == "CUDAExecutionProvider", f"{path.name} runs on CUDA")
-                check(
-                    OnnxModel(path, providers=cuda).io_binding,
-                    f"{path.name}: IO binding by default",
-                )
             cpu = OnnxModel(path, providers=["CPUExecutionProvider"])
             g, c = (
                 gpu.predict(big[:8192], batch_size=8192),
@@ -216,25 +227,96 @@ def run(
             t = gpu.predict(big[:1024], target=0, batch_size=1024)
             check(bool((t.explained_class == 0).all()), f"{path.name}: explicit target on the GPU")
             measure(f"{label} {precision}", gpu_label, predict(gpu), batches)
+            if precision == "float32":
+                rate = next(r for lab, _, b, r in rows if lab == f"{label} float32" and b == nc)
+                ours[label] = (rate, gpu.predict(big[:nc]).attributions)
             memory.append((f"{label} {precision}", gpu_memory_mib()))
-            nobind = OnnxModel(path, providers=cuda, io_binding=False)
-            measure(
-                f"{label} {precision}, no IO binding", gpu_label, predict(nobind), [max(batches)]
-            )
+            if precision == "float32":  # IO binding (off by default): what it costs or saves
+                bound = OnnxModel(path, providers=cuda, io_binding=True)
+                bound_out = bound.predict(big[:1024])
+                check(
+                    np.array_equal(bound_out.attributions, gpu.predict(big[:1024]).attributions),
+                    f"{path.name}: IO binding gives the same outputs as run()",
+                )
+                sizes = [b for b in batches if b >= 1024]
+                measure(f"{label} {precision}, IO binding", gpu_label, predict(bound), sizes)
+                del bound
             if precision == "float32":
                 measure(f"{label} {precision}", cpu_label, predict(cpu), CPU_BATCHES)
-            del gpu, cpu, nobind
+            del gpu, cpu
             gc.collect()
     report = render(rows, memory, check)
+    report += "\n".join(["", *captum_rows(folder, big[:nc], ours, min_seconds, device), ""])
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
         report += "\n" + "\n".join(
-            profile(folder, cuda, big[:b], profile_dir) for b in (8192, 65536)
+            profile(folder, cuda, big[:b], profile_dir) for b in sorted({nc, max(batches)})
         )
     print(report)
     if out:
         out.write_text(report)
     return 1 if check.failed else 0
+
+
+def captum_rows(
+    folder: Path,
+    x: np.ndarray,
+    ours: dict[str, tuple[float, np.ndarray]],
+    min_seconds: float,
+    device: str = "cuda",
+) -> list[str]:
+    """torch + Captum on the GPU, on the same network (its dense layers rebuilt as a torch
+    Sequential) and cells, against our in-graph rates ``ours[label] = (cells/s, attributions)``;
+    Markdown rows, or a line saying why it was skipped."""
+    try:
+        import torch
+        from captum.attr import DeepLift, IntegratedGradients
+    except ImportError as e:
+        return [f"torch + Captum comparison skipped: {e}"]
+    if device == "cuda" and not torch.cuda.is_available():
+        return ["torch + Captum comparison skipped: torch sees no CUDA device"]
+    where = torch.cuda.get_device_name() if device == "cuda" else "the CPU"
+    arrays = np.load(folder / LAYERS)
+    params = [torch.from_numpy(arrays[f"arr_{i}"]) for i in range(len(arrays.files))]
+    mods: list[torch.nn.Module] = []
+    for i in range(0, len(params), 2):
+        lin = torch.nn.Linear(params[i].shape[1], params[i].shape[0])
+        lin.weight.data, lin.bias.data = params[i], params[i + 1]
+        mods += [lin, torch.nn.ReLU()]
+    net = torch.nn.Sequential(*mods[:-1]).to(device).eval()
+    xt = torch.from_numpy(x).to(device)
+    with torch.no_grad():
+        target = net(xt).argmax(1)
+
+    def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, np.ndarray]:
+        def call() -> torch.Tensor:
+            out = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        rate = best_rate(call, len(x), 3, min_seconds)
+        return rate, call().detach().cpu().numpy()
+
+    rows = [
+        f"torch {torch.__version__} + Captum on {where}, {len(x):,} cells per call (all IG "
+        "steps in one batch, Captum's fastest), against our graph on the same device:",
+        "",
+        "| method | ours (cells/s) | torch + Captum (cells/s) | ratio | attribution error p99 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    ig = IntegratedGradients(net)
+    for label, (rate, attr) in ours.items():
+        if label.startswith("IG"):
+            steps = int(label.split()[1])
+            fn = partial(ig.attribute, xt, target=target, n_steps=steps, method="riemann_middle")
+        else:
+            fn = partial(DeepLift(net).attribute, xt, target=target)
+        theirs, ref = timed(fn)
+        err = float(np.quantile(rel_error(attr, ref), 0.99))
+        rows.append(f"| {label} | {rate:,.0f} | {theirs:,.0f} | {rate / theirs:.1f}x | {err:.1e} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def profile(folder: Path, providers: list[Provider], x: np.ndarray, out_dir: Path) -> str:
@@ -248,7 +330,10 @@ def profile(folder: Path, providers: list[Provider], x: np.ndarray, out_dir: Pat
     sess = ort.InferenceSession(
         str(folder / "ig32-float32" / "model.onnx"),
         opts,
-        providers=list(dict.fromkeys([*providers, "CPUExecutionProvider"])),
+        providers=[
+            *providers,
+            *(["CPUExecutionProvider"] if providers[-1] != "CPUExecutionProvider" else []),
+        ],
     )
     t = np.full(len(x), -1, np.int64)
     for _ in range(6):
@@ -292,7 +377,7 @@ def render(rows: list[Row], memory: list[tuple[str, float | None]], check: Check
         f"# GPU: {gpu_name() or 'unknown GPU'}; onnxruntime {ort.__version__}; "
         f"Python {sys.version.split()[0]}; {time.strftime('%Y-%m-%d')}",
         "",
-        "cells/s per call size (one onnxruntime call per batch, IO binding unless noted; the "
+        "cells/s per call size (one onnxruntime call per batch, as served unless noted; the "
         "programs model, 765 genes, PBMC held-out cells tiled)",
         "",
         "| graph | device | " + " | ".join(f"{b:,}" for b in sizes) + " |",
@@ -314,14 +399,25 @@ def main() -> None:
     sp.add_argument("folder", type=Path)
     rp = sub.add_parser("run", help="check and time the graphs on the GPU")
     rp.add_argument("folder", type=Path)
-    rp.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024, 8192, 65536])
-    rp.add_argument("--min-seconds", type=float, default=0.5)
-    rp.add_argument("--out", type=Path, help="also write the Markdown report here")
-    rp.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run")
-    rp.add_argument("--profile", type=Path, help="also profile IG 32 steps; traces to this folder")
+    ap = sub.add_parser("all", help="prepare into a temporary folder, then run")
+    for q in (rp, ap):
+        q.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024, 8192, 65536])
+        q.add_argument("--min-seconds", type=float, default=0.5)
+        q.add_argument("--out", type=Path, help="also write the Markdown report here")
+        q.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run")
+        q.add_argument("--profile", type=Path, help="also profile IG 32 steps; traces here")
     args = p.parse_args()
     if args.cmd == "prepare":
         prepare(args.folder)
+    elif args.cmd == "all":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prepare(Path(tmp))
+            code = run(
+                Path(tmp), args.batches, args.min_seconds, args.out, args.device, args.profile
+            )
+        sys.exit(code)
     else:
         sys.exit(
             run(args.folder, args.batches, args.min_seconds, args.out, args.device, args.profile)

@@ -1,0 +1,67 @@
+"""The GPU benchmark's steps, dry-run on the CPU provider (``--device cpu``), so that the script
+a GPU machine runs from prepared artifacts keeps working where CI has no GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpu_bench")
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "prepare", str(folder)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return folder
+
+
+def test_prepare_exports_every_graph_and_the_cells(prepared):
+    from benchmarks.gpu import CELLS, GRAPHS, LAYERS, PREDICT_ONLY
+
+    for name, _, _ in GRAPHS:
+        for precision in ("float32", "float16"):
+            assert (prepared / f"{name}-{precision}" / "model.onnx").is_file()
+            assert (prepared / f"{name}-{precision}" / "model.json").is_file()
+    assert (prepared / PREDICT_ONLY).is_file()
+    X = np.load(prepared / CELLS)
+    assert X.ndim == 2 and X.shape[1] == 765 and np.isfinite(X).all()
+    assert len(np.load(prepared / LAYERS).files) % 2 == 0
+
+
+def test_dry_run_checks_times_and_compares_with_captum(prepared, tmp_path):
+    report = tmp_path / "gpu.md"
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "benchmarks.gpu", "run", str(prepared), "--device", "cpu"),
+            *("--batches", "1", "64", "--min-seconds", "0.01", "--out", str(report)),
+            *("--profile", str(tmp_path / "prof")),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    text = report.read_text()
+    assert "FAILED" not in text
+    assert text.count("IO binding gives the same outputs as run()") == 4
+    assert "| IG 32 steps float16 |" in text and "| prediction only |" in text
+    # torch + Captum on the same network: same attributions (rebuilt from layers.npz)
+    rows = [ln for ln in text.splitlines() if ln.startswith("| IG 32 steps |")]
+    assert len(rows) == 1
+    error = float(rows[0].rstrip(" |").split("|")[-1])
+    assert error < 1e-4
+    assert "kernel time per call by provider" in text
+    assert any((tmp_path / "prof").glob("ort_profile*.json"))

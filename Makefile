@@ -24,10 +24,13 @@ proto: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-# on a CUDA machine: onnxruntime-gpu in place of onnxruntime (they cannot share an environment)
+# on a CUDA machine: onnxruntime-gpu in place of onnxruntime (they cannot share an environment).
+# PyPI's onnxruntime-gpu is built for CUDA 12 up to 1.26, for CUDA 13 from 1.27: CUDA 13
+# machines (driver >= 580) take `make install-gpu ORT_GPU='onnxruntime-gpu>=1.27'`
+ORT_GPU ?= onnxruntime-gpu>=1.20,<1.27
 install-gpu: $(VENV)/.installed
 	$(PY) -m pip uninstall --quiet --yes onnxruntime
-	$(PY) -m pip install --quiet 'onnxruntime-gpu>=1.20'
+	$(PY) -m pip install --quiet '$(ORT_GPU)'
 
 # the default model: reuse the store's, else import the trained folder, else train it
 default-model: $(VENV)/.installed

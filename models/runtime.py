@@ -90,6 +90,8 @@ class OnnxModel:
         providers: onnxruntime providers, names or ``(name, options)`` (default:
             :func:`available_providers`).
         intra_op_threads: threads per inference call (0: onnxruntime decides).
+        spinning: onnxruntime's idle threads busy-wait for the next call (its default: the
+            fastest back-to-back calls; a server whose cores also parse requests turns it off).
         io_binding: bind the input and outputs explicitly, outputs into the host arrays
             returned (each batch's rows written in place). Off by default, on every provider:
             on an H200 (onnxruntime 1.31) it was 10-20% slower than ``run()`` at 1k-8k cells
@@ -104,6 +106,7 @@ class OnnxModel:
         providers: Sequence[Provider] | None = None,
         intra_op_threads: int = 0,
         io_binding: bool = False,
+        spinning: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.card = ModelCard.read(self.directory)
@@ -118,6 +121,8 @@ class OnnxModel:
             )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
+        if not spinning:  # idle threads sleep instead of busy-waiting for the next call
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # the optional `target` input is an initializer by design
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(

@@ -165,7 +165,9 @@ class Annotator:
         for d in settings.model_dirs:
             sources.append((f"dir:{d}", Path(d)))
         for tag, path in sources:
-            m = OnnxModel(path, providers=providers, intra_op_threads=threads)
+            m = OnnxModel(
+                path, providers=providers, intra_op_threads=threads, spinning=settings.ort_spinning
+            )
             m.predict(np.zeros((2, len(m.genes)), np.float32))  # warm-up
             name = m.card.name
             if any(lm.name == name for lm in loaded):
@@ -609,9 +611,7 @@ class Annotator:
         unassigned = int((~assigned).sum())
         if unassigned:
             metrics.UNASSIGNED.labels(model=model).inc(unassigned)
-        hist = metrics.CONFIDENCE.labels(model=model)
-        for c in conf:
-            hist.observe(float(c))
+        metrics.observe_many(metrics.CONFIDENCE.labels(model=model), conf)
         metrics.MISSING_GENES.labels(model=model).observe(missing_fraction)
 
     def close(self) -> None:

@@ -7,7 +7,9 @@ multiprocess mode, so ``/metrics`` sums the values of every worker.
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import numpy as np
 import prometheus_client as prom
 
 _FRACTION_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -91,3 +93,24 @@ def resident_bytes() -> int:
 
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def observe_many(hist: Any, values: np.ndarray) -> None:
+    """``hist.observe(v)`` for every value, with one increment per bucket instead of one per
+    value (per-cell confidences of a 1024-cell request, observed one by one, took 10% of the
+    server's Python time: each observe writes prometheus_client's multiprocess mmap files).
+
+    ``hist`` is a labelled child of a :class:`prometheus_client.Histogram`; this uses its
+    ``_upper_bounds``, ``_buckets`` and ``_sum``, the attributes ``Histogram.observe`` itself
+    updates (tests/unit/test_metrics.py checks the result equals one observe per value).
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return
+    bounds = np.asarray(hist._upper_bounds, dtype=np.float64)
+    # observe() counts a value in the first bucket whose upper bound is >= it
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    hist._sum.inc(float(values.sum()))
+    for bucket, n in zip(hist._buckets, counts[: len(bounds)], strict=True):
+        if n:
+            bucket.inc(int(n))

@@ -67,6 +67,11 @@ class Settings(BaseModel):
     max_top_k: int = Field(default=100, ge=1)
     missing_genes_listed: int = Field(default=20, ge=0)
     intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime decides")
+    ort_spinning: bool = Field(
+        default=False,
+        description="let onnxruntime's idle threads spin-wait for work (lower latency on "
+        "dedicated cores; off: a server shares its cores with request handling)",
+    )
     prefer_gpu: bool = True
     tensorrt: bool = Field(
         default=False,

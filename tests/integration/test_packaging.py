@@ -33,7 +33,11 @@ def test_requirement_files_follow_pyproject():
     cpu_reqs = [ln for ln in cpu if ln and not ln.startswith("#")]
     gpu_reqs = [ln for ln in gpu if ln and not ln.startswith("#")]
     assert sorted(cpu_reqs) == sorted(deps)
-    assert sorted(gpu_reqs) == sorted(d.replace("onnxruntime>", "onnxruntime-gpu>") for d in deps)
+    # the GPU image's onnxruntime-gpu is capped to the CUDA 12 builds (see requirements-gpu.txt)
+    assert "onnxruntime-gpu>=1.20,<1.27" in gpu_reqs
+    assert sorted(gpu_reqs) == sorted(
+        d.replace("onnxruntime>=1.20", "onnxruntime-gpu>=1.20,<1.27") for d in deps
+    )
 
 
 def bentoml(home: Path, *args: str) -> str:
@@ -78,6 +82,7 @@ def test_dockerfiles(built):
         assert f"ARG BENTO_USER_UID={uid}" in dockerfile
         assert "ENV CELLEXPLAIN_MODELS=$CELLEXPLAIN_MODELS" in dockerfile
     assert bases["cpu"].startswith("python:3.11")
+    # CUDA 12 in the image: onnxruntime-gpu must be a CUDA 12 build (< 1.27 on PyPI)
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", bases["gpu"])
 
 
@@ -91,6 +96,10 @@ def test_locked_requirements_have_no_training_stack(built):
         ort = "onnxruntime-gpu" if variant == "gpu" else "onnxruntime"
         other = "onnxruntime" if variant == "gpu" else "onnxruntime-gpu"
         assert ort in names and other not in names
+    gpu_lines = (folders["gpu"] / "env" / "python" / "requirements.txt").read_text().splitlines()
+    (line,) = [ln for ln in gpu_lines if ln.lower().startswith("onnxruntime-gpu")]
+    pinned = re.search(r"==\s*1\.(\d+)", line)
+    assert int(pinned.group(1)) < 27 if pinned else "<1.27" in line, line  # a CUDA 12 build
 
 
 def test_bento_sources_and_exported_models(built, tmp_path):

@@ -1,0 +1,36 @@
+"""service.metrics.observe_many: the same histogram as one observe() per value."""
+
+from __future__ import annotations
+
+import numpy as np
+import prometheus_client as prom
+
+from service.metrics import observe_many
+
+
+def samples(registry: prom.CollectorRegistry, name: str) -> dict[str, float]:
+    return {
+        f"{s.name}{sorted(s.labels.items())}": s.value
+        for metric in registry.collect()
+        for s in metric.samples
+        if s.name.startswith(name) and not s.name.endswith("_created")
+    }
+
+
+def test_observe_many_equals_one_observe_per_value():
+    bounds = (0.0, 0.01, 0.1, 0.5, 1.0)
+    rng = np.random.default_rng(0)
+    # bucket edges exactly, values between them, above the last bound (+Inf), negatives
+    values = np.concatenate([bounds, rng.uniform(-0.1, 1.5, 997), [0.0, 0.0, 2.0]])
+    one, bulk = prom.CollectorRegistry(), prom.CollectorRegistry()
+    h1 = prom.Histogram("conf", "d", ["model"], buckets=bounds, registry=one).labels(model="m")
+    h2 = prom.Histogram("conf", "d", ["model"], buckets=bounds, registry=bulk).labels(model="m")
+    for v in values:
+        h1.observe(float(v))
+    observe_many(h2, values[:500])
+    observe_many(h2, values[500:])
+    observe_many(h2, np.array([]))
+    a, b = samples(one, "conf"), samples(bulk, "conf")
+    assert a.keys() == b.keys() and len(a) == len(bounds) + 3  # buckets, +Inf, count, sum
+    for key in a:
+        assert np.isclose(a[key], b[key], rtol=1e-12), key

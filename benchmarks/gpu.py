@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.timing import best_rate, device_name, gpu_name
+from benchmarks.timing import best_rate, device_name, gpu_name, nvidia_smi
 from models.card import FLOAT16_MIN_LABEL_AGREEMENT, FLOAT16_RTOL
 from models.runtime import OnnxModel, Prediction, Provider, available_providers, provider_name
 
@@ -97,15 +96,10 @@ def with_cpu(providers: list[Provider]) -> list[Provider]:
 
 def gpu_memory_mib() -> float | None:
     """GPU memory in use on the first GPU (nvidia-smi), MiB."""
+    used = nvidia_smi("memory.used")
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return float(out.stdout.split()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return float(used) if used else None
+    except ValueError:
         return None
 
 

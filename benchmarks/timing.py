@@ -28,20 +28,26 @@ def best_rate(fn: Callable[[], object], n_cells: int, repeat: int, min_seconds: 
     return max(rates)
 
 
-def gpu_name() -> str | None:
-    """The GPU's name from nvidia-smi, or None (no GPU provider, or no nvidia-smi)."""
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return None
+def nvidia_smi(query: str) -> str | None:
+    """``nvidia-smi --query-gpu=QUERY`` for the first GPU (no header, no units), or None."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def gpu_name() -> str | None:
+    """The GPU's name from nvidia-smi, or None (no GPU provider, or no nvidia-smi)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    return nvidia_smi("name")
 
 
 def device_name(provider: str) -> str:

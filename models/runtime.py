@@ -21,8 +21,6 @@ from models.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 
-#: providers that run on a GPU (IO binding pays off there)
-
 Provider = str | tuple[str, dict[str, Any]]
 
 #: onnxruntime tensor types of the graph's outputs, as numpy dtypes

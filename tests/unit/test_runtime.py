@@ -79,3 +79,18 @@ def test_float16_deeplift_has_no_nan(pbmc_data, cells, tmp_path):
     assert card.checks.passed and card.checks.float16 is not None
     pred = OnnxModel(tmp_path, providers=["CPUExecutionProvider"]).predict(cells)
     assert np.isfinite(pred.attributions).all()
+
+
+def test_sessions_can_sleep_instead_of_spinning(programs_model, cells):
+    """The service's sessions (CELLEXPLAIN_ORT_SPINNING=false, the default) set onnxruntime's
+    allow_spinning entry to 0 and answer exactly as spinning ones do."""
+    from service.settings import Settings
+
+    _, artifact = programs_model
+    assert Settings().ort_spinning is False
+    quiet = OnnxModel(artifact, providers=["CPUExecutionProvider"], spinning=False)
+    options = quiet.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = OnnxModel(artifact, providers=["CPUExecutionProvider"])
+    a, b = quiet.predict(cells[:200]), spinning.predict(cells[:200])
+    np.testing.assert_array_equal(a.attributions, b.attributions)

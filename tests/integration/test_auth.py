@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.client import AsyncClient, Chunk, ClientError
 from service.grpc.codegen import load
 from service.schemas import AnnotateOptions
-from tests.integration.servers import bentoml_server, import_into_store
+from tests.integration.servers import bentoml_server
 
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
@@ -22,10 +22,8 @@ KEYS = ("first-secret", "second-secret")
 
 
 @pytest.fixture(scope="module")
-def server(programs_model, tmp_path_factory):
-    _, artifact = programs_model
-    home = tmp_path_factory.mktemp("bentoml_home")
-    import_into_store(artifact, home)
+def server(programs_home):
+    home = programs_home
     env = {"CELLEXPLAIN_MODELS": "pbmc-programs", "CELLEXPLAIN_API_KEYS": ",".join(KEYS)}
     with bentoml_server(home, env) as srv:
         yield srv

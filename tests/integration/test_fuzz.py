@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.integration.servers import bentoml_server, import_into_store
+from tests.integration.servers import bentoml_server
 
 pytestmark = pytest.mark.integration
 
@@ -20,10 +20,8 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 
 
 @pytest.fixture(scope="module")
-def server(programs_model, tmp_path_factory):
-    _, artifact = programs_model
-    home = tmp_path_factory.mktemp("bentoml_home")
-    import_into_store(artifact, home)
+def server(programs_home):
+    home = programs_home
     env = {
         "CELLEXPLAIN_MAX_CELLS_PER_REQUEST": "50",
         "CELLEXPLAIN_MAX_BODY_BYTES": str(1024 * 1024),

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from tritonclient.utils import InferenceServerException
 
 from service.grpc.codegen import load
-from tests.integration.servers import bentoml_server, import_into_store
+from tests.integration.servers import bentoml_server
 
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
@@ -31,10 +31,8 @@ MODEL = "pbmc-programs"
 
 
 @pytest.fixture(scope="module")
-def server(programs_model, tmp_path_factory):
-    _, artifact = programs_model
-    home = tmp_path_factory.mktemp("bentoml_home")
-    import_into_store(artifact, home)
+def server(programs_home):
+    home = programs_home
     env = {
         "CELLEXPLAIN_MODELS": MODEL,
         "CELLEXPLAIN_MAX_CELLS_PER_REQUEST": str(MAX_CELLS),

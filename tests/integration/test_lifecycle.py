@@ -16,21 +16,13 @@ import psutil
 import pytest
 
 from service.grpc.codegen import load
-from tests.integration.servers import bentoml_server, import_into_store
+from tests.integration.servers import bentoml_server
 
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
 pb_grpc = load("cellexplain_v1_pb2_grpc")
 
 N_CELLS = 3000  # big enough that a few requests queue up behind each other on one worker
-
-
-@pytest.fixture(scope="module")
-def home(programs_model, tmp_path_factory):
-    _, artifact = programs_model
-    home = tmp_path_factory.mktemp("bentoml_home")
-    import_into_store(artifact, home)
-    return home
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +53,12 @@ def post(url: str, body: bytes, timeout: float = 120) -> httpx.Response:
     )
 
 
-def test_sigterm_drains_in_flight_rest_and_grpc(home, cells, body):
+def test_sigterm_drains_in_flight_rest_and_grpc(programs_home, cells, body):
     """Kubernetes sends SIGTERM to the container's first process (the arbiter): requests
     already sent, on both doors, still get full answers, and the server exits cleanly."""
     genes, X = cells
     env = {"CELLEXPLAIN_WORKERS": "1", "CELLEXPLAIN_INTRA_OP_THREADS": "1"}
-    with bentoml_server(home, env) as srv:
+    with bentoml_server(programs_home, env) as srv:
         done: list[tuple[str, object, float]] = []
 
         def rest_call() -> None:
@@ -103,11 +95,11 @@ def test_sigterm_drains_in_flight_rest_and_grpc(home, cells, body):
     assert sum(at > sigterm_at for _, _, at in done) >= 2
 
 
-def test_killed_worker_is_replaced(home, body):
+def test_killed_worker_is_replaced(programs_home, body):
     """SIGKILL one of two workers: the other keeps answering, and the arbiter starts a new
     one (outside a container; in one, the liveness probe restarts the pod instead)."""
     env = {"CELLEXPLAIN_WORKERS": "2", "CELLEXPLAIN_INTRA_OP_THREADS": "1"}
-    with bentoml_server(home, env) as srv:
+    with bentoml_server(programs_home, env) as srv:
         before = workers(srv.proc)
         assert len(before) == 2
         victim = before[0]
@@ -132,10 +124,10 @@ def test_killed_worker_is_replaced(home, body):
         assert statuses == [200] * 6
 
 
-def test_request_timeout_gives_504_and_deadline_exceeded(home, cells, body):
+def test_request_timeout_gives_504_and_deadline_exceeded(programs_home, cells, body):
     genes, X = cells
     env = {"CELLEXPLAIN_WORKERS": "1", "CELLEXPLAIN_REQUEST_TIMEOUT_S": "0.001"}
-    with bentoml_server(home, env) as srv:
+    with bentoml_server(programs_home, env) as srv:
         r = post(srv.url, body)
         assert r.status_code == 504
         err = r.json()["error"]

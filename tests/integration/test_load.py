@@ -11,16 +11,14 @@ import sys
 
 import pytest
 
-from tests.integration.servers import REPO, bentoml_server, import_into_store
+from tests.integration.servers import REPO, bentoml_server
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server(programs_model, tmp_path_factory):
-    _, artifact = programs_model
-    home = tmp_path_factory.mktemp("bentoml_home")
-    import_into_store(artifact, home)
+def server(programs_home):
+    home = programs_home
     with bentoml_server(home, {"CELLEXPLAIN_WORKERS": "1"}) as srv:
         warm_up(srv.url)
         yield srv

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.servers import REPO, import_into_store
+from tests.integration.servers import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -55,18 +55,15 @@ def bentoml(home: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def built(programs_model, tmp_path_factory):
+def built(programs_home):
     """Both Bentos built from the repo's bentofiles: {"cpu"|"gpu": bento folder}."""
-    _, artifact = programs_model
-    home = tmp_path_factory.mktemp("bentoml_home")
-    import_into_store(artifact, home)
     folders = {}
     for variant, bentofile in (("cpu", "bentofile.yaml"), ("gpu", "bentofile.gpu.yaml")):
-        out = bentoml(home, "build", "-f", bentofile, "--output", "tag", ".")
+        out = bentoml(programs_home, "build", "-f", bentofile, "--output", "tag", ".")
         tag = out.strip().splitlines()[-1].removeprefix("__tag__:")
         name, version = tag.split(":")
-        folders[variant] = home / "bentos" / name / version
-    return home, folders
+        folders[variant] = programs_home / "bentos" / name / version
+    return programs_home, folders
 
 
 def test_dockerfiles(built):

@@ -19,23 +19,15 @@ import scipy.sparse as sp
 import tritonclient.grpc  # noqa: F401  (our gRPC client must work beside Triton's)
 
 from service.client import AsyncClient, Client, ClientError, annotate
-from tests.integration.servers import REPO, bentoml_server, free_port, import_into_store
+from tests.integration.servers import REPO, bentoml_server, free_port
 
 pytestmark = pytest.mark.integration
 MODEL = "pbmc-programs"
 
 
 @pytest.fixture(scope="module")
-def store(programs_model, tmp_path_factory):
-    _, artifact = programs_model
-    home = tmp_path_factory.mktemp("bentoml_home")
-    import_into_store(artifact, home)
-    return home
-
-
-@pytest.fixture(scope="module")
-def server(store):
-    with bentoml_server(store, {"CELLEXPLAIN_MODELS": MODEL}) as srv:
+def server(programs_home):
+    with bentoml_server(programs_home, {"CELLEXPLAIN_MODELS": MODEL}) as srv:
         yield srv
 
 
@@ -88,7 +80,7 @@ def read(path: Path) -> ad.AnnData:
         ("log1p_gene_key", ["--gene-key", "symbol"]),
     ],
 )
-def test_remote_and_local_agree(kind, extra, files, server, store, tmp_path):
+def test_remote_and_local_agree(kind, extra, files, server, programs_home, tmp_path):
     src = files[kind]
     before = src.read_bytes()
     remote, local = tmp_path / "remote.h5ad", tmp_path / "local.h5ad"
@@ -105,10 +97,10 @@ def test_remote_and_local_agree(kind, extra, files, server, store, tmp_path):
         "--cluster-key",
         "louvain",
         *extra,
-        home=store,
+        home=programs_home,
     )
     assert "annotated 700 cells" in out.stdout
-    cli(str(src), "--out", str(local), "--local", "--chunk-size", "256", *extra, home=store)
+    cli(str(src), "--out", str(local), "--local", "--chunk-size", "256", *extra, home=programs_home)
     assert src.read_bytes() == before  # the input is never modified
     r, loc = read(remote), read(local)
     assert r.n_obs == 700 and list(r.obs_names) == list(loc.obs_names)
@@ -132,10 +124,10 @@ def test_remote_and_local_agree(kind, extra, files, server, store, tmp_path):
     assert agree.mean() > 0.8
 
 
-def test_grpc_transport_and_full_attributions(files, server, store, tmp_path):
+def test_grpc_transport_and_full_attributions(files, server, programs_home, tmp_path):
     rest, grpc_out = tmp_path / "rest.h5ad", tmp_path / "grpc.h5ad"
     common = ["--url", server.url, "--attributions", "full", "--chunk-size", "200"]
-    cli(str(files["counts_sparse"]), "--out", str(rest), *common, home=store)
+    cli(str(files["counts_sparse"]), "--out", str(rest), *common, home=programs_home)
     cli(
         str(files["counts_sparse"]),
         "--out",
@@ -145,7 +137,7 @@ def test_grpc_transport_and_full_attributions(files, server, store, tmp_path):
         "grpc",
         "--grpc",
         server.grpc,
-        home=store,
+        home=programs_home,
     )
     r, g = read(rest), read(grpc_out)
     assert r.obsm["cellexplain_attributions"].shape == (700, 765)
@@ -224,13 +216,13 @@ def test_client_retries_until_the_service_answers(server, tmp_path):
         proxy.shutdown()
 
 
-def test_interrupted_run_leaves_no_output(files, store, tmp_path):
+def test_interrupted_run_leaves_no_output(files, programs_home, tmp_path):
     big = tmp_path / "big.h5ad"
     a = read(files["counts_sparse"])
     ad.concat([a] * 100, index_unique="-").write_h5ad(big)  # 70,000 cells
     out = tmp_path / "out.h5ad"
     out.write_text("an earlier result")
-    env = {**os.environ, "BENTOML_HOME": str(store), "BENTOML_DO_NOT_TRACK": "True"}
+    env = {**os.environ, "BENTOML_HOME": str(programs_home), "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -270,17 +262,19 @@ def test_interrupted_run_leaves_no_output(files, store, tmp_path):
     assert not list(tmp_path.glob(".out.h5ad.partial-*"))  # nothing half-written left
 
 
-def test_bad_files_get_clear_errors(files, store, tmp_path):
+def test_bad_files_get_clear_errors(files, programs_home, tmp_path):
     junk = tmp_path / "junk.h5ad"
     junk.write_text("not hdf5")
-    p = cli(str(junk), "--out", str(tmp_path / "o.h5ad"), "--local", home=store, check=False)
+    p = cli(
+        str(junk), "--out", str(tmp_path / "o.h5ad"), "--local", home=programs_home, check=False
+    )
     assert p.returncode == 2 and "not a readable .h5ad" in p.stderr
     p = cli(
         str(files["counts_sparse"]),
         "--out",
         str(files["counts_sparse"]),
         "--local",
-        home=store,
+        home=programs_home,
         check=False,
     )
     assert p.returncode == 2 and "input is never modified" in p.stderr
@@ -291,7 +285,7 @@ def test_bad_files_get_clear_errors(files, store, tmp_path):
         "--local",
         "--layer",
         "spliced",
-        home=store,
+        home=programs_home,
         check=False,
     )
     assert p.returncode == 2 and "layer 'spliced' not found" in p.stderr
@@ -300,7 +294,7 @@ def test_bad_files_get_clear_errors(files, store, tmp_path):
         "--out",
         str(tmp_path / "o.h5ad"),
         "--local",
-        home=store,
+        home=programs_home,
         check=False,
     )  # var names g0, g1, ...: no overlap without --gene-key
     assert p.returncode == 2 and "matches any of the model's 765 genes" in p.stderr
@@ -308,21 +302,21 @@ def test_bad_files_get_clear_errors(files, store, tmp_path):
     a = read(files["counts_sparse"])
     a.X = sp.csc_matrix(a.X)
     a.write_h5ad(csc)
-    p = cli(str(csc), "--out", str(tmp_path / "o.h5ad"), "--local", home=store, check=False)
+    p = cli(str(csc), "--out", str(tmp_path / "o.h5ad"), "--local", home=programs_home, check=False)
     assert p.returncode == 2 and "csc_matrix" in p.stderr
     scaled = cli(
         str(files["log1p_raw"]),
         "--out",
         str(tmp_path / "o.h5ad"),
         "--local",
-        home=store,
+        home=programs_home,
         check=False,
     )  # X holds z-scores
     assert scaled.returncode == 2 and "negative" in scaled.stderr
     assert not (tmp_path / "o.h5ad").exists()
 
 
-def test_report_pictures(files, store, tmp_path):
+def test_report_pictures(files, programs_home, tmp_path):
     from PIL import Image
 
     annotated = tmp_path / "annotated.h5ad"
@@ -333,9 +327,9 @@ def test_report_pictures(files, store, tmp_path):
         "--local",
         "--attributions",
         "full",
-        home=store,
+        home=programs_home,
     )
-    env = {**os.environ, "BENTOML_HOME": str(store)}
+    env = {**os.environ, "BENTOML_HOME": str(programs_home)}
     run = lambda *a: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "models.cli", "report", *a],
         capture_output=True,
@@ -364,7 +358,7 @@ def test_report_pictures(files, store, tmp_path):
             assert len(set(im.convert("L").getdata())) > 10  # a picture, not a blank
     # a top-k-only file still gets gene charts (from how often genes are among the top ones)
     topk = tmp_path / "topk.h5ad"
-    cli(str(files["counts_sparse"]), "--out", str(topk), "--local", home=store)
+    cli(str(files["counts_sparse"]), "--out", str(topk), "--local", home=programs_home)
     p = run(str(topk), "--out", str(tmp_path / "png2"), "--png")
     assert p.returncode == 0 and (tmp_path / "png2" / "genes.png").is_file()
     p = run(str(files["counts_sparse"]), "--out", str(tmp_path / "x.html"))

@@ -22,13 +22,10 @@ MAX_BODY = 4 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(programs_model, pbmc_data, tmp_path_factory):
-    _, artifact = programs_model
-    home = tmp_path_factory.mktemp("bentoml_home")
-    import_into_store(artifact, home)
+def server(programs_home, pbmc_data, tmp_path_factory):
     linear = tmp_path_factory.mktemp("linear")
     train_small(pbmc_data, linear, arch="linear", name="pbmc-linear", max_epochs=30)
-    import_into_store(linear, home)
+    import_into_store(linear, programs_home)
     env = {
         "CELLEXPLAIN_MODELS": "pbmc-programs,pbmc-linear",
         "CELLEXPLAIN_WORKERS": "2",
@@ -36,7 +33,7 @@ def server(programs_model, pbmc_data, tmp_path_factory):
         "CELLEXPLAIN_MAX_BODY_BYTES": str(MAX_BODY),
         "CELLEXPLAIN_INTRA_OP_THREADS": "1",
     }
-    with bentoml_server(home, env) as srv:
+    with bentoml_server(programs_home, env) as srv:
         yield srv.url
 
 

@@ -39,9 +39,11 @@ default-model: $(VENV)/.installed
 		$(BIN)/cellexplain train --arch programs --name $(DEFAULT_MODEL) --out $(DEFAULT_DIR) --import
 	@$(BIN)/cellexplain models list
 
-# REST on CELLEXPLAIN_HTTP_PORT (3000), gRPC on CELLEXPLAIN_GRPC_PORT (50051); see README
+# REST on CELLEXPLAIN_HTTP_PORT (3000), gRPC on CELLEXPLAIN_GRPC_PORT (50051); see README.
+# After SIGTERM, HTTP requests still running after CELLEXPLAIN_SHUTDOWN_GRACE_S are cancelled.
 serve: default-model
-	$(BIN)/bentoml serve service.rest:CellExplain
+	$(BIN)/bentoml serve service.rest:CellExplain \
+		--timeout-graceful-shutdown $$(printf '%.0f' "$${CELLEXPLAIN_SHUTDOWN_GRACE_S:-30}")
 
 lint: install
 	$(BIN)/ruff check models service tests benchmarks load_tests

@@ -123,6 +123,23 @@ def detect_input_kind(X: Matrix, max_rows: int = 2000) -> Detection:
     )
 
 
+class TotalOverflowError(PreprocessError):
+    """A cell's counts sum to more than float64 holds (``row`` is the cell's row)."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(
+            f"the counts of cell {row} sum to more than a float64 holds (values near 1e308?): "
+            "they cannot be normalised; send raw UMI counts"
+        )
+        self.row = row
+
+
+def _check_totals(totals: np.ndarray) -> None:
+    bad = ~np.isfinite(totals)
+    if bad.any():
+        raise TotalOverflowError(int(np.argmax(bad)))
+
+
 def normalize_log1p(X: Matrix, target_sum: float = TARGET_SUM) -> np.ndarray | sp.csr_matrix:
     """Normalise counts to ``log1p(counts / total * target_sum)`` per cell.
 
@@ -132,16 +149,21 @@ def normalize_log1p(X: Matrix, target_sum: float = TARGET_SUM) -> np.ndarray | s
 
     Returns:
         float32 matrix of the same shape (sparse stays CSR). Cells with no counts stay all zero.
+
+    Raises:
+        TotalOverflowError: a cell's counts sum to infinity (it would silently become empty).
     """
     if sp.issparse(X):
         Xc = sp.csr_matrix(X, dtype=np.float64)
         totals = np.asarray(Xc.sum(axis=1)).ravel()
+        _check_totals(totals)
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
         Xc = sp.csr_matrix(sp.diags(scale) @ Xc)
         Xc.data = np.log1p(Xc.data)
         return Xc.astype(np.float32)
     Xd = np.asarray(X, dtype=np.float64)
     totals = Xd.sum(axis=1, keepdims=True)
+    _check_totals(totals.ravel())
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     return np.log1p(Xd * scale).astype(np.float32)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import re
 import threading
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from importlib import resources
 import numpy as np
 import scipy.sparse as sp
 
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, brief
 
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 GENCODE_TABLE = "gencode_v44_human_gene_id2name.csv.gz"
@@ -94,46 +95,76 @@ class Alignment:
         return out
 
 
-#: gene lists remembered per model (see :meth:`GeneAligner.align`)
-CACHE_SIZE = 16
+#: memory the remembered alignments of one model may hold (see :meth:`GeneAligner.align`)
+CACHE_BYTES = 16 * 1024 * 1024
+
+
+def _list_key(genes: Sequence[str]) -> bytes | None:
+    """A fixed-size key for a gene list (BLAKE2b of the names), so that remembering a list
+    never holds the names themselves: 60,000 long names cost 32 bytes, not megabytes."""
+    if not all(isinstance(g, str) for g in genes):
+        return None
+    h = hashlib.blake2b(digest_size=32)
+    for g in genes:
+        h.update(g.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.digest()
+
+
+def _alignment_bytes(al: Alignment) -> int:
+    """What a remembered alignment holds: its index array, the list of missing model genes
+    (references to the model's own names), merged columns, and the entry's overhead."""
+    merged = sum(8 * (len(cols) + 8) for cols in al.merged.values())
+    return al.take.nbytes + 8 * len(al.missing) + merged + 512
 
 
 class GeneAligner:
     """Aligns submitted gene names to one model's genes (built once per model)."""
 
-    def __init__(self, model_genes: Sequence[str]) -> None:
+    def __init__(self, model_genes: Sequence[str], cache_bytes: int = CACHE_BYTES) -> None:
         self.model_genes = list(model_genes)
         self.index: dict[str, int] = {}
         for i, g in enumerate(self.model_genes):
             self.index.setdefault(canonical(g), i)
         self.model_uses_ids = sum(is_ensembl(g) for g in self.model_genes) > len(model_genes) / 2
-        self._cache: OrderedDict[tuple[str, ...], Alignment] = OrderedDict()
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[bytes, tuple[Alignment, int]] = OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
+
+    @property
+    def cached_bytes(self) -> int:
+        """Memory held by remembered alignments (bounded by ``cache_bytes``)."""
+        return self._cached_bytes
 
     def align(self, genes: Sequence[str], field_name: str = "genes") -> Alignment:
         """Match ``genes`` (submitted order) to the model's genes.
 
-        The last :data:`CACHE_SIZE` gene lists that aligned are remembered: a pipeline sends the
-        same list with every chunk, and matching 30,000 names costs more than the inference of
-        a small request.
+        Alignments are remembered by a hash of the gene list, up to ``cache_bytes`` (least
+        recently used first out): a pipeline sends the same list with every chunk, and matching
+        30,000 names costs more than the inference of a small request.
 
         Raises:
             InvalidInputError: empty list, empty or non-string names, duplicated genes, or no
                 overlap at all with the model's genes.
         """
-        key = tuple(genes) if all(isinstance(g, str) for g in genes) else None
+        key = _list_key(genes)
         if key is not None:
             with self._lock:
                 hit = self._cache.get(key)
                 if hit is not None:
                     self._cache.move_to_end(key)
-                    return hit
+                    return hit[0]
         alignment = self._align(genes, field_name)
-        if key is not None:
+        size = _alignment_bytes(alignment) + len(key or b"")
+        if key is not None and size <= self.cache_bytes:
             with self._lock:
-                self._cache[key] = alignment
-                while len(self._cache) > CACHE_SIZE:
-                    self._cache.popitem(last=False)
+                if key not in self._cache:
+                    self._cache[key] = (alignment, size)
+                    self._cached_bytes += size
+                while self._cached_bytes > self.cache_bytes:
+                    _, (_, freed) = self._cache.popitem(last=False)
+                    self._cached_bytes -= freed
         return alignment
 
     def _align(self, genes: Sequence[str], field_name: str) -> Alignment:
@@ -146,15 +177,15 @@ class GeneAligner:
         for col, g in enumerate(genes):
             if not isinstance(g, str) or not g.strip():
                 raise InvalidInputError(
-                    f"{field_name}[{col}] is not a gene name: {g!r}", f"{field_name}[{col}]"
+                    f"{field_name}[{col}] is not a gene name: {brief(g)}", f"{field_name}[{col}]"
                 )
             upper = g.strip().upper()
             exact = upper.split(".", 1)[0] if ENSEMBL_RE.match(upper) else upper
             if exact in seen:
                 first_col, first = seen[exact]
                 raise InvalidInputError(
-                    f"duplicated gene in {field_name}: {first!r} (position {first_col}) and "
-                    f"{g!r} (position {col}) name the same gene",
+                    f"duplicated gene in {field_name}: {brief(first)} (position {first_col}) and "
+                    f"{brief(g)} (position {col}) name the same gene",
                     field_name,
                 )
             seen[exact] = (col, g)
@@ -168,9 +199,10 @@ class GeneAligner:
                 continue
             if len(cols) > 1:
                 if not all(is_ensembl(genes[c]) for c in cols):
-                    names = ", ".join(repr(genes[c]) for c in cols)
+                    names = ", ".join(brief(genes[c]) for c in cols[:5])
                     raise InvalidInputError(
-                        f"duplicated gene in {field_name}: {names} all name {key}", field_name
+                        f"duplicated gene in {field_name}: {names} all name {brief(key)}",
+                        field_name,
                     )
                 merged[j] = cols
             take[j] = cols[0]
@@ -201,6 +233,6 @@ class GeneAligner:
             )
         return (
             f"none of the {len(genes)} submitted genes ({sent}, e.g. "
-            f"{', '.join(map(str, genes[:3]))}) matches any of the model's "
+            f"{', '.join(brief(g, 40) for g in genes[:3])}) matches any of the model's "
             f"{len(self.model_genes)} genes.{hint}"
         )

@@ -16,12 +16,10 @@ What lands where (scanpy's conventions, like ``sc.tl.*`` writing into the object
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anndata as ad
 import numpy as np
@@ -32,7 +30,8 @@ from models.card import ModelCard
 from models.data import select_matrix
 from models.errors import DataError
 from models.runtime import Prediction
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, brief
+from service.h5ad_check import Limits, check_h5ad
 from service.schemas import AnnotateOptions, AnnotateResponse, GeneMatching
 
 PREFIX = "cellexplain"
@@ -40,34 +39,33 @@ PREFIX = "cellexplain"
 
 def expression(
     adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None
-) -> tuple[list[str], np.ndarray | sp.csr_matrix]:
-    """Gene names and the ``[n_cells, n_genes]`` float64 matrix to annotate (dense or CSR);
-    see :func:`models.data.select_matrix` for ``gene_key`` and ``layer``."""
+) -> tuple[list[str], np.ndarray | sp.spmatrix]:
+    """Gene names and the ``[n_cells, n_genes]`` matrix to annotate, as stored (dense or
+    sparse, its own dtype: the core converts and checks it in row chunks); see
+    :func:`models.data.select_matrix` for ``gene_key`` and ``layer``."""
     try:
         genes, X = select_matrix(adata, gene_key, layer)
     except DataError as e:
         raise InvalidInputError(str(e), e.field) from e
-    if sp.issparse(X):
-        return genes, sp.csr_matrix(X, dtype=np.float64)
-    return genes, np.asarray(X, dtype=np.float64)
+    if not (sp.issparse(X) or isinstance(X, np.ndarray)):
+        raise InvalidInputError(
+            f"the matrix in {layer or 'X'} is a {type(X).__name__}, not a dense or sparse array",
+            "layer",
+        )
+    return genes, X
 
 
-def read_h5ad_bytes(data: bytes) -> ad.AnnData:
-    """Parse an uploaded ``.h5ad`` (read fully into memory; the caller bounds its size)."""
-    if not data:
-        raise InvalidInputError("the uploaded file is empty", "file")
-    fd, name = tempfile.mkstemp(suffix=".h5ad")
+def read_h5ad_upload(path: str | Path, limits: Limits) -> ad.AnnData:
+    """Read an uploaded ``.h5ad`` after :func:`service.h5ad_check.check_h5ad` has found it
+    self-contained and within ``limits``."""
+    check_h5ad(path, limits)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        try:
-            adata = ad.read_h5ad(name)
-        except Exception as e:  # h5py and anndata raise many kinds for a bad file
-            raise InvalidInputError(
-                f"the uploaded file is not a readable .h5ad: {type(e).__name__}: {e}", "file"
-            ) from e
-    finally:
-        os.unlink(name)
+        adata = ad.read_h5ad(path)
+    except Exception as e:  # h5py and anndata raise many kinds for a bad file
+        raise InvalidInputError(
+            f"the uploaded file is not a readable .h5ad: {type(e).__name__}: {brief(str(e), 300)}",
+            "file",
+        ) from e
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InvalidInputError(
             f"the uploaded file has {adata.n_obs} cells x {adata.n_vars} genes", "file"
@@ -75,11 +73,13 @@ def read_h5ad_bytes(data: bytes) -> ad.AnnData:
     return adata
 
 
-def to_h5ad_bytes(adata: ad.AnnData) -> bytes:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "annotated.h5ad"
-        adata.write_h5ad(path)
-        return path.read_bytes()
+def open_h5ad_result(adata: ad.AnnData, path: Path) -> BinaryIO:
+    """Write ``adata`` to ``path`` and return it opened for reading, already unlinked: the
+    answer is streamed from disk, and the file goes away when it is closed (or dropped)."""
+    adata.write_h5ad(path)
+    f = path.open("rb")
+    path.unlink()
+    return f
 
 
 @dataclass

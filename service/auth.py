@@ -9,14 +9,9 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 
-from service.errors import ServiceError
+from service.errors import UnauthenticatedError
 
-
-class UnauthenticatedError(ServiceError):
-    http_status = 401
-    grpc_code = "UNAUTHENTICATED"
-    kind = "unauthenticated"
-
+__all__ = ["OPEN_GRPC_PREFIXES", "OPEN_PATHS", "UnauthenticatedError", "check", "presented_key"]
 
 #: paths and gRPC methods that never need a key (probes, metrics, OIP health)
 OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")

@@ -1,9 +1,10 @@
-"""The annotation data plane: one ``annotate()`` for every front door.
+"""The annotation data plane: one core for every front door.
 
 Validate the request, align genes, normalise, run the ONNX graph (through the batcher), label
 low-confidence cells ``Unassigned``, rank attributions, count metrics. No transport code here:
-REST, gRPC and the CLI translate to and from :class:`~service.schemas.AnnotateRequest` and
-:class:`~service.schemas.AnnotateResponse` and call :meth:`Annotator.annotate`.
+REST (``service/jsonbody.py`` reads its bodies), gRPC and the CLI turn their requests into
+genes + a matrix + :class:`~service.schemas.AnnotateOptions` and call
+:meth:`Annotator.annotate_payload` (or :meth:`Annotator.annotate_matrix`).
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydantic_core
 import scipy.sparse as sp
 from anndata import AnnData
 
 from models.errors import PreprocessError
 from models.preprocess import (
     MAX_LOG1P_VALUE,
+    TotalOverflowError,
     detect_input_kind,
     first_invalid,
     normalize_log1p,
@@ -32,10 +33,9 @@ from models.runtime import OnnxModel, Prediction, available_providers
 from service import anndata_io, metrics
 from service.alignment import Alignment, GeneAligner
 from service.batching import Batcher
-from service.errors import InvalidInputError, ModelNotFoundError, TooLargeError
+from service.errors import InvalidInputError, ModelNotFoundError, TooLargeError, brief
 from service.schemas import (
     AnnotateOptions,
-    AnnotateRequest,
     AnnotateResponse,
     GeneMatching,
     ModelDetail,
@@ -47,6 +47,8 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 UNASSIGNED = "Unassigned"
+#: values per chunk of rows checked and normalised at once (8 MiB as float64, 3 working copies)
+CHUNK_VALUES = 1 << 20
 
 
 @dataclass
@@ -85,39 +87,62 @@ def top_k_indices(attr: np.ndarray, k: int) -> np.ndarray:
 
 
 def sparse_from_maps(
-    cells: Sequence[Mapping[str, float]], genes: Sequence[str] | None = None
+    cells: Iterable[Mapping[str, float]],
+    genes: Sequence[str] | None = None,
+    max_genes: int | None = None,
 ) -> tuple[list[str], sp.csr_matrix]:
     """One ``{gene: value}`` map per cell -> (genes, CSR ``[n_cells, n_genes]``); genes absent
     from a map are zero.
 
     With ``genes`` (all genes measured), the maps may only name those and the columns follow
-    them; without, the columns are the genes named, in order of first appearance.
+    them; without, the columns are the genes named, in order of first appearance (at most
+    ``max_genes``). Each cell becomes two small arrays at once, never a Python object per value.
 
     Raises:
         InvalidInputError: a map names a gene outside ``genes``.
+        TooLargeError: the maps name more than ``max_genes`` distinct genes.
     """
     columns: dict[str, int] = {g: i for i, g in enumerate(genes or [])}
     fixed = genes is not None
     indptr = [0]
-    indices: list[int] = []
-    data: list[float] = []
+    indices: list[np.ndarray] = []
+    data: list[np.ndarray] = []
     for i, cell in enumerate(cells):
-        for gene, value in cell.items():
+        cols = np.empty(len(cell), dtype=np.int64)
+        for k, gene in enumerate(cell):
             j = columns.get(gene)
             if j is None:
                 if fixed:
                     raise InvalidInputError(
-                        f"cells[{i}] names gene {gene!r}, which is not in genes", f"cells[{i}]"
+                        f"cells[{i}] names gene {brief(gene)}, which is not in genes",
+                        f"cells[{i}]",
                     )
                 j = columns[gene] = len(columns)
-            indices.append(j)
-            data.append(value)
-        indptr.append(len(indices))
+                if max_genes is not None and j >= max_genes:
+                    raise TooLargeError(
+                        f"the cells name more than {max_genes} genes; the limit is {max_genes}",
+                        "cells",
+                    )
+            cols[k] = j
+        indices.append(cols)
+        data.append(np.fromiter(cell.values(), dtype=np.float64, count=len(cell)))
+        indptr.append(indptr[-1] + len(cell))
     X = sp.csr_matrix(
-        (np.asarray(data, np.float64), np.asarray(indices, np.int64), np.asarray(indptr)),
-        shape=(len(cells), len(columns)),
+        (
+            np.concatenate(data) if data else np.zeros(0),
+            np.concatenate(indices) if indices else np.zeros(0, np.int64),
+            np.asarray(indptr, dtype=np.int64),
+        ),
+        shape=(len(indptr) - 1, len(columns)),
     )
     return list(columns), X
+
+
+def _float64(X: np.ndarray | sp.spmatrix) -> np.ndarray | sp.csr_matrix:
+    """A float64 copy (CSR stays CSR) of a block of rows."""
+    if sp.issparse(X):
+        return sp.csr_matrix(X, dtype=np.float64)
+    return np.asarray(X, dtype=np.float64)
 
 
 def _require_valid(
@@ -200,7 +225,8 @@ class Annotator:
         key = name or self.default
         if key not in self.models:
             raise ModelNotFoundError(
-                f"unknown model {key!r}; served models: {', '.join(sorted(self.models))}", "model"
+                f"unknown model {brief(key)}; served models: {', '.join(sorted(self.models))}",
+                "model",
             )
         return self.models[key]
 
@@ -227,61 +253,70 @@ class Annotator:
         return ModelDetail(tag=m.tag, providers=m.model.providers, card=m.model.card)
 
     # -- the data plane --------------------------------------------------------------------
-    def parse_request(
-        self, req: AnnotateRequest
-    ) -> tuple[list[str], np.ndarray | sp.csr_matrix, str]:
-        """The genes and ``[n_cells, n_genes]`` matrix of a JSON request (dense rows or sparse
-        maps), and the request field that holds the gene names."""
-        if len(req.cells) == 0:
-            raise InvalidInputError("cells is empty: send at least one cell", "cells")
-        self._check_n_cells(len(req.cells))
-        if isinstance(req.cells[0], dict):
-            genes, X = self._sparse_matrix(req)
-            return genes, X, "genes" if req.genes is not None else "cells"
-        genes, Xd = self._dense_matrix(req)
-        return genes, Xd, "genes"
-
     def prepare_matrix(
         self,
         genes: Sequence[str],
-        X: np.ndarray | sp.csr_matrix,
+        X: np.ndarray | sp.spmatrix,
         opts: AnnotateOptions,
         lm: LoadedModel,
         cell_ids: list[str],
         genes_field: str = "genes",
+        where: Callable[[int, int], tuple[str, str]] | None = None,
     ) -> Prepared:
-        """Validate an expression matrix ``[n_cells, n_genes]`` (values already checked finite
-        and non-negative) and turn it into model input: align, normalise, pick the target."""
+        """Validate an expression matrix ``[n_cells, n_genes]`` (raw counts or log1p values,
+        any numeric dtype, dense or sparse) and turn it into model input: check the limits, align
+        genes, then check values, normalise and align in row chunks, so the float64 working
+        copies stay ``O(chunk)`` whatever the request size.
+
+        ``where(row, col)`` describes a bad value and names its field (default: ``cells[i][j]``).
+        """
         s = self.settings
-        if X.shape[0] == 0:
+        n = X.shape[0]
+        if n == 0:
             raise InvalidInputError("no cells to annotate", "cells")
+        self._check_n_cells(n)
         if len(genes) > s.max_genes_per_request:
             raise TooLargeError(
                 f"{len(genes)} genes in one request; the limit is {s.max_genes_per_request}",
                 genes_field,
             )
+        if len(genes) != X.shape[1]:
+            raise InvalidInputError(
+                f"{len(genes)} gene names for a matrix of {X.shape[1]} columns", genes_field
+            )
+        if np.dtype(X.dtype).kind not in "biuf":
+            raise InvalidInputError(
+                f"the expression values are not numbers (dtype {X.dtype}): send raw counts or "
+                "log1p values",
+                "cells",
+            )
+        if where is None:
+            where = lambda i, j: (f"cells[{i}][{j}] (gene {brief(genes[j])})", f"cells[{i}][{j}]")  # noqa: E731
         alignment = lm.aligner.align(genes, genes_field)
-        Xn, kind = self._normalise(X, opts.input)
+        if sp.issparse(X) and X.format != "csr":  # type: ignore[union-attr]
+            X = sp.csr_matrix(X)
+        kind = opts.input
+        if kind == "auto":
+            head = _float64(X[: min(n, 2000)])
+            _require_valid(head, where)
+            try:
+                kind = detect_input_kind(head).kind
+            except PreprocessError as e:
+                raise InvalidInputError(f"{e} (or set input explicitly)", "cells") from e
+        x = np.empty((n, len(alignment.take)), dtype=np.float32)
+        step = max(1, min(s.max_batch_cells, CHUNK_VALUES // max(1, X.shape[1])))
+        for a in range(0, n, step):
+            chunk = _float64(X[a : a + step])
+            _require_valid(chunk, lambda i, j, a=a: where(a + i, j))  # type: ignore[misc]
+            x[a : a + step] = alignment.apply(self._normalise(chunk, kind, a))
         return Prepared(
-            x=alignment.apply(Xn),
-            target=np.full(X.shape[0], self._target_index(opts.target, lm), dtype=np.int64),
+            x=x,
+            target=np.full(n, self._target_index(opts.target, lm), dtype=np.int64),
             cell_ids=cell_ids,
             alignment=alignment,
             n_submitted=len(genes),
             input_kind=kind,
         )
-
-    async def annotate(self, req: AnnotateRequest) -> AnnotateResponse:
-        """Annotate the cells of a JSON request."""
-        genes, X, genes_field = self.parse_request(req)
-        return await self.annotate_matrix(genes, X, req, req.cell_ids, genes_field)
-
-    async def annotate_json(self, req: AnnotateRequest) -> bytes:
-        """:meth:`annotate`, answered as JSON bytes (``None`` fields left out) without building
-        the pydantic response: the REST fast path."""
-        genes, X, genes_field = self.parse_request(req)
-        payload = await self.annotate_payload(genes, X, req, req.cell_ids, genes_field)
-        return pydantic_core.to_json(payload)
 
     async def annotate_payload(
         self,
@@ -327,7 +362,6 @@ class Annotator:
         if n == 0:
             raise InvalidInputError("cells is empty: send at least one cell", "cells")
         self._check_n_cells(n)
-        _require_valid(X, lambda i, j: (f"cells[{i}][{j}] (gene {genes[j]!r})", f"cells[{i}][{j}]"))
         prep = self.prepare_matrix(genes, X, opts, lm, self._cell_ids(cell_ids, n), genes_field)
         pred = await lm.batcher.predict(prep.x, prep.target)
         return lm, prep, pred
@@ -374,12 +408,12 @@ class Annotator:
         lm = self.get(opts.model)
         self._check_options(opts, lm)
         genes, X = anndata_io.expression(adata, gene_key, layer)
-        _require_valid(
-            X, lambda r, c: (f"cell {adata.obs_names[r]!r} (row {r}), gene {genes[c]!r}", "file")
-        )
-        prep = self.prepare_matrix(
-            genes, X, opts, lm, [str(i) for i in adata.obs_names], "var_names"
-        )
+        names = adata.obs_names
+
+        def where(r: int, c: int) -> tuple[str, str]:
+            return f"cell {brief(names[r])} (row {r}), gene {brief(genes[c])}", "file"
+
+        prep = self.prepare_matrix(genes, X, opts, lm, [str(i) for i in names], "var_names", where)
         pred = await lm.batcher.predict(prep.x, prep.target)
         threshold = self._threshold(opts, lm)
         best, conf, assigned = self._calls(pred, threshold)
@@ -526,7 +560,7 @@ class Annotator:
         if target.casefold() in folded:
             return folded.index(target.casefold())
         raise InvalidInputError(
-            f"target {target!r} is not a class of model {lm.name}; use 'predicted' or one of: "
+            f"target {brief(target)} is not a class of model {lm.name}; use 'predicted' or one of: "
             + ", ".join(lm.classes),
             "target",
         )
@@ -540,58 +574,27 @@ class Annotator:
         return list(ids)
 
     @staticmethod
-    def _dense_matrix(req: AnnotateRequest) -> tuple[list[str], np.ndarray]:
-        if req.genes is None:
-            raise InvalidInputError(
-                "genes is required when cells are rows of values (or send cells as "
-                "{gene: value} maps)",
-                "genes",
-            )
-        rows = req.cells
-        g = len(req.genes)
-        if g == 0:
-            raise InvalidInputError("genes is empty: send the gene of each column", "genes")
-        for i, row in enumerate(rows):
-            if not isinstance(row, list) or len(row) != g:
-                got = len(row) if isinstance(row, list) else type(row).__name__
-                raise InvalidInputError(
-                    f"cells[{i}] has {got} values but genes has {g}: every row needs one value "
-                    "per gene",
-                    f"cells[{i}]",
-                )
-        X = np.asarray(rows, dtype=np.float64).reshape(len(rows), g)
-        return req.genes, X
-
-    @staticmethod
-    def _sparse_matrix(req: AnnotateRequest) -> tuple[list[str], sp.csr_matrix]:
-        for i, cell in enumerate(req.cells):
-            if not isinstance(cell, dict):
-                raise InvalidInputError(
-                    f"cells[{i}] is not a {{gene: value}} map like cells[0]", f"cells[{i}]"
-                )
-        return sparse_from_maps(req.cells, req.genes)  # type: ignore[arg-type]
-
-    @staticmethod
     def _normalise(
-        X: np.ndarray | sp.csr_matrix, kind: str
-    ) -> tuple[np.ndarray | sp.csr_matrix, str]:
-        try:
-            if kind == "auto":
-                kind = detect_input_kind(X).kind
-        except PreprocessError as e:
-            raise InvalidInputError(f"{e} (or set input explicitly)", "cells") from e
+        X: np.ndarray | sp.csr_matrix, kind: str, offset: int
+    ) -> np.ndarray | sp.csr_matrix:
+        """Rows ``offset...`` of the request, as log1p CP10k (counts are normalised here)."""
         if kind == "counts":
-            Xn = normalize_log1p(X)
-        else:
-            vmax = float(X.max()) if X.shape[1] else 0.0
-            if vmax > MAX_LOG1P_VALUE:
+            try:
+                return normalize_log1p(X)
+            except TotalOverflowError as e:
                 raise InvalidInputError(
-                    f"input is 'log1p_cp10k' but values reach {vmax:g}, more than log1p data "
-                    "ever holds: are these raw counts (input='counts')?",
-                    "input",
-                )
-            Xn = X
-        return Xn, kind
+                    f"the counts of cell {offset + e.row} sum to more than a float64 holds "
+                    "(values near 1e308?): send raw UMI counts",
+                    "cells",
+                ) from e
+        vmax = float(X.max()) if X.shape[1] else 0.0
+        if vmax > MAX_LOG1P_VALUE:
+            raise InvalidInputError(
+                f"input is 'log1p_cp10k' but values reach {vmax:g}, more than log1p data "
+                "ever holds: are these raw counts (input='counts')?",
+                "input",
+            )
+        return X
 
     def _count(
         self,

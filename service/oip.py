@@ -13,6 +13,7 @@ the card's threshold) and, for programs models, ``program_attributions``.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 
 from models import __version__
 from service.core import Annotator, LoadedModel
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, brief
 
 SERVER_NAME = "cellexplain"
 EXTENSIONS = ["binary_tensor_data"]
@@ -95,26 +96,40 @@ def model_metadata(lm: LoadedModel) -> dict[str, object]:
 def check_version(lm: LoadedModel, version: str | None) -> None:
     if version and version != lm.model.card.version:
         raise InvalidInputError(
-            f"model {lm.name} has version {lm.model.card.version}, not {version!r}", "version"
+            f"model {lm.name} has version {lm.model.card.version}, not {brief(version)}", "version"
         )
 
 
 def to_array(name: str, datatype: str, shape: Sequence[int], flat: object) -> np.ndarray:
-    """Build the array of an input tensor from flat data (list or numpy), checking its size."""
+    """Build the array of an input tensor from flat data (list or numpy), checking its size
+    (shape products are Python integers: no overflow)."""
     if datatype not in DTYPES:
-        raise InvalidInputError(f"input {name}: unknown datatype {datatype!r}", name)
-    if any(int(d) < 0 for d in shape):
-        raise InvalidInputError(f"input {name}: negative dimension in shape {list(shape)}", name)
+        raise InvalidInputError(
+            f"input {brief(name)}: unknown datatype {brief(datatype)}", "inputs"
+        )
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise InvalidInputError(f"input {name}: negative dimension in shape {dims}", name)
+    expected = math.prod(dims)
+    target = DTYPES[datatype]
+    if (
+        isinstance(flat, np.ndarray)
+        and flat.dtype.kind in "iu"
+        and target.kind in "iu"
+        and flat.size
+    ):
+        info = np.iinfo(target)
+        if int(flat.min()) < info.min or int(flat.max()) > info.max:
+            raise InvalidInputError(f"input {name}: values out of the range of {datatype}", name)
     try:
         arr = np.asarray(flat, dtype=DTYPES[datatype])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise InvalidInputError(f"input {name}: data is not {datatype}: {e}", name) from e
-    expected = int(np.prod(shape)) if len(shape) else 1
     if arr.size != expected:
         raise InvalidInputError(
-            f"input {name}: shape {list(shape)} needs {expected} values, got {arr.size}", name
+            f"input {name}: shape {dims} needs {expected} values, got {arr.size}", name
         )
-    return arr.reshape([int(d) for d in shape])
+    return arr.reshape(dims)
 
 
 def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
@@ -130,7 +145,9 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.n
         return to_array(name, datatype, shape, np.array(items, dtype=object))
     dtype = DTYPES.get(datatype)
     if dtype is None:
-        raise InvalidInputError(f"input {name}: unknown datatype {datatype!r}", name)
+        raise InvalidInputError(
+            f"input {brief(name)}: unknown datatype {brief(datatype)}", "inputs"
+        )
     if len(raw) % dtype.itemsize:
         raise InvalidInputError(
             f"input {name}: {len(raw)} bytes is not a whole number of {datatype} values", name

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import simdjson
 
-from service.errors import InvalidInputError
+from service import jsonbody
+from service.errors import InvalidInputError, brief
 from service.oip import Tensor, from_raw, to_array, to_raw
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -29,79 +31,164 @@ class HttpInferRequest:
     binary_default: bool
 
 
-def decode(body: bytes, header_length: str | None) -> HttpInferRequest:
-    """Parse an inference request body (JSON, or JSON header + binary tensors)."""
+#: dimensions an input tensor may have, and the largest dimension (OIP shapes are int64)
+MAX_DIMS = 8
+MAX_DIM = 2**31 - 1
+#: the only inputs our graphs take, and the datatypes accepted for them
+INPUT_DATATYPES = {"x": ("FP32", "FP64", "FP16"), "target": ("INT64", "INT32")}
+
+
+def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> HttpInferRequest:
+    """Parse an inference request body (JSON, or JSON header + binary tensors).
+
+    The JSON is read with simdjson and tensor ``data`` copied straight into arrays
+    (:mod:`service.jsonbody`), so a body never becomes a Python object per value; every field
+    is type-checked (a wrong type anywhere is a 400, never a 500).
+    """
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()):
             raise InvalidInputError(
-                f"Inference-Header-Content-Length {header_length!r} does not fit a body of "
-                f"{len(body)} bytes",
+                f"Inference-Header-Content-Length must be a number of bytes, got "
+                f"{brief(header_length)}",
                 "headers",
             )
         n = int(header_length)
+        if n > len(body):
+            raise InvalidInputError(
+                f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes",
+                "headers",
+            )
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
-    try:
-        req = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInputError(f"request is not valid JSON: {e}", "body") from e
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+    jsonbody.check_containers(head, max_cells)
+    req, non_json = jsonbody.parse(head)
+    if not isinstance(req, simdjson.Object) or not isinstance(req.get("inputs"), simdjson.Array):
         raise InvalidInputError("request must be an object with an 'inputs' list", "inputs")
+    top = jsonbody.scalar_fields(req, {"id"})
+    request_id = top.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInputError("id must be a string", "id")
+    params = _parameters(req, "parameters")
     inputs = []
     pos = 0
-    for i, spec in enumerate(req["inputs"]):
-        if not isinstance(spec, dict):
-            raise InvalidInputError(f"inputs[{i}] must be an object", f"inputs[{i}]")
-        try:
-            name, datatype, shape = str(spec["name"]), str(spec["datatype"]), spec["shape"]
-        except KeyError as e:
-            raise InvalidInputError(f"inputs[{i}] lacks {e.args[0]!r}", f"inputs[{i}]") from e
-        if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-            raise InvalidInputError(f"inputs[{i}].shape must be a list of integers", name)
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+    for i, spec in enumerate(req["inputs"]):  # type: ignore[arg-type]
+        where = f"inputs[{i}]"
+        if not isinstance(spec, simdjson.Object):
+            raise InvalidInputError(f"{where} must be an object", where)
+        fields = jsonbody.scalar_fields(spec, {"name", "datatype"}, f"{where}.")
+        name, datatype = fields.get("name"), fields.get("datatype")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise InvalidInputError(f"{where} needs a string name and datatype", where)
+        if name not in INPUT_DATATYPES:
+            raise InvalidInputError(
+                f"unknown input {brief(name)}; the model takes x (FP32) and optional "
+                "target (INT64)",
+                "inputs",
+            )
+        if datatype not in INPUT_DATATYPES[name]:
+            raise InvalidInputError(
+                f"input {name} must be {INPUT_DATATYPES[name][0]}, got {brief(datatype)}", name
+            )
+        shape = _shape(spec.get("shape"), name)
+        size = _parameters(spec, f"{where}.parameters").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or pos + size > len(binary):
+            if type(size) is not int or size < 0 or pos + size > len(binary):
                 raise InvalidInputError(
-                    f"input {name}: binary_data_size {size} exceeds the binary data sent", name
+                    f"input {name}: binary_data_size {brief(size)} exceeds the binary data sent",
+                    name,
                 )
             data = from_raw(name, datatype, shape, binary[pos : pos + size])
             pos += size
         else:
             if "data" not in spec:
                 raise InvalidInputError(f"input {name} has neither data nor binary data", name)
-            flat = spec["data"]
-            if datatype == "BYTES":
-                flat = np.array(
-                    [
-                        s.encode() if isinstance(s, str) else s
-                        for s in np.ravel(np.array(flat, dtype=object))
-                    ],
-                    dtype=object,
-                )
-            data = to_array(name, datatype, shape, flat)
+            data = to_array(name, datatype, shape, _numbers(spec["data"], datatype, name))
+            if non_json:
+                jsonbody.restore_non_json(data)  # FP64 sentinels before any cast
         inputs.append(Tensor(name, datatype, list(shape), data))
-    params = req.get("parameters") or {}
-    outputs = req.get("outputs")
     requested = None
     binary_outputs: set[str] = set()
-    if outputs is not None:
-        if not isinstance(outputs, list):
+    if "outputs" in req and req["outputs"] is not None:
+        outputs = req["outputs"]
+        if not isinstance(outputs, simdjson.Array):
             raise InvalidInputError("outputs must be a list", "outputs")
+        if len(outputs) > 64:
+            raise InvalidInputError(f"{len(outputs)} outputs asked for; the model has 6", "outputs")
         requested = []
-        for o in outputs:
-            if not isinstance(o, dict) or "name" not in o:
-                raise InvalidInputError("each output must be an object with a name", "outputs")
-            requested.append(str(o["name"]))
-            if (o.get("parameters") or {}).get("binary_data"):
-                binary_outputs.add(str(o["name"]))
+        for j, o in enumerate(outputs):
+            name = o.get("name") if isinstance(o, simdjson.Object) else None
+            if not isinstance(name, str):
+                raise InvalidInputError(
+                    "each output must be an object with a string name", "outputs"
+                )
+            requested.append(name)
+            wants = _parameters(o, f"outputs[{j}].parameters").get("binary_data", False)
+            if not isinstance(wants, bool):
+                raise InvalidInputError(
+                    f"outputs[{j}].parameters.binary_data must be true or false", "outputs"
+                )
+            if wants:
+                binary_outputs.add(name)
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInputError("parameters.binary_data_output must be true or false", "parameters")
     return HttpInferRequest(
-        id=req.get("id"),
+        id=request_id,
         inputs=inputs,
         requested=requested,
         binary_outputs=binary_outputs,
-        binary_default=bool(params.get("binary_data_output", False)),
+        binary_default=binary_default,
     )
+
+
+def _parameters(obj: Any, where: str) -> dict[str, Any]:
+    """A ``parameters`` object's scalar values (absent or null: empty); any other JSON type,
+    or a parameter that is an array or object, is a 400."""
+    key = where.rsplit(".", 1)[-1]
+    value = obj.get(key) if isinstance(obj, simdjson.Object) else None
+    if value is None:
+        return {}
+    if not isinstance(value, simdjson.Object):
+        raise InvalidInputError(f"{where} must be an object", where)
+    out: dict[str, Any] = {}
+    for k in jsonbody.unique_keys(value, where):
+        v = value[k]
+        if isinstance(v, simdjson.Array | simdjson.Object):
+            raise InvalidInputError(
+                f"{where}.{brief(k)} must be a string, number or boolean", where
+            )
+        out[k] = v
+    return out
+
+
+def _shape(value: Any, name: str) -> list[int]:
+    if not isinstance(value, simdjson.Array) or len(value) > MAX_DIMS:
+        raise InvalidInputError(
+            f"input {name}: shape must be a list of at most {MAX_DIMS} integers", name
+        )
+    dims = value.as_list()
+    if not all(type(d) is int and 0 <= d <= MAX_DIM for d in dims):
+        raise InvalidInputError(
+            f"input {name}: shape {brief(dims)} must hold integers from 0 to {MAX_DIM}", name
+        )
+    return dims  # type: ignore[return-value]
+
+
+def _numbers(value: Any, datatype: str, name: str) -> np.ndarray:
+    """Tensor ``data`` (a flat or nested JSON array of numbers) as a flat array."""
+    if not isinstance(value, simdjson.Array):
+        value_type = "a number" if type(value) in (int, float) else "not a list"
+        raise InvalidInputError(
+            f"input {name}: data must be a list of numbers ({value_type})", name
+        )
+    integer = datatype.startswith("INT")
+    try:
+        raw = value.as_buffer(of_type="i" if integer else "d")
+    except (TypeError, ValueError, OverflowError) as e:
+        kind = "integers within int64" if integer else "numbers"
+        raise InvalidInputError(f"input {name}: data must hold {kind} only", name) from e
+    return np.frombuffer(raw, dtype=np.int64 if integer else np.float64)
 
 
 def encode(

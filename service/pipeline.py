@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from service.anndata_io import PREFIX, Annotations, majority_vote, obs_columns
 from service.client import Chunk, ordered_window, response_info
 from service.core import Annotator
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, brief
 from service.schemas import AnnotateOptions, AnnotateResponse, ModelDetail
 
 
@@ -94,7 +94,9 @@ class H5adReader:
         elif layer is not None:
             if f"layers/{layer}" not in f:
                 have = ", ".join(f["layers"].keys()) if "layers" in f else "(none)"
-                raise InvalidInputError(f"layer {layer!r} not found; layers are: {have}", "layer")
+                raise InvalidInputError(
+                    f"layer {brief(layer)} not found; layers are: {have}", "layer"
+                )
             mpath, vpath = f"layers/{layer}", "var"
         else:
             mpath, vpath = "X", "var"
@@ -104,7 +106,9 @@ class H5adReader:
         if gene_key is not None:
             if gene_key not in var.columns:
                 cols = ", ".join(map(str, var.columns[:20])) or "(none)"
-                raise InvalidInputError(f"gene key {gene_key!r} not in var: {cols}", "gene_key")
+                raise InvalidInputError(
+                    f"gene key {brief(gene_key)} not in var: {cols}", "gene_key"
+                )
             self.genes = [str(g) for g in var[gene_key]]
         else:
             self.genes = [str(g) for g in var.index]
@@ -262,7 +266,7 @@ async def annotate_file(
     reader = H5adReader(src, gene_key, layer)
     if cluster_key is not None and cluster_key not in reader.obs.columns:
         reader.close()
-        raise InvalidInputError(f"cluster key {cluster_key!r} not found in obs", "cluster_key")
+        raise InvalidInputError(f"cluster key {brief(cluster_key)} not found in obs", "cluster_key")
     detail = await backend.model(options.model)
     card = detail.card
     options = options.model_copy(update={"model": card.name, "return_probabilities": True})

@@ -8,25 +8,43 @@ Run: ``bentoml serve service.rest:CellExplain --port 3000`` (``make serve`` does
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO, TypeVar
 
 import bentoml
+import pydantic_core
 from fastapi import FastAPI, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import __version__
-from service import auth, metrics, oip, oip_http
-from service.anndata_io import read_h5ad_bytes, to_h5ad_bytes
+from service import auth, jsonbody, metrics, oip, oip_http
+from service.anndata_io import open_h5ad_result, read_h5ad_upload
 from service.core import Annotator
-from service.errors import ServiceError, TooLargeError
+from service.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    ServiceError,
+    TooLargeError,
+    UnauthenticatedError,
+    brief,
+)
 from service.grpc.server import GrpcServer
+from service.h5ad_check import Limits
 from service.schemas import (
     AnnotateOptions,
     AnnotateRequest,
@@ -38,37 +56,58 @@ from service.schemas import (
     ModelList,
 )
 from service.settings import Settings
+from service.shutdown import ShutdownDeadline
 
 log = logging.getLogger(__name__)
 SETTINGS = Settings.from_env()
 H5AD_MEDIA_TYPE = "application/x-hdf5"
+#: bodies from this size on are parsed off the event loop, one at a time (docs/security.md)
+LARGE_BODY = 1 << 20
+_LARGE_PARSE = asyncio.Semaphore(1)
+T = TypeVar("T")
 
 
-class BodySizeLimit:
-    """Refuse request bodies over the limit with 413 before they are read into memory.
+class Gate:
+    """The first thing every HTTP request meets, on the whole server (BentoML's own routes
+    ``/``, ``/docs.json`` included):
 
-    ``.h5ad`` uploads have their own limit (``max_h5ad_bytes``); every other route has
-    ``max_body_bytes``.
+    * header values must be UTF-8 (400 naming the header);
+    * with ``CELLEXPLAIN_API_KEYS`` set, every path but the probes and ``/metrics`` needs a key
+      (401);
+    * bodies over the limit are refused with 413 before they are read into memory (``.h5ad``
+      uploads have ``max_h5ad_bytes``, everything else ``max_body_bytes``).
+
+    Errors use the body of the API the path belongs to: ``/v2`` (Open Inference Protocol) gets
+    ``{"error": message}``, everything else ``/v1``'s ``{"error": {type, field, message}}``.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_h5ad_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.max_bytes = max_bytes
-        self.max_h5ad_bytes = max_h5ad_bytes
+        self.keys = settings.api_keys
+        self.max_bytes = settings.max_body_bytes
+        self.max_h5ad_bytes = settings.max_h5ad_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        h5ad = str(scope.get("path", "")).endswith("/annotate/h5ad")
-        limit, setting = (
-            (self.max_h5ad_bytes, "CELLEXPLAIN_MAX_H5AD_BYTES")
-            if h5ad
-            else (self.max_bytes, "CELLEXPLAIN_MAX_BODY_BYTES")
-        )
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, _too_large(int(declared), limit, setting))
+        path = str(scope.get("path", ""))
+        oip_path = path == "/v2" or path.startswith("/v2/")
+        try:
+            headers = _decode_headers(scope.get("headers") or [])
+            if self.keys and path not in auth.OPEN_PATHS:
+                auth.check(self.keys, headers.get("authorization"), headers.get("x-api-key"))
+            h5ad = path.endswith("/annotate/h5ad")
+            limit, setting = (
+                (self.max_h5ad_bytes, "CELLEXPLAIN_MAX_H5AD_BYTES")
+                if h5ad
+                else (self.max_bytes, "CELLEXPLAIN_MAX_BODY_BYTES")
+            )
+            declared = headers.get("content-length", "")
+            if declared.isascii() and declared.isdigit() and int(declared) > limit:
+                raise _too_large(int(declared), limit, setting)
+        except ServiceError as e:
+            await _reject(scope, receive, send, e, oip_path)
             return
         received = 0
 
@@ -83,40 +122,23 @@ class BodySizeLimit:
 
         await self.app(scope, limited, send)
 
-    async def _reject(self, send: Send, err: TooLargeError) -> None:
-        metrics.ERRORS.labels(door="rest", type=err.kind).inc()
-        await JSONResponse(err.to_dict(), status_code=err.http_status)(
-            {"type": "http"}, _no_receive, send
-        )
 
-
-class ApiKeyAuth:
-    """Require an API key (``CELLEXPLAIN_API_KEYS``) on the API routes; probes stay open.
-
-    Errors use the app's error body: ``/v1``'s, or the Open Inference Protocol's (``oip``)."""
-
-    def __init__(self, app: ASGIApp, keys: list[str], oip: bool = False) -> None:
-        self.app = app
-        self.keys = keys
-        self.oip = oip
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = str(scope.get("path", ""))
-        if scope["type"] != "http" or not self.keys or path in auth.OPEN_PATHS:
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers") or []}
+def _decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for k, v in raw:
+        name = k.decode("latin-1").lower()
         try:
-            auth.check(self.keys, headers.get("authorization"), headers.get("x-api-key"))
-        except auth.UnauthenticatedError as e:
-            metrics.ERRORS.labels(door="oip-rest" if self.oip else "rest", type=e.kind).inc()
-            body = {"error": e.message} if self.oip else e.to_dict()
-            response = JSONResponse(
-                body, status_code=e.http_status, headers={"WWW-Authenticate": "Bearer"}
-            )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+            headers[name] = v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"header {brief(name)} is not UTF-8 text", "headers") from None
+    return headers
+
+
+async def _reject(scope: Scope, receive: Receive, send: Send, err: ServiceError, oip: bool) -> None:
+    metrics.ERRORS.labels(door="oip-rest" if oip else "rest", type=err.kind).inc()
+    body = {"error": err.message} if oip else err.to_dict()
+    extra = {"WWW-Authenticate": "Bearer"} if isinstance(err, UnauthenticatedError) else None
+    await JSONResponse(body, status_code=err.http_status, headers=extra)(scope, receive, send)
 
 
 def _too_large(n: int, limit: int, setting: str) -> TooLargeError:
@@ -127,8 +149,23 @@ def _too_large(n: int, limit: int, setting: str) -> TooLargeError:
     )
 
 
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
+def _disconnected(door: str) -> Response:
+    """A client that went away mid-request: counted as such, not as an error of ours (499, the
+    status proxies use for it, so BentoML's request metrics do not count a 500)."""
+    log.info("client disconnected before its request was read (%s)", door)
+    metrics.ERRORS.labels(door=door, type="client_disconnect").inc()
+    return Response(status_code=499)
+
+
+def safe_filename(name: str | None, default: str = "cells") -> str:
+    """An upload's file name reduced to ``[A-Za-z0-9._-]`` (at most 100 characters, without
+    its extension) for the ``Content-Disposition`` of the answer: no quotes, separators,
+    control characters or non-ASCII text can reach the header."""
+    stem = Path(str(name or "")).name
+    if stem.lower().endswith(".h5ad"):
+        stem = stem[: -len(".h5ad")]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100]
+    return stem or default
 
 
 app = FastAPI(
@@ -137,10 +174,6 @@ app = FastAPI(
     description="Cell-type annotation with per-gene attributions computed inside the model's "
     "ONNX graph. Errors are JSON: {error: {type, field, message}}.",
 )
-app.add_middleware(
-    BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, max_h5ad_bytes=SETTINGS.max_h5ad_bytes
-)
-app.add_middleware(ApiKeyAuth, keys=SETTINGS.api_keys)
 
 
 def _error_response(err: ServiceError) -> JSONResponse:
@@ -222,6 +255,32 @@ def _validation_failure(errors: list[Any]) -> ServiceError:
     return ServiceError(message, field or None)
 
 
+@app.exception_handler(ClientDisconnect)
+async def _client_disconnect(_: Request, exc: ClientDisconnect) -> Response:
+    return _disconnected("rest")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    """Starlette's own errors (unknown route, wrong method, a multipart body it cannot parse)
+    in the API's error body; a body cut off by the client is a disconnect, not a 400."""
+    if isinstance(exc.__cause__, ClientDisconnect):
+        return _disconnected("rest")
+    response = _error_response(_http_status_error(exc))
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return response
+
+
+def _http_status_error(exc: StarletteHTTPException) -> ServiceError:
+    err = (
+        ModelNotFoundError(str(exc.detail))
+        if exc.status_code == 404
+        else ServiceError(str(exc.detail))
+    )
+    err.http_status = exc.status_code
+    return err
+
+
 @app.exception_handler(Exception)
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error")
@@ -239,16 +298,26 @@ v2 = FastAPI(
     docs_url=None,
     redoc_url=None,
 )
-v2.add_middleware(
-    BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, max_h5ad_bytes=SETTINGS.max_h5ad_bytes
-)
-v2.add_middleware(ApiKeyAuth, keys=SETTINGS.api_keys, oip=True)
 
 
 @v2.exception_handler(ServiceError)
 async def _v2_service_error(_: Request, exc: ServiceError) -> JSONResponse:
     metrics.ERRORS.labels(door="oip-rest", type=exc.kind).inc()
     return JSONResponse({"error": exc.message}, status_code=exc.http_status)
+
+
+@v2.exception_handler(ClientDisconnect)
+async def _v2_client_disconnect(_: Request, exc: ClientDisconnect) -> Response:
+    return _disconnected("oip-rest")
+
+
+@v2.exception_handler(StarletteHTTPException)
+async def _v2_http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    if isinstance(exc.__cause__, ClientDisconnect):
+        return _disconnected("oip-rest")
+    response = await _v2_service_error(_, _http_status_error(exc))
+    response.headers.update(exc.headers or {})
+    return response
 
 
 @v2.exception_handler(Exception)
@@ -276,6 +345,13 @@ class CellExplain:
             self.grpc = GrpcServer(self.annotator, SETTINGS)
             self.grpc.start()
 
+        self._deadline = ShutdownDeadline(SETTINGS.shutdown_grace_s, self._drain_grpc)
+        self._deadline.install()
+
+    def _drain_grpc(self) -> None:
+        if self.grpc is not None:
+            self.grpc.stop_async(SETTINGS.shutdown_grace_s)
+
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         if self.grpc is not None:
@@ -300,10 +376,20 @@ class CellExplain:
     )
     async def annotate(self, request: Request) -> Response:
         """Annotate cells: labels, confidence, and the genes that drove each call."""
-        # parsed and serialised by pydantic-core straight from/to bytes (4x faster than
-        # json.loads + validation for large matrices); NaN/Infinity reach our own checks
-        body = AnnotateRequest.model_validate_json(await request.body())
-        return Response(await self.annotator.annotate_json(body), media_type="application/json")
+        body = await request.body()
+        # read straight from bytes into arrays, the limits checked before and while parsing
+        # (service/jsonbody.py); big bodies are parsed off the event loop
+        parse = functools.partial(
+            jsonbody.parse_annotate,
+            body,
+            SETTINGS.max_cells_per_request,
+            SETTINGS.max_genes_per_request,
+        )
+        req = await _parse_body(body, parse)
+        payload = await self.annotator.annotate_payload(
+            req.genes, req.X, req.options, req.cell_ids, req.genes_field
+        )
+        return Response(pydantic_core.to_json(payload), media_type="application/json")
 
     @app.post(
         "/annotate/h5ad",
@@ -323,7 +409,11 @@ class CellExplain:
         unassigned_threshold: Annotated[float | None, Form(ge=0, le=1)] = None,
     ) -> Response:
         """Upload an .h5ad file and get it back annotated: obs label/confidence/top-gene
-        columns, attributions and probabilities in obsm, the details in uns['cellexplain']."""
+        columns, attributions and probabilities in obsm, the details in uns['cellexplain'].
+
+        The upload is checked before AnnData reads it (self-contained, within the cell, gene
+        and byte limits once decompressed: service/h5ad_check.py); it goes from the request to
+        a temporary file and back without being held in memory whole."""
         opts = AnnotateOptions(
             model=model,
             input=input,
@@ -332,15 +422,26 @@ class CellExplain:
             target=target,
             unassigned_threshold=unassigned_threshold,
         )
-        data = await file.read()
-        adata = await run_in_threadpool(read_h5ad_bytes, data)
-        await self.annotator.annotate_anndata(adata, opts, gene_key, layer)
-        body = await run_in_threadpool(to_h5ad_bytes, adata)
-        name = Path(file.filename or "cells.h5ad").stem
-        return Response(
-            body,
+        limits = Limits(
+            SETTINGS.max_cells_per_request, SETTINGS.max_genes_per_request, SETTINGS.max_h5ad_bytes
+        )
+        with tempfile.TemporaryDirectory(prefix="cellexplain-upload-") as tmp:
+            upload = Path(tmp) / "upload.h5ad"
+            await run_in_threadpool(_save_upload, file, upload)
+            adata = await run_in_threadpool(read_h5ad_upload, upload, limits)
+            upload.unlink()
+            await self.annotator.annotate_anndata(adata, opts, gene_key, layer)
+            out = await run_in_threadpool(open_h5ad_result, adata, Path(tmp) / "out.h5ad")
+            del adata
+        # the open result file outlives its (removed) directory until the answer is sent
+        name = safe_filename(file.filename)
+        return StreamingResponse(
+            _stream_file(out),
             media_type=H5AD_MEDIA_TYPE,
-            headers={"Content-Disposition": f'attachment; filename="{name}.annotated.h5ad"'},
+            headers={
+                "Content-Disposition": f'attachment; filename="{name}.annotated.h5ad"',
+                "Content-Length": str(os.fstat(out.fileno()).st_size),
+            },
         )
 
     @app.get("/models")
@@ -385,7 +486,43 @@ class CellExplain:
     async def v2_infer(self, name: str, request: Request, version: str | None = None) -> Response:
         """Inference on the model's own input ``x`` (FP32 [n, n_genes], log1p CP10k of the
         model's genes in card order) and optional ``target`` (INT64)."""
-        req = oip_http.decode(await request.body(), request.headers.get(oip_http.HEADER_LENGTH))
+        body = await request.body()
+        decode = functools.partial(
+            oip_http.decode,
+            body,
+            request.headers.get(oip_http.HEADER_LENGTH),
+            SETTINGS.max_cells_per_request,
+        )
+        req = await _parse_body(body, decode)
         lm, outputs = await oip.infer(self.annotator, name, version, req.inputs, req.requested)
         body, headers = oip_http.encode(lm.name, lm.model.card.version, req, outputs)
         return Response(body, headers=headers)
+
+
+CellExplain.add_asgi_middleware(Gate, settings=SETTINGS)  # type: ignore[attr-defined]
+
+
+async def _parse_body(body: bytes, parse: Callable[[], T]) -> T:
+    """Run ``parse`` on a request body: small ones inline; from :data:`LARGE_BODY` on, off the
+    event loop and one at a time per worker, so parsers' memory peaks do not add up."""
+    if len(body) < LARGE_BODY:
+        return parse()
+    async with _LARGE_PARSE:
+        return await run_in_threadpool(parse)
+
+
+def _save_upload(file: UploadFile, path: Path) -> None:
+    """Copy an upload (spooled to disk by the multipart parser) to ``path`` in 1 MiB pieces."""
+    file.file.seek(0)
+    with path.open("wb") as out:
+        shutil.copyfileobj(file.file, out, 1 << 20)
+    if path.stat().st_size == 0:
+        raise InvalidInputError("the uploaded file is empty", "file")
+
+
+async def _stream_file(f: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await run_in_threadpool(f.read, 1 << 20):
+            yield chunk
+    finally:
+        f.close()

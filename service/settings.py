@@ -44,8 +44,18 @@ class Settings(BaseModel):
     workers: int = Field(default=1, ge=1)
     max_cells_per_request: int = Field(default=10_000, ge=1)
     max_genes_per_request: int = Field(default=60_000, ge=1)
-    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
-    max_h5ad_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="JSON body and gRPC message limit; a request's peak worker memory stays "
+        "under 20x this (docs/security.md)",
+    )
+    max_h5ad_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024,
+        description="upload limit, applied both to the bytes sent and to what the file "
+        "declares once decompressed",
+    )
     max_batch_cells: int = Field(
         default=1024, ge=1, description="cells per onnxruntime call; larger requests are chunked"
     )

@@ -49,7 +49,7 @@ def matrix(msg: Any, genes: list[str]) -> tuple[list[str], np.ndarray | sp.csr_m
     which = msg.WhichOneof("cells")
     if which == "sparse":
         sparse_genes, Xs = sparse_from_maps(
-            [dict(c.values) for c in msg.sparse.cells], genes or None
+            (dict(c.values) for c in msg.sparse.cells), genes or None
         )
         return sparse_genes, Xs, "genes" if genes else "sparse"
     if which != "dense":

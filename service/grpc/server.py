@@ -8,6 +8,7 @@ the same port (``SO_REUSEPORT``, gRPC's default on Linux) and the kernel spreads
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service import auth, metrics
 from service.core import Annotator
+from service.errors import InvalidInputError, brief
 from service.grpc.servicers import (
     CellExplainServicer,
     InferenceServicer,
@@ -36,6 +38,7 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["CellExplain"].full_name,
     oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
+_OWN_SERVICES = tuple(f"/{name}/" for name in SERVICE_NAMES)
 
 
 def build_server(
@@ -48,6 +51,7 @@ def build_server(
         interceptors=[
             TimingInterceptor(),
             *([ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []),
+            MalformedMessageInterceptor(),
         ],
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -76,6 +80,8 @@ class GrpcServer:
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc", daemon=True)
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
+        self._stopping: concurrent.futures.Future[None] | None = None
+        self._stop_lock = threading.Lock()
 
     def start(self) -> int:
         self._thread.start()
@@ -93,19 +99,31 @@ class GrpcServer:
         self._server, self._health = server, health_servicer
         return port
 
+    def stop_async(self, grace_s: float) -> None:
+        """Start a graceful stop (health NOT_SERVING, new calls refused, calls in flight get
+        ``grace_s``) without waiting for it; called at SIGTERM, beside HTTP's drain."""
+        with self._stop_lock:
+            if self._server is None or self._health is None or self._stopping is not None:
+                return
+            server, health_servicer = self._server, self._health
+
+            async def _stop() -> None:
+                await health_servicer.enter_graceful_shutdown()
+                await server.stop(grace_s)
+
+            self._stopping = asyncio.run_coroutine_threadsafe(_stop(), self._loop)
+
     def stop(self, grace_s: float = 10.0) -> None:
-        """Stop accepting calls and let in-flight ones finish (up to ``grace_s``)."""
-        if self._server is None or self._health is None:
+        """Stop accepting calls and let in-flight ones finish (up to ``grace_s``), and wait."""
+        self.stop_async(grace_s)
+        stopping = self._stopping
+        if stopping is None or self._server is None:
             return
-        server, health_servicer = self._server, self._health
-
-        async def _stop() -> None:
-            await health_servicer.enter_graceful_shutdown()
-            await server.stop(grace_s)
-
-        asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=grace_s + 5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._server = None
+        try:
+            stopping.result(timeout=grace_s + 5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._server = None
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -152,6 +170,64 @@ def _handler_kwargs(handler: Any) -> dict[str, Any]:
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
+
+
+class _Malformed:
+    """What a request that protobuf cannot parse becomes (instead of gRPC's INTERNAL)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.message = (
+            f"the request message is not a valid protobuf for this method "
+            f"({type(error).__name__}: {brief(str(error), 160)})"
+        )
+
+
+class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
+    """Malformed protobuf bytes get ``INVALID_ARGUMENT`` naming the problem: gRPC's own answer
+    to a request its deserializer cannot parse is ``INTERNAL``, a server error. Applies to the
+    typed API and the Open Inference Protocol (health and reflection keep gRPC's handling)."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or not str(details.method).startswith(_OWN_SERVICES):
+            return handler
+        parse = handler.request_deserializer
+
+        def safe(data: bytes) -> Any:
+            try:
+                return parse(data) if parse is not None else data
+            except Exception as e:  # DecodeError, and whatever a damaged message raises
+                return _Malformed(e)
+
+        kw = {"request_deserializer": safe, "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            unary_behaviour = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    metrics.ERRORS.labels(door=_door(details), type="invalid_argument").inc()
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                return await unary_behaviour(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kw)
+        if handler.stream_stream is not None:
+            stream_behaviour = handler.stream_stream
+
+            async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+                async for r in requests:
+                    if isinstance(r, _Malformed):
+                        raise InvalidInputError(r.message, "request")
+                    yield r
+
+            def streaming(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+                return stream_behaviour(checked(requests), context)
+
+            return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+        return handler
+
+
+def _door(details: Any) -> str:
+    return "oip-grpc" if str(details.method).startswith("/inference.") else "grpc"
 
 
 class TimingInterceptor(grpc.aio.ServerInterceptor):

@@ -54,9 +54,13 @@ class Server:
 
 
 @contextmanager
-def bentoml_server(home: Path, env: dict[str, str], timeout: float = 120) -> Iterator[Server]:
-    """Run ``bentoml serve service.rest:CellExplain`` (REST and gRPC on free ports); yields
-    once /readyz answers 200 and gRPC health says SERVING."""
+def bentoml_server(
+    home: Path, env: dict[str, str], timeout: float = 120, graceful_flag: bool = True
+) -> Iterator[Server]:
+    """Run ``bentoml serve service.rest:CellExplain`` (REST and gRPC on free ports), as
+    ``make serve`` does (``--timeout-graceful-shutdown`` set to the shutdown grace unless
+    ``graceful_flag`` is false); yields once /readyz answers 200 and gRPC health says
+    SERVING."""
     port = free_port()
     grpc_port = free_port()
     full_env = {
@@ -67,6 +71,7 @@ def bentoml_server(home: Path, env: dict[str, str], timeout: float = 120) -> Ite
         "CELLEXPLAIN_GRPC_HOST": "127.0.0.1",
         **env,
     }
+    grace = float(full_env.get("CELLEXPLAIN_SHUTDOWN_GRACE_S", "30"))
     log = open(home / f"server-{port}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [
@@ -79,6 +84,7 @@ def bentoml_server(home: Path, env: dict[str, str], timeout: float = 120) -> Ite
             "127.0.0.1",
             "--port",
             str(port),
+            *(["--timeout-graceful-shutdown", str(round(grace))] if graceful_flag else []),
         ],
         cwd=REPO,
         env=full_env,

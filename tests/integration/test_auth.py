@@ -90,3 +90,36 @@ def test_client_sends_its_key(server, cells_matrix):
 @pytest.fixture(scope="module")
 def cells_matrix(pbmc):
     return list(pbmc.raw.var_names), np.asarray(pbmc.raw.X.toarray(), dtype=np.float32)
+
+
+def test_with_keys_on_only_the_probes_answer_without_one(server):
+    """BentoML's own pages (the Swagger UI at /, /docs.json) and every API document need a key
+    too; a request for an unknown path is refused before routing (401, not 404)."""
+    url = server.url
+    for path in ("/", "/docs.json", "/v1/openapi.json", "/v1/docs", "/v2", "/nope"):
+        r = httpx.get(url + path)
+        assert r.status_code == 401, (path, r.status_code, r.text[:200])
+        assert "openapi" not in r.text.lower() and "swagger" not in r.text.lower()
+    for path in ("/", "/docs.json", "/v1/openapi.json"):
+        assert httpx.get(url + path, headers={"X-API-Key": KEYS[0]}).status_code == 200, path
+
+
+def test_non_utf8_header_bytes_get_a_400(server):
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(server.url)
+    for path in ("/v1/models", "/v2/models/pbmc-programs", "/readyz"):
+        with socket.create_connection((u.hostname, u.port)) as s:
+            s.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+                + b"X-API-Key: \xff\xfe"
+                + KEYS[0].encode()
+                + b"\r\n\r\n"
+            )
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        status = int(answer.split(b" ", 2)[1])
+        assert status == 400, (path, answer[:300])
+        assert b"not UTF-8" in answer

@@ -3,6 +3,7 @@ is replaced while the service keeps answering, and a request over its timeout ge
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -143,3 +144,55 @@ def test_request_timeout_gives_504_and_deadline_exceeded(programs_home, cells, b
         assert 'cellexplain_request_errors_total{door="rest",type="timeout"} 1.0' in metrics
         assert 'cellexplain_request_errors_total{door="grpc",type="timeout"} 1.0' in metrics
         assert httpx.get(f"{srv.url}/readyz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("graceful_flag", [True, False], ids=["make-serve", "bare-bentoml-serve"])
+def test_sigterm_exit_fits_the_budget_whatever_clients_do(programs_home, graceful_flag):
+    """A never-ending upload and an idle gRPC stream cannot hold the pod past its budget: the
+    worker is gone CELLEXPLAIN_SHUTDOWN_GRACE_S + EXIT_MARGIN_S after SIGTERM, whether uvicorn
+    was told the grace (make serve, the deployment) or not (the watchdog then ends it)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from service.shutdown import EXIT_MARGIN_S
+
+    grace = 4.0
+    env = {"CELLEXPLAIN_WORKERS": "1", "CELLEXPLAIN_SHUTDOWN_GRACE_S": str(grace)}
+    with bentoml_server(programs_home, env, graceful_flag=graceful_flag) as srv:
+        u = urlparse(srv.url)
+        upload = socket.create_connection((u.hostname, u.port))
+        upload.sendall(
+            b"POST /v1/annotate/h5ad HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 100000000\r\n\r\n"
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.h5ad"\r\n\r\n'
+        )
+        stop = threading.Event()
+
+        def trickle() -> None:  # a byte every 0.2 s: the upload never ends, never idles out
+            with contextlib.suppress(OSError):
+                while not stop.wait(0.2):
+                    upload.sendall(b"\0")
+
+        def idle_requests():
+            stop.wait()
+            yield from ()
+
+        threading.Thread(target=trickle, daemon=True).start()
+        channel = grpc.insecure_channel(srv.grpc)
+        stream = pb_grpc.CellExplainStub(channel).AnnotateStream(idle_requests())
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        try:
+            srv.proc.wait(timeout=grace + EXIT_MARGIN_S + 30)
+        finally:
+            stop.set()
+            upload.close()
+        elapsed = time.monotonic() - t0
+        with contextlib.suppress(grpc.RpcError):
+            list(stream)
+        channel.close()
+    # the budget, plus a little for the arbiter and the test's own polling
+    assert elapsed <= grace + EXIT_MARGIN_S + 3, f"exited {elapsed:.1f} s after SIGTERM"
+    if graceful_flag:  # the clean path does not need the watchdog
+        assert elapsed <= grace + 3, f"exited {elapsed:.1f} s after SIGTERM"

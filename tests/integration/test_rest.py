@@ -242,7 +242,7 @@ def test_bad_inputs_get_clear_4xx(client, cells):
     neg = list(row)
     neg[3] = -2.0
     _err(post({"genes": genes, "cells": [neg]}), 400, r"cells\[0\]\[3\]", "negative")
-    _err(post({"genes": genes, "cells": [["x"] * 765]}), 400, "cells", "valid number")
+    _err(post({"genes": genes, "cells": [["x"] * 765]}), 400, r"cells\[0\]\[0\]", "not a number")
     _err(post({"cells": [row]}), 400, "genes", "genes is required")
     _err(post({"genes": genes, "cells": [row], "target": "T cell"}), 400, "target", "not a class")
     _err(post({"genes": genes, "cells": [row], "top_k": 1000}), 400, "top_k", "limit")
@@ -355,10 +355,23 @@ def test_openapi_describes_the_api(client):
     assert "top_k" in schemas["AnnotateRequest"]["properties"]
 
 
-def test_h5ad_upload_comes_back_annotated(client, counts_h5ad, cells):
+N_UPLOAD = 300  # cells per uploaded file: within this server's MAX_CELLS
+
+
+@pytest.fixture(scope="module")
+def small_counts_h5ad(counts_h5ad, tmp_path_factory):
+    import anndata as ad
+
+    path = tmp_path_factory.mktemp("upload") / "pbmc_counts.h5ad"
+    ad.read_h5ad(counts_h5ad)[:N_UPLOAD].copy().write_h5ad(path)
+    return path
+
+
+def test_h5ad_upload_comes_back_annotated(client, small_counts_h5ad, cells):
     import anndata as ad
 
     genes, _, _ = cells
+    counts_h5ad = small_counts_h5ad
     with open(counts_h5ad, "rb") as f:
         r = client.post("/v1/annotate/h5ad", files={"file": ("pbmc.h5ad", f)}, data={"top_k": "3"})
     assert r.status_code == 200, r.text[:500]
@@ -366,7 +379,8 @@ def test_h5ad_upload_comes_back_annotated(client, counts_h5ad, cells):
     out_path = counts_h5ad.with_name("annotated.h5ad")
     out_path.write_bytes(r.content)
     out = ad.read_h5ad(out_path)
-    assert out.n_obs == 700
+    assert out.n_obs == N_UPLOAD
+    assert r.headers["content-disposition"] == 'attachment; filename="pbmc.annotated.h5ad"'
     for col in (
         "cellexplain_label",
         "cellexplain_predicted_label",
@@ -375,9 +389,9 @@ def test_h5ad_upload_comes_back_annotated(client, counts_h5ad, cells):
         "cellexplain_explained_class",
     ):
         assert col in out.obs.columns, col
-    assert out.obsm["cellexplain_attributions"].shape == (700, 765)
-    assert out.obsm["cellexplain_probabilities"].shape == (700, 10)
-    assert out.obsm["cellexplain_program_attributions"].shape[0] == 700
+    assert out.obsm["cellexplain_attributions"].shape == (N_UPLOAD, 765)
+    assert out.obsm["cellexplain_probabilities"].shape == (N_UPLOAD, 10)
+    assert out.obsm["cellexplain_program_attributions"].shape[0] == N_UPLOAD
     info = out.uns["cellexplain"]
     assert info["input_kind"] == "counts" and list(info["genes"]) == genes
     assert all(len(t.split(";")) == 3 for t in out.obs["cellexplain_top_genes"])
@@ -397,7 +411,7 @@ def test_h5ad_upload_comes_back_annotated(client, counts_h5ad, cells):
 
 def test_h5ad_raw_layer_and_bad_files(client, pbmc, tmp_path):
     path = tmp_path / "pbmc.h5ad"
-    pbmc.write_h5ad(path)
+    pbmc[:N_UPLOAD].copy().write_h5ad(path)
     with open(path, "rb") as f:
         r = client.post(
             "/v1/annotate/h5ad",
@@ -436,7 +450,7 @@ def test_several_models_served_at_once(client, cells):
 
 def test_h5ad_with_invalid_values_names_the_cell(client, pbmc, tmp_path):
     path = tmp_path / "scaled.h5ad"
-    pbmc.write_h5ad(path)  # X holds scaled (z-scored) values: negative
+    pbmc[:N_UPLOAD].copy().write_h5ad(path)  # X holds scaled (z-scored) values: negative
     with open(path, "rb") as f:
         r = client.post("/v1/annotate/h5ad", files={"file": ("scaled.h5ad", f)})
     _err(r, 400, "file", r"cell '.+' \(row \d+\), gene '.+' is negative")

@@ -233,10 +233,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
     from service.client import ClientError
     from service.errors import ServiceError
-    from service.pipeline import LocalBackend, annotate_file, raise_on_sigterm
+    from service.pipeline import LocalBackend, annotate_file, cancel_on_sigterm
     from service.schemas import AnnotateOptions
 
-    raise_on_sigterm()
     options = AnnotateOptions(
         model=args.model,
         input=args.input,
@@ -247,6 +246,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     )
 
     async def run() -> int:
+        cancel_on_sigterm()
         backend: Any
         if args.local:
             from service.core import Annotator
@@ -295,7 +295,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         raise CLIError(f"{e.field + ': ' if e.field else ''}{e.message}") from e
     except ClientError as e:
         raise CLIError(f"{e} (status {e.status})") from e
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted: no output written", file=sys.stderr)
         return 130
 

@@ -43,6 +43,32 @@ def _values(X: Matrix) -> np.ndarray:
     return np.asarray(X).ravel()
 
 
+def sparse_structure_problem(X: Matrix) -> str | None:
+    """What is wrong with the arrays of a CSR/CSC matrix (``None`` when nothing): scipy's C
+    code trusts ``indptr`` and ``indices``, so a file whose column indices point past the matrix
+    would make it read or write outside its memory. Checked before any scipy operation on
+    data from a file; O(non-zeros)."""
+    if not sp.issparse(X) or X.format not in ("csr", "csc"):
+        return None
+    major, minor = X.shape if X.format == "csr" else X.shape[::-1]
+    indptr, indices = np.asarray(X.indptr), np.asarray(X.indices)
+    what = "rows" if X.format == "csr" else "columns"
+    if indptr.ndim != 1 or len(indptr) != major + 1:
+        return f"indptr has {len(indptr)} entries for {major} {what} (needs {major + 1})"
+    if len(indices) != len(X.data) or int(indptr[0]) != 0 or int(indptr[-1]) != len(indices):
+        return (
+            f"indptr runs from {int(indptr[0])} to {int(indptr[-1])} over {len(indices)} "
+            f"indices and {len(X.data)} values"
+        )
+    if major and bool((np.diff(indptr) < 0).any()):
+        return "indptr decreases"
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= minor):
+        return (
+            f"indices run from {int(indices.min())} to {int(indices.max())}, outside 0..{minor - 1}"
+        )
+    return None
+
+
 def first_invalid(X: Matrix) -> tuple[int, int, str] | None:
     """Row, column and description of the first NaN, infinite or negative value of ``X``
     (dense or sparse), or ``None`` when all values are finite and non-negative."""

@@ -29,6 +29,7 @@ import scipy.sparse as sp
 from models.card import ModelCard
 from models.data import select_matrix
 from models.errors import DataError
+from models.preprocess import sparse_structure_problem
 from models.runtime import Prediction
 from service.errors import InvalidInputError, brief
 from service.h5ad_check import Limits, check_h5ad
@@ -52,6 +53,9 @@ def expression(
             f"the matrix in {layer or 'X'} is a {type(X).__name__}, not a dense or sparse array",
             "layer",
         )
+    problem = sparse_structure_problem(X)
+    if problem is not None:
+        raise InvalidInputError(f"the matrix in {layer or 'X'} is malformed: {problem}", "file")
     return genes, X
 
 
@@ -75,8 +79,19 @@ def read_h5ad_upload(path: str | Path, limits: Limits) -> ad.AnnData:
 
 def open_h5ad_result(adata: ad.AnnData, path: Path) -> BinaryIO:
     """Write ``adata`` to ``path`` and return it opened for reading, already unlinked: the
-    answer is streamed from disk, and the file goes away when it is closed (or dropped)."""
-    adata.write_h5ad(path)
+    answer is streamed from disk, and the file goes away when it is closed (or dropped).
+
+    Raises:
+        InvalidInputError: the upload holds something anndata reads but cannot write back.
+    """
+    try:
+        adata.write_h5ad(path)
+    except Exception as e:  # what came from the upload cannot be written back as it is
+        raise InvalidInputError(
+            f"the annotated file cannot be written: the upload holds content anndata cannot "
+            f"write back ({type(e).__name__}: {brief(str(e), 200)})",
+            "file",
+        ) from e
     f = path.open("rb")
     path.unlink()
     return f

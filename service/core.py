@@ -28,6 +28,7 @@ from models.preprocess import (
     detect_input_kind,
     first_invalid,
     normalize_log1p,
+    sparse_structure_problem,
 )
 from models.runtime import OnnxModel, Prediction, available_providers
 from service import anndata_io, metrics
@@ -280,6 +281,9 @@ class Annotator:
                 f"{len(genes)} genes in one request; the limit is {s.max_genes_per_request}",
                 genes_field,
             )
+        problem = sparse_structure_problem(X)
+        if problem is not None:
+            raise InvalidInputError(f"the sparse matrix is malformed: {problem}", "cells")
         if len(genes) != X.shape[1]:
             raise InvalidInputError(
                 f"{len(genes)} gene names for a matrix of {X.shape[1]} columns", genes_field
@@ -325,10 +329,12 @@ class Annotator:
         opts: AnnotateOptions,
         cell_ids: Sequence[str] | None = None,
         genes_field: str = "genes",
+        arrays: bool = False,
     ) -> dict[str, Any]:
         """:meth:`annotate_matrix` as plain values (see :meth:`payload`), for front doors that
         serialise it themselves (REST to JSON, gRPC to protobuf)."""
-        return self.payload(opts, *await self._run(genes, X, opts, cell_ids, genes_field))
+        prediction = await self._run(genes, X, opts, cell_ids, genes_field)
+        return self.payload(opts, *prediction, arrays=arrays)
 
     async def annotate_matrix(
         self,
@@ -427,12 +433,20 @@ class Annotator:
         return adata
 
     def payload(
-        self, req: AnnotateOptions, lm: LoadedModel, prep: Prepared, pred: Prediction
+        self,
+        req: AnnotateOptions,
+        lm: LoadedModel,
+        prep: Prepared,
+        pred: Prediction,
+        arrays: bool = False,
     ) -> dict[str, Any]:
         """Labels, confidence, thresholding, ranked attributions, and metrics, as the fields of
         :class:`AnnotateResponse` in plain JSON-ready values, unvalidated (``None`` fields left
         out): REST serialises them straight to bytes and gRPC to protobuf, skipping ~20 pydantic
-        objects per cell. The integration tests check they validate and round-trip."""
+        objects per cell. The integration tests check they validate and round-trip.
+
+        With ``arrays``, full attribution vectors stay float32 numpy rows (views), for a
+        serialiser that writes them without a Python float per value (REST: orjson)."""
         t0 = time.perf_counter()
         card = lm.model.card
         classes = lm.classes
@@ -480,7 +494,7 @@ class Annotator:
                     for j, v in zip(top_idx[i].tolist(), top_vals[i], strict=True)
                 ]
             elif req.attributions == "full":
-                fields["attributions"] = attr[i].tolist()
+                fields["attributions"] = attr[i] if arrays else attr[i].tolist()
             if with_programs:
                 assert programs is not None
                 fields["program_attributions"] = [

@@ -81,8 +81,20 @@ def check_h5ad(path: str | Path, limits: Limits) -> Declared:
         ) from e
     declared = Declared()
     with f:
-        _walk(f, "", 0, declared, set(), limits)
-        _check_shapes(f, declared, limits)
+        try:
+            _walk(f, "", 0, declared, set(), limits)
+            _check_shapes(f, declared, limits)
+        except (InvalidInputError, TooLargeError):
+            raise
+        except UnicodeDecodeError as e:
+            raise _refuse("", "holds an object or attribute name that is not UTF-8") from e
+        except Exception as e:  # h5py cannot describe something: not an anndata file
+            raise InvalidInputError(
+                f"the uploaded file is refused: its structure cannot be read "
+                f"({type(e).__name__}: {brief(str(e), 160)}); upload a .h5ad as anndata "
+                "writes it",
+                "file",
+            ) from e
     return declared
 
 
@@ -126,6 +138,8 @@ def _walk(
 
 
 def _check_dataset(d: h5py.Dataset, path: str, declared: Declared, limits: Limits) -> None:
+    if d.shape is None:
+        raise _refuse(path, "has a null dataspace (h5py.Empty), which anndata never writes")
     if d.is_virtual:
         raise _refuse(path, "is a virtual dataset (its data would come from other files)")
     plist = d.id.get_create_plist()
@@ -135,7 +149,7 @@ def _check_dataset(d: h5py.Dataset, path: str, declared: Declared, limits: Limit
         code = plist.get_filter(i)[0]
         if code not in ALLOWED_FILTERS:
             raise _refuse(path, f"uses compression filter {code}, which is not built into HDF5")
-    _check_dtype(d.dtype, path)
+    _check_dtype(_dtype_of(d, path), path)
     _charge(declared, d.shape, d.dtype, path, limits)
     _check_attrs(d, path, declared, limits)
 
@@ -144,8 +158,17 @@ def _check_attrs(obj: h5py.HLObject, path: str, declared: Declared, limits: Limi
     for name in obj.attrs:
         aid = obj.attrs.get_id(name)
         where = f"{path} (attribute {name})"
-        _check_dtype(aid.dtype, where)
+        _check_dtype(_dtype_of(aid, where), where)
         _charge(declared, aid.shape, aid.dtype, where, limits)
+
+
+def _dtype_of(obj: Any, where: str) -> np.dtype:
+    """The numpy dtype of a dataset or attribute; HDF5 types numpy cannot hold (time,
+    references of unknown kinds...) are refused."""
+    try:
+        return obj.dtype
+    except TypeError as e:
+        raise _refuse(where, f"has an HDF5 datatype anndata never writes ({e})") from e
 
 
 def _check_dtype(dt: np.dtype, path: str) -> None:
@@ -219,10 +242,20 @@ def _check_shapes(f: h5py.File, declared: Declared, limits: Limits) -> None:
 
 
 def _matrix_shape(el: Any, where: str) -> tuple[int, int] | None:
+    """A matrix's declared shape: a dense dataset's own, or a sparse group's ``shape``
+    attribute (``h5sparse_shape`` in files of anndata < 0.7). A sparse group without either
+    is refused: its size could not be known before reading it."""
     if isinstance(el, h5py.Dataset):
         shape = el.shape or ()
-    elif isinstance(el, h5py.Group) and "shape" in el.attrs:
-        shape = tuple(np.asarray(el.attrs["shape"]).ravel().tolist())
+    elif isinstance(el, h5py.Group):
+        key = next((k for k in ("shape", "h5sparse_shape") if k in el.attrs), None)
+        if key is None:
+            raise InvalidInputError(
+                f"the uploaded file's {where} is a group without a shape attribute: not a "
+                "matrix anndata writes",
+                "file",
+            )
+        shape = tuple(np.asarray(el.attrs[key]).ravel().tolist())
     else:
         return None
     if len(shape) != 2 or not all(isinstance(d, int) and d >= 0 for d in shape):
@@ -235,7 +268,10 @@ def _matrix_shape(el: Any, where: str) -> tuple[int, int] | None:
 
 
 def _table_length(group: Any) -> int | None:
-    """Rows of an AnnData dataframe group: the length of its index dataset."""
+    """Rows of an AnnData dataframe: the length of its index dataset, or of the table itself
+    where anndata < 0.7 stored it as one compound dataset."""
+    if isinstance(group, h5py.Dataset):
+        return int(group.shape[0]) if group.shape else None
     if not isinstance(group, h5py.Group):
         return None
     index = group.attrs.get("_index")

@@ -35,10 +35,13 @@ from service.schemas import AnnotateOptions
 CONTAINER_SLACK = 8
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NON_JSON = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|-Infinity|Infinity|NaN')
-#: what the non-JSON literals become before parsing: negative (so never a valid value) and
-#: distinct, then turned back into NaN, inf and -inf in the matrix
-_SENTINELS = {b"NaN": -1.25e-300, b"Infinity": -2.5e-300, b"-Infinity": -5e-300}
-_RESTORE = {-1.25e-300: np.nan, -2.5e-300: np.inf, -5e-300: -np.inf}
+#: what the non-JSON literals become before parsing: numbers of the same length (so the body,
+#: and simdjson's buffers, do not grow), distinct, and negative (never an accepted value), then
+#: turned back into NaN, inf and -inf
+_SENTINELS = {b"NaN": b"-9 ", b"Infinity": b"-4e-324 ", b"-Infinity": b"-1e-323  "}
+_NAN = -9.0
+_NEG_INF_TINY = float("-1e-323")
+_INF_TINY = float("-4e-324")
 _SCALAR = (str, int, float, bool, type(None))
 
 
@@ -84,7 +87,7 @@ def parse(body: bytes) -> tuple[Any, bool]:
         return simdjson.Parser().parse(body), False
     except (ValueError, RuntimeError, TypeError) as e:
         if b"NaN" in body or b"Infinity" in body:
-            fixed = _NON_JSON.sub(_sentinel, body)
+            fixed = _replace_non_json(body)
             try:
                 return simdjson.Parser().parse(fixed), True
             except (ValueError, RuntimeError, TypeError):
@@ -92,10 +95,15 @@ def parse(body: bytes) -> tuple[Any, bool]:
         raise InvalidInputError(f"request body is not valid JSON: {_reason(e)}", "body") from e
 
 
-def _sentinel(m: re.Match[bytes]) -> bytes:
-    token = m.group(0)
-    value = _SENTINELS.get(token)
-    return token if value is None else repr(value).encode()
+def _replace_non_json(body: bytes) -> bytearray:
+    """``body`` with NaN/Infinity literals outside strings overwritten, in one copy, by their
+    same-length sentinels (no list of pieces: a body of NaN is a million matches)."""
+    fixed = bytearray(body)
+    for m in _NON_JSON.finditer(body):
+        sentinel = _SENTINELS.get(m.group(0))
+        if sentinel is not None:
+            fixed[m.start() : m.end()] = sentinel
+    return fixed
 
 
 def _reason(e: Exception) -> str:
@@ -110,9 +118,12 @@ def _reason(e: Exception) -> str:
 
 
 def restore_non_json(values: np.ndarray) -> None:
-    """Turn the sentinels of :func:`parse` back into NaN, inf and -inf (in place)."""
-    for sentinel, value in _RESTORE.items():
-        values[values == sentinel] = value
+    """Turn the sentinels of :func:`parse` back into NaN, inf and -inf (in place). Only
+    bodies that held such literals get here, and they are refused anyway: a genuine ``-9``
+    among them is reported as NaN rather than as negative."""
+    values[values == _INF_TINY] = np.inf
+    values[values == _NEG_INF_TINY] = -np.inf
+    values[values == _NAN] = np.nan
 
 
 def scalar_fields(doc: Any, names: set[str], where: str = "") -> dict[str, Any]:

@@ -173,6 +173,8 @@ async def infer(
     lm = annotator.get(model)
     check_version(lm, version)
     by_name = {t.name: t for t in inputs}
+    if len(by_name) != len(inputs):
+        raise InvalidInputError("an input is given twice: send x (and target) once each", "inputs")
     unknown = set(by_name) - {"x", "target"}
     if unknown:
         raise InvalidInputError(
@@ -200,7 +202,9 @@ async def infer(
     bad = [n for n in names if n not in available]
     if bad:
         raise InvalidInputError(
-            f"unknown output(s) {bad}; model {lm.name} has: {', '.join(available)}", "outputs"
+            f"unknown output(s) {', '.join(brief(b) for b in bad[:5])}; model {lm.name} has: "
+            f"{', '.join(available)}",
+            "outputs",
         )
     lm, pred, labels = await annotator.infer(lm.name, x.data.astype(np.float32), target)
     arrays = {

@@ -12,6 +12,7 @@ half-written or clobbered output, and the input is never opened for writing.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -19,7 +20,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 import anndata.io as aio
@@ -313,10 +313,11 @@ async def annotate_file(
     return RunStats(reader.n_obs, time.perf_counter() - t0, dst)
 
 
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so that an interrupted run cleans up."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
+def cancel_on_sigterm() -> None:
+    """Make SIGTERM cancel the running task, as asyncio makes Ctrl-C do, so that an interrupted
+    run cleans up (its partial output removed). Called from inside the running loop; the
+    cancellation lands at the next ``await``, never inside a finaliser where an exception
+    raised by a plain signal handler would be lost."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)

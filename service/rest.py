@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, BinaryIO, TypeVar
 
 import bentoml
-import pydantic_core
+import orjson
 from fastapi import FastAPI, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -266,6 +266,8 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
     in the API's error body; a body cut off by the client is a disconnect, not a 400."""
     if isinstance(exc.__cause__, ClientDisconnect):
         return _disconnected("rest")
+    if isinstance(exc.__cause__, ServiceError):  # e.g. the body limit, hit inside form parsing
+        return _error_response(exc.__cause__)
     response = _error_response(_http_status_error(exc))
     response.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return response
@@ -315,6 +317,8 @@ async def _v2_client_disconnect(_: Request, exc: ClientDisconnect) -> Response:
 async def _v2_http_error(_: Request, exc: StarletteHTTPException) -> Response:
     if isinstance(exc.__cause__, ClientDisconnect):
         return _disconnected("oip-rest")
+    if isinstance(exc.__cause__, ServiceError):
+        return await _v2_service_error(_, exc.__cause__)
     response = await _v2_service_error(_, _http_status_error(exc))
     response.headers.update(exc.headers or {})
     return response
@@ -387,9 +391,12 @@ class CellExplain:
         )
         req = await _parse_body(body, parse)
         payload = await self.annotator.annotate_payload(
-            req.genes, req.X, req.options, req.cell_ids, req.genes_field
+            req.genes, req.X, req.options, req.cell_ids, req.genes_field, arrays=True
         )
-        return Response(pydantic_core.to_json(payload), media_type="application/json")
+        # orjson writes the float32 attribution rows straight from numpy: no Python float per
+        # value (a full-attribution answer is the largest thing a request makes)
+        body = await run_in_threadpool(orjson.dumps, payload, None, orjson.OPT_SERIALIZE_NUMPY)
+        return Response(body, media_type="application/json")
 
     @app.post(
         "/annotate/h5ad",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.errors import InvalidInputError
+from service.errors import InvalidInputError, brief
 from service.grpc.codegen import load
 from service.oip import Tensor, from_raw, to_array, to_raw
 
@@ -40,6 +40,12 @@ def infer_inputs(req: Any) -> list[Tensor]:
     tensors = []
     for i, t in enumerate(req.inputs):
         shape = [int(d) for d in t.shape]
+        if raw and t.HasField("contents"):
+            raise InvalidInputError(
+                f"input {brief(t.name)} has contents while the request sends "
+                "raw_input_contents: use one or the other",
+                "raw_input_contents",
+            )
         if raw:
             data = from_raw(t.name, t.datatype, shape, raw[i])
         else:

@@ -170,3 +170,75 @@ def sparse_maps(genes: list[str], n_cells: int, per_cell: int) -> bytes:
 
 def deep_nesting(depth: int) -> bytes:
     return b'{"genes":["CD3E"],"cells":' + b"[" * depth + b"]" * depth + b"}"
+
+
+def bad_sparse_indices(base: ad.AnnData, path: Path, value: int) -> Path:
+    """CSR whose column indices point outside the matrix (scipy's C code trusts them)."""
+
+    def edit(f: h5py.File) -> None:
+        idx = f["X"]["indices"]
+        idx[: min(5, idx.shape[0])] = value
+
+    return _variant(base, path, edit)
+
+
+def decreasing_indptr(base: ad.AnnData, path: Path) -> Path:
+    def edit(f: h5py.File) -> None:
+        ptr = f["X"]["indptr"]
+        values = ptr[:]
+        values[1], values[2] = values[2], values[1] - 1
+        ptr[:] = values
+
+    return _variant(base, path, edit)
+
+
+def time_datatype(base: ad.AnnData, path: Path) -> Path:
+    """A dataset of HDF5's time type, which numpy (and anndata) has no equivalent for."""
+
+    def edit(f: h5py.File) -> None:
+        space = h5py.h5s.create_simple((4,))
+        h5py.h5d.create(f["uns"].id, b"when", h5py.h5t.UNIX_D32LE.copy(), space)
+
+    return _variant(base, path, edit)
+
+
+def non_utf8_name(base: ad.AnnData, path: Path) -> Path:
+    return _variant(base, path, lambda f: h5py.h5g.create(f["uns"].id, b"\xff\xfe"))
+
+
+def null_dataspace(base: ad.AnnData, path: Path) -> Path:
+    def edit(f: h5py.File) -> None:
+        d = f["uns"].create_dataset("empty", data=h5py.Empty("f4"))
+        d.attrs.update(ARRAY_ATTRS)
+
+    return _variant(base, path, edit)
+
+
+def legacy_sparse(path: Path, genes: list[str], n_cells: int) -> Path:
+    """The layout of anndata < 0.7: ``X`` a group with ``h5sparse_shape``, ``obs``/``var``
+    compound datasets; ``n_cells`` declared, one value each."""
+    g = len(genes)
+    with h5py.File(path, "w") as f:
+        X = f.create_group("X")
+        X.attrs["h5sparse_format"] = "csr"
+        X.attrs["h5sparse_shape"] = np.array([n_cells, g])
+        X.create_dataset("data", data=np.full(n_cells, 5, np.float32), compression="gzip")
+        X.create_dataset(
+            "indices", data=(np.arange(n_cells) % g).astype(np.int32), compression="gzip"
+        )
+        X.create_dataset("indptr", data=np.arange(n_cells + 1, dtype=np.int64), compression="gzip")
+        obs = np.zeros(n_cells, dtype=[("index", "S12")])
+        obs["index"] = [b"c%d" % i for i in range(n_cells)]
+        f.create_dataset("obs", data=obs, compression="gzip")
+        var = np.zeros(g, dtype=[("index", "S32")])
+        var["index"] = [x.encode() for x in genes]
+        f.create_dataset("var", data=var, compression="gzip")
+    return path
+
+
+def nan_rows(genes: list[str], n_bytes: int, max_rows: int) -> bytes:
+    """Dense rows of ``NaN``: not JSON, but what Python's json module writes."""
+    row = b"[" + b",".join([b"NaN"] * len(genes)) + b"]"
+    names = b",".join(b'"' + g.encode() + b'"' for g in genes)
+    n = min(max_rows, max(1, (n_bytes - len(names) - 64) // (len(row) + 1)))
+    return b'{"genes":[' + names + b'],"cells":[' + b",".join([row] * n) + b"]}"

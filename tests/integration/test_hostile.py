@@ -180,6 +180,32 @@ def test_a_clean_upload_still_works_and_the_answer_is_self_contained(client, gen
         assert "leak" not in f["uns"]
 
 
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda b, p: hostile.bad_sparse_indices(b, p, 10**6), "indices run from"),
+        (lambda b, p: hostile.bad_sparse_indices(b, p, -5), "indices run from"),
+        (lambda b, p: hostile.decreasing_indptr(b, p), "indptr"),
+        (lambda b, p: hostile.time_datatype(b, p), "datatype anndata never writes"),
+        (lambda b, p: hostile.non_utf8_name(b, p), "not UTF-8"),
+        (lambda b, p: hostile.null_dataspace(b, p), "null dataspace"),
+    ],
+    ids=["indices-past-the-end", "negative-indices", "decreasing-indptr", "time-type",
+         "non-utf8-name", "null-dataspace"],
+)  # fmt: skip
+def test_malformed_uploads_are_a_400_and_leave_the_worker_sound(
+    client, genes, tmp_path, build, message
+):
+    """Found by the outside tester: a CSR with indices past the matrix segfaulted the worker,
+    negative ones wrote into the cached alignment (every later request: 500)."""
+    base = hostile.small_adata(genes, n_cells=20)
+    r = _upload(client, build(base, tmp_path / "bad.h5ad"))
+    _err(r, 400, "file|cells", message)
+    ok = client.post("/v1/annotate", json={"genes": genes, "cells": [[1.0] * len(genes)]})
+    assert ok.status_code == 200, ok.text[:300]
+    assert client.get("/metrics").text.count('type="internal"') == 0
+
+
 # -- 2. bounded work for every upload ----------------------------------------------------------
 def test_a_compressed_file_declaring_200000_dense_cells_is_refused_before_reading(
     client, server, genes, tmp_path
@@ -193,6 +219,29 @@ def test_a_compressed_file_declaring_200000_dense_cells_is_refused_before_readin
     _err(r, 413, "file", "declares more than|200000 cells")
     assert time.monotonic() - t0 < 30
     assert growth[0] < 2 * path.stat().st_size / 2**20 + 64, growth
+
+
+def test_legacy_files_are_held_to_their_declared_size(client, server, genes, tmp_path):
+    path = hostile.legacy_sparse(tmp_path / "legacy.h5ad", genes, 2_000_000)
+    t0 = time.monotonic()
+    with peak_growth(server) as growth:
+        r = _upload(client, path)
+    _err(r, 413, "file", "2000000 cells|declares more than")
+    assert time.monotonic() - t0 < 5 and growth[0] < 64, growth
+
+
+def test_a_chunked_upload_over_the_limit_is_a_413(server, genes):
+    """No Content-Length: the limit is hit while the multipart parser reads the body."""
+
+    def body() -> Iterator[bytes]:
+        yield MULTIPART_START
+        for _ in range(MAX_H5AD // (1 << 20) + 2):
+            yield b"\0" * (1 << 20)
+        yield b"\r\n--xyz--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=xyz"}
+    r = httpx.post(f"{server.url}/v1/annotate/h5ad", content=body(), headers=headers, timeout=120)
+    _err(r, 413, "body", "CELLEXPLAIN_MAX_H5AD_BYTES")
 
 
 def test_uploads_over_the_cell_limit_are_refused(client, genes, tmp_path):
@@ -258,6 +307,47 @@ def test_grpc_messages_stay_within_the_memory_bound(server, genes, shape):
         res = pb_grpc.CellExplainStub(ch).Annotate(req, timeout=120)
         assert len(res.cells) > 0
     print(f"gRPC {shape}: message {size / 2**20:.1f} MiB, peak growth {growth[0]:.0f} MiB")
+    assert growth[0] < MEMORY_MULTIPLE * MAX_BODY / 2**20
+
+
+def test_nan_bodies_stay_within_the_memory_bound(client, server, genes):
+    """Found by the outside tester: NaN literals were rewritten into longer numbers before
+    parsing (58x the body limit)."""
+    body = hostile.nan_rows(genes, MAX_BODY - 1024, MAX_CELLS)
+    with peak_growth(server) as growth:
+        r = client.post("/v1/annotate", content=body, headers={"content-type": "application/json"})
+    _err(r, 400, r"cells\[0\]\[0\]", "NaN")
+    print(f"NaN rows: body {len(body) / 2**20:.1f} MiB, peak growth {growth[0]:.0f} MiB")
+    assert growth[0] < MEMORY_MULTIPLE * MAX_BODY / 2**20
+
+
+@pytest.mark.parametrize("door", ["v1-full-attributions", "oip-fp16-json-outputs"])
+def test_large_answers_stay_within_the_memory_bound(client, server, genes, door):
+    """The answer can be far larger than the request (full attributions from a compact body):
+    it is written from numpy arrays, never a Python float per value."""
+    if door == "v1-full-attributions":
+        n = MAX_CELLS
+        body = hostile.dense_zeros(genes, n).replace(
+            b'"attributions":"none"', b'"attributions":"full"'
+        )
+        headers = {"content-type": "application/json"}
+        url = "/v1/annotate"
+    else:
+        n = MAX_CELLS
+        x = np.zeros((n, len(genes)), "<f2").tobytes()
+        head = json.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP16", "shape": [n, len(genes)],
+                         "parameters": {"binary_data_size": len(x)}}]}
+        ).encode()  # fmt: skip
+        body = head + x
+        headers = {"Inference-Header-Content-Length": str(len(head))}
+        url = f"/v2/models/{MODEL}/infer"
+    assert len(body) <= MAX_BODY
+    with peak_growth(server) as growth:
+        r = client.post(url, content=body, headers=headers)
+    assert r.status_code == 200, r.text[:300]
+    print(f"{door}: body {len(body) / 2**20:.1f} MiB, answer {len(r.content) / 2**20:.0f} MiB, "
+          f"peak growth {growth[0]:.0f} MiB")  # fmt: skip
     assert growth[0] < MEMORY_MULTIPLE * MAX_BODY / 2**20
 
 
@@ -359,6 +449,33 @@ def test_oip_grpc_answers_invalid_argument(server):
         with pytest.raises(grpc.RpcError) as e:
             stub.ModelInfer(req, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_oip_grpc_inputs_are_checked_once_each(server):
+    with grpc.insecure_channel(server.grpc) as ch:
+        stub = oip_grpc.GRPCInferenceServiceStub(ch)
+        req = oip_pb.ModelInferRequest(model_name=MODEL)
+        for _ in range(2):  # x twice
+            req.inputs.add(name="x", datatype="FP32", shape=[1, 765])
+            req.raw_input_contents.append(np.zeros(765, "<f4").tobytes())
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "twice" in e.value.details()
+        req = oip_pb.ModelInferRequest(model_name=MODEL)  # raw bytes and typed contents at once
+        x = req.inputs.add(name="x", datatype="FP32", shape=[1, 765])
+        x.contents.fp32_contents.extend([0.0] * 765)
+        req.raw_input_contents.append(np.zeros(765, "<f4").tobytes())
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        req = oip_pb.ModelInferRequest(model_name=MODEL)
+        req.inputs.add(name="x", datatype="FP32", shape=[1, 765])
+        req.raw_input_contents.append(np.zeros(765, "<f4").tobytes())
+        req.outputs.add(name="A" * 100_000)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(e.value.details()) < 400
 
 
 @pytest.mark.parametrize(

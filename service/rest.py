@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import __version__
-from service import auth, jsonbody, metrics, oip, oip_http
+from service import allocator, auth, jsonbody, metrics, oip, oip_http
 from service.anndata_io import open_h5ad_result, read_h5ad_upload
 from service.core import Annotator
 from service.errors import (
@@ -60,6 +60,7 @@ from service.shutdown import ShutdownDeadline
 
 log = logging.getLogger(__name__)
 SETTINGS = Settings.from_env()
+allocator.bound_large_allocations()  # in every worker, before the model and any request
 H5AD_MEDIA_TYPE = "application/x-hdf5"
 #: bodies from this size on are parsed off the event loop, one at a time (docs/security.md)
 LARGE_BODY = 1 << 20

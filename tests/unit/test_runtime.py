@@ -94,3 +94,13 @@ def test_sessions_can_sleep_instead_of_spinning(programs_model, cells):
     spinning = OnnxModel(artifact, providers=["CPUExecutionProvider"])
     a, b = quiet.predict(cells[:200]), spinning.predict(cells[:200])
     np.testing.assert_array_equal(a.attributions, b.attributions)
+
+
+def test_the_worker_allocator_setting_applies_on_glibc():
+    """Large buffers stay on mmap (returned on free) instead of fragmenting heap arenas."""
+    import platform
+
+    from service.allocator import bound_large_allocations
+
+    applied = bound_large_allocations()
+    assert applied == (platform.libc_ver()[0] == "glibc")

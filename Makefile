@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-# the BentoML model store lives in the repo unless told otherwise
-export BENTOML_HOME ?= $(CURDIR)/.bentoml
+# models live in BentoML's own store (~/bentoml, or $BENTOML_HOME), the one the `cellexplain`
+# command and `bentoml` find from any shell: make sets nothing the user's shell lacks
 DEFAULT_MODEL := pbmc-programs
 DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 
@@ -96,4 +96,4 @@ compare: install
 	$(BIN)/cellexplain compare --seeds 5
 
 clean:
-	rm -rf $(VENV) artifacts .bentoml .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) artifacts .mypy_cache .ruff_cache .pytest_cache

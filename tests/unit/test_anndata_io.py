@@ -28,10 +28,14 @@ def _response(probabilities: list[dict[str, float]]) -> AnnotateResponse:
     ]
     return AnnotateResponse.model_validate(
         {
-            "model": "m", "model_version": "1", "input_kind": "counts",
-            "attribution_method": "integrated_gradients", "unassigned_threshold": 0.5,
-            "gene_matching": matching, "cells": cells,
-        }  # fmt: skip
+            "model": "m",
+            "model_version": "1",
+            "input_kind": "counts",
+            "attribution_method": "integrated_gradients",
+            "unassigned_threshold": 0.5,
+            "gene_matching": matching,
+            "cells": cells,
+        }
     )
 
 

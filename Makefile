@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-# the BentoML model store lives in the repo unless told otherwise
-export BENTOML_HOME ?= $(CURDIR)/.bentoml
+# models live in BentoML's own store (~/bentoml, or $BENTOML_HOME), the one the `cellexplain`
+# command and `bentoml` find from any shell: make sets nothing the user's shell lacks
 DEFAULT_MODEL := pbmc-programs
 DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 
 .PHONY: install proto serve test lint typecheck unit integration default-model compare clean \
-	bento bento-gpu manifests load-test bench install-gpu
+	bento bento-gpu manifests load-test bench install-gpu wheel
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,11 +61,17 @@ integration: install
 test: lint typecheck
 	$(BIN)/pytest tests -q
 
-# Bentos (docs/deploy.md): the service, its models and the serving requirements
-bento: default-model
+# the project's wheel (the Bentos install it), with the gRPC modules compiled into it
+wheel: install
+	rm -rf build dist
+	$(PY) -m service.grpc.codegen
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+# Bentos (docs/deploy.md): the project's wheel, its models and the serving requirements
+bento: default-model wheel
 	$(BIN)/bentoml build -f bentofile.yaml .
 
-bento-gpu: default-model
+bento-gpu: default-model wheel
 	$(BIN)/bentoml build -f bentofile.gpu.yaml .
 
 # the Kubernetes objects each overlay applies (needs kubectl or kustomize)
@@ -96,4 +102,4 @@ compare: install
 	$(BIN)/cellexplain compare --seeds 5
 
 clean:
-	rm -rf $(VENV) artifacts .bentoml .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) artifacts build dist .mypy_cache .ruff_cache .pytest_cache

@@ -6,7 +6,8 @@
 4. ``benchmarks.annotate_scale``: ``cellexplain annotate --local`` from 1k to 1M cells;
 5. ``benchmarks.soak``: the load tests (Locust on REST, the gRPC driver) for 5 minutes each;
 6. ``benchmarks.gpu``: the CUDA path (checks, cells/s per call size, torch + Captum on the GPU),
-   only where onnxruntime has the CUDA provider (skipped otherwise, saying so).
+   only where onnxruntime has the CUDA provider (skipped otherwise, saying so);
+7. ``benchmarks.renamed_genes``: real cells under the model's and under today's gene names.
 
 Each runs in its own process; their tables go to stdout and to
 ``benchmarks/results/latest.md`` (with the machine), from which docs/benchmarks.md is updated.
@@ -37,6 +38,7 @@ FULL: dict[str, list[str]] = {
     "annotate_scale": ["benchmarks/annotate_scale.py", "--local"],
     "soak": ["-m", "benchmarks.soak", "--duration", "300"],
     "gpu": ["-m", "benchmarks.gpu", "all"],
+    "renamed_genes": ["-m", "benchmarks.renamed_genes"],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "attribution": ["--min-seconds", "0.3", "--repeat", "2"],
@@ -45,6 +47,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "annotate_scale": ["--cells", "10000", "100000"],
     "soak": ["--duration", "30"],
     "gpu": ["--min-seconds", "0.2"],
+    "renamed_genes": [],
 }
 
 

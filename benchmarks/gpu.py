@@ -36,7 +36,14 @@ import onnxruntime as ort
 
 from benchmarks.timing import best_rate, device_name, gpu_name, nvidia_smi
 from models.card import FLOAT16_MIN_LABEL_AGREEMENT, FLOAT16_RTOL
-from models.runtime import OnnxModel, Prediction, Provider, available_providers, provider_name
+from models.runtime import (
+    OnnxModel,
+    Prediction,
+    Provider,
+    available_providers,
+    provider_name,
+    session_options,
+)
 
 #: (folder, attribution method, steps) of the exported graphs, each in both precisions
 GRAPHS = [("ig16", "integrated_gradients", 16), ("ig32", "integrated_gradients", 32)]
@@ -173,7 +180,9 @@ def run(
     # prediction only: the limit of what any attribution can cost on top
     cpu_only: list[Provider] = ["CPUExecutionProvider"]
     for provider, where in ((cuda, gpu_label), (cpu_only, cpu_label)):
-        sess = ort.InferenceSession(str(folder / PREDICT_ONLY), providers=with_cpu(provider))
+        sess = ort.InferenceSession(
+            str(folder / PREDICT_ONLY), session_options(), providers=with_cpu(provider)
+        )
         sizes = batches if where == gpu_label else CPU_BATCHES
         measure("prediction only", where, partial(run_probabilities, sess), sizes)
         del sess
@@ -318,7 +327,7 @@ def profile(folder: Path, providers: list[Provider], x: np.ndarray, out_dir: Pat
     summed per node and per provider, against the whole run (the rest: copies and overhead)."""
     import json
 
-    opts = ort.SessionOptions()
+    opts = session_options()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(out_dir / "ort_profile")
     sess = ort.InferenceSession(

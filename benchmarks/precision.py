@@ -23,7 +23,7 @@ import onnxruntime as ort
 from benchmarks.timing import best_rate, device_name
 from models.attribution import AttributionSpec, build_graph
 from models.data import load_labelled
-from models.runtime import available_providers, provider_name
+from models.runtime import available_providers, provider_name, session_options
 from models.train import TrainConfig, fit
 
 
@@ -31,7 +31,9 @@ def session(model: onnx.ModelProto, provider: str, folder: Path) -> ort.Inferenc
     path = folder / f"{model.graph.name}.onnx"
     onnx.save(model, path)
     providers = [p for p in available_providers(prefer_gpu=True) if provider_name(p) == provider]
-    return ort.InferenceSession(str(path), providers=[*providers, "CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), session_options(), providers=[*providers, "CPUExecutionProvider"]
+    )
 
 
 def main() -> None:

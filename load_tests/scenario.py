@@ -80,7 +80,7 @@ def cells() -> tuple[list[str], np.ndarray]:
 
 
 def bad_requests(genes: list[str], X: np.ndarray) -> list[BadRequest]:
-    dup = [*genes[:-1], genes[0].lower()]
+    dup = [*genes[:-1], genes[0]]  # the same name twice, for a model gene: a tie, refused
     neg = X[:4].copy()
     neg[1, 7] = -3.0
     nan = X[:4].copy()

@@ -47,6 +47,7 @@ from models.card import (
     OnnxInfo,
 )
 from models.errors import ExportError
+from models.runtime import session_options
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,9 @@ def _captum_reference(
 def _run(
     onnx_bytes: bytes, x: np.ndarray, target: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # the optional `target` input is an initializer by design
-    sess = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        onnx_bytes, sess_options=session_options(), providers=["CPUExecutionProvider"]
+    )
     names = [o.name for o in sess.get_outputs()]
     feeds = {"x": x} if target is None else {"x": x, "target": target}
     return dict(zip(names, sess.run(names, feeds), strict=True))

@@ -80,6 +80,14 @@ class Prediction:
     program_attributions: np.ndarray | None  # [n, P] for program models
 
 
+def session_options() -> ort.SessionOptions:
+    """Options for every session of our graphs: onnxruntime's warning that the optional
+    ``target`` input is an initializer (true by design: an overridable default) is not shown."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return opts
+
+
 class OnnxModel:
     """An exported model, loaded and verified.
 
@@ -117,11 +125,10 @@ class OnnxModel:
                 f"{onnx_path} has sha256 {digest}, but its model card says {self.card.onnx.sha256}:"
                 " the graph was modified or does not belong to this card"
             )
-        opts = ort.SessionOptions()
+        opts = session_options()
         opts.intra_op_num_threads = intra_op_threads
         if not spinning:  # idle threads sleep instead of busy-waiting for the next call
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3  # the optional `target` input is an initializer by design
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(
             str(onnx_path), sess_options=opts, providers=list(providers or available_providers())

@@ -1,15 +1,21 @@
 """Gene alignment: put submitted genes in a model's gene order.
 
-Rules (documented in the README):
+Rules (documented in the README, the same at every door since every door aligns here):
 
-* Symbols match case-insensitively (``cd3e`` is ``CD3E``).
-* Ensembl gene IDs (``ENSG00000198851``, with or without a ``.version`` suffix) are mapped to
-  symbols with the bundled GENCODE v44 table; an ID the table lacks is kept as an ID, so models
-  trained on IDs still match.
-* A gene named twice (the same symbol in two spellings, the same ID twice, or a symbol together
-  with an ID of that symbol) is an error: the service cannot know which value to use.
-* Several **different** Ensembl IDs that share one symbol (readthrough and paralog loci; GENCODE
-  has 343 such symbols) are summed in linear expression space, as counts of one symbol would be.
+* A submitted column claims a model gene at one of three tiers, best first:
+  1. **exact**: the same name (for Ensembl IDs, the same ID without its ``.version``);
+  2. **case-insensitive**: ``cd3e`` for ``CD3E``; an Ensembl ID whose GENCODE v44 symbol is the
+     model gene's (in any case); a symbol whose ID the model was trained on;
+  3. **previous symbol**: HGNC renamed the gene, in either direction (a model trained on 2017
+     names such as ``IGJ`` finds today's ``JCHAIN``, and the reverse), through the bundled
+     table of unambiguous HGNC previous symbols (``resources/hgnc_previous_symbols.csv.gz``).
+* When several columns claim one model gene, the best tier wins and the others are ignored
+  (counted as duplicates): ``C1orf220`` beats ``C1ORF220`` for a model gene ``C1orf220``.
+  Several **different** Ensembl IDs at the best tier (readthrough and paralog loci; GENCODE has
+  343 symbols with several IDs) are summed in linear expression space, as counts of one symbol
+  would be. Any other tie (the same name twice, a symbol and an ID of it) is refused, naming
+  the columns: the service cannot know which value to use.
+* Duplicates among genes the model does not use never refuse a request; they are counted.
 * Model genes not submitted are zero-filled and reported (how many, and the first few).
 """
 
@@ -33,6 +39,9 @@ from service.errors import InvalidInputError, brief
 
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 GENCODE_TABLE = "gencode_v44_human_gene_id2name.csv.gz"
+PREVIOUS_TABLE = "hgnc_previous_symbols.csv.gz"
+#: how a column claimed its model gene (lower is better)
+EXACT, CASE_INSENSITIVE, PREVIOUS_SYMBOL = 0, 1, 2
 
 
 @lru_cache(maxsize=1)
@@ -43,17 +52,25 @@ def ensembl_to_symbol() -> dict[str, str]:
         return {row["gene_id"]: row["gene_name"].upper() for row in csv.DictReader(f)}
 
 
+@lru_cache(maxsize=1)
+def previous_to_current() -> dict[str, str]:
+    """Upper-case HGNC previous symbol -> upper-case current symbol (unambiguous ones only:
+    each names exactly one gene and is nobody's current symbol), from the bundled table."""
+    path = resources.files("service") / "resources" / PREVIOUS_TABLE
+    with path.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
+        return {
+            row["previous_symbol"].upper(): row["current_symbol"].upper()
+            for row in csv.DictReader(f)
+        }
+
+
+def current_symbol(upper: str) -> str:
+    """Today's HGNC symbol of an upper-case symbol (itself when it was never renamed)."""
+    return previous_to_current().get(upper, upper)
+
+
 def is_ensembl(gene: str) -> bool:
     return bool(ENSEMBL_RE.match(gene.strip().upper()))
-
-
-def canonical(gene: str) -> str:
-    """The matching key of a gene name: an upper-case symbol, or an unversioned ID."""
-    g = gene.strip().upper()
-    if ENSEMBL_RE.match(g):
-        g = g.split(".", 1)[0]
-        return ensembl_to_symbol().get(g, g)
-    return g
 
 
 @dataclass
@@ -66,6 +83,11 @@ class Alignment:
         n_found: model genes present in the submission.
         missing: names of the model genes not submitted (all of them).
         n_unused: submitted genes the model does not use.
+        n_case_insensitive: model genes found only by a case-insensitive match (or through an
+            Ensembl ID and its symbol).
+        n_previous_symbol: model genes found only through an HGNC previous symbol.
+        n_duplicated: submitted columns naming a gene an earlier column already named (by
+            case, or an ID and its symbol), left out.
     """
 
     take: np.ndarray  # read-only: alignments are cached and shared between requests
@@ -73,6 +95,9 @@ class Alignment:
     n_found: int = 0
     missing: list[str] = field(default_factory=list)
     n_unused: int = 0
+    n_case_insensitive: int = 0
+    n_previous_symbol: int = 0
+    n_duplicated: int = 0
 
     @property
     def missing_fraction(self) -> float:
@@ -123,14 +148,57 @@ class GeneAligner:
 
     def __init__(self, model_genes: Sequence[str], cache_bytes: int = CACHE_BYTES) -> None:
         self.model_genes = list(model_genes)
-        self.index: dict[str, int] = {}
-        for i, g in enumerate(self.model_genes):
-            self.index.setdefault(canonical(g), i)
+        # model gene index by each tier's key (the first model gene wins a shared key)
+        self.exact: dict[str, int] = {}
+        self.folded: dict[str, int] = {}
+        self.renamed: dict[str, int] = {}
+        ids = ensembl_to_symbol()
+        for j, g in enumerate(self.model_genes):
+            name = g.strip()
+            upper = name.upper()
+            if ENSEMBL_RE.match(upper):
+                uid = upper.split(".", 1)[0]
+                self.exact.setdefault(uid, j)
+                symbol = ids.get(uid)
+                if symbol is not None:
+                    self.folded.setdefault(symbol, j)
+                    self.renamed.setdefault(current_symbol(symbol), j)
+            else:
+                self.exact.setdefault(name, j)
+                self.folded.setdefault(upper, j)
+                self.renamed.setdefault(current_symbol(upper), j)
         self.model_uses_ids = sum(is_ensembl(g) for g in self.model_genes) > len(model_genes) / 2
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[bytes, tuple[Alignment, int]] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
+
+    def claim(self, gene: str) -> tuple[int, int, str] | None:
+        """The model gene a submitted name claims, the tier of the claim, and the name's
+        canonical key (upper-case symbol or unversioned ID, for counting duplicates)."""
+        name = gene.strip()
+        upper = name.upper()
+        if ENSEMBL_RE.match(upper):
+            uid = upper.split(".", 1)[0]
+            j = self.exact.get(uid)
+            if j is not None:
+                return j, EXACT, uid
+            symbol = ensembl_to_symbol().get(uid)
+            if symbol is None:
+                return None
+            j = self.folded.get(symbol)
+            if j is not None:
+                return j, CASE_INSENSITIVE, uid
+            j = self.renamed.get(current_symbol(symbol))
+            return None if j is None else (j, PREVIOUS_SYMBOL, uid)
+        j = self.exact.get(name)
+        if j is not None:
+            return j, EXACT, upper
+        j = self.folded.get(upper)
+        if j is not None:
+            return j, CASE_INSENSITIVE, upper
+        j = self.renamed.get(current_symbol(upper))
+        return None if j is None else (j, PREVIOUS_SYMBOL, upper)
 
     @property
     def cached_bytes(self) -> int:
@@ -172,47 +240,62 @@ class GeneAligner:
             raise InvalidInputError(
                 f"{field_name} is empty: send the gene of each column", field_name
             )
-        seen: dict[str, tuple[int, str]] = {}  # exact key (symbol or ID) -> first column
-        by_symbol: dict[str, list[int]] = {}
+        claims: dict[int, list[tuple[int, int]]] = {}  # model gene -> [(tier, column)]
+        keys: set[str] = set()
+        n_duplicated = 0
+        ids = ensembl_to_symbol()
         for col, g in enumerate(genes):
             if not isinstance(g, str) or not g.strip():
                 raise InvalidInputError(
                     f"{field_name}[{col}] is not a gene name: {brief(g)}", f"{field_name}[{col}]"
                 )
-            upper = g.strip().upper()
-            exact = upper.split(".", 1)[0] if ENSEMBL_RE.match(upper) else upper
-            if exact in seen:
-                first_col, first = seen[exact]
-                raise InvalidInputError(
-                    f"duplicated gene in {field_name}: {brief(first)} (position {first_col}) and "
-                    f"{brief(g)} (position {col}) name the same gene",
-                    field_name,
-                )
-            seen[exact] = (col, g)
-            by_symbol.setdefault(canonical(g), []).append(col)
+            claim = self.claim(g)
+            if claim is None:
+                upper = g.strip().upper()
+                key = upper.split(".", 1)[0] if ENSEMBL_RE.match(upper) else upper
+                symbol = ids.get(key, key)
+                if key in keys or symbol in keys:
+                    n_duplicated += 1
+                keys.update((key, symbol))
+                continue
+            j, tier, _ = claim
+            claims.setdefault(j, []).append((tier, col))
         take = np.full(len(self.model_genes), -1, dtype=np.int64)
         merged: dict[int, list[int]] = {}
         used = 0
-        for key, cols in by_symbol.items():
-            j = self.index.get(key)
-            if j is None:
-                continue
+        tiers = [0, 0, 0]
+        for j, claimed in claims.items():
+            best = min(t for t, _ in claimed)
+            cols = [c for t, c in claimed if t == best]
+            n_duplicated += len(claimed) - len(cols)
             if len(cols) > 1:
-                if not all(is_ensembl(genes[c]) for c in cols):
-                    names = ", ".join(brief(genes[c]) for c in cols[:5])
+                uids = [genes[c].strip().upper().split(".", 1)[0] for c in cols]
+                if not all(ENSEMBL_RE.match(u) for u in uids) or len(set(uids)) != len(uids):
+                    names = " and ".join(f"{brief(genes[c])} (position {c})" for c in cols[:5])
                     raise InvalidInputError(
-                        f"duplicated gene in {field_name}: {names} all name {brief(key)}",
+                        f"duplicated gene in {field_name}: {names} name the same gene "
+                        f"{brief(self.model_genes[j])}",
                         field_name,
                     )
                 merged[j] = cols
             take[j] = cols[0]
             used += len(cols)
+            tiers[best] += 1
         n_found = int((take >= 0).sum())
         if n_found == 0:
             raise InvalidInputError(self._no_overlap_message(genes), field_name)
         missing = [self.model_genes[j] for j in np.flatnonzero(take < 0)]
         take.flags.writeable = False
-        return Alignment(take, merged, n_found, missing, len(genes) - used)
+        return Alignment(
+            take,
+            merged,
+            n_found,
+            missing,
+            len(genes) - used,
+            n_case_insensitive=tiers[CASE_INSENSITIVE],
+            n_previous_symbol=tiers[PREVIOUS_SYMBOL],
+            n_duplicated=n_duplicated,
+        )
 
     def _no_overlap_message(self, genes: Sequence[str]) -> str:
         sent_ids = sum(is_ensembl(g) for g in genes[:1000]) > min(len(genes), 1000) / 2

@@ -163,11 +163,17 @@ class Annotations:
 
     @classmethod
     def from_response(
-        cls, res: AnnotateResponse, programs: Sequence[str], top_k: int = 0
+        cls,
+        res: AnnotateResponse,
+        classes: Sequence[str],
+        programs: Sequence[str],
+        top_k: int = 0,
     ) -> Annotations:
-        """From an API response (client side): probabilities and full attributions (and all
-        program attributions) when the request asked for them; top genes from ``top_genes``
-        (``attributions='top_k'``) or, with full attributions, the ``top_k`` largest."""
+        """From an API response (client side): probabilities (columns in ``classes`` order,
+        matched by class name: a response's maps have no order of their own) and full
+        attributions (and all program attributions) when the request asked for them; top genes
+        from ``top_genes`` (``attributions='top_k'``) or, with full attributions, the ``top_k``
+        largest."""
         from service.core import top_k_indices
 
         cells = res.cells
@@ -175,9 +181,15 @@ class Annotations:
         first = cells[0]
         probs = None
         if first.probabilities is not None:
-            probs = np.array(
-                [list((c.probabilities or {}).values()) for c in cells], dtype=np.float32
-            )
+            probs = np.empty((len(cells), len(classes)), dtype=np.float32)
+            for i, c in enumerate(cells):
+                p = c.probabilities or {}
+                if set(p) != set(classes):
+                    raise ValueError(
+                        f"cell {c.id!r}: the response's probabilities name {sorted(p)}, not the "
+                        f"model's classes {list(classes)}"
+                    )
+                probs[i] = [p[k] for k in classes]
         attr = None
         if first.attributions is not None:
             attr = np.array([c.attributions for c in cells], dtype=np.float32)

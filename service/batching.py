@@ -80,7 +80,13 @@ class Batcher:
         self._queue: asyncio.Queue[_Chunk] = asyncio.run_coroutine_threadsafe(
             self._make_queue(), self._loop
         ).result()
-        self._task = asyncio.run_coroutine_threadsafe(self._worker(), self._loop)
+        self._task: asyncio.Task[None] = asyncio.run_coroutine_threadsafe(
+            self._spawn(), self._loop
+        ).result()
+        self._closed = False
+
+    async def _spawn(self) -> asyncio.Task[None]:
+        return asyncio.create_task(self._worker(), name=f"batcher-{self.name}")
 
     @staticmethod
     async def _make_queue() -> asyncio.Queue[_Chunk]:
@@ -175,6 +181,20 @@ class Batcher:
                 start += n
 
     def close(self) -> None:
-        self._task.cancel()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the worker task (letting it finish cancelling), its loop and its thread."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop_worker() -> None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop_worker(), self._loop).result(timeout=10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)

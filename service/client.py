@@ -364,7 +364,7 @@ class AsyncClient:
         parts, first = [], None
         async for _, res in self.annotate_chunks(chunks, opts, concurrency):
             first = first or res
-            parts.append(Annotations.from_response(res, programs, top_k))
+            parts.append(Annotations.from_response(res, detail.card.classes, programs, top_k))
         assert first is not None
         write_annotations(adata, Annotations.concat(parts), response_info(detail, first))
         return adata

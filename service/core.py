@@ -529,6 +529,9 @@ class Annotator:
             n_submitted=prep.n_submitted,
             n_unused=al.n_unused,
             missing_fraction=al.missing_fraction,
+            n_case_insensitive=al.n_case_insensitive,
+            n_previous_symbol=al.n_previous_symbol,
+            n_duplicated=al.n_duplicated,
         )
 
     @staticmethod

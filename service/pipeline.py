@@ -288,7 +288,7 @@ async def annotate_file(
             reader.chunks(chunk_size), options, concurrency
         ):
             first = first or res
-            ann = Annotations.from_response(res, programs, options.top_k)
+            ann = Annotations.from_response(res, card.classes, programs, options.top_k)
             writer.write_obsm(chunk.start, ann)
             collected.add(ann)
             bar.update(chunk.n)

@@ -92,6 +92,19 @@ class GeneMatching(_Schema):
     n_submitted: int
     n_unused: int = Field(description="submitted genes the model does not use")
     missing_fraction: float
+    n_case_insensitive: int = Field(
+        default=0,
+        description="model genes found only case-insensitively (or through an Ensembl ID and "
+        "its symbol)",
+    )
+    n_previous_symbol: int = Field(
+        default=0, description="model genes found only through an HGNC previous symbol"
+    )
+    n_duplicated: int = Field(
+        default=0,
+        description="submitted genes left out because an earlier or better-matching column "
+        "named the same gene (by case, an ID and its symbol, or a renamed symbol)",
+    )
 
 
 class AnnotateResponse(_Schema):

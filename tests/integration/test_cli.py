@@ -103,3 +103,38 @@ def test_compare_prints_a_table(store):
     proc = run_cli("compare", "--archs", "linear", "--seeds", "1", "--max-epochs", "10", home=store)
     assert "| linear |" in proc.stdout
     assert "| logistic regression (baseline) |" in proc.stdout
+
+
+def test_the_newcomers_path_after_make_serve(tmp_path):
+    """`make default-model` (what `make serve` runs first), then the README's commands from a
+    plain shell that sets nothing: the CLI finds the model make stored."""
+    from tests.integration.servers import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
+    env |= {"HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}
+    make = subprocess.run(
+        ["make", "-s", "default-model"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert make.returncode == 0, make.stdout + make.stderr
+    cli = [str(REPO / ".venv" / "bin" / "cellexplain")]
+    listed = subprocess.run([*cli, "models", "list"], env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and "pbmc-programs" in listed.stdout, listed.stderr
+    import anndata as ad
+    import numpy as np
+    import scanpy as sc
+
+    pbmc = sc.datasets.pbmc68k_reduced()
+    raw = pbmc.raw.to_adata()[:50]
+    counts = np.rint(np.expm1(raw.X.toarray()) * 3).astype(np.float32)
+    src = tmp_path / "cells.h5ad"
+    ad.AnnData(counts, var=raw.var).write_h5ad(src)
+    out = tmp_path / "cells.annotated.h5ad"
+    run = subprocess.run(
+        [*cli, "annotate", str(src), "--out", str(out), "--local"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert ad.read_h5ad(out).obs["cellexplain_label"].notna().all()
+    for stream in (run.stdout, run.stderr, listed.stderr):
+        assert "Traceback" not in stream and "Warning" not in stream, stream

@@ -201,7 +201,7 @@ def test_grpc_errors_map_to_status_codes(stub, cells):
             stub.Annotate(req)
         return e.value.code(), e.value.details()
 
-    c, msg = code(dense_request(["CD3E", "cd3e"], np.ones((1, 2), np.float32)))
+    c, msg = code(dense_request(["cd3e", "Cd3e"], np.ones((1, 2), np.float32)))
     assert c == grpc.StatusCode.INVALID_ARGUMENT and "duplicated gene" in msg
     c, msg = code(dense_request(genes, X[:2], model="nope"))
     assert c == grpc.StatusCode.NOT_FOUND and "unknown model" in msg

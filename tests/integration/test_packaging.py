@@ -8,7 +8,9 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,13 @@ def bentoml(home: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def built(programs_home):
-    """Both Bentos built from the repo's bentofiles: {"cpu"|"gpu": bento folder}."""
+    """Both Bentos built from the repo's bentofiles, with the wheel they install built first
+    (as `make bento` does): {"cpu"|"gpu": bento folder}."""
+    wheel = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", "dist", "."],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert wheel.returncode == 0, wheel.stderr[-3000:]
     folders = {}
     for variant, bentofile in (("cpu", "bentofile.yaml"), ("gpu", "bentofile.gpu.yaml")):
         out = bentoml(programs_home, "build", "-f", bentofile, "--output", "tag", ".")
@@ -102,10 +110,21 @@ def test_locked_requirements_have_no_training_stack(built):
 def test_bento_sources_and_exported_models(built, tmp_path):
     home, folders = built
     src = folders["cpu"] / "src"
-    assert (src / "service" / "rest.py").is_file()
-    assert (src / "service" / "grpc" / "_generated" / "cellexplain_v1_pb2.py").is_file()
+    # the code is the wheel's: no package of ours in src/ to shadow or drift from it
+    assert not (src / "service").exists() and not (src / "models").exists()
     assert not (src / "tests").exists() and not (src / "artifacts").exists()
-    assert not (src / "models" / "train.py").exists()  # training code stays out
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    for folder in folders.values():
+        (wheel,) = (folder / "env" / "python" / "wheels").glob("cellexplain-*.whl")
+        assert wheel.name == f"cellexplain-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    assert "service/grpc/_generated/cellexplain_v1_pb2.py" in names  # compiled at build time
+    assert {
+        "service/rest.py",
+        "models/data.py",
+        "service/resources/hgnc_previous_symbols.csv.gz",
+    } <= names
     # the exported archive carries the served model: ONNX + JSON card, nothing pickled
     archive = tmp_path / "cellexplain.bento"
     bentoml(home, "export", f"cellexplain:{folders['cpu'].name}", str(archive))
@@ -114,3 +133,73 @@ def test_bento_sources_and_exported_models(built, tmp_path):
     model_files = {Path(n).name for n in names if n.startswith("./models/pbmc-programs/")}
     assert {"model.onnx", "model.json"} <= model_files
     assert not [n for n in names if n.endswith((".pkl", ".pt", ".pth", ".joblib"))]
+
+
+def test_the_bento_starts_from_itself(built, tmp_path):
+    """A clean virtual environment made only from what the Bento carries (its install.sh:
+    the locked requirements, then its wheels), the service started from the Bento, away from
+    the repository, and one request annotated: nothing may come from the dev install."""
+    import httpx
+
+    from tests.integration.servers import free_port
+
+    home, folders = built
+    bento = folders["cpu"]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "ensurepip", "--upgrade"], check=True,
+        capture_output=True,
+    )  # fmt: skip
+    clean_env = {
+        "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+        "VIRTUAL_ENV": str(venv),
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    install = subprocess.run(
+        ["bash", str(bento / "env" / "python" / "install.sh")],
+        env=clean_env, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    python = str(venv / "bin" / "python")
+    where = subprocess.run(
+        [python, "-c", "import service.rest, models.data; print(service.rest.__file__)"],
+        env=clean_env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert where.returncode == 0, where.stderr[-3000:]
+    assert where.stdout.strip().startswith(str(venv)), where.stdout
+    port, grpc_port = free_port(), free_port()
+    env = {
+        **clean_env,
+        "BENTOML_HOME": str(home),
+        "CELLEXPLAIN_GRPC_PORT": str(grpc_port),
+        "CELLEXPLAIN_GRPC_HOST": "127.0.0.1",
+    }
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [python, "-m", "bentoml", "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        body = {"cells": [{"CD3E": 4, "CD3D": 6, "IL7R": 3}, {"LYZ": 40, "S100A8": 25}]}
+        r = httpx.post(f"{url}/v1/annotate", json=body, timeout=60)
+        assert r.status_code == 200, r.text[:500]
+        assert len(r.json()["cells"]) == 2
+    finally:
+        from tests.integration.servers import stop_group
+
+        stop_group(proc)  # type: ignore[arg-type]
+        log.close()
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()

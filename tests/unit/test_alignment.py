@@ -36,9 +36,9 @@ def test_cache_is_bounded_and_errors_are_not_cached():
     assert np.array_equal(aligner.align(["LYZ"]).take, first.take)
     for _ in range(2):  # a refused list is refused every time, with its own field name
         with pytest.raises(InvalidInputError, match="duplicated gene in genes"):
-            aligner.align(["LYZ", "lyz"])
+            aligner.align(["lyz", "Lyz"])
     with pytest.raises(InvalidInputError, match="duplicated gene in var"):
-        aligner.align(["LYZ", "lyz"], "var")
+        aligner.align(["lyz", "Lyz"], "var")
 
 
 def test_cache_is_bounded_in_bytes_whatever_the_gene_names():
@@ -56,3 +56,58 @@ def test_cache_is_bounded_in_bytes_whatever_the_gene_names():
         tracemalloc.stop()
     assert aligner.cached_bytes < 8 * 4096
     assert held < 8 * 1024 * 1024, f"{held / 1e6:.1f} MB still held after 8 requests"
+
+
+# -- the matching rules, as real files name genes ---------------------------------------------
+RULE_MODEL = ["C1orf220", "CD3E", "IGJ", "MACROH2A1", "LYZ", "ENSG00000105374"]  # NKG7's ID
+
+
+def test_exact_match_wins_over_a_case_variant_and_the_loser_is_counted():
+    al = GeneAligner(RULE_MODEL).align(["C1ORF220", "C1orf220", "cd3e", "XIST"])
+    assert al.take[0] == 1 and al.take[1] == 2  # C1orf220 exact; CD3E only case-insensitively
+    assert al.n_case_insensitive == 1 and al.n_duplicated == 1 and al.n_unused == 2
+
+
+def test_duplicates_the_model_does_not_use_never_refuse():
+    al = GeneAligner(RULE_MODEL).align(["FOO", "foo", "Foo", "CD3E", "BAR", "BAR"])
+    assert al.n_found == 1 and al.n_duplicated == 3 and al.n_unused == 5
+
+
+def test_renamed_genes_match_in_both_directions():
+    old_model = GeneAligner(["IGJ", "FYB", "ATP5B", "H2AFY", "CD3E"])
+    al = old_model.align(["JCHAIN", "FYB1", "ATP5F1B", "MACROH2A1", "CD3E"])
+    assert list(al.take) == [0, 1, 2, 3, 4] and al.n_previous_symbol == 4
+    new_model = GeneAligner(["JCHAIN", "MACROH2A1"])
+    al = new_model.align(["h2afy", "IGJ"])
+    assert list(al.take) == [1, 0] and al.n_previous_symbol == 2
+
+
+def test_a_current_symbol_beats_a_previous_one_for_the_same_gene():
+    al = GeneAligner(["JCHAIN"]).align(["IGJ", "JCHAIN"])
+    assert list(al.take) == [1] and al.n_previous_symbol == 0 and al.n_duplicated == 1
+
+
+def test_ids_and_symbols_find_each_other():
+    al = GeneAligner(RULE_MODEL).align(["NKG7", "ENSG00000198851.9"])  # CD3E's ID
+    assert al.take[5] == 0 and al.take[1] == 1 and al.n_case_insensitive == 2
+    # a symbol and its ID: the symbol is the exact name of the model gene, it wins
+    al = GeneAligner(RULE_MODEL).align(["ENSG00000198851", "CD3E"])
+    assert al.take[1] == 1 and al.n_duplicated == 1
+
+
+def test_ties_at_the_best_tier_are_refused_naming_both_columns():
+    with pytest.raises(InvalidInputError, match=r"'CD3E' \(position 0\) and 'CD3E' \(position 2\)"):
+        GeneAligner(RULE_MODEL).align(["CD3E", "LYZ", "CD3E"])
+    with pytest.raises(InvalidInputError, match="name the same gene 'CD3E'"):
+        GeneAligner(RULE_MODEL).align(["cd3e", "Cd3e"])
+
+
+def test_distinct_ids_of_one_symbol_are_summed():
+    from service.alignment import ensembl_to_symbol
+
+    by_symbol: dict[str, list[str]] = {}
+    for gid, sym in ensembl_to_symbol().items():
+        by_symbol.setdefault(sym, []).append(gid)
+    sym, ids = next((s, i) for s, i in by_symbol.items() if len(i) == 2 and s.isalnum())
+    al = GeneAligner([sym]).align([ids[0], "X", ids[1]])
+    assert al.merged == {0: [0, 2]} and al.n_unused == 1

@@ -1,0 +1,61 @@
+"""Client-side shaping of responses into AnnData arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.anndata_io import Annotations
+from service.schemas import AnnotateResponse
+
+CLASSES = ["B cell", "T cell", "Monocyte"]
+
+
+def _response(probabilities: list[dict[str, float]]) -> AnnotateResponse:
+    matching = {
+        "n_model_genes": 3, "n_found": 3, "n_missing": 0, "missing": [], "n_submitted": 3,
+        "n_unused": 0, "missing_fraction": 0.0,
+    }  # fmt: skip
+    cells = [
+        {
+            "id": str(i),
+            "label": max(p, key=p.__getitem__),
+            "predicted_label": max(p, key=p.__getitem__),
+            "confidence": max(p.values()),
+            "probabilities": p,
+        }
+        for i, p in enumerate(probabilities)
+    ]
+    return AnnotateResponse.model_validate(
+        {
+            "model": "m",
+            "model_version": "1",
+            "input_kind": "counts",
+            "attribution_method": "integrated_gradients",
+            "unassigned_threshold": 0.5,
+            "gene_matching": matching,
+            "cells": cells,
+        }
+    )
+
+
+def test_probability_columns_follow_the_classes_not_the_map_order():
+    """gRPC maps (and any JSON producer) may list classes in any order: the columns of
+    obsm['cellexplain_probabilities'] must be in uns['cellexplain']['classes'] order."""
+    res = _response(
+        [
+            {"Monocyte": 0.7, "B cell": 0.1, "T cell": 0.2},
+            {"T cell": 0.6, "Monocyte": 0.3, "B cell": 0.1},
+        ]
+    )
+    ann = Annotations.from_response(res, CLASSES, [])
+    assert ann.probabilities is not None
+    np.testing.assert_allclose(ann.probabilities, [[0.1, 0.2, 0.7], [0.1, 0.6, 0.3]])
+    best = np.asarray(CLASSES)[ann.probabilities.argmax(1)]
+    assert list(best) == list(ann.predicted_label)
+
+
+def test_probabilities_that_do_not_name_the_classes_are_an_error():
+    res = _response([{"Monocyte": 0.7, "B cell": 0.3}])
+    with pytest.raises(ValueError, match="not the model's classes"):
+        Annotations.from_response(res, CLASSES, [])

@@ -16,6 +16,7 @@ What lands where (scanpy's conventions, like ``sc.tl.*`` writing into the object
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -59,12 +60,29 @@ def expression(
     return genes, X
 
 
+def gene_map(genes: list[str], Xc: sp.csr_matrix, i: int) -> dict[str, float]:
+    """Row ``i`` of a CSR matrix as ``{gene: value}``. A name ``genes`` holds twice gets the sum
+    of its columns: a map has one value per key, and the server puts it in the name's first
+    column, so per-cell totals (and so normalisation) stay those of the file."""
+    row = slice(Xc.indptr[i], Xc.indptr[i + 1])
+    out: dict[str, float] = {}
+    for j, v in zip(Xc.indices[row].tolist(), Xc.data[row].tolist(), strict=True):
+        g = genes[j]
+        out[g] = out[g] + v if g in out else v
+    return out
+
+
 def read_h5ad_upload(path: str | Path, limits: Limits) -> ad.AnnData:
     """Read an uploaded ``.h5ad`` after :func:`service.h5ad_check.check_h5ad` has found it
     self-contained and within ``limits``."""
     check_h5ad(path, limits)
     try:
-        adata = ad.read_h5ad(path)
+        with warnings.catch_warnings():
+            # names repeated in var are the aligner's business (counted, or refused with both
+            # columns named); anndata's own warning would only reach the server log
+            warnings.filterwarnings("ignore", message="Variable names are not unique")
+            warnings.filterwarnings("ignore", message="Observation names are not unique")
+            adata = ad.read_h5ad(path)
     except Exception as e:  # h5py and anndata raise many kinds for a bad file
         raise InvalidInputError(
             f"the uploaded file is not a readable .h5ad: {type(e).__name__}: {brief(str(e), 300)}",

@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import scipy.sparse as sp
 
-from service.anndata_io import Annotations, expression, write_annotations
+from service.anndata_io import Annotations, expression, gene_map, write_annotations
 from service.schemas import AnnotateOptions, AnnotateResponse, ModelDetail, ModelList
 
 Transport = Literal["rest", "grpc"]
@@ -97,12 +97,7 @@ def _json_cells(chunk: Chunk) -> tuple[list[str], list[Any]]:
     if sp.issparse(chunk.X):
         Xc = sp.csr_matrix(chunk.X)
         genes = chunk.genes
-        cells = []
-        for i in range(Xc.shape[0]):
-            row = slice(Xc.indptr[i], Xc.indptr[i + 1])
-            cells.append(
-                {genes[j]: float(v) for j, v in zip(Xc.indices[row], Xc.data[row], strict=True)}
-            )
+        cells = [gene_map(genes, Xc, i) for i in range(Xc.shape[0])]
         return genes, cells
     return chunk.genes, np.asarray(chunk.X, dtype=np.float64).tolist()
 

@@ -103,8 +103,13 @@ def sparse_from_maps(
         InvalidInputError: a map names a gene outside ``genes``.
         TooLargeError: the maps name more than ``max_genes`` distinct genes.
     """
-    columns: dict[str, int] = {g: i for i, g in enumerate(genes or [])}
+    # a name given twice in ``genes`` keeps both columns (the aligner then sees what the dense
+    # form shows it: a tie or an unused duplicate); a map's key goes to the first of them
+    columns: dict[str, int] = {}
+    for i, g in enumerate(genes or []):
+        columns.setdefault(g, i)
     fixed = genes is not None
+    width = len(genes) if genes is not None else 0
     indptr = [0]
     indices: list[np.ndarray] = []
     data: list[np.ndarray] = []
@@ -118,7 +123,8 @@ def sparse_from_maps(
                         f"cells[{i}] names gene {brief(gene)}, which is not in genes",
                         f"cells[{i}]",
                     )
-                j = columns[gene] = len(columns)
+                j = columns[gene] = width
+                width += 1
                 if max_genes is not None and j >= max_genes:
                     raise TooLargeError(
                         f"the cells name more than {max_genes} genes; the limit is {max_genes}",
@@ -134,9 +140,9 @@ def sparse_from_maps(
             np.concatenate(indices) if indices else np.zeros(0, np.int64),
             np.asarray(indptr, dtype=np.int64),
         ),
-        shape=(len(indptr) - 1, len(columns)),
+        shape=(len(indptr) - 1, width),
     )
-    return list(columns), X
+    return (list(genes) if genes is not None else list(columns)), X
 
 
 def _float64(X: np.ndarray | sp.spmatrix) -> np.ndarray | sp.csr_matrix:

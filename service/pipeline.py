@@ -93,7 +93,7 @@ class H5adReader:
             mpath, vpath = "raw/X", "raw/var"
         elif layer is not None:
             if f"layers/{layer}" not in f:
-                have = ", ".join(f["layers"].keys()) if "layers" in f else "(none)"
+                have = (", ".join(f["layers"].keys()) if "layers" in f else "") or "(none)"
                 raise InvalidInputError(
                     f"layer {brief(layer)} not found; layers are: {have}", "layer"
                 )

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import ValidationError
 
+from service.anndata_io import gene_map
 from service.core import sparse_from_maps
 from service.errors import InvalidInputError
 from service.grpc.codegen import load
@@ -163,10 +164,7 @@ def request_to_proto(
         Xc = sp.csr_matrix(X)
         cells = req.sparse.cells
         for i in range(Xc.shape[0]):
-            row = slice(Xc.indptr[i], Xc.indptr[i + 1])
-            cells.add().values.update(
-                {genes[j]: float(v) for j, v in zip(Xc.indices[row], Xc.data[row], strict=True)}
-            )
+            cells.add().values.update(gene_map(genes, Xc, i))
     else:
         req.dense.n_cells = X.shape[0]
         req.dense.raw_le_float32 = np.ascontiguousarray(X, dtype="<f4").tobytes()

@@ -111,3 +111,22 @@ def test_distinct_ids_of_one_symbol_are_summed():
     sym, ids = next((s, i) for s, i in by_symbol.items() if len(i) == 2 and s.isalnum())
     al = GeneAligner([sym]).align([ids[0], "X", ids[1]])
     assert al.merged == {0: [0, 2]} and al.n_unused == 1
+
+
+def test_a_previous_symbol_that_is_still_a_gene_is_not_a_rename():
+    """GENCODE v44 (what Cell Ranger's references use) still has MIR583HG and LINC01513 as
+    genes of their own: they must not claim CAST and ROPN1L (found by an outside tester)."""
+    al = GeneAligner(["CAST", "ROPN1L", "LYZ"]).align(["MIR583HG", "LINC01513", "LYZ"])
+    assert al.n_found == 1 and al.n_previous_symbol == 0
+
+
+def test_sparse_maps_keep_every_column_of_a_repeated_name():
+    """A gene list naming a gene twice keeps both columns, so the columns after it do not move
+    (they used to shift by one: CD3E's value was read as LYZ's)."""
+    from service.core import sparse_from_maps
+
+    genes, X = sparse_from_maps(
+        [{"CD3E": 10.0}, {"LYZ": 3.0, "TBCE": 1.0}], ["TBCE", "TBCE", "CD3E", "LYZ"]
+    )
+    assert genes == ["TBCE", "TBCE", "CD3E", "LYZ"] and X.shape == (2, 4)
+    np.testing.assert_array_equal(X.toarray(), [[0, 0, 10, 0], [1, 0, 0, 3]])

@@ -173,32 +173,31 @@ class GeneAligner:
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
-    def claim(self, gene: str) -> tuple[int, int, str] | None:
-        """The model gene a submitted name claims, the tier of the claim, and the name's
-        canonical key (upper-case symbol or unversioned ID, for counting duplicates)."""
+    def claim(self, gene: str) -> tuple[int, int] | None:
+        """The model gene a submitted name claims, and the tier of the claim."""
         name = gene.strip()
         upper = name.upper()
         if ENSEMBL_RE.match(upper):
             uid = upper.split(".", 1)[0]
             j = self.exact.get(uid)
             if j is not None:
-                return j, EXACT, uid
+                return j, EXACT
             symbol = ensembl_to_symbol().get(uid)
             if symbol is None:
                 return None
             j = self.folded.get(symbol)
             if j is not None:
-                return j, CASE_INSENSITIVE, uid
+                return j, CASE_INSENSITIVE
             j = self.renamed.get(current_symbol(symbol))
-            return None if j is None else (j, PREVIOUS_SYMBOL, uid)
+            return None if j is None else (j, PREVIOUS_SYMBOL)
         j = self.exact.get(name)
         if j is not None:
-            return j, EXACT, upper
+            return j, EXACT
         j = self.folded.get(upper)
         if j is not None:
-            return j, CASE_INSENSITIVE, upper
+            return j, CASE_INSENSITIVE
         j = self.renamed.get(current_symbol(upper))
-        return None if j is None else (j, PREVIOUS_SYMBOL, upper)
+        return None if j is None else (j, PREVIOUS_SYMBOL)
 
     @property
     def cached_bytes(self) -> int:
@@ -258,7 +257,7 @@ class GeneAligner:
                     n_duplicated += 1
                 keys.update((key, symbol))
                 continue
-            j, tier, _ = claim
+            j, tier = claim
             claims.setdefault(j, []).append((tier, col))
         take = np.full(len(self.model_genes), -1, dtype=np.int64)
         merged: dict[int, list[int]] = {}

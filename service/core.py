@@ -280,7 +280,7 @@ class Annotator:
         s = self.settings
         n = X.shape[0]
         if n == 0:
-            raise InvalidInputError("no cells to annotate", "cells")
+            raise InvalidInputError("cells is empty: send at least one cell", "cells")
         self._check_n_cells(n)
         if len(genes) > s.max_genes_per_request:
             raise TooLargeError(
@@ -371,9 +371,6 @@ class Annotator:
         lm = self.get(opts.model)
         self._check_options(opts, lm)
         n = X.shape[0]
-        if n == 0:
-            raise InvalidInputError("cells is empty: send at least one cell", "cells")
-        self._check_n_cells(n)
         prep = self.prepare_matrix(genes, X, opts, lm, self._cell_ids(cell_ids, n), genes_field)
         pred = await lm.batcher.predict(prep.x, prep.target)
         return lm, prep, pred

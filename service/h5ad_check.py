@@ -25,6 +25,7 @@ the server.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,7 @@ def _check_dtype(dt: np.dtype, path: str) -> None:
 
 def _charge(declared: Declared, shape: Any, dt: np.dtype, path: str, limits: Limits) -> None:
     """Add an object's size after decompression; over the limit is a 413."""
-    n = 1 if shape is None else int(np.prod(shape, dtype=object)) if shape else 1
+    n = math.prod(shape) if shape else 1  # () and None (scalar, null space): one element
     vlen = h5py.check_dtype(vlen=dt) is not None
     declared.nbytes += n * (VLEN_ELEMENT_BYTES if vlen else max(dt.itemsize, 1))
     if declared.nbytes > limits.max_bytes:

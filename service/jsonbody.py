@@ -64,16 +64,19 @@ def count_containers(body: bytes, exact: bool = False) -> int:
     return body.count(b"[") + body.count(b"{")
 
 
-def check_containers(body: bytes, max_cells: int) -> None:
-    """Refuse (413) a body with more arrays and objects than ``max_cells`` cells need."""
+def check_containers(body: bytes, max_cells: int) -> int:
+    """Refuse (413) a body with more arrays and objects than ``max_cells`` cells need; returns
+    the quick count."""
     limit = max_cells + CONTAINER_SLACK
-    if count_containers(body) > limit and (n := count_containers(body, exact=True)) > limit:
+    quick = count_containers(body)
+    if quick > limit and (n := count_containers(body, exact=True)) > limit:
         raise TooLargeError(
             f"the request body holds {n} JSON arrays and objects; a request carries at most "
             f"{max_cells} cells (CELLEXPLAIN_MAX_CELLS_PER_REQUEST), one array or object each: "
             "split the request",
             "cells",
         )
+    return quick
 
 
 def parse(body: bytes) -> tuple[Any, bool]:
@@ -173,7 +176,7 @@ def parse_annotate(body: bytes, max_cells: int, max_genes: int) -> ParsedAnnotat
         TooLargeError: more cells or genes than the limits.
         pydantic.ValidationError: an option of the wrong value (the REST layer names it).
     """
-    check_containers(body, max_cells)
+    containers = check_containers(body, max_cells)
     doc, non_json = parse(body)
     if not isinstance(doc, simdjson.Object):
         raise InvalidInputError("request body must be a JSON object with a 'cells' field", "body")
@@ -208,14 +211,18 @@ def parse_annotate(body: bytes, max_cells: int, max_genes: int) -> ParsedAnnotat
         if non_json:
             restore_non_json(X.data)
         return ParsedAnnotate(options, columns, X, cell_ids, "genes" if genes else "cells")
-    Xd = _dense(body, cells, genes, n, cell_ids is not None)
+    Xd = _dense(body, containers, cells, genes, n, cell_ids is not None)
     if non_json:
         restore_non_json(Xd)
     assert genes is not None
     return ParsedAnnotate(options, genes, Xd, cell_ids, "genes")
 
 
-def _dense(body: bytes, cells: Any, genes: list[str] | None, n: int, with_ids: bool) -> np.ndarray:
+def _dense(
+    body: bytes, containers: int, cells: Any, genes: list[str] | None, n: int, with_ids: bool
+) -> np.ndarray:
+    """The rows of ``cells`` as one ``[n, len(genes)]`` array; ``containers`` is the body's
+    quick count of arrays and objects (:func:`check_containers`)."""
     if genes is None:
         raise InvalidInputError(
             "genes is required when cells are rows of values (or send cells as {gene: value} maps)",
@@ -244,7 +251,7 @@ def _dense(body: bytes, cells: Any, genes: list[str] | None, n: int, with_ids: b
     # count of values happens to match; rows + cells + genes (+ cell_ids) are all it may hold
     allowed = 1 + 1 + n + 1 + with_ids  # the body, cells, its rows, genes, cell_ids
     if flat.size != n * g or (
-        count_containers(body) > allowed and count_containers(body, exact=True) > allowed
+        containers > allowed and count_containers(body, exact=True) > allowed
     ):
         raise InvalidInputError(
             "cells rows must be flat lists of numbers (a row holds a nested list)", "cells"

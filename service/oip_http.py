@@ -143,10 +143,10 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
 
 
 def _parameters(obj: Any, where: str) -> dict[str, Any]:
-    """A ``parameters`` object's scalar values (absent or null: empty); any other JSON type,
-    or a parameter that is an array or object, is a 400."""
-    key = where.rsplit(".", 1)[-1]
-    value = obj.get(key) if isinstance(obj, simdjson.Object) else None
+    """The scalar values of ``obj``'s ``parameters`` object (absent or null: empty), ``where``
+    naming it in errors; any other JSON type, or a parameter that is an array or object, is a
+    400."""
+    value = obj.get("parameters") if isinstance(obj, simdjson.Object) else None
     if value is None:
         return {}
     if not isinstance(value, simdjson.Object):

@@ -265,16 +265,22 @@ async def _client_disconnect(_: Request, exc: ClientDisconnect) -> Response:
 async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
     """Starlette's own errors (unknown route, wrong method, a multipart body it cannot parse)
     in the API's error body; a body cut off by the client is a disconnect, not a 400."""
-    if isinstance(exc.__cause__, ClientDisconnect):
+    err = _http_status_error(exc)
+    if err is None:
         return _disconnected("rest")
-    if isinstance(exc.__cause__, ServiceError):  # e.g. the body limit, hit inside form parsing
-        return _error_response(exc.__cause__)
-    response = _error_response(_http_status_error(exc))
+    response = _error_response(err)
     response.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return response
 
 
-def _http_status_error(exc: StarletteHTTPException) -> ServiceError:
+def _http_status_error(exc: StarletteHTTPException) -> ServiceError | None:
+    """The error a Starlette exception stands for, for either API's error body: the
+    ServiceError behind it (a body limit hit inside form parsing), ``None`` for a client that
+    went away, otherwise Starlette's own status and text."""
+    if isinstance(exc.__cause__, ClientDisconnect):
+        return None
+    if isinstance(exc.__cause__, ServiceError):
+        return exc.__cause__
     err = (
         ModelNotFoundError(str(exc.detail))
         if exc.status_code == 404
@@ -316,11 +322,10 @@ async def _v2_client_disconnect(_: Request, exc: ClientDisconnect) -> Response:
 
 @v2.exception_handler(StarletteHTTPException)
 async def _v2_http_error(_: Request, exc: StarletteHTTPException) -> Response:
-    if isinstance(exc.__cause__, ClientDisconnect):
+    err = _http_status_error(exc)
+    if err is None:
         return _disconnected("oip-rest")
-    if isinstance(exc.__cause__, ServiceError):
-        return await _v2_service_error(_, exc.__cause__)
-    response = await _v2_service_error(_, _http_status_error(exc))
+    response = await _v2_service_error(_, err)
     response.headers.update(exc.headers or {})
     return response
 

@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # command and `bentoml` find from any shell: make sets nothing the user's shell lacks
 DEFAULT_MODEL := pbmc-programs
 DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
+# what ruff checks (src/cellexplain holds the package root and links to the folders)
+SOURCES := src/cellexplain/__init__.py src/cellexplain/__main__.py setup.py models service \
+	client api tests benchmarks load_tests
 
 .PHONY: install proto serve test lint typecheck unit integration default-model compare clean \
 	bento bento-gpu manifests load-test bench install-gpu wheel
@@ -14,13 +17,13 @@ DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[train,dev]'
-	$(PY) -m service.grpc.codegen
+	$(PY) -m pip install --quiet -e '.[serve,report,train,dev]'
 	touch $@
 
-# compile the gRPC protos (service/grpc/protos) into service/grpc/_generated
+# recompile the gRPC protos (api/protos) into api/_generated after editing one (installing the
+# package compiles them: setup.py)
 proto: $(VENV)/.installed
-	$(PY) -m service.grpc.codegen --force
+	$(PY) api/codegen.py --force
 
 install: $(VENV)/.installed
 
@@ -42,12 +45,12 @@ default-model: $(VENV)/.installed
 # REST on CELLEXPLAIN_HTTP_PORT (3000), gRPC on CELLEXPLAIN_GRPC_PORT (50051); see README.
 # After SIGTERM, HTTP requests still running after CELLEXPLAIN_SHUTDOWN_GRACE_S are cancelled.
 serve: default-model
-	$(BIN)/bentoml serve service.rest:CellExplain \
+	$(BIN)/bentoml serve cellexplain.service.rest:CellExplain \
 		--timeout-graceful-shutdown $$(printf '%.0f' "$${CELLEXPLAIN_SHUTDOWN_GRACE_S:-30}")
 
 lint: install
-	$(BIN)/ruff check models service tests benchmarks load_tests
-	$(BIN)/ruff format --check models service tests benchmarks load_tests
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: install
 	$(BIN)/mypy
@@ -64,7 +67,6 @@ test: lint typecheck
 # the project's wheel (the Bentos install it), with the gRPC modules compiled into it
 wheel: install
 	rm -rf build dist
-	$(PY) -m service.grpc.codegen
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
 
 # Bentos (docs/deploy.md): the project's wheel, its models and the serving requirements

@@ -31,7 +31,7 @@ def synthesise(n_cells: int, path: Path) -> None:
     import pandas as pd
     from anndata.io import write_elem
 
-    from models.data import load_default_adata
+    from cellexplain.models.data import load_default_adata
 
     pbmc = load_default_adata()
     raw = pbmc.raw.to_adata()
@@ -73,7 +73,7 @@ def run_one(n_cells: int, args: argparse.Namespace, workdir: Path) -> dict[str, 
     cmd = [
         sys.executable,
         "-m",
-        "models.cli",
+        "cellexplain",
         "annotate",
         str(src),
         "--out",

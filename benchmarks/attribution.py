@@ -26,9 +26,9 @@ import torch
 from captum.attr import DeepLift, IntegratedGradients
 
 from benchmarks.timing import best_rate
-from models.attribution import AttributionSpec, build_graph
-from models.data import load_labelled
-from models.train import TrainConfig, fit
+from cellexplain.models.attribution import AttributionSpec, build_graph
+from cellexplain.models.data import load_labelled
+from cellexplain.models.train import TrainConfig, fit
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ this runs in two steps:
 
 ``prepare`` exports the default programs model with IG 16/32/64 steps and DeepLIFT, each in
 float32 and float16, plus a prediction-only graph (probabilities, no attributions) and the
-held-out PBMC cells. ``run`` loads them through :class:`models.runtime.OnnxModel` (the serving
-code path: CUDA provider, IO binding) and
+held-out PBMC cells. ``run`` loads them through
+:class:`cellexplain.models.runtime.OnnxModel` (the serving code path: CUDA provider, IO binding) and
 
 1. checks the CUDA results against the CPU provider's (labels, probabilities, attributions)
    and each float16 graph against its float32 twin and the error recorded in its card;
@@ -35,8 +35,8 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.timing import best_rate, device_name, gpu_name, nvidia_smi
-from models.card import FLOAT16_MIN_LABEL_AGREEMENT, FLOAT16_RTOL
-from models.runtime import (
+from cellexplain.models.card import FLOAT16_MIN_LABEL_AGREEMENT, FLOAT16_RTOL
+from cellexplain.models.runtime import (
     OnnxModel,
     Prediction,
     Provider,
@@ -63,10 +63,10 @@ def prepare(folder: Path) -> None:
     """Train the default programs model once and export every graph :func:`run` measures."""
     import onnx
 
-    from models.attribution import AttributionSpec
-    from models.data import load_labelled
-    from models.export import export_model
-    from models.train import TrainConfig, fit
+    from cellexplain.models.attribution import AttributionSpec
+    from cellexplain.models.data import load_labelled
+    from cellexplain.models.export import export_model
+    from cellexplain.models.train import TrainConfig, fit
 
     folder.mkdir(parents=True, exist_ok=True)
     fitted = fit(load_labelled(), TrainConfig(), progress=False)

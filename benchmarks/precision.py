@@ -21,10 +21,10 @@ import onnx
 import onnxruntime as ort
 
 from benchmarks.timing import best_rate, device_name
-from models.attribution import AttributionSpec, build_graph
-from models.data import load_labelled
-from models.runtime import available_providers, provider_name, session_options
-from models.train import TrainConfig, fit
+from cellexplain.models.attribution import AttributionSpec, build_graph
+from cellexplain.models.data import load_labelled
+from cellexplain.models.runtime import available_providers, provider_name, session_options
+from cellexplain.models.train import TrainConfig, fit
 
 
 def session(model: onnx.ModelProto, provider: str, folder: Path) -> ort.InferenceSession:

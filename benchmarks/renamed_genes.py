@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import load_default_adata
-from models.runtime import OnnxModel
-from service.alignment import GeneAligner, ensembl_to_symbol, previous_to_current
+from cellexplain.models.data import load_default_adata
+from cellexplain.models.runtime import OnnxModel
+from cellexplain.service.alignment import GeneAligner, ensembl_to_symbol, previous_to_current
 
 
 def todays_names(genes: list[str]) -> tuple[list[str], np.ndarray]:

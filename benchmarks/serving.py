@@ -29,9 +29,9 @@ import httpx
 import numpy as np
 import psutil
 
-from models.data import load_default_adata
-from models.runtime import OnnxModel
-from service.grpc.codegen import load
+from cellexplain.api.codegen import load
+from cellexplain.models.data import load_default_adata
+from cellexplain.models.runtime import OnnxModel
 from tests.integration.servers import bentoml_server, import_into_store
 
 pb = load("cellexplain_v1_pb2")

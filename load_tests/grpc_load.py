@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cellexplain.api.codegen import load
 from load_tests import scenario
-from service.grpc.codegen import load
 
 pb = load("cellexplain_v1_pb2")
 pb_grpc = load("cellexplain_v1_pb2_grpc")

@@ -70,7 +70,7 @@ class BadRequest:
 
 def cells() -> tuple[list[str], np.ndarray]:
     """Genes and log1p CP10k values of real PBMCs, tiled to the largest request size."""
-    from models.data import load_default_adata
+    from cellexplain.models.data import load_default_adata
 
     raw = load_default_adata().raw
     genes = list(raw.var_names)

@@ -1,8 +1,9 @@
 """Attribution graphs: one ONNX graph computes logits, probabilities and attributions together.
 
 The network is a list of dense layers with ReLU between them (see
-:meth:`models.architectures.CellClassifier.dense_layers`). The backward pass is written by hand
-as plain ONNX ops (Gemm, MatMul, Mul, Where...), so the graph runs on any onnxruntime provider.
+:meth:`cellexplain.models.architectures.CellClassifier.dense_layers`). The backward pass is
+written by hand as plain ONNX ops (Gemm, MatMul, Mul, Where...), so the graph runs on any
+onnxruntime provider.
 
 Methods (for the class ``t`` of each cell: its predicted class, or the ``target`` input):
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from models.errors import ArtifactError
+from cellexplain.models.errors import ArtifactError
 
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"

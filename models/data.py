@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from models.errors import DataError, PreprocessError
-from models.preprocess import (
+from cellexplain.models.errors import DataError, PreprocessError
+from cellexplain.models.preprocess import (
     Detection,
     Matrix,
     check_finite_nonnegative,

@@ -33,9 +33,9 @@ from captum.attr import (
     LayerIntegratedGradients,
 )
 
-from models.architectures import CellClassifier
-from models.attribution import OPSET, AttributionSpec, build_graph
-from models.card import (
+from cellexplain.models.architectures import CellClassifier
+from cellexplain.models.attribution import OPSET, AttributionSpec, build_graph
+from cellexplain.models.card import (
     CARD_FILE,
     FLOAT16_MIN_LABEL_AGREEMENT,
     FLOAT16_RTOL,
@@ -46,8 +46,8 @@ from models.card import (
     ModelCard,
     OnnxInfo,
 )
-from models.errors import ExportError
-from models.runtime import session_options
+from cellexplain.models.errors import ExportError
+from cellexplain.models.runtime import session_options
 
 log = logging.getLogger(__name__)
 

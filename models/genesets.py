@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import GeneSetError
+from cellexplain.models.errors import GeneSetError
 
 #: MSigDB Hallmark gene sets v7.5.1 (CC BY 4.0, Liberzon et al. 2015), bundled in the package
 DEFAULT_GMT = "hallmark.v7.5.1.symbols.gmt"
@@ -28,7 +28,7 @@ class GeneSets:
 
 def default_gmt_path() -> Path:
     """Path of the bundled Hallmark GMT file."""
-    return Path(str(resources.files("models") / "resources" / DEFAULT_GMT))
+    return Path(str(resources.files("cellexplain.models") / "resources" / DEFAULT_GMT))
 
 
 def read_gmt(path: str | Path | None = None) -> GeneSets:

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeAlias
 import numpy as np
 import scipy.sparse as sp
 
-from models.errors import PreprocessError
+from cellexplain.models.errors import PreprocessError
 
 InputKind = Literal["counts", "log1p_cp10k"]
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from models.card import ONNX_FILE, ModelCard, sha256_file
-from models.errors import ArtifactError
+from cellexplain.models.card import ONNX_FILE, ModelCard, sha256_file
+from cellexplain.models.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import bentoml
-
-from models.card import CARD_FILE, ONNX_FILE, ModelCard, sha256_file
-from models.errors import StoreError
+from cellexplain.models.card import CARD_FILE, ONNX_FILE, ModelCard, sha256_file
+from cellexplain.models.errors import StoreError
 
 #: label that marks our models in a shared BentoML store
 FRAMEWORK_LABEL = "cellexplain"
@@ -50,6 +48,8 @@ def import_model(directory: str | Path, name: str | None = None) -> str:
     """Save an artifact folder into the BentoML model store; returns the tag ``name:version``."""
     card = verify_artifact(directory)
     model_name = check_name(name or card.name)
+    import bentoml  # the `serve` extra (checking a name needs none)
+
     with bentoml.models.create(
         model_name,
         labels={"framework": FRAMEWORK_LABEL, "arch": card.architecture.kind},
@@ -77,6 +77,8 @@ class StoredModel:
 def list_models() -> list[StoredModel]:
     """cellexplain models in the store, newest first."""
     found = []
+    import bentoml
+
     for m in bentoml.models.list():
         if m.info.labels.get("framework") != FRAMEWORK_LABEL:
             continue
@@ -88,6 +90,8 @@ def list_models() -> list[StoredModel]:
 
 def get_model(tag: str) -> StoredModel:
     """A stored model by ``name`` (latest) or ``name:version``; its sha256 is verified."""
+    import bentoml
+
     try:
         m = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound as e:

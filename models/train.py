@@ -17,10 +17,10 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from models import __version__
-from models.architectures import Arch, ArchConfig, CellClassifier
-from models.attribution import AttributionSpec
-from models.card import (
+from cellexplain import __version__
+from cellexplain.models.architectures import Arch, ArchConfig, CellClassifier
+from cellexplain.models.attribution import AttributionSpec
+from cellexplain.models.card import (
     Architecture,
     GeneSetsUsed,
     Metrics,
@@ -30,11 +30,11 @@ from models.card import (
     Split,
     TrainingData,
 )
-from models.data import LabelledData
-from models.errors import DataError
-from models.export import export_model
-from models.genesets import program_mask, read_gmt
-from models.preprocess import Matrix, select_variable_genes
+from cellexplain.models.data import LabelledData
+from cellexplain.models.errors import DataError
+from cellexplain.models.export import export_model
+from cellexplain.models.genesets import program_mask, read_gmt
+from cellexplain.models.preprocess import Matrix, select_variable_genes
 
 log = logging.getLogger(__name__)
 

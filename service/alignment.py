@@ -35,7 +35,7 @@ from importlib import resources
 import numpy as np
 import scipy.sparse as sp
 
-from service.errors import InvalidInputError, brief
+from cellexplain.api.errors import InvalidInputError, brief
 
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 GENCODE_TABLE = "gencode_v44_human_gene_id2name.csv.gz"
@@ -47,7 +47,7 @@ EXACT, CASE_INSENSITIVE, PREVIOUS_SYMBOL = 0, 1, 2
 @lru_cache(maxsize=1)
 def ensembl_to_symbol() -> dict[str, str]:
     """Ensembl gene ID (no version) -> upper-case symbol, from the bundled GENCODE v44 table."""
-    path = resources.files("service") / "resources" / GENCODE_TABLE
+    path = resources.files("cellexplain.service") / "resources" / GENCODE_TABLE
     with path.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
         return {row["gene_id"]: row["gene_name"].upper() for row in csv.DictReader(f)}
 
@@ -56,7 +56,7 @@ def ensembl_to_symbol() -> dict[str, str]:
 def previous_to_current() -> dict[str, str]:
     """Upper-case HGNC previous symbol -> upper-case current symbol (unambiguous ones only:
     each names exactly one gene and is nobody's current symbol), from the bundled table."""
-    path = resources.files("service") / "resources" / PREVIOUS_TABLE
+    path = resources.files("cellexplain.service") / "resources" / PREVIOUS_TABLE
     with path.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
         return {
             row["previous_symbol"].upper(): row["current_symbol"].upper()

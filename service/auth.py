@@ -9,9 +9,9 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 
-from service.errors import UnauthenticatedError
+from cellexplain.api.errors import UnauthenticatedError
 
-__all__ = ["OPEN_GRPC_PREFIXES", "OPEN_PATHS", "UnauthenticatedError", "check", "presented_key"]
+__all__ = ["OPEN_GRPC_PREFIXES", "OPEN_PATHS", "check", "presented_key"]
 
 #: paths and gRPC methods that never need a key (probes, metrics, OIP health)
 OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.runtime import OnnxModel, Prediction
-from service import metrics
-from service.errors import DeadlineExceededError
+from cellexplain.api.errors import DeadlineExceededError, NotReadyError
+from cellexplain.models.runtime import OnnxModel, Prediction
+from cellexplain.service import metrics
 
 
 @dataclass
@@ -98,6 +98,11 @@ class Batcher:
         Callable from any event loop; the work is queued on the batcher's loop. Raises
         :class:`~service.errors.DeadlineExceededError` after ``timeout_s`` (its chunks still
         queued are then skipped)."""
+        if self._closed:
+            raise NotReadyError(
+                f"model {self.name} is shutting down on this worker: retry (another worker or "
+                "replica answers)"
+            )
         fut = asyncio.run_coroutine_threadsafe(self._predict(x, target), self._loop)
         return await asyncio.wrap_future(fut)
 

@@ -1,28 +1,37 @@
 """The annotation data plane: one core for every front door.
 
-Validate the request, align genes, normalise, run the ONNX graph (through the batcher), label
-low-confidence cells ``Unassigned``, rank attributions, count metrics. No transport code here:
-REST (``service/jsonbody.py`` reads its bodies), gRPC and the CLI turn their requests into
-genes + a matrix + :class:`~service.schemas.AnnotateOptions` and call
-:meth:`Annotator.annotate_payload` (or :meth:`Annotator.annotate_matrix`).
+Validate the request, align genes, normalise, run the ONNX graph (through the batcher), make
+the calls (``Unassigned`` below the threshold), count metrics, and return a :class:`Result` of
+arrays. No transport code here: each front door's codec turns its request into genes + a matrix
++ :class:`~cellexplain.api.schemas.AnnotateOptions` and calls :meth:`Annotator.annotate` (the
+Open Inference Protocol, whose input is the model's own: :meth:`Annotator.infer`), then renders
+the result (:mod:`cellexplain.service.v1`, :mod:`cellexplain.service.oip`,
+:mod:`cellexplain.service.anndata_io`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
-from anndata import AnnData
 
-from models.errors import PreprocessError
-from models.preprocess import (
+from cellexplain.api.annotations import UNASSIGNED, top_k_indices
+from cellexplain.api.errors import InvalidInputError, ModelNotFoundError, TooLargeError, brief
+from cellexplain.api.schemas import (
+    AnnotateOptions,
+    GeneMatching,
+    ModelDetail,
+    ModelList,
+    ModelSummary,
+)
+from cellexplain.models.card import ModelCard
+from cellexplain.models.errors import PreprocessError
+from cellexplain.models.preprocess import (
     MAX_LOG1P_VALUE,
     TotalOverflowError,
     detect_input_kind,
@@ -30,24 +39,14 @@ from models.preprocess import (
     normalize_log1p,
     sparse_structure_problem,
 )
-from models.runtime import OnnxModel, Prediction, available_providers
-from service import anndata_io, metrics
-from service.alignment import Alignment, GeneAligner
-from service.batching import Batcher
-from service.errors import InvalidInputError, ModelNotFoundError, TooLargeError, brief
-from service.schemas import (
-    AnnotateOptions,
-    AnnotateResponse,
-    GeneMatching,
-    ModelDetail,
-    ModelList,
-    ModelSummary,
-)
-from service.settings import Settings
+from cellexplain.models.runtime import OnnxModel, Prediction, available_providers
+from cellexplain.service import metrics
+from cellexplain.service.alignment import Alignment, GeneAligner
+from cellexplain.service.batching import Batcher
+from cellexplain.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-UNASSIGNED = "Unassigned"
 #: values per chunk of rows checked and normalised at once (8 MiB as float64, 3 working copies)
 CHUNK_VALUES = 1 << 20
 
@@ -72,77 +71,54 @@ class Prepared:
     """A validated request, ready for the graph."""
 
     x: np.ndarray  # [n, n_model_genes] float32, log1p CP10k
-    target: np.ndarray  # [n] int64, -1 = predicted
-    cell_ids: list[str]
     alignment: Alignment
     n_submitted: int
     input_kind: str
 
 
-def top_k_indices(attr: np.ndarray, k: int) -> np.ndarray:
-    """``[n, k]`` column indices of each row's ``k`` largest ``|attr|``, largest first."""
-    k = min(k, attr.shape[1])
-    part = np.argpartition(-np.abs(attr), k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.abs(np.take_along_axis(attr, part, axis=1)), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+@dataclass
+class Result:
+    """What the core returns for ``n`` cells, as arrays; every front door renders it with its
+    codec (:mod:`~cellexplain.service.v1` for the typed REST and gRPC APIs,
+    :mod:`~cellexplain.service.oip` for the Open Inference Protocol,
+    :func:`~cellexplain.service.anndata_io.annotations` for AnnData)."""
 
+    model: LoadedModel
+    options: AnnotateOptions
+    cell_ids: list[str]
+    best: np.ndarray  # [n] int: the most probable class
+    confidence: np.ndarray  # [n] float32: its probability
+    assigned: np.ndarray  # [n] bool: confidence >= threshold
+    logits: np.ndarray  # [n, n_classes] float32
+    probabilities: np.ndarray  # [n, n_classes] float32
+    explained_class: np.ndarray  # [n] int: the class the attributions explain
+    attributions: np.ndarray  # [n, n_model_genes] float32
+    program_attributions: np.ndarray | None  # [n, n_programs] (programs models)
+    threshold: float
+    input_kind: str  # counts | log1p_cp10k
+    matching: GeneMatching | None  # None where the input was the model's own (OIP)
 
-def sparse_from_maps(
-    cells: Iterable[Mapping[str, float]],
-    genes: Sequence[str] | None = None,
-    max_genes: int | None = None,
-) -> tuple[list[str], sp.csr_matrix]:
-    """One ``{gene: value}`` map per cell -> (genes, CSR ``[n_cells, n_genes]``); genes absent
-    from a map are zero.
+    def __len__(self) -> int:
+        return len(self.cell_ids)
 
-    With ``genes`` (all genes measured), the maps may only name those and the columns follow
-    them; without, the columns are the genes named, in order of first appearance (at most
-    ``max_genes``). Each cell becomes two small arrays at once, never a Python object per value.
+    @property
+    def card(self) -> ModelCard:
+        return self.model.model.card
 
-    Raises:
-        InvalidInputError: a map names a gene outside ``genes``.
-        TooLargeError: the maps name more than ``max_genes`` distinct genes.
-    """
-    # a name given twice in ``genes`` keeps both columns (the aligner then sees what the dense
-    # form shows it: a tie or an unused duplicate); a map's key goes to the first of them
-    columns: dict[str, int] = {}
-    for i, g in enumerate(genes or []):
-        columns.setdefault(g, i)
-    fixed = genes is not None
-    width = len(genes) if genes is not None else 0
-    indptr = [0]
-    indices: list[np.ndarray] = []
-    data: list[np.ndarray] = []
-    for i, cell in enumerate(cells):
-        cols = np.empty(len(cell), dtype=np.int64)
-        for k, gene in enumerate(cell):
-            j = columns.get(gene)
-            if j is None:
-                if fixed:
-                    raise InvalidInputError(
-                        f"cells[{i}] names gene {brief(gene)}, which is not in genes",
-                        f"cells[{i}]",
-                    )
-                j = columns[gene] = width
-                width += 1
-                if max_genes is not None and j >= max_genes:
-                    raise TooLargeError(
-                        f"the cells name more than {max_genes} genes; the limit is {max_genes}",
-                        "cells",
-                    )
-            cols[k] = j
-        indices.append(cols)
-        data.append(np.fromiter(cell.values(), dtype=np.float64, count=len(cell)))
-        indptr.append(indptr[-1] + len(cell))
-    X = sp.csr_matrix(
-        (
-            np.concatenate(data) if data else np.zeros(0),
-            np.concatenate(indices) if indices else np.zeros(0, np.int64),
-            np.asarray(indptr, dtype=np.int64),
-        ),
-        shape=(len(indptr) - 1, width),
-    )
-    return (list(genes) if genes is not None else list(columns)), X
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classes
+
+    @property
+    def labels(self) -> np.ndarray:
+        """``[n]`` object array: the class, or ``Unassigned`` below the threshold."""
+        return np.where(
+            self.assigned, np.asarray(self.classes, dtype=object)[self.best], UNASSIGNED
+        )
+
+    def top_genes(self) -> np.ndarray:
+        """``[n, top_k]`` indices into the model's genes of each cell's largest |attribution|."""
+        return top_k_indices(self.attributions, self.options.top_k)
 
 
 def _float64(X: np.ndarray | sp.spmatrix) -> np.ndarray | sp.csr_matrix:
@@ -182,7 +158,7 @@ class Annotator:
     @classmethod
     def from_settings(cls, settings: Settings) -> Annotator:
         """Load every model the settings name (store tags, then folders) and warm them up."""
-        from models.store import get_model
+        from cellexplain.models.store import get_model
 
         providers = available_providers(
             settings.prefer_gpu, settings.tensorrt, settings.trt_cache_dir or None
@@ -260,23 +236,114 @@ class Annotator:
         return ModelDetail(tag=m.tag, providers=m.model.providers, card=m.model.card)
 
     # -- the data plane --------------------------------------------------------------------
-    def prepare_matrix(
+    async def annotate(
+        self,
+        genes: Sequence[str],
+        X: np.ndarray | sp.spmatrix,
+        opts: AnnotateOptions,
+        cell_ids: Sequence[str] | None = None,
+        genes_field: str = "genes",
+        where: Callable[[int, int], tuple[str, str]] | None = None,
+    ) -> Result:
+        """Annotate ``X`` ``[n_cells, n_genes]`` (raw counts or log1p values, any numeric
+        dtype, dense or sparse, columns named by ``genes``): the one core every typed front door
+        calls (REST JSON, gRPC, uploads, ``--local``); each renders the :class:`Result` with
+        its codec.
+
+        ``genes_field`` names the request field holding the gene names in errors, and
+        ``where(row, col)`` describes a bad value and names its field (default:
+        ``cells[i][j]``).
+
+        Raises:
+            ServiceError: bad input, unknown model, too many cells; the message names the field.
+        """
+        lm = self.get(opts.model)
+        if opts.top_k > self.settings.max_top_k:
+            raise InvalidInputError(
+                f"top_k is {opts.top_k}; the limit is {self.settings.max_top_k}", "top_k"
+            )
+        n = X.shape[0]
+        ids = self._cell_ids(cell_ids, n)
+        prep = self._prepare(genes, X, opts, lm, genes_field, where)
+        target = np.full(n, self._target_index(opts.target, lm), dtype=np.int64)
+        pred = await lm.batcher.predict(prep.x, target)
+        return self._result(lm, opts, ids, pred, prep.input_kind, self._matching(prep))
+
+    async def infer(self, model: str, x: np.ndarray, target: np.ndarray | None = None) -> Result:
+        """Run a model on its own input (``x`` ``[n, n_genes]``: log1p CP10k values of the
+        model's genes, in card order), as the Open Inference Protocol does; no alignment or
+        normalisation. ``target``: class index per cell (broadcast), ``-1`` = predicted."""
+        lm = self.get(model)
+        g = len(lm.model.genes)
+        if x.ndim != 2 or x.shape[1] != g:
+            raise InvalidInputError(f"input x must have shape [n, {g}], got {list(x.shape)}", "x")
+        if x.shape[0] == 0:
+            raise InvalidInputError("input x has no rows", "x")
+        self._check_n_cells(x.shape[0])
+        _require_valid(x, lambda i, j: (f"x[{i}][{j}] (gene {lm.model.genes[j]!r})", "x"))
+        if target is None:
+            t = np.full(x.shape[0], -1, dtype=np.int64)
+        else:
+            t = np.broadcast_to(np.asarray(target, dtype=np.int64).ravel(), (x.shape[0],)).copy()
+            if np.any(t >= len(lm.classes)):
+                raise InvalidInputError(
+                    f"target class index out of range: the model has {len(lm.classes)} classes",
+                    "target",
+                )
+        pred = await lm.batcher.predict(np.ascontiguousarray(x, dtype=np.float32), t)
+        opts = AnnotateOptions(model=lm.name, input="log1p_cp10k", attributions="full")
+        ids = [str(i) for i in range(x.shape[0])]
+        return self._result(lm, opts, ids, pred, "log1p_cp10k", None)
+
+    def _result(
+        self,
+        lm: LoadedModel,
+        opts: AnnotateOptions,
+        cell_ids: list[str],
+        pred: Prediction,
+        input_kind: str,
+        matching: GeneMatching | None,
+    ) -> Result:
+        """The graph's outputs with the calls made and counted in the metrics."""
+        threshold = (
+            lm.model.card.unassigned_threshold
+            if opts.unassigned_threshold is None
+            else opts.unassigned_threshold
+        )
+        probs = pred.probabilities
+        best = probs.argmax(axis=1)
+        conf = probs[np.arange(len(best)), best]
+        res = Result(
+            model=lm,
+            options=opts,
+            cell_ids=cell_ids,
+            best=best,
+            confidence=conf,
+            assigned=conf >= threshold,
+            logits=pred.logits,
+            probabilities=probs,
+            explained_class=pred.explained_class,
+            attributions=pred.attributions,
+            program_attributions=pred.program_attributions,
+            threshold=float(threshold),
+            input_kind=input_kind,
+            matching=matching,
+        )
+        self._count(res)
+        return res
+
+    def _prepare(
         self,
         genes: Sequence[str],
         X: np.ndarray | sp.spmatrix,
         opts: AnnotateOptions,
         lm: LoadedModel,
-        cell_ids: list[str],
-        genes_field: str = "genes",
-        where: Callable[[int, int], tuple[str, str]] | None = None,
+        genes_field: str,
+        where: Callable[[int, int], tuple[str, str]] | None,
     ) -> Prepared:
-        """Validate an expression matrix ``[n_cells, n_genes]`` (raw counts or log1p values,
-        any numeric dtype, dense or sparse) and turn it into model input: check the limits, align
+        """Validate an expression matrix and turn it into model input: check the limits, align
         genes, then check values, normalise and align in row chunks, so the float64 working
-        copies stay ``O(chunk)`` whatever the request size.
-
-        ``where(row, col)`` describes a bad value and names its field (default: ``cells[i][j]``).
-        """
+        copies stay ``O(chunk)`` whatever the request size."""
         s = self.settings
         n = X.shape[0]
         if n == 0:
@@ -319,207 +386,7 @@ class Annotator:
             chunk = _float64(X[a : a + step])
             _require_valid(chunk, lambda i, j, a=a: where(a + i, j))  # type: ignore[misc]
             x[a : a + step] = alignment.apply(self._normalise(chunk, kind, a))
-        return Prepared(
-            x=x,
-            target=np.full(n, self._target_index(opts.target, lm), dtype=np.int64),
-            cell_ids=cell_ids,
-            alignment=alignment,
-            n_submitted=len(genes),
-            input_kind=kind,
-        )
-
-    async def annotate_payload(
-        self,
-        genes: Sequence[str],
-        X: np.ndarray | sp.csr_matrix,
-        opts: AnnotateOptions,
-        cell_ids: Sequence[str] | None = None,
-        genes_field: str = "genes",
-        arrays: bool = False,
-    ) -> dict[str, Any]:
-        """:meth:`annotate_matrix` as plain values (see :meth:`payload`), for front doors that
-        serialise it themselves (REST to JSON, gRPC to protobuf)."""
-        prediction = await self._run(genes, X, opts, cell_ids, genes_field)
-        return self.payload(opts, *prediction, arrays=arrays)
-
-    async def annotate_matrix(
-        self,
-        genes: Sequence[str],
-        X: np.ndarray | sp.csr_matrix,
-        opts: AnnotateOptions,
-        cell_ids: Sequence[str] | None = None,
-        genes_field: str = "genes",
-    ) -> AnnotateResponse:
-        """Annotate ``X`` ``[n_cells, n_genes]`` (raw counts or log1p values, dense or CSR,
-        columns named by ``genes``): the one core every front door calls.
-
-        Raises:
-            ServiceError: bad input, unknown model, too many cells; the message names the field.
-        """
-        payload = await self.annotate_payload(genes, X, opts, cell_ids, genes_field)
-        return AnnotateResponse.model_validate(payload)
-
-    async def _run(
-        self,
-        genes: Sequence[str],
-        X: np.ndarray | sp.csr_matrix,
-        opts: AnnotateOptions,
-        cell_ids: Sequence[str] | None,
-        genes_field: str,
-    ) -> tuple[LoadedModel, Prepared, Prediction]:
-        """Validate, align, normalise and run the graph (through the batcher)."""
-        lm = self.get(opts.model)
-        self._check_options(opts, lm)
-        n = X.shape[0]
-        prep = self.prepare_matrix(genes, X, opts, lm, self._cell_ids(cell_ids, n), genes_field)
-        pred = await lm.batcher.predict(prep.x, prep.target)
-        return lm, prep, pred
-
-    async def infer(
-        self, model: str, x: np.ndarray, target: np.ndarray | None = None
-    ) -> tuple[LoadedModel, Prediction, list[str]]:
-        """Run a model on its own input (``x`` ``[n, n_genes]``: log1p CP10k values of the
-        model's genes, in card order), as the Open Inference Protocol does; no alignment or
-        normalisation. Returns the model, the graph outputs and the labels (``Unassigned``
-        below the card's threshold)."""
-        lm = self.get(model)
-        g = len(lm.model.genes)
-        if x.ndim != 2 or x.shape[1] != g:
-            raise InvalidInputError(f"input x must have shape [n, {g}], got {list(x.shape)}", "x")
-        if x.shape[0] == 0:
-            raise InvalidInputError("input x has no rows", "x")
-        self._check_n_cells(x.shape[0])
-        _require_valid(x, lambda i, j: (f"x[{i}][{j}] (gene {lm.model.genes[j]!r})", "x"))
-        if target is None:
-            t = np.full(x.shape[0], -1, dtype=np.int64)
-        else:
-            t = np.broadcast_to(np.asarray(target, dtype=np.int64).ravel(), (x.shape[0],)).copy()
-            if np.any(t >= len(lm.classes)):
-                raise InvalidInputError(
-                    f"target class index out of range: the model has {len(lm.classes)} classes",
-                    "target",
-                )
-        pred = await lm.batcher.predict(np.ascontiguousarray(x, dtype=np.float32), t)
-        best, conf, assigned = self._calls(pred, lm.model.card.unassigned_threshold)
-        labels = list(self._labels(lm, best, assigned))
-        self._count(lm.name, 0.0, lm.classes, best, conf, assigned)
-        return lm, pred, labels
-
-    async def annotate_anndata(
-        self,
-        adata: AnnData,
-        opts: AnnotateOptions,
-        gene_key: str | None = None,
-        layer: str | None = None,
-    ) -> AnnData:
-        """Annotate every cell of ``adata`` and write the results into it (see
-        :func:`service.anndata_io.write_annotations` for what lands where)."""
-        lm = self.get(opts.model)
-        self._check_options(opts, lm)
-        genes, X = anndata_io.expression(adata, gene_key, layer)
-        names = adata.obs_names
-
-        def where(r: int, c: int) -> tuple[str, str]:
-            return f"cell {brief(names[r])} (row {r}), gene {brief(genes[c])}", "file"
-
-        prep = self.prepare_matrix(genes, X, opts, lm, [str(i) for i in names], "var_names", where)
-        pred = await lm.batcher.predict(prep.x, prep.target)
-        threshold = self._threshold(opts, lm)
-        best, conf, assigned = self._calls(pred, threshold)
-        self._count(lm.name, prep.alignment.missing_fraction, lm.classes, best, conf, assigned)
-        card = lm.model.card
-        ann = anndata_io.Annotations.from_prediction(
-            card, pred, self._labels(lm, best, assigned), best, conf, opts
-        )
-        info = anndata_io.annotation_info(card, threshold, prep.input_kind, self._matching(prep))
-        anndata_io.write_annotations(adata, ann, info)
-        return adata
-
-    def payload(
-        self,
-        req: AnnotateOptions,
-        lm: LoadedModel,
-        prep: Prepared,
-        pred: Prediction,
-        arrays: bool = False,
-    ) -> dict[str, Any]:
-        """Labels, confidence, thresholding, ranked attributions, and metrics, as the fields of
-        :class:`AnnotateResponse` in plain JSON-ready values, unvalidated (``None`` fields left
-        out): REST serialises them straight to bytes and gRPC to protobuf, skipping ~20 pydantic
-        objects per cell. The integration tests check they validate and round-trip.
-
-        With ``arrays``, full attribution vectors stay float32 numpy rows (views), for a
-        serialiser that writes them without a Python float per value (REST: orjson)."""
-        t0 = time.perf_counter()
-        card = lm.model.card
-        classes = lm.classes
-        threshold = self._threshold(req, lm)
-        n = len(prep.cell_ids)
-        probs = pred.probabilities
-        best, conf, assigned = self._calls(pred, threshold)
-        genes = lm.model.genes
-        attr = pred.attributions
-        top_idx: np.ndarray | None = None
-        if req.attributions == "top_k" and req.top_k > 0:
-            top_idx = top_k_indices(attr, req.top_k)
-        programs = card.gene_sets.programs if card.gene_sets is not None else None
-        # plain dicts, validated into the response in one pydantic-core call at the end: far
-        # faster than building a model object per cell and per gene in Python
-        explain = req.attributions != "none"
-        conf_l = conf.tolist()
-        expl_l = pred.explained_class.tolist()
-        top_vals = None if top_idx is None else np.take_along_axis(attr, top_idx, 1).tolist()
-        with_programs = explain and programs is not None and pred.program_attributions is not None
-        if with_programs:
-            pa_all = pred.program_attributions
-            assert pa_all is not None and programs is not None
-            p_order = np.argsort(-np.abs(pa_all), axis=1)
-            if req.attributions == "top_k":
-                p_order = p_order[:, : req.top_k]
-            p_vals = np.take_along_axis(pa_all, p_order, 1).tolist()
-            free = (attr.sum(1) - pa_all.sum(1)).tolist()
-        cells: list[dict[str, object]] = []
-        for i in range(n):
-            label = classes[best[i]]
-            fields: dict[str, object] = {
-                "id": prep.cell_ids[i],
-                "label": label if assigned[i] else UNASSIGNED,
-                "predicted_label": label,
-                "confidence": conf_l[i],
-            }
-            if explain:
-                fields["explained_class"] = classes[expl_l[i]]
-            if req.return_probabilities:
-                fields["probabilities"] = dict(zip(classes, probs[i].tolist(), strict=True))
-            if top_idx is not None and top_vals is not None:
-                fields["top_genes"] = [
-                    {"gene": genes[j], "attribution": v}
-                    for j, v in zip(top_idx[i].tolist(), top_vals[i], strict=True)
-                ]
-            elif req.attributions == "full":
-                fields["attributions"] = attr[i] if arrays else attr[i].tolist()
-            if with_programs:
-                assert programs is not None
-                fields["program_attributions"] = [
-                    {"program": programs[j], "attribution": v}
-                    for j, v in zip(p_order[i].tolist(), p_vals[i], strict=True)
-                ]
-                fields["free_units_attribution"] = free[i]
-            cells.append(fields)
-        self._count(lm.name, prep.alignment.missing_fraction, classes, best, conf, assigned)
-        metrics.ATTRIBUTION_SECONDS.labels(model=lm.name).observe(time.perf_counter() - t0)
-        out: dict[str, Any] = {
-            "model": lm.name,
-            "model_version": card.version,
-            "input_kind": prep.input_kind,
-            "attribution_method": card.attribution.method,
-            "unassigned_threshold": threshold,
-            "gene_matching": self._matching(prep).model_dump(),
-        }
-        if req.attributions == "full":
-            out["attribution_genes"] = list(genes)
-        out["cells"] = cells
-        return out
+        return Prepared(x=x, alignment=alignment, n_submitted=len(genes), input_kind=kind)
 
     # -- helpers ---------------------------------------------------------------------------
     def _matching(self, prep: Prepared) -> GeneMatching:
@@ -537,24 +404,6 @@ class Annotator:
             n_duplicated=al.n_duplicated,
         )
 
-    @staticmethod
-    def _threshold(opts: AnnotateOptions, lm: LoadedModel) -> float:
-        if opts.unassigned_threshold is None:
-            return lm.model.card.unassigned_threshold
-        return opts.unassigned_threshold
-
-    @staticmethod
-    def _labels(lm: LoadedModel, best: np.ndarray, assigned: np.ndarray) -> np.ndarray:
-        """Object array of labels: the class, or ``Unassigned`` where not ``assigned``."""
-        return np.where(assigned, np.asarray(lm.classes, dtype=object)[best], UNASSIGNED)
-
-    @staticmethod
-    def _calls(pred: Prediction, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Predicted class index, its probability, and whether it clears the threshold."""
-        best = pred.probabilities.argmax(axis=1)
-        conf = pred.probabilities[np.arange(len(best)), best]
-        return best, conf, conf >= threshold
-
     def _check_n_cells(self, n: int) -> None:
         limit = self.settings.max_cells_per_request
         if n > limit:
@@ -562,12 +411,6 @@ class Annotator:
                 f"{n} cells in one request; the limit is {limit} (split the request, or use "
                 "the streaming gRPC API)",
                 "cells",
-            )
-
-    def _check_options(self, req: AnnotateOptions, lm: LoadedModel) -> None:
-        if req.top_k > self.settings.max_top_k:
-            raise InvalidInputError(
-                f"top_k is {req.top_k}; the limit is {self.settings.max_top_k}", "top_k"
             )
 
     @staticmethod
@@ -616,26 +459,19 @@ class Annotator:
             )
         return X
 
-    def _count(
-        self,
-        model: str,
-        missing_fraction: float,
-        classes: list[str],
-        best: np.ndarray,
-        conf: np.ndarray,
-        assigned: np.ndarray,
-    ) -> None:
-        labels, counts = np.unique(
-            np.where(assigned, np.asarray(classes, dtype=object)[best], UNASSIGNED),
-            return_counts=True,
-        )
-        for label, c in zip(labels, counts, strict=True):
-            metrics.CELLS.labels(model=model, label=str(label)).inc(int(c))
-        unassigned = int((~assigned).sum())
+    @staticmethod
+    def _count(res: Result) -> None:
+        """Cells per label, Unassigned cells, confidences and the missing-gene fraction."""
+        model = res.model.name
+        labels, counts = np.unique(res.labels, return_counts=True)
+        for label, k in zip(labels, counts, strict=True):
+            metrics.CELLS.labels(model=model, label=str(label)).inc(int(k))
+        unassigned = int((~res.assigned).sum())
         if unassigned:
             metrics.UNASSIGNED.labels(model=model).inc(unassigned)
-        metrics.observe_many(metrics.CONFIDENCE.labels(model=model), conf)
-        metrics.MISSING_GENES.labels(model=model).observe(missing_fraction)
+        metrics.observe_many(metrics.CONFIDENCE.labels(model=model), res.confidence)
+        if res.matching is not None:
+            metrics.MISSING_GENES.labels(model=model).observe(res.matching.missing_fraction)
 
     def close(self) -> None:
         for m in self.models.values():

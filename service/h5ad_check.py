@@ -33,7 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from service.errors import InvalidInputError, TooLargeError, brief
+from cellexplain.api.errors import InvalidInputError, TooLargeError, brief
 
 #: HDF5's built-in filters (deflate, shuffle, fletcher32, szip, nbit, scale-offset) and LZF,
 #: which h5py ships; anything else would be a dynamically loaded plugin

@@ -28,8 +28,8 @@ import numpy as np
 import scipy.sparse as sp
 import simdjson
 
-from service.errors import InvalidInputError, TooLargeError, brief
-from service.schemas import AnnotateOptions
+from cellexplain.api.errors import InvalidInputError, TooLargeError, brief
+from cellexplain.api.schemas import AnnotateOptions
 
 #: arrays/objects a request may hold beside one per cell (the body, genes, cell_ids, ...)
 CONTAINER_SLACK = 8
@@ -169,7 +169,7 @@ def unique_keys(doc: Any, where: str) -> list[str]:
 
 
 def parse_annotate(body: bytes, max_cells: int, max_genes: int) -> ParsedAnnotate:
-    """Read a ``/v1/annotate`` body (see :class:`service.schemas.AnnotateRequest`).
+    """Read a ``/v1/annotate`` body (see :class:`cellexplain.api.schemas.AnnotateRequest`).
 
     Raises:
         InvalidInputError: malformed JSON, wrong types, ragged rows, unknown fields.
@@ -293,6 +293,6 @@ def _sparse(cells: Any, genes: list[str] | None, max_genes: int) -> tuple[list[s
                     )
             yield dict(zip(keys, values, strict=True))  # type: ignore[arg-type]
 
-    from service.core import sparse_from_maps
+    from cellexplain.api.annotations import sparse_from_maps
 
     return sparse_from_maps(maps(), genes, max_genes)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models import __version__
-from service.core import Annotator, LoadedModel
-from service.errors import InvalidInputError, brief
+from cellexplain import __version__
+from cellexplain.api.errors import InvalidInputError, brief
+from cellexplain.service.core import Annotator, LoadedModel
 
 SERVER_NAME = "cellexplain"
 EXTENSIONS = ["binary_tensor_data"]
@@ -206,14 +206,14 @@ async def infer(
             f"{', '.join(available)}",
             "outputs",
         )
-    lm, pred, labels = await annotator.infer(lm.name, x.data.astype(np.float32), target)
+    res = await annotator.infer(lm.name, x.data.astype(np.float32), target)
     arrays = {
-        "logits": pred.logits,
-        "probabilities": pred.probabilities,
-        "attributions": pred.attributions,
-        "explained_class": pred.explained_class.astype(np.int64),
-        "labels": np.array([s.encode() for s in labels], dtype=object),
-        "program_attributions": pred.program_attributions,
+        "logits": res.logits,
+        "probabilities": res.probabilities,
+        "attributions": res.attributions,
+        "explained_class": res.explained_class.astype(np.int64),
+        "labels": np.array([s.encode() for s in res.labels], dtype=object),
+        "program_attributions": res.program_attributions,
     }
     out = []
     for n in names:

@@ -15,9 +15,9 @@ import numpy as np
 import orjson
 import simdjson
 
-from service import jsonbody
-from service.errors import InvalidInputError, brief
-from service.oip import Tensor, from_raw, to_array, to_raw
+from cellexplain.api.errors import InvalidInputError, brief
+from cellexplain.service import jsonbody
+from cellexplain.service.oip import Tensor, from_raw, to_array, to_raw
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -42,8 +42,8 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
     """Parse an inference request body (JSON, or JSON header + binary tensors).
 
     The JSON is read with simdjson and tensor ``data`` copied straight into arrays
-    (:mod:`service.jsonbody`), so a body never becomes a Python object per value; every field
-    is type-checked (a wrong type anywhere is a 400, never a 500).
+    (:mod:`cellexplain.service.jsonbody`), so a body never becomes a Python object per value;
+    every field is type-checked (a wrong type anywhere is a 400, never a 500).
     """
     if header_length is not None:
         if not (header_length.isascii() and header_length.isdigit()):

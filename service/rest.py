@@ -3,7 +3,7 @@
 Only translation lives here: HTTP in, :class:`~service.core.Annotator` call, HTTP out. BentoML
 provides the server processes, ``/livez``, ``/readyz`` and ``/metrics``.
 
-Run: ``bentoml serve service.rest:CellExplain --port 3000`` (``make serve`` does).
+Run: ``bentoml serve cellexplain.service.rest:CellExplain --port 3000`` (``make serve`` does).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Annotated, Any, BinaryIO, TypeVar
 
 import bentoml
-import orjson
 from fastapi import FastAPI, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -31,21 +30,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models import __version__
-from service import allocator, auth, jsonbody, metrics, oip, oip_http
-from service.anndata_io import open_h5ad_result, read_h5ad_upload
-from service.core import Annotator
-from service.errors import (
+from cellexplain import __version__
+from cellexplain.api.annotations import expression
+from cellexplain.api.errors import (
+    InternalError,
     InvalidInputError,
     ModelNotFoundError,
     ServiceError,
     TooLargeError,
     UnauthenticatedError,
     brief,
+    from_exception,
+    validation_failure,
 )
-from service.grpc.server import GrpcServer
-from service.h5ad_check import Limits
-from service.schemas import (
+from cellexplain.api.schemas import (
+    DEFAULTS,
     AnnotateOptions,
     AnnotateRequest,
     AnnotateResponse,
@@ -55,8 +54,13 @@ from service.schemas import (
     ModelDetail,
     ModelList,
 )
-from service.settings import Settings
-from service.shutdown import ShutdownDeadline
+from cellexplain.service import allocator, auth, jsonbody, metrics, oip, oip_http, v1
+from cellexplain.service.anndata_io import open_h5ad_result, read_h5ad_upload, write_result
+from cellexplain.service.core import Annotator
+from cellexplain.service.grpc.server import GrpcServer
+from cellexplain.service.h5ad_check import Limits
+from cellexplain.service.settings import Settings
+from cellexplain.service.shutdown import ShutdownDeadline
 
 log = logging.getLogger(__name__)
 SETTINGS = Settings.from_env()
@@ -137,7 +141,7 @@ def _decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 async def _reject(scope: Scope, receive: Receive, send: Send, err: ServiceError, oip: bool) -> None:
     metrics.ERRORS.labels(door="oip-rest" if oip else "rest", type=err.kind).inc()
-    body = {"error": err.message} if oip else err.to_dict()
+    body = err.oip_body() if oip else err.to_dict()
     extra = {"WWW-Authenticate": "Bearer"} if isinstance(err, UnauthenticatedError) else None
     await JSONResponse(body, status_code=err.http_status, headers=extra)(scope, receive, send)
 
@@ -175,11 +179,6 @@ app = FastAPI(
     description="Cell-type annotation with per-gene attributions computed inside the model's "
     "ONNX graph. Errors are JSON: {error: {type, field, message}}.",
 )
-
-
-def _error_response(err: ServiceError) -> JSONResponse:
-    metrics.ERRORS.labels(door="rest", type=err.kind).inc()
-    return JSONResponse(err.to_dict(), status_code=err.http_status)
 
 
 #: error statuses each kind of /v1 operation can answer (401 only with CELLEXPLAIN_API_KEYS)
@@ -229,54 +228,38 @@ def _openapi() -> dict[str, Any]:
 app.openapi = _openapi  # type: ignore[method-assign]
 
 
-@app.exception_handler(ServiceError)
-async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-    return _error_response(exc)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error_response(_validation_failure(list(exc.errors())))
-
-
-@app.exception_handler(ValidationError)
-async def _pydantic_error(_: Request, exc: ValidationError) -> JSONResponse:
-    return _error_response(_validation_failure(list(exc.errors())))
-
-
-def _validation_failure(errors: list[Any]) -> ServiceError:
-    """One 400 naming the first invalid field (and how many more problems there are)."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # a union (dense rows | sparse maps) reports one error per branch: name the field once
-    field = ".".join(p for p in loc if not p.startswith(("list[", "dict[")))
-    message = f"{field or 'body'}: {first.get('msg', 'invalid')}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem(s))"
-    return ServiceError(message, field or None)
-
-
-@app.exception_handler(ClientDisconnect)
-async def _client_disconnect(_: Request, exc: ClientDisconnect) -> Response:
-    return _disconnected("rest")
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-    """Starlette's own errors (unknown route, wrong method, a multipart body it cannot parse)
-    in the API's error body; a body cut off by the client is a disconnect, not a 400."""
-    err = _http_status_error(exc)
-    if err is None:
-        return _disconnected("rest")
-    response = _error_response(err)
-    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+def _answer_error(door: str, exc: Exception) -> Response:
+    """Every error of either API, answered in that API's body (``/v1``:
+    :meth:`~cellexplain.api.errors.ServiceError.to_dict`, ``/v2``: ``{error: message}``) with
+    the status :mod:`cellexplain.api.errors` gives it, and counted. FastAPI's validation errors
+    are 400s; Starlette's own (unknown route, wrong method, an unparsable multipart body) keep
+    their status; a client that went away is a 499, not an error of ours."""
+    if isinstance(exc, ClientDisconnect):
+        return _disconnected(door)
+    err: ServiceError
+    if isinstance(exc, RequestValidationError):
+        err = validation_failure(list(exc.errors()))
+    elif isinstance(exc, StarletteHTTPException):
+        found = _http_status_error(exc)
+        if found is None:
+            return _disconnected(door)
+        err = found
+    else:
+        err = from_exception(exc)
+        if isinstance(err, InternalError):
+            log.error("unexpected error (%s)", door, exc_info=exc)
+    metrics.ERRORS.labels(door=door, type=err.kind).inc()
+    body = err.oip_body() if door == "oip-rest" else err.to_dict()
+    response = JSONResponse(body, status_code=err.http_status)
+    if isinstance(exc, StarletteHTTPException):
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return response
 
 
 def _http_status_error(exc: StarletteHTTPException) -> ServiceError | None:
-    """The error a Starlette exception stands for, for either API's error body: the
-    ServiceError behind it (a body limit hit inside form parsing), ``None`` for a client that
-    went away, otherwise Starlette's own status and text."""
+    """The error a Starlette exception stands for: the ServiceError behind it (a body limit hit
+    inside form parsing), ``None`` for a client that went away, otherwise Starlette's own status
+    and text."""
     if isinstance(exc.__cause__, ClientDisconnect):
         return None
     if isinstance(exc.__cause__, ServiceError):
@@ -290,14 +273,6 @@ def _http_status_error(exc: StarletteHTTPException) -> ServiceError | None:
     return err
 
 
-@app.exception_handler(Exception)
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error")
-    metrics.ERRORS.labels(door="rest", type="internal").inc()
-    body = {"error": {"type": "internal", "field": None, "message": "internal error"}}
-    return JSONResponse(body, status_code=500)
-
-
 # -- the Open Inference Protocol (KServe V2) over HTTP, at /v2 ----------------------------------
 v2 = FastAPI(
     title="cellexplain: Open Inference Protocol (V2)",
@@ -309,32 +284,20 @@ v2 = FastAPI(
 )
 
 
-@v2.exception_handler(ServiceError)
-async def _v2_service_error(_: Request, exc: ServiceError) -> JSONResponse:
-    metrics.ERRORS.labels(door="oip-rest", type=exc.kind).inc()
-    return JSONResponse({"error": exc.message}, status_code=exc.http_status)
+async def _reject_request(door: str, _: Request, exc: Exception) -> Response:
+    return _answer_error(door, exc)
 
 
-@v2.exception_handler(ClientDisconnect)
-async def _v2_client_disconnect(_: Request, exc: ClientDisconnect) -> Response:
-    return _disconnected("oip-rest")
-
-
-@v2.exception_handler(StarletteHTTPException)
-async def _v2_http_error(_: Request, exc: StarletteHTTPException) -> Response:
-    err = _http_status_error(exc)
-    if err is None:
-        return _disconnected("oip-rest")
-    response = await _v2_service_error(_, err)
-    response.headers.update(exc.headers or {})
-    return response
-
-
-@v2.exception_handler(Exception)
-async def _v2_unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error")
-    metrics.ERRORS.labels(door="oip-rest", type="internal").inc()
-    return JSONResponse({"error": "internal error"}, status_code=500)
+for _api, _door in ((app, "rest"), (v2, "oip-rest")):
+    for _kind in (
+        Exception,
+        ServiceError,
+        RequestValidationError,
+        ValidationError,
+        ClientDisconnect,
+        StarletteHTTPException,
+    ):
+        _api.add_exception_handler(_kind, functools.partial(_reject_request, _door))
 
 
 @bentoml.service(
@@ -396,12 +359,11 @@ class CellExplain:
             SETTINGS.max_genes_per_request,
         )
         req = await _parse_body(body, parse)
-        payload = await self.annotator.annotate_payload(
-            req.genes, req.X, req.options, req.cell_ids, req.genes_field, arrays=True
+        res = await self.annotator.annotate(
+            req.genes, req.X, req.options, req.cell_ids, req.genes_field
         )
-        # orjson writes the float32 attribution rows straight from numpy: no Python float per
-        # value (a full-attribution answer is the largest thing a request makes)
-        body = await run_in_threadpool(orjson.dumps, payload, None, orjson.OPT_SERIALIZE_NUMPY)
+        # written from the result's arrays (service/v1.py), off the event loop
+        body = await run_in_threadpool(v1.json_bytes, res)
         return Response(body, media_type="application/json")
 
     @app.post(
@@ -415,10 +377,10 @@ class CellExplain:
         model: Annotated[str | None, Form()] = None,
         gene_key: Annotated[str | None, Form(description="var column with genes")] = None,
         layer: Annotated[str | None, Form(description="'raw', a layer, or X")] = None,
-        input: Annotated[InputKind, Form()] = "auto",
-        top_k: Annotated[int, Form(ge=0)] = 10,
-        attributions: Annotated[AttributionMode, Form()] = "full",
-        target: Annotated[str, Form()] = "predicted",
+        input: Annotated[InputKind, Form()] = DEFAULTS.input,
+        top_k: Annotated[int, Form(ge=0)] = DEFAULTS.top_k,
+        attributions: Annotated[AttributionMode, Form()] = DEFAULTS.attributions,
+        target: Annotated[str, Form()] = DEFAULTS.target,
         unassigned_threshold: Annotated[float | None, Form(ge=0, le=1)] = None,
     ) -> Response:
         """Upload an .h5ad file and get it back annotated: obs label/confidence/top-gene
@@ -443,7 +405,16 @@ class CellExplain:
             await run_in_threadpool(_save_upload, file, upload)
             adata = await run_in_threadpool(read_h5ad_upload, upload, limits)
             upload.unlink()
-            await self.annotator.annotate_anndata(adata, opts, gene_key, layer)
+            genes, X = expression(adata, gene_key, layer)
+            names = adata.obs_names
+
+            def where(r: int, c: int) -> tuple[str, str]:
+                return f"cell {brief(names[r])} (row {r}), gene {brief(genes[c])}", "file"
+
+            res = await self.annotator.annotate(
+                genes, X, opts, [str(i) for i in names], "var_names", where
+            )
+            write_result(adata, res)
             out = await run_in_threadpool(open_h5ad_result, adata, Path(tmp) / "out.h5ad")
             del adata
         # the open result file outlives its (removed) directory until the answer is sent

@@ -1,9 +1,20 @@
-"""Shared fixtures: the real bundled PBMC data, and models trained on it once per session."""
+"""Shared fixtures: the real bundled PBMC data, and models trained on it once per session.
+
+The repository's folders are importable only as ``cellexplain.*``: pytest puts the repository
+root on ``sys.path`` (for ``tests.*`` and ``benchmarks``), which would also make ``models``,
+``service``, ``client`` and ``api`` importable by their bare names, as an installed package never
+is; a stray ``import service...`` (or ``resources.files("service")``) would pass here and fail
+for every user. The finder below refuses them, so the tests see what an install sees.
+"""
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -11,27 +22,45 @@ import pytest
 # a quiet, deterministic test run on a 2-core machine
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+BARE = ("models", "service", "client", "api")
+
+
+class _BareNameBlocker(importlib.abc.MetaPathFinder):
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> None:
+        if fullname.split(".")[0] in BARE:
+            raise ModuleNotFoundError(
+                f"import cellexplain.{fullname}, not {fullname}: the installed package has no "
+                f"top-level {fullname.split('.')[0]!r}",
+                name=fullname,
+            )
+        return None
+
+
+sys.meta_path.insert(0, _BareNameBlocker())
+
 
 @pytest.fixture(scope="session")
 def pbmc():
     """scanpy's bundled pbmc68k_reduced (real 10x PBMCs; no download)."""
-    from models.data import load_default_adata
+    from cellexplain.models.data import load_default_adata
 
     return load_default_adata()
 
 
 @pytest.fixture(scope="session")
 def pbmc_data():
-    """The default training data as :class:`models.data.LabelledData`."""
-    from models.data import load_labelled
+    """The default training data as :class:`cellexplain.models.data.LabelledData`."""
+    from cellexplain.models.data import load_labelled
 
     return load_labelled()
 
 
 def train_small(data, out: Path, **overrides):
     """Train on real data with settings that keep a test fast (seconds)."""
-    from models.attribution import AttributionSpec
-    from models.train import TrainConfig, train
+    from cellexplain.models.attribution import AttributionSpec
+    from cellexplain.models.train import TrainConfig, train
 
     spec = overrides.pop("attribution", AttributionSpec())
     cfg = TrainConfig(name=overrides.pop("name", "test-model"), attribution=spec, **overrides)

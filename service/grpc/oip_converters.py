@@ -1,4 +1,4 @@
-"""Open Inference Protocol (``inference.*``) messages <-> :class:`service.oip.Tensor`.
+"""Open Inference Protocol (``inference.*``) messages <-> :class:`cellexplain.service.oip.Tensor`.
 
 Server side only: the generated ``grpc_predict_v2_pb2`` registers the ``inference.*`` protobuf
 names, as Triton's ``tritonclient`` does, so the two cannot share a process.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.errors import InvalidInputError, brief
-from service.grpc.codegen import load
-from service.oip import Tensor, from_raw, to_array, to_raw
+from cellexplain.api.codegen import load
+from cellexplain.api.errors import InvalidInputError, brief
+from cellexplain.service.oip import Tensor, from_raw, to_array, to_raw
 
 oip_pb = load("grpc_predict_v2_pb2")
 

@@ -19,18 +19,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import auth, metrics
-from service.core import Annotator
-from service.errors import InvalidInputError, brief
-from service.grpc.servicers import (
+from cellexplain.api.errors import InvalidInputError, ServiceError, UnauthenticatedError, brief
+from cellexplain.service import auth, metrics
+from cellexplain.service.core import Annotator
+from cellexplain.service.grpc.servicers import (
     CellExplainServicer,
     InferenceServicer,
+    abort_with,
     oip_grpc,
     oip_pb,
     pb,
     pb_grpc,
 )
-from service.settings import Settings
+from cellexplain.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +140,20 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         metadata = {k: v for k, v in (details.invocation_metadata or ())}
         try:
             auth.check(self.keys, metadata.get("authorization"), metadata.get("x-api-key"))
-        except auth.UnauthenticatedError as e:
+        except UnauthenticatedError as e:
             metrics.ERRORS.labels(door="grpc", type=e.kind).inc()
-            return _denying(handler, e.message)
+            return _denying(handler, e)
         return handler
 
 
-def _denying(handler: Any, message: str) -> Any:
-    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED."""
+def _denying(handler: Any, err: ServiceError) -> Any:
+    """A handler of the same shape as ``handler`` that aborts with ``err``."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort_with(context, err)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort_with(context, err)
         yield  # pragma: no cover  (makes this an async generator)
 
     kw = _handler_kwargs(handler)
@@ -185,7 +186,8 @@ class _Malformed:
 class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
     """Malformed protobuf bytes get ``INVALID_ARGUMENT`` naming the problem: gRPC's own answer
     to a request its deserializer cannot parse is ``INTERNAL``, a server error. Applies to the
-    typed API and the Open Inference Protocol (health and reflection keep gRPC's handling)."""
+    typed API and the Open Inference Protocol (health and reflection keep gRPC's handling).
+    Responses a servicer already serialised (bytes) go out as they are."""
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
@@ -199,14 +201,19 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             except Exception as e:  # DecodeError, and whatever a damaged message raises
                 return _Malformed(e)
 
-        kw = {"request_deserializer": safe, "response_serializer": handler.response_serializer}
+        serialise = handler.response_serializer
+
+        def passing_bytes(message: Any) -> bytes:  # service/v1.py answers with ready bytes
+            return message if isinstance(message, bytes) else serialise(message)
+
+        kw = {"request_deserializer": safe, "response_serializer": passing_bytes}
         if handler.unary_unary is not None:
             unary_behaviour = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if isinstance(request, _Malformed):
                     metrics.ERRORS.labels(door=_door(details), type="invalid_argument").inc()
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    await abort_with(context, InvalidInputError(request.message))
                 return await unary_behaviour(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **kw)

@@ -10,11 +10,12 @@ from typing import Any, NoReturn
 
 import grpc
 
-from service import metrics, oip
-from service.core import Annotator
-from service.errors import InvalidInputError, ServiceError
-from service.grpc import converters, oip_converters
-from service.grpc.codegen import load
+from cellexplain.api import proto_v1 as converters
+from cellexplain.api.codegen import load
+from cellexplain.api.errors import InternalError, InvalidInputError, ServiceError, from_exception
+from cellexplain.service import metrics, oip, v1
+from cellexplain.service.core import Annotator
+from cellexplain.service.grpc import oip_converters
 
 log = logging.getLogger(__name__)
 pb = load("cellexplain_v1_pb2")
@@ -27,13 +28,19 @@ STREAM_WINDOW = 4
 
 
 async def _abort(context: grpc.aio.ServicerContext, door: str, exc: Exception) -> NoReturn:
-    if isinstance(exc, ServiceError):
-        metrics.ERRORS.labels(door=door, type=exc.kind).inc()
-        await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
-    log.exception("unexpected error in %s", door)
-    metrics.ERRORS.labels(door=door, type="internal").inc()
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    """End the call with the status :mod:`cellexplain.api.errors` gives ``exc``, counted."""
+    err = from_exception(exc)
+    if isinstance(err, InternalError):
+        log.error("unexpected error in %s", door, exc_info=exc)
+    metrics.ERRORS.labels(door=door, type=err.kind).inc()
+    await abort_with(context, err)
     raise AssertionError("unreachable")  # context.abort raises
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: ServiceError) -> NoReturn:
+    """Abort a call with ``err``'s gRPC status and message."""
+    await context.abort(getattr(grpc.StatusCode, err.grpc_code), err.message)
+    raise AssertionError("unreachable")
 
 
 _CellExplainBase: Any = pb_grpc.CellExplainServicer
@@ -46,12 +53,12 @@ class CellExplainServicer(_CellExplainBase):
     def __init__(self, annotator: Annotator) -> None:
         self.annotator = annotator
 
-    async def _annotate(self, req: Any, genes: list[str], opts: Any) -> Any:
+    async def _annotate(self, req: Any, genes: list[str], opts: Any) -> bytes:
+        """The serialised ``AnnotateResponse`` (written from arrays: :mod:`~.v1`); the
+        server's response serializer passes bytes through."""
         g, X, field = converters.matrix(req, genes)
-        payload = await self.annotator.annotate_payload(
-            g, X, opts, list(req.cell_ids) or None, field
-        )
-        return converters.annotate_response(payload)
+        res = await self.annotator.annotate(g, X, opts, list(req.cell_ids) or None, field)
+        return v1.protobuf_bytes(res)
 
     async def Annotate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:

@@ -17,8 +17,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.card import FLOAT16_RTOL, ModelCard
-from models.runtime import OnnxModel, available_providers
+from cellexplain.models.card import FLOAT16_RTOL, ModelCard
+from cellexplain.models.runtime import OnnxModel, available_providers
 from tests.conftest import train_small
 
 PREPARED = os.environ.get("CELLEXPLAIN_GPU_ARTIFACTS")

@@ -38,7 +38,7 @@ def _grpc_serving(target: str) -> bool:
 
 def import_into_store(artifact: Path, home: Path, name: str | None = None) -> str:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    args = [sys.executable, "-m", "models.cli", "models", "import", str(artifact)]
+    args = [sys.executable, "-m", "cellexplain", "models", "import", str(artifact)]
     if name:
         args += ["--name", name]
     out = subprocess.run(args, env=env, capture_output=True, text=True, check=True, cwd=REPO)
@@ -57,7 +57,7 @@ class Server:
 def bentoml_server(
     home: Path, env: dict[str, str], timeout: float = 120, graceful_flag: bool = True
 ) -> Iterator[Server]:
-    """Run ``bentoml serve service.rest:CellExplain`` (REST and gRPC on free ports), as
+    """Run ``bentoml serve cellexplain.service.rest:CellExplain`` (REST and gRPC on free ports), as
     ``make serve`` does (``--timeout-graceful-shutdown`` set to the shutdown grace unless
     ``graceful_flag`` is false); yields once /readyz answers 200 and gRPC health says
     SERVING."""
@@ -79,7 +79,7 @@ def bentoml_server(
             "-m",
             "bentoml",
             "serve",
-            "service.rest:CellExplain",
+            "cellexplain.service.rest:CellExplain",
             "--host",
             "127.0.0.1",
             "--port",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import AsyncClient, Chunk, ClientError
-from service.grpc.codegen import load
-from service.schemas import AnnotateOptions
+from cellexplain.api.codegen import load
+from cellexplain.api.schemas import AnnotateOptions
+from cellexplain.client.remote import AsyncClient, Chunk, ClientError
 from tests.integration.servers import bentoml_server
 
 pytestmark = pytest.mark.integration

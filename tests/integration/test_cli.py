@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def run_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.run(
-        [sys.executable, "-m", "models.cli", *args],
+        [sys.executable, "-m", "cellexplain", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -29,11 +29,11 @@ import pytest
 import scipy.sparse as sp
 import tritonclient.http as thttp
 
-from models.preprocess import normalize_log1p
-from service.alignment import GeneAligner, previous_to_current
-from service.anndata_io import gene_map
-from service.client import Client
-from service.grpc.codegen import load
+from cellexplain.api.annotations import gene_map
+from cellexplain.api.codegen import load
+from cellexplain.client.remote import Client
+from cellexplain.models.preprocess import normalize_log1p
+from cellexplain.service.alignment import GeneAligner, previous_to_current
 from tests.integration.servers import REPO, bentoml_server
 
 pytestmark = [
@@ -62,7 +62,11 @@ def card(programs_model):
 
 def gencode() -> list[tuple[str, str]]:
     """(Ensembl ID, symbol as GENCODE spells it) of the bundled table."""
-    path = resources.files("service") / "resources" / "gencode_v44_human_gene_id2name.csv.gz"
+    path = (
+        resources.files("cellexplain.service")
+        / "resources"
+        / "gencode_v44_human_gene_id2name.csv.gz"
+    )
     with path.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
         return [(r["gene_id"], r["gene_name"]) for r in csv.DictReader(f)]
 
@@ -151,7 +155,7 @@ def from_json(res: dict, classes: list[str]) -> dict[str, np.ndarray]:
 def cli(src: Path, out: Path, home: Path, *args: str) -> ad.AnnData:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.run(
-        [sys.executable, "-m", "models.cli", "annotate", str(src), "--out", str(out), "-q",
+        [sys.executable, "-m", "cellexplain", "annotate", str(src), "--out", str(out), "-q",
          "--attributions", "full", "--chunk-size", "100", *args],
         capture_output=True, text=True, env=env, timeout=600, cwd=REPO,
     )  # fmt: skip
@@ -188,7 +192,12 @@ def test_every_door_gives_the_same_answer(server, programs_home, card, tenx, tmp
         answers[f"python client {transport}"] = arrays(done, classes)
 
     with open(tenx, "rb") as f:
-        r = httpx.post(f"{server.url}/v1/annotate/h5ad", files={"file": ("x.h5ad", f)}, timeout=300)
+        r = httpx.post(
+            f"{server.url}/v1/annotate/h5ad",
+            files={"file": ("x.h5ad", f)},
+            data={"attributions": "full"},
+            timeout=300,
+        )
     assert r.status_code == 200, r.text[:500]
     (tmp_path / "upload.h5ad").write_bytes(r.content)
     answers["rest upload"] = arrays(ad.read_h5ad(tmp_path / "upload.h5ad"), classes)
@@ -201,8 +210,8 @@ def test_every_door_gives_the_same_answer(server, programs_home, card, tenx, tmp
 
     import grpc
 
-    from service.grpc.converters import request_to_proto
-    from service.schemas import AnnotateOptions
+    from cellexplain.api.proto_v1 import request_to_proto
+    from cellexplain.api.schemas import AnnotateOptions
 
     opts = AnnotateOptions(attributions="full", return_probabilities=True)
     with grpc.insecure_channel(

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from tritonclient.utils import InferenceServerException
 
-from service.grpc.codegen import load
+from cellexplain.api.codegen import load
 from tests.integration.servers import bentoml_server
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from service.grpc.codegen import load
+from cellexplain.api.codegen import load
 from tests.integration import hostile_inputs as hostile
 from tests.integration.servers import bentoml_server
 
@@ -174,7 +174,7 @@ def test_a_clean_upload_still_works_and_the_answer_is_self_contained(client, gen
     annotated = ad.read_h5ad(out)
     assert annotated.n_obs == 50 and "cellexplain_label" in annotated.obs
     with h5py.File(out) as f:  # what we send back passes our own check too
-        from service.h5ad_check import Limits, check_h5ad
+        from cellexplain.service.h5ad_check import Limits, check_h5ad
 
         check_h5ad(out, Limits(MAX_CELLS, 60_000, 1 << 30))
         assert "leak" not in f["uns"]

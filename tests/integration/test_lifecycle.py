@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from service.grpc.codegen import load
+from cellexplain.api.codegen import load
 from tests.integration.servers import bentoml_server
 
 pytestmark = pytest.mark.integration
@@ -154,7 +154,7 @@ def test_sigterm_exit_fits_the_budget_whatever_clients_do(programs_home, gracefu
     import socket
     from urllib.parse import urlparse
 
-    from service.shutdown import EXIT_MARGIN_S
+    from cellexplain.service.shutdown import EXIT_MARGIN_S
 
     grace = 4.0
     env = {"CELLEXPLAIN_WORKERS": "1", "CELLEXPLAIN_SHUTDOWN_GRACE_S": str(grace)}

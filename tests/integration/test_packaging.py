@@ -29,7 +29,10 @@ def requirement_names(path: Path) -> list[str]:
 
 
 def test_requirement_files_follow_pyproject():
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The images' requirements are the base install plus the `serve` extra, nothing else
+    (no torch, grpcio-tools or matplotlib)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["serve"]
     cpu = (REPO / "service" / "requirements.txt").read_text().split("\n")
     gpu = (REPO / "service" / "requirements-gpu.txt").read_text().split("\n")
     cpu_reqs = [ln for ln in cpu if ln and not ln.startswith("#")]
@@ -113,17 +116,29 @@ def test_bento_sources_and_exported_models(built, tmp_path):
     # the code is the wheel's: no package of ours in src/ to shadow or drift from it
     assert not (src / "service").exists() and not (src / "models").exists()
     assert not (src / "tests").exists() and not (src / "artifacts").exists()
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    from cellexplain import __version__ as version
+
     for folder in folders.values():
         (wheel,) = (folder / "env" / "python" / "wheels").glob("cellexplain-*.whl")
         assert wheel.name == f"cellexplain-{version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-    assert "service/grpc/_generated/cellexplain_v1_pb2.py" in names  # compiled at build time
+    assert "cellexplain/api/_generated/cellexplain_v1_pb2.py" in names  # compiled at build time
+    # one import name: nothing a project's own models/ or service/ folder could shadow
+    assert {n.split("/")[0] for n in names} == {"cellexplain", f"cellexplain-{version}.dist-info"}
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(f"cellexplain-{version}.dist-info/METADATA").decode()
+    base = [
+        line.split(":", 1)[1].strip()
+        for line in meta.splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
+    heavy = ("grpcio-tools", "onnxruntime", "bentoml", "torch", "matplotlib", "fastapi")
+    assert base and not [r for r in base if r.startswith(heavy)], base
     assert {
-        "service/rest.py",
-        "models/data.py",
-        "service/resources/hgnc_previous_symbols.csv.gz",
+        "cellexplain/service/rest.py",
+        "cellexplain/models/data.py",
+        "cellexplain/service/resources/hgnc_previous_symbols.csv.gz",
     } <= names
     # the exported archive carries the served model: ONNX + JSON card, nothing pickled
     archive = tmp_path / "cellexplain.bento"
@@ -164,7 +179,7 @@ def test_the_bento_starts_from_itself(built, tmp_path):
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     python = str(venv / "bin" / "python")
     where = subprocess.run(
-        [python, "-c", "import service.rest, models.data; print(service.rest.__file__)"],
+        [python, "-c", "import cellexplain.service.rest as r; print(r.__file__)"],
         env=clean_env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert where.returncode == 0, where.stderr[-3000:]

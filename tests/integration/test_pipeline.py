@@ -18,7 +18,7 @@ import pytest
 import scipy.sparse as sp
 import tritonclient.grpc  # noqa: F401  (our gRPC client must work beside Triton's)
 
-from service.client import AsyncClient, Client, ClientError, annotate
+from cellexplain.client.remote import AsyncClient, Client, ClientError, annotate
 from tests.integration.servers import REPO, bentoml_server, free_port
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def files(pbmc, tmp_path_factory):
 def cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.run(
-        [sys.executable, "-m", "models.cli", "annotate", *args, "-q"],
+        [sys.executable, "-m", "cellexplain", "annotate", *args, "-q"],
         capture_output=True,
         text=True,
         env=env,
@@ -152,7 +152,7 @@ def test_grpc_transport_and_full_attributions(files, server, programs_home, tmp_
 def test_python_client_sync_and_async(files, server, tmp_path):
     cli_out = tmp_path / "cli.h5ad"
     adata = read(files["counts_sparse"])
-    annotate(adata, url=server.url, chunk_size=300)
+    annotate(adata, url=server.url, chunk_size=300, attributions="full")
     assert adata.obsm["cellexplain_attributions"].shape == (700, 765)
     assert "cellexplain_label" in adata.obs and adata.uns["cellexplain"]["model"] == MODEL
 
@@ -227,7 +227,7 @@ def test_interrupted_run_leaves_no_output(files, programs_home, tmp_path):
         [
             sys.executable,
             "-m",
-            "models.cli",
+            "cellexplain",
             "annotate",
             str(big),
             "--out",
@@ -331,7 +331,7 @@ def test_report_pictures(files, programs_home, tmp_path):
     )
     env = {**os.environ, "BENTOML_HOME": str(programs_home)}
     run = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "models.cli", "report", *a],
+        [sys.executable, "-m", "cellexplain", "report", *a],
         capture_output=True,
         text=True,
         env=env,

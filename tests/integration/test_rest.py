@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
-from models.preprocess import normalize_log1p
-from models.runtime import OnnxModel
+from cellexplain.models.preprocess import normalize_log1p
+from cellexplain.models.runtime import OnnxModel
 from tests.conftest import train_small
 from tests.integration.servers import bentoml_server, import_into_store
 
@@ -173,7 +173,7 @@ def test_gene_alignment_case_and_ensembl(client, cells):
         "/v1/annotate", json={"genes": [g.lower() for g in genes], "cells": X[:5].tolist()}
     ).json()
     assert [c["confidence"] for c in lower["cells"]] == [c["confidence"] for c in base["cells"]]
-    from service.alignment import ensembl_to_symbol
+    from cellexplain.service.alignment import ensembl_to_symbol
 
     to_id = {}
     for gid, sym in ensembl_to_symbol().items():
@@ -336,7 +336,7 @@ def test_batching_merges_concurrent_requests_and_metrics_appear(server, cells):
 def test_fast_json_responses_conform_to_the_response_model(client, cells, options):
     """REST writes responses from plain values without pydantic (the fast path): they must be
     exactly what the validated AnnotateResponse would serialise to."""
-    from service.schemas import AnnotateResponse
+    from cellexplain.api.schemas import AnnotateResponse
 
     genes, X, ids = cells
     body = {"genes": genes, "cells": X[:12].tolist(), "cell_ids": ids[:12], **options}
@@ -373,7 +373,11 @@ def test_h5ad_upload_comes_back_annotated(client, small_counts_h5ad, cells):
     genes, _, _ = cells
     counts_h5ad = small_counts_h5ad
     with open(counts_h5ad, "rb") as f:
-        r = client.post("/v1/annotate/h5ad", files={"file": ("pbmc.h5ad", f)}, data={"top_k": "3"})
+        r = client.post(
+            "/v1/annotate/h5ad",
+            files={"file": ("pbmc.h5ad", f)},
+            data={"top_k": "3", "attributions": "full"},
+        )
     assert r.status_code == 200, r.text[:500]
     assert r.headers["content-type"] == "application/x-hdf5"
     out_path = counts_h5ad.with_name("annotated.h5ad")

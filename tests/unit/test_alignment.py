@@ -7,8 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from service.alignment import GeneAligner
-from service.errors import InvalidInputError
+from cellexplain.api.errors import InvalidInputError
+from cellexplain.service.alignment import GeneAligner
 
 MODEL_GENES = ["CD3E", "MS4A1", "LYZ", "NKG7", "PPBP"]
 
@@ -103,7 +103,7 @@ def test_ties_at_the_best_tier_are_refused_naming_both_columns():
 
 
 def test_distinct_ids_of_one_symbol_are_summed():
-    from service.alignment import ensembl_to_symbol
+    from cellexplain.service.alignment import ensembl_to_symbol
 
     by_symbol: dict[str, list[str]] = {}
     for gid, sym in ensembl_to_symbol().items():
@@ -123,7 +123,7 @@ def test_a_previous_symbol_that_is_still_a_gene_is_not_a_rename():
 def test_sparse_maps_keep_every_column_of_a_repeated_name():
     """A gene list naming a gene twice keeps both columns, so the columns after it do not move
     (they used to shift by one: CD3E's value was read as LYZ's)."""
-    from service.core import sparse_from_maps
+    from cellexplain.api.annotations import sparse_from_maps
 
     genes, X = sparse_from_maps(
         [{"CD3E": 10.0}, {"LYZ": 3.0, "TBCE": 1.0}], ["TBCE", "TBCE", "CD3E", "LYZ"]

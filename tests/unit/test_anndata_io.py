@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.anndata_io import Annotations
-from service.schemas import AnnotateResponse
+from cellexplain.api.annotations import Annotations
+from cellexplain.api.schemas import AnnotateResponse
 
 CLASSES = ["B cell", "T cell", "Monocyte"]
 

@@ -17,8 +17,8 @@ from captum.attr import (
 )
 from captum.attr._utils.approximation_methods import approximation_parameters
 
-from models.architectures import ArchConfig, CellClassifier
-from models.attribution import RULES, AttributionSpec, build_graph, integration_rule
+from cellexplain.models.architectures import ArchConfig, CellClassifier
+from cellexplain.models.attribution import RULES, AttributionSpec, build_graph, integration_rule
 
 G, C = 40, 5
 
@@ -232,7 +232,7 @@ def test_target_input_is_optional_for_plain_clients():
 def test_graph_size_grows_with_step_groups_not_with_batch():
     """Steps run side by side in groups of IG_STEP_GROUP: the graph grows by one set of ops
     per group, never with the batch (the batch is a dynamic dimension)."""
-    from models.attribution import IG_STEP_GROUP
+    from cellexplain.models.attribution import IG_STEP_GROUP
 
     model = make_model("mlp")
 

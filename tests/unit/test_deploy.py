@@ -52,7 +52,7 @@ def test_alert_rules_use_metrics_the_service_exports():
     would otherwise leave an alert silently empty)."""
     import prometheus_client
 
-    from service import metrics  # noqa: F401  (registers the metrics)
+    from cellexplain.service import metrics  # noqa: F401  (registers the metrics)
 
     declared = set()
     for family in prometheus_client.REGISTRY.collect():
@@ -70,7 +70,7 @@ def test_alert_rules_use_metrics_the_service_exports():
 def test_drain_budget_fits_the_grace_period():
     """preStop pause + the drain (HTTP and gRPC side by side) + the exit margin end before
     SIGKILL; uvicorn's graceful timeout is the same grace; requests in flight can finish."""
-    from service.shutdown import EXIT_MARGIN_S
+    from cellexplain.service.shutdown import EXIT_MARGIN_S
 
     pod = load(DEPLOY / "base" / "deployment.yaml")["spec"]["template"]["spec"]
     settings = load(DEPLOY / "base" / "configmap.yaml")["data"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.errors import GeneSetError
-from models.genesets import default_gmt_path, program_mask, read_gmt
+from cellexplain.models.errors import GeneSetError
+from cellexplain.models.genesets import default_gmt_path, program_mask, read_gmt
 
 
 def test_bundled_hallmark_sets():

@@ -1,11 +1,11 @@
-"""service.metrics.observe_many: the same histogram as one observe() per value."""
+"""cellexplain.service.metrics.observe_many: the same histogram as one observe() per value."""
 
 from __future__ import annotations
 
 import numpy as np
 import prometheus_client as prom
 
-from service.metrics import observe_many
+from cellexplain.service.metrics import observe_many
 
 
 def samples(registry: prom.CollectorRegistry, name: str) -> dict[str, float]:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from models.errors import PreprocessError
-from models.preprocess import (
+from cellexplain.models.errors import PreprocessError
+from cellexplain.models.preprocess import (
     detect_input_kind,
     normalize_log1p,
     select_variable_genes,

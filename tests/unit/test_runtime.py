@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from models.runtime import OnnxModel, available_providers, provider_name
+from cellexplain.models.runtime import OnnxModel, available_providers, provider_name
 from tests.conftest import train_small
 
 
@@ -72,7 +72,7 @@ def test_float16_export_is_checked_and_recorded(pbmc_data, programs_model, cells
 
 def test_float16_deeplift_has_no_nan(pbmc_data, cells, tmp_path):
     """DeepLIFT divides by pre-activation differences; in float16 its guard must not round to 0."""
-    from models.attribution import AttributionSpec
+    from cellexplain.models.attribution import AttributionSpec
 
     spec = AttributionSpec(method="deeplift")
     card = train_small(pbmc_data, tmp_path, arch="mlp", attribution=spec, precision="float16")
@@ -84,7 +84,7 @@ def test_float16_deeplift_has_no_nan(pbmc_data, cells, tmp_path):
 def test_sessions_can_sleep_instead_of_spinning(programs_model, cells):
     """The service's sessions (CELLEXPLAIN_ORT_SPINNING=false, the default) set onnxruntime's
     allow_spinning entry to 0 and answer exactly as spinning ones do."""
-    from service.settings import Settings
+    from cellexplain.service.settings import Settings
 
     _, artifact = programs_model
     assert Settings().ort_spinning is False
@@ -100,7 +100,7 @@ def test_the_worker_allocator_setting_applies_on_glibc():
     """Large buffers stay on mmap (returned on free) instead of fragmenting heap arenas."""
     import platform
 
-    from service.allocator import bound_large_allocations
+    from cellexplain.service.allocator import bound_large_allocations
 
     applied = bound_large_allocations()
     assert applied == (platform.libc_ver()[0] == "glibc")

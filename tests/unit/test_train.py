@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from models.attribution import AttributionSpec
-from models.card import ModelCard, sha256_file
-from models.data import load_labelled
-from models.errors import ArtifactError, DataError, GeneSetError
-from models.runtime import OnnxModel
+from cellexplain.models.attribution import AttributionSpec
+from cellexplain.models.card import ModelCard, sha256_file
+from cellexplain.models.data import load_labelled
+from cellexplain.models.errors import ArtifactError, DataError, GeneSetError
+from cellexplain.models.runtime import OnnxModel
 from tests.conftest import train_small
 
 

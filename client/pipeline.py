@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anndata.io as aio
 import h5py
@@ -29,22 +29,31 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from service.anndata_io import PREFIX, Annotations, majority_vote, obs_columns
-from service.client import Chunk, ordered_window, response_info
-from service.core import Annotator
-from service.errors import InvalidInputError, brief
-from service.schemas import AnnotateOptions, AnnotateResponse, ModelDetail
+from cellexplain.api.annotations import (
+    PREFIX,
+    UNASSIGNED,
+    Annotations,
+    majority_vote,
+    obs_columns,
+    obsm_arrays,
+)
+from cellexplain.api.errors import InvalidInputError, brief
+from cellexplain.api.schemas import AnnotateOptions, ModelDetail
+from cellexplain.client.remote import Chunk, ordered_window
+
+if TYPE_CHECKING:  # the server's core, imported only by --local (the `serve` extra)
+    from cellexplain.service.core import Annotator
 
 
 class Backend(Protocol):
-    """Where chunks are annotated: a running service (:class:`~service.client.AsyncClient`)
-    or the same core in-process (:class:`LocalBackend`)."""
+    """Where chunks are annotated: a running service
+    (:class:`~cellexplain.client.remote.AsyncClient`) or the same core in-process
+    (:class:`LocalBackend`). Both yield each chunk with its annotations and
+    ``uns['cellexplain']``, in order."""
 
     async def model(self, name: str | None = None) -> ModelDetail: ...
 
-    def annotate_chunks(
-        self, chunks: Any, options: AnnotateOptions, concurrency: int = 2
-    ) -> Any: ...
+    def annotations(self, chunks: Any, options: AnnotateOptions, concurrency: int = 2) -> Any: ...
 
     async def close(self) -> None: ...
 
@@ -59,14 +68,15 @@ class LocalBackend:
     async def model(self, name: str | None = None) -> ModelDetail:
         return self.annotator.model_detail(name or self.annotator.default)
 
-    async def annotate_chunks(
-        self, chunks: Any, options: AnnotateOptions, concurrency: int = 2
-    ) -> Any:
-        async def one(c: Chunk) -> AnnotateResponse:
-            return await self.annotator.annotate_matrix(c.genes, c.X, options, c.cell_ids)
+    async def annotations(self, chunks: Any, options: AnnotateOptions, concurrency: int = 2) -> Any:
+        """The core's results rendered straight into AnnData arrays (no response objects)."""
+        from cellexplain.service import anndata_io
 
-        async for item in ordered_window(chunks, one, concurrency):
-            yield item
+        async def one(c: Chunk) -> Any:
+            return await self.annotator.annotate(c.genes, c.X, options, c.cell_ids)
+
+        async for chunk, res in ordered_window(chunks, one, concurrency):
+            yield chunk, anndata_io.to_annotations(res), anndata_io.info(res)
 
     async def close(self) -> None:
         self.annotator.close()
@@ -155,7 +165,7 @@ class _Collected:
     top_genes: list[np.ndarray] = field(default_factory=list)
 
     def add(self, ann: Annotations) -> None:
-        codes = {c: i for i, c in enumerate([*self.classes, "Unassigned"])}
+        codes = {c: i for i, c in enumerate([*self.classes, UNASSIGNED])}
         enc = lambda a: np.fromiter((codes[x] for x in a), np.int16, len(a))  # noqa: E731
         self.label.append(enc(ann.label))
         self.predicted.append(enc(ann.predicted_label))
@@ -166,7 +176,7 @@ class _Collected:
             self.top_genes.append(ann.top_genes)
 
     def annotations(self) -> Annotations:
-        names = np.array([*self.classes, "Unassigned"], dtype=object)
+        names = np.array([*self.classes, UNASSIGNED], dtype=object)
         cat = lambda parts: names[np.concatenate(parts)] if parts else None  # noqa: E731
         return Annotations(
             label=names[np.concatenate(self.label)],
@@ -192,8 +202,6 @@ class AtomicH5adWriter:
         obsm.attrs.setdefault("encoding-version", "0.1.0")
 
     def write_obsm(self, start: int, ann: Annotations) -> None:
-        from service.anndata_io import obsm_arrays
-
         obsm = self.file["obsm"]
         for name, arr in obsm_arrays(ann).items():
             if name not in obsm or obsm[name].shape != (self.n_obs, arr.shape[1]):
@@ -270,10 +278,9 @@ async def annotate_file(
     detail = await backend.model(options.model)
     card = detail.card
     options = options.model_copy(update={"model": card.name, "return_probabilities": True})
-    programs = card.gene_sets.programs if card.gene_sets else []
     writer = AtomicH5adWriter(src, dst, reader.n_obs)
     collected = _Collected(card.classes)
-    first: AnnotateResponse | None = None
+    info: dict[str, Any] | None = None
     t0 = time.perf_counter()
     bar = tqdm(
         total=reader.n_obs,
@@ -284,15 +291,14 @@ async def annotate_file(
         smoothing=0.1,
     )
     try:
-        async for chunk, res in backend.annotate_chunks(
+        async for chunk, ann, chunk_info in backend.annotations(
             reader.chunks(chunk_size), options, concurrency
         ):
-            first = first or res
-            ann = Annotations.from_response(res, card.classes, programs, options.top_k)
+            info = info or chunk_info
             writer.write_obsm(chunk.start, ann)
             collected.add(ann)
             bar.update(chunk.n)
-        assert first is not None
+        assert info is not None
         ann = collected.annotations()
         obs = reader.obs.copy()
         for name, col in obs_columns(ann, card.classes).items():
@@ -301,7 +307,6 @@ async def annotate_file(
             voted, share = majority_vote(ann.label, obs[cluster_key].to_numpy())
             obs[f"{PREFIX}_majority_voting"] = pd.Categorical(voted)
             obs[f"{PREFIX}_majority_fraction"] = share
-        info = response_info(detail, first)
         info["cluster_key"] = cluster_key or ""
         writer.commit(obs, info)
     except BaseException:

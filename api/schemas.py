@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.card import ModelCard
+from cellexplain.models.card import ModelCard
 
 InputKind = Literal["auto", "counts", "log1p_cp10k"]
 AttributionMode = Literal["top_k", "full", "none"]
@@ -36,6 +36,11 @@ class AnnotateOptions(_Schema):
     unassigned_threshold: float | None = Field(
         default=None, ge=0, le=1, description="override the model's confidence threshold"
     )
+
+
+#: the option defaults, defined once above: the REST form, the clients and the CLI take theirs
+#: from here
+DEFAULTS = AnnotateOptions()
 
 
 class AnnotateRequest(AnnotateOptions):

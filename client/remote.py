@@ -1,7 +1,7 @@
 """Python client for the cellexplain service: REST or gRPC streaming, sync or async.
 
     import scanpy as sc
-    from service.client import annotate
+    from cellexplain.client.remote import annotate
 
     adata = sc.read_h5ad("cells.h5ad")
     annotate(adata, url="http://localhost:3000")          # writes obs/obsm/uns, like sc.tl.*
@@ -26,8 +26,22 @@ import httpx
 import numpy as np
 import scipy.sparse as sp
 
-from service.anndata_io import Annotations, expression, gene_map, write_annotations
-from service.schemas import AnnotateOptions, AnnotateResponse, ModelDetail, ModelList
+from cellexplain.api.annotations import (
+    Annotations,
+    annotation_info,
+    expression,
+    gene_map,
+    write_annotations,
+)
+from cellexplain.api.schemas import (
+    DEFAULTS,
+    AnnotateOptions,
+    AnnotateResponse,
+    AttributionMode,
+    InputKind,
+    ModelDetail,
+    ModelList,
+)
 
 Transport = Literal["rest", "grpc"]
 T = TypeVar("T")
@@ -192,7 +206,7 @@ class AsyncClient:
     def _stub(self) -> Any:
         import grpc
 
-        from service.grpc.codegen import load
+        from cellexplain.api.codegen import load
 
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(
@@ -217,7 +231,7 @@ class AsyncClient:
     async def annotate_chunk(self, chunk: Chunk, options: AnnotateOptions) -> AnnotateResponse:
         """Annotate one chunk (unary REST or gRPC call, with retries)."""
         if self.transport == "grpc":
-            from service.grpc import converters
+            from cellexplain.api import proto_v1 as converters
 
             req = converters.request_to_proto(chunk.genes, chunk.X, options, chunk.cell_ids)
             stub = self._stub()
@@ -253,6 +267,21 @@ class AsyncClient:
         async for item in self._grpc_stream(chunks, options, max(concurrency, 1)):
             yield item
 
+    async def annotations(
+        self,
+        chunks: AsyncIterator[Chunk] | Iterable[Chunk],
+        options: AnnotateOptions,
+        concurrency: int = 2,
+    ) -> AsyncIterator[tuple[Chunk, Annotations, dict[str, Any]]]:
+        """:meth:`annotate_chunks` decoded for an AnnData: each chunk with its
+        :class:`~cellexplain.api.annotations.Annotations` and ``uns['cellexplain']``."""
+        detail = await self.model(options.model)
+        card = detail.card
+        programs = card.gene_sets.programs if card.gene_sets else []
+        async for chunk, res in self.annotate_chunks(chunks, options, concurrency):
+            ann = Annotations.from_response(res, card.classes, programs, options.top_k)
+            yield chunk, ann, response_info(detail, res)
+
     async def _grpc_stream(
         self,
         chunks: AsyncIterator[Chunk] | Iterable[Chunk],
@@ -261,8 +290,8 @@ class AsyncClient:
     ) -> AsyncIterator[tuple[Chunk, AnnotateResponse]]:
         import grpc
 
-        from service.grpc import converters
-        from service.grpc.codegen import load
+        from cellexplain.api import proto_v1 as converters
+        from cellexplain.api.codegen import load
 
         # one small unary call first: a refused key or an unreachable server then fails with
         # its own status code, instead of surfacing mid-stream as a generic write error
@@ -326,10 +355,10 @@ class AsyncClient:
         model: str | None = None,
         gene_key: str | None = None,
         layer: str | None = None,
-        input: Literal["auto", "counts", "log1p_cp10k"] = "auto",
-        attributions: Literal["top_k", "full", "none"] = "full",
-        top_k: int = 10,
-        target: str = "predicted",
+        input: InputKind = DEFAULTS.input,
+        attributions: AttributionMode = DEFAULTS.attributions,
+        top_k: int = DEFAULTS.top_k,
+        target: str = DEFAULTS.target,
         unassigned_threshold: float | None = None,
         chunk_size: int = 1000,
         concurrency: int = 2,
@@ -343,9 +372,8 @@ class AsyncClient:
         ``obsm['cellexplain_program_attributions']`` (programs models) and
         ``uns['cellexplain']`` (model, genes, classes, programs, gene matching).
         """
-        detail = await self.model(model)
         opts = AnnotateOptions(
-            model=detail.card.name,
+            model=model,
             input=input,
             top_k=top_k,
             attributions=attributions,
@@ -355,13 +383,12 @@ class AsyncClient:
         )
         genes, X = expression(adata, gene_key, layer)
         chunks = [Chunk(s, genes, X[s : s + chunk_size]) for s in range(0, adata.n_obs, chunk_size)]
-        programs = detail.card.gene_sets.programs if detail.card.gene_sets else []
-        parts, first = [], None
-        async for _, res in self.annotate_chunks(chunks, opts, concurrency):
-            first = first or res
-            parts.append(Annotations.from_response(res, detail.card.classes, programs, top_k))
-        assert first is not None
-        write_annotations(adata, Annotations.concat(parts), response_info(detail, first))
+        parts: list[Annotations] = []
+        info: dict[str, Any] = {}
+        async for _, ann, chunk_info in self.annotations(chunks, opts, concurrency):
+            parts.append(ann)
+            info = info or chunk_info
+        write_annotations(adata, Annotations.concat(parts), info)
         return adata
 
 
@@ -373,8 +400,6 @@ class _RetryableError(Exception):
 
 def response_info(detail: ModelDetail, res: AnnotateResponse) -> dict[str, Any]:
     """``uns['cellexplain']`` from the model card and a response."""
-    from service.anndata_io import annotation_info
-
     return annotation_info(detail.card, res.unassigned_threshold, res.input_kind, res.gene_matching)
 
 

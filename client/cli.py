@@ -1,4 +1,9 @@
-"""The ``cellexplain`` command line."""
+"""The ``cellexplain`` command line.
+
+Imports only what the base install has at start; each command imports its layer when run
+(``annotate --local`` the server's core, ``train`` torch), and a missing extra is an error that
+names the ``pip install`` to run.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,36 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
-from models.card import ModelCard
-from models.errors import CellexplainError
+from cellexplain.api.schemas import DEFAULTS, AttributionMode, InputKind
+from cellexplain.models.card import ModelCard
+from cellexplain.models.errors import CellexplainError
 
 if TYPE_CHECKING:
-    from models.data import LabelledData
-    from models.train import TrainConfig
+    from cellexplain.models.data import LabelledData
+    from cellexplain.models.train import TrainConfig
 
 log = logging.getLogger("cellexplain")
+
+
+#: third-party modules of the optional layers -> the extra that installs them
+EXTRAS = {
+    "onnxruntime": "serve",
+    "bentoml": "serve",
+    "fastapi": "serve",
+    "prometheus_client": "serve",
+    "simdjson": "serve",
+    "orjson": "serve",
+    "grpc_health": "serve",
+    "grpc_reflection": "serve",
+    "torch": "train",
+    "captum": "train",
+    "scanpy": "train",
+    "sklearn": "train",
+    "onnx": "train",
+    "matplotlib": "report",
+}
 
 
 class CLIError(Exception):
@@ -84,8 +109,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
-    from models.attribution import AttributionSpec
-    from models.train import TrainConfig
+    from cellexplain.models.attribution import AttributionSpec
+    from cellexplain.models.train import TrainConfig
 
     try:
         spec = AttributionSpec(
@@ -111,7 +136,7 @@ def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
 
 
 def _load(args: argparse.Namespace) -> LabelledData:
-    from models.data import load_labelled
+    from cellexplain.models.data import load_labelled
 
     if args.data is not None and args.label_key is None:
         raise CLIError("--label-key is required with --data (the obs column holding labels)")
@@ -119,8 +144,8 @@ def _load(args: argparse.Namespace) -> LabelledData:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.store import check_name, import_model
-    from models.train import train
+    from cellexplain.models.store import check_name, import_model
+    from cellexplain.models.train import train  # the `train` extra, asked for first
 
     name = check_name(args.name or f"pbmc-{args.arch}")
     out = Path(args.out or Path("artifacts") / name)
@@ -163,7 +188,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from models.train import train
+    from cellexplain.models.train import train
 
     data = _load(args)
     rows: dict[str, list[tuple[float, float]]] = {}
@@ -197,14 +222,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_models_import(args: argparse.Namespace) -> int:
-    from models.store import import_model
+    from cellexplain.models.store import import_model
 
     print(import_model(args.dir, args.name))
     return 0
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from models.store import list_models
+    from cellexplain.models.store import list_models
 
     models = list_models()
     if not models:
@@ -221,7 +246,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_show(args: argparse.Namespace) -> int:
-    from models.store import get_model
+    from cellexplain.models.store import get_model
 
     print(get_model(args.tag).card.model_dump_json(indent=2))
     return 0
@@ -231,10 +256,10 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     """Annotate an .h5ad file of any size, through a running service or in-process."""
     import asyncio
 
-    from service.client import ClientError
-    from service.errors import ServiceError
-    from service.pipeline import LocalBackend, annotate_file, cancel_on_sigterm
-    from service.schemas import AnnotateOptions
+    from cellexplain.api.errors import ServiceError
+    from cellexplain.api.schemas import AnnotateOptions
+    from cellexplain.client.pipeline import LocalBackend, annotate_file, cancel_on_sigterm
+    from cellexplain.client.remote import ClientError
 
     options = AnnotateOptions(
         model=args.model,
@@ -249,8 +274,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         cancel_on_sigterm()
         backend: Any
         if args.local:
-            from service.core import Annotator
-            from service.settings import Settings
+            from cellexplain.service.core import Annotator
+            from cellexplain.service.settings import Settings
 
             settings = Settings(
                 models=[] if args.model_dir else [args.model or "pbmc-programs"],
@@ -259,7 +284,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             )
             backend = LocalBackend(Annotator.from_settings(settings))
         else:
-            from service.client import AsyncClient
+            from cellexplain.client.remote import AsyncClient
 
             backend = AsyncClient(
                 args.url,
@@ -302,8 +327,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Pictures of an annotated file: an HTML page, or PNG files with --png."""
-    from service.errors import ServiceError
-    from service.report import write_pngs, write_report
+    from cellexplain.api.errors import ServiceError
+    from cellexplain.client.report import write_pngs, write_report
 
     try:
         if args.png:
@@ -317,7 +342,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models import __version__
+    from cellexplain import __version__
 
     parser = argparse.ArgumentParser(
         prog="cellexplain",
@@ -368,14 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, help="chunks in flight")
     p.add_argument(
         "--attributions",
-        choices=["top_k", "full", "none"],
-        default="top_k",
-        help="full also writes obsm['cellexplain_attributions'] (cells x genes)",
+        choices=get_args(AttributionMode),
+        default=DEFAULTS.attributions,
+        help="top_k: obs['cellexplain_top_genes']; full also writes "
+        "obsm['cellexplain_attributions'] (cells x genes) and the program attributions",
     )
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--target", default="predicted")
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
+    p.add_argument("--target", default=DEFAULTS.target)
     p.add_argument("--threshold", type=float, help="Unassigned below this confidence")
-    p.add_argument("--input", choices=["auto", "counts", "log1p_cp10k"], default="auto")
+    p.add_argument("--input", choices=get_args(InputKind), default=DEFAULTS.input)
     p.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs")
     p.add_argument("--layer", help="'raw', a layer name, or omit for X")
     p.add_argument("--cluster-key", help="obs column of clusters: add majority voting")
@@ -414,6 +440,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (CLIError, CellexplainError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"error: this command needs {e.name}, which comes with cellexplain's {extra!r} "
+            f"extra: pip install 'cellexplain[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -20,10 +20,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from service.anndata_io import PREFIX
-from service.errors import InvalidInputError
-
-UNASSIGNED = "Unassigned"
+from cellexplain.api.annotations import PREFIX, UNASSIGNED
+from cellexplain.api.errors import InvalidInputError
 
 
 @dataclass

@@ -1,8 +1,11 @@
-"""``cellexplain.v1`` messages <-> the core's types (no annotation logic here).
+"""The ``cellexplain.v1`` protobuf codec, both ways: requests (clients encode, the server
+decodes into genes + a matrix + options) and responses (the server encodes the rendering of
+:mod:`cellexplain.service.v1`, clients decode into
+:class:`~cellexplain.api.schemas.AnnotateResponse`).
 
-The Open Inference Protocol's messages are in :mod:`service.grpc.oip_converters`, imported by the
-server only: clients that also load Triton's ``tritonclient`` (which registers the same
-``inference.*`` protobuf names) can use this module.
+The Open Inference Protocol's messages are in :mod:`cellexplain.service.grpc.oip_converters`,
+imported by the server only: clients that also load Triton's ``tritonclient`` (which registers
+the same ``inference.*`` protobuf names) can use this module.
 """
 
 from __future__ import annotations
@@ -13,11 +16,10 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import ValidationError
 
-from service.anndata_io import gene_map
-from service.core import sparse_from_maps
-from service.errors import InvalidInputError
-from service.grpc.codegen import load
-from service.schemas import AnnotateOptions, AnnotateResponse
+from cellexplain.api.annotations import gene_map, sparse_from_maps
+from cellexplain.api.codegen import load
+from cellexplain.api.errors import InvalidInputError, validation_failure
+from cellexplain.api.schemas import DEFAULTS, AnnotateOptions, AnnotateResponse
 
 pb = load("cellexplain_v1_pb2")
 
@@ -31,18 +33,17 @@ def options(msg: Any) -> AnnotateOptions:
         return AnnotateOptions(
             model=msg.model or None,
             input=_INPUT.get(msg.input, "auto"),  # type: ignore[arg-type]
-            top_k=msg.top_k if msg.HasField("top_k") else 10,
-            attributions=_ATTRIBUTIONS.get(msg.attributions, "top_k"),  # type: ignore[arg-type]
-            target=msg.target or "predicted",
+            top_k=msg.top_k if msg.HasField("top_k") else DEFAULTS.top_k,
+            attributions=_ATTRIBUTIONS.get(msg.attributions, DEFAULTS.attributions),  # type: ignore[arg-type]
+            target=msg.target or DEFAULTS.target,
             return_probabilities=msg.return_probabilities,
             unassigned_threshold=(
                 msg.unassigned_threshold if msg.HasField("unassigned_threshold") else None
             ),
         )
     except ValidationError as e:
-        first = e.errors()[0]
-        field = "options." + ".".join(str(p) for p in first["loc"])
-        raise InvalidInputError(f"{field}: {first['msg']}", field) from e
+        err = validation_failure(e.errors())
+        raise InvalidInputError(f"options.{err.message}", f"options.{err.field}") from e
 
 
 def matrix(msg: Any, genes: list[str]) -> tuple[list[str], np.ndarray | sp.csr_matrix, str]:
@@ -79,16 +80,14 @@ def matrix(msg: Any, genes: list[str]) -> tuple[list[str], np.ndarray | sp.csr_m
     return genes, X.astype(np.float64), "genes"
 
 
-def annotate_response(payload: dict[str, Any]) -> Any:
-    """:meth:`Annotator.payload <service.core.Annotator.payload>` (plain values, the fields of
-    :class:`AnnotateResponse`) -> ``cellexplain.v1.AnnotateResponse``, in one protobuf call
-    (nested dicts and lists become messages and repeated fields inside the C extension)."""
-    return pb.AnnotateResponse(**payload)
-
-
 def response_from_proto(msg: Any) -> AnnotateResponse:
     """``cellexplain.v1.AnnotateResponse`` -> :class:`AnnotateResponse` (client side)."""
-    from service.schemas import CellAnnotation, GeneAttribution, GeneMatching, ProgramAttribution
+    from cellexplain.api.schemas import (
+        CellAnnotation,
+        GeneAttribution,
+        GeneMatching,
+        ProgramAttribution,
+    )
 
     cells = []
     for c in msg.cells:

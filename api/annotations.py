@@ -1,0 +1,297 @@
+"""AnnData in, AnnData out: read expression from an AnnData and write annotations into it.
+
+What lands where (scanpy's conventions, like ``sc.tl.*`` writing into the object):
+
+* ``obs['cellexplain_label']``: predicted cell type, or ``Unassigned`` below the threshold
+* ``obs['cellexplain_predicted_label']``: the most probable type whatever its confidence
+* ``obs['cellexplain_confidence']``: probability of the predicted type
+* ``obs['cellexplain_top_genes']``: the ``top_k`` genes by |attribution|, ``;``-separated
+* ``obsm['cellexplain_attributions']``: ``[n_cells, n_model_genes]`` float32 attributions
+  (with ``attributions`` other than ``none``); gene order in ``uns['cellexplain']['genes']``
+* ``obsm['cellexplain_program_attributions']``: ``[n_cells, n_programs]`` (programs models)
+* ``obsm['cellexplain_probabilities']``: ``[n_cells, n_classes]``; class order in ``uns``
+* ``uns['cellexplain']``: model, version, attribution method, genes, classes, programs,
+  threshold, input kind, gene matching
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellexplain.api.errors import InvalidInputError, TooLargeError, brief
+from cellexplain.api.schemas import AnnotateResponse, GeneMatching
+from cellexplain.models.card import ModelCard
+from cellexplain.models.data import select_matrix
+from cellexplain.models.errors import DataError
+from cellexplain.models.preprocess import sparse_structure_problem
+
+PREFIX = "cellexplain"
+#: the label of a cell whose best class is below the confidence threshold
+UNASSIGNED = "Unassigned"
+
+
+def expression(
+    adata: ad.AnnData, gene_key: str | None = None, layer: str | None = None
+) -> tuple[list[str], np.ndarray | sp.spmatrix]:
+    """Gene names and the ``[n_cells, n_genes]`` matrix to annotate, as stored (dense or
+    sparse, its own dtype: the core converts and checks it in row chunks); see
+    :func:`cellexplain.models.data.select_matrix` for ``gene_key`` and ``layer``."""
+    try:
+        genes, X = select_matrix(adata, gene_key, layer)
+    except DataError as e:
+        raise InvalidInputError(str(e), e.field) from e
+    if not (sp.issparse(X) or isinstance(X, np.ndarray)):
+        raise InvalidInputError(
+            f"the matrix in {layer or 'X'} is a {type(X).__name__}, not a dense or sparse array",
+            "layer",
+        )
+    problem = sparse_structure_problem(X)
+    if problem is not None:
+        raise InvalidInputError(f"the matrix in {layer or 'X'} is malformed: {problem}", "file")
+    return genes, X
+
+
+def gene_map(genes: list[str], Xc: sp.csr_matrix, i: int) -> dict[str, float]:
+    """Row ``i`` of a CSR matrix as ``{gene: value}``. A name ``genes`` holds twice gets the sum
+    of its columns: a map has one value per key, and the server puts it in the name's first
+    column, so per-cell totals (and so normalisation) stay those of the file."""
+    row = slice(Xc.indptr[i], Xc.indptr[i + 1])
+    out: dict[str, float] = {}
+    for j, v in zip(Xc.indices[row].tolist(), Xc.data[row].tolist(), strict=True):
+        g = genes[j]
+        out[g] = out[g] + v if g in out else v
+    return out
+
+
+def top_k_indices(attr: np.ndarray, k: int) -> np.ndarray:
+    """``[n, k]`` column indices of each row's ``k`` largest ``|attr|``, largest first."""
+    k = min(k, attr.shape[1])
+    part = np.argpartition(-np.abs(attr), k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.abs(np.take_along_axis(attr, part, axis=1)), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def sparse_from_maps(
+    cells: Iterable[Mapping[str, float]],
+    genes: Sequence[str] | None = None,
+    max_genes: int | None = None,
+) -> tuple[list[str], sp.csr_matrix]:
+    """One ``{gene: value}`` map per cell -> (genes, CSR ``[n_cells, n_genes]``); genes absent
+    from a map are zero.
+
+    With ``genes`` (all genes measured), the maps may only name those and the columns follow
+    them; without, the columns are the genes named, in order of first appearance (at most
+    ``max_genes``). Each cell becomes two small arrays at once, never a Python object per value.
+
+    Raises:
+        InvalidInputError: a map names a gene outside ``genes``.
+        TooLargeError: the maps name more than ``max_genes`` distinct genes.
+    """
+    # a name given twice in ``genes`` keeps both columns (the aligner then sees what the dense
+    # form shows it: a tie or an unused duplicate); a map's key goes to the first of them
+    columns: dict[str, int] = {}
+    for i, g in enumerate(genes or []):
+        columns.setdefault(g, i)
+    fixed = genes is not None
+    width = len(genes) if genes is not None else 0
+    indptr = [0]
+    indices: list[np.ndarray] = []
+    data: list[np.ndarray] = []
+    for i, cell in enumerate(cells):
+        cols = np.empty(len(cell), dtype=np.int64)
+        for k, gene in enumerate(cell):
+            j = columns.get(gene)
+            if j is None:
+                if fixed:
+                    raise InvalidInputError(
+                        f"cells[{i}] names gene {brief(gene)}, which is not in genes",
+                        f"cells[{i}]",
+                    )
+                j = columns[gene] = width
+                width += 1
+                if max_genes is not None and j >= max_genes:
+                    raise TooLargeError(
+                        f"the cells name more than {max_genes} genes; the limit is {max_genes}",
+                        "cells",
+                    )
+            cols[k] = j
+        indices.append(cols)
+        data.append(np.fromiter(cell.values(), dtype=np.float64, count=len(cell)))
+        indptr.append(indptr[-1] + len(cell))
+    X = sp.csr_matrix(
+        (
+            np.concatenate(data) if data else np.zeros(0),
+            np.concatenate(indices) if indices else np.zeros(0, np.int64),
+            np.asarray(indptr, dtype=np.int64),
+        ),
+        shape=(len(indptr) - 1, width),
+    )
+    return (list(genes) if genes is not None else list(columns)), X
+
+
+@dataclass
+class Annotations:
+    """Per-cell results for ``n`` cells, in the form they take in an AnnData.
+
+    String arrays are object arrays; ``None`` where not asked for.
+    """
+
+    label: np.ndarray  # [n] predicted type or Unassigned
+    predicted_label: np.ndarray  # [n]
+    confidence: np.ndarray  # [n] float32
+    probabilities: np.ndarray | None = None  # [n, n_classes]
+    explained_class: np.ndarray | None = None  # [n]
+    attributions: np.ndarray | None = None  # [n, n_model_genes]
+    top_genes: np.ndarray | None = None  # [n] "GENE1;GENE2;..."
+    program_attributions: np.ndarray | None = None  # [n, n_programs]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    @staticmethod
+    def concat(parts: Sequence[Annotations]) -> Annotations:
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return Annotations(**{f.name: cat(f.name) for f in fields(Annotations)})  # type: ignore[arg-type]
+
+    @classmethod
+    def from_response(
+        cls,
+        res: AnnotateResponse,
+        classes: Sequence[str],
+        programs: Sequence[str],
+        top_k: int = 0,
+    ) -> Annotations:
+        """From an API response (client side): probabilities (columns in ``classes`` order,
+        matched by class name: a response's maps have no order of their own) and full
+        attributions (and all program attributions) when the request asked for them; top genes
+        from ``top_genes`` (``attributions='top_k'``) or, with full attributions, the ``top_k``
+        largest."""
+        cells = res.cells
+        obj = lambda values: np.array(values, dtype=object)  # noqa: E731
+        first = cells[0]
+        probs = None
+        if first.probabilities is not None:
+            probs = np.empty((len(cells), len(classes)), dtype=np.float32)
+            for i, c in enumerate(cells):
+                p = c.probabilities or {}
+                if set(p) != set(classes):
+                    raise ValueError(
+                        f"cell {c.id!r}: the response's probabilities name {sorted(p)}, not the "
+                        f"model's classes {list(classes)}"
+                    )
+                probs[i] = [p[k] for k in classes]
+        attr = None
+        if first.attributions is not None:
+            attr = np.array([c.attributions for c in cells], dtype=np.float32)
+        top = None
+        if first.top_genes is not None:
+            top = obj([";".join(g.gene for g in c.top_genes or []) for c in cells])
+        elif attr is not None and top_k > 0 and res.attribution_genes is not None:
+            genes = obj(res.attribution_genes)
+            top = obj([";".join(genes[row]) for row in top_k_indices(attr, top_k)])
+        prog = None
+        if first.program_attributions is not None and res.attribution_genes is not None:
+            index = {p: j for j, p in enumerate(programs)}
+            prog = np.zeros((len(cells), len(programs)), dtype=np.float32)
+            for i, c in enumerate(cells):
+                for pa in c.program_attributions or []:
+                    prog[i, index[pa.program]] = pa.attribution
+        return cls(
+            label=obj([c.label for c in cells]),
+            predicted_label=obj([c.predicted_label for c in cells]),
+            confidence=np.array([c.confidence for c in cells], dtype=np.float32),
+            probabilities=probs,
+            explained_class=None
+            if first.explained_class is None
+            else obj([c.explained_class for c in cells]),
+            attributions=attr,
+            top_genes=top,
+            program_attributions=prog,
+        )
+
+
+def annotation_info(
+    card: ModelCard, threshold: float, input_kind: str, matching: GeneMatching
+) -> dict[str, Any]:
+    """What goes into ``uns['cellexplain']``."""
+    return {
+        "model": card.name,
+        "model_version": card.version,
+        "attribution_method": card.attribution.method,
+        "genes": list(card.genes),
+        "classes": list(card.classes),
+        "programs": list(card.gene_sets.programs) if card.gene_sets else [],
+        "unassigned_threshold": float(threshold),
+        "input_kind": input_kind,
+        "gene_matching": matching.model_dump(),
+    }
+
+
+def obs_columns(ann: Annotations, classes: Sequence[str]) -> dict[str, Any]:
+    """The ``obs`` columns of ``ann`` (categoricals over the model's classes)."""
+    cols: dict[str, Any] = {
+        f"{PREFIX}_label": pd.Categorical(ann.label, categories=[*classes, UNASSIGNED]),
+        f"{PREFIX}_predicted_label": pd.Categorical(ann.predicted_label, categories=classes),
+        f"{PREFIX}_confidence": ann.confidence,
+    }
+    if ann.explained_class is not None:
+        cols[f"{PREFIX}_explained_class"] = pd.Categorical(ann.explained_class, categories=classes)
+    if ann.top_genes is not None:
+        cols[f"{PREFIX}_top_genes"] = ann.top_genes  # object array of str (no fixed-width copy)
+    return cols
+
+
+def obsm_arrays(ann: Annotations) -> dict[str, np.ndarray]:
+    """The ``obsm`` matrices of ``ann``."""
+    arrays = {
+        f"{PREFIX}_probabilities": ann.probabilities,
+        f"{PREFIX}_attributions": ann.attributions,
+        f"{PREFIX}_program_attributions": ann.program_attributions,
+    }
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+def write_annotations(adata: ad.AnnData, ann: Annotations, info: dict[str, Any]) -> None:
+    """Write annotations into an in-memory ``adata`` (see the module docstring)."""
+    for name, col in obs_columns(ann, info["classes"]).items():
+        adata.obs[name] = col
+    for name, arr in obsm_arrays(ann).items():
+        adata.obsm[name] = arr
+    adata.uns[PREFIX] = info
+
+
+def majority_vote(labels: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell majority label of its cluster, as CellTypist's majority voting.
+
+    ``Unassigned`` cells do not vote (a cluster of only ``Unassigned`` stays so). Returns the
+    voted label per cell and the share of the cluster's cells that carry it.
+    """
+    frame = pd.DataFrame(
+        {"label": np.asarray(labels, dtype=object), "cluster": pd.Categorical(clusters)}
+    )
+    voting = frame[frame["label"] != UNASSIGNED]
+    counts = voting.groupby(["cluster", "label"], observed=True).size()
+    sizes = frame.groupby("cluster", observed=True).size()
+    winner: dict[Any, str] = {}
+    share: dict[Any, float] = {}
+    for cluster, size in sizes.items():
+        if cluster in counts.index.get_level_values(0):
+            c = counts.loc[cluster]
+            winner[cluster] = str(c.idxmax())
+            share[cluster] = float(c.max()) / float(size)
+        else:
+            winner[cluster] = UNASSIGNED
+            share[cluster] = float((frame["cluster"] == cluster).sum()) / float(size)
+    voted = frame["cluster"].map(winner).astype(object).to_numpy()
+    shares = frame["cluster"].map(share).astype(np.float32).to_numpy()
+    return voted, shares

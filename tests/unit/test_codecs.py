@@ -1,0 +1,185 @@
+"""The core and its codecs in-process (no server): one :class:`Result`, every rendering.
+
+The JSON and protobuf writers of the typed API (``service/v1.py``), the AnnData rendering
+(``service/anndata_io.py``) and the Open Inference Protocol's tensors must say the same thing
+about the same cells, for every option: decoded with pydantic and with the protobuf library,
+compared with each other and with the result's own arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import numpy as np
+import pytest
+
+from cellexplain.api import proto_v1
+from cellexplain.api.annotations import UNASSIGNED, Annotations
+from cellexplain.api.codegen import load
+from cellexplain.api.schemas import DEFAULTS, AnnotateOptions, AnnotateResponse
+from cellexplain.service import anndata_io, v1
+from cellexplain.service.core import Annotator, Result
+from cellexplain.service.settings import Settings
+
+pb = load("cellexplain_v1_pb2")
+
+
+@pytest.fixture(scope="module")
+def annotator(programs_model):
+    _, folder = programs_model
+    a = Annotator.from_settings(Settings(models=[], model_dirs=[str(folder)]))
+    yield a
+    a.close()
+
+
+@pytest.fixture(scope="module")
+def cells(pbmc):
+    raw = pbmc.raw.to_adata()[:40]
+    return list(raw.var_names), np.asarray(raw.X.toarray(), dtype=np.float32)
+
+
+def run(annotator: Annotator, cells, **options) -> Result:
+    genes, X = cells
+    ids = [f'cell "{i}" \\ é' for i in range(X.shape[0])]  # needs escaping in JSON
+    opts = AnnotateOptions(input="log1p_cp10k", **options)
+    return asyncio.run(annotator.annotate(genes, X, opts, ids))
+
+
+def decoded(res: Result) -> tuple[AnnotateResponse, AnnotateResponse]:
+    from_json = AnnotateResponse.model_validate_json(v1.json_bytes(res))
+    from_pb = proto_v1.response_from_proto(pb.AnnotateResponse.FromString(v1.protobuf_bytes(res)))
+    return from_json, from_pb
+
+
+OPTIONS = [
+    dict(zip(("attributions", "top_k", "return_probabilities"), combo, strict=True))
+    for combo in itertools.product(("top_k", "full", "none"), (0, 3, 10), (False, True))
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_json_and_protobuf_say_what_the_result_holds(annotator, cells, options):
+    res = run(annotator, cells, **options)
+    card = res.card
+    programs = card.gene_sets.programs if card.gene_sets else []
+    for r in decoded(res):
+        assert r.model == card.name and r.input_kind == "log1p_cp10k"
+        assert r.gene_matching == res.matching
+        assert len(r.cells) == len(res)
+        full = options["attributions"] == "full"
+        assert r.attribution_genes == (list(card.genes) if full else None)
+        for i, c in enumerate(r.cells):
+            assert c.id == res.cell_ids[i]
+            best = res.classes[res.best[i]]
+            assert c.predicted_label == best
+            assert c.label == (best if res.assigned[i] else UNASSIGNED)
+            assert c.confidence == pytest.approx(float(res.confidence[i]), rel=1e-6)
+            explain = options["attributions"] != "none"
+            assert c.explained_class == (res.classes[res.explained_class[i]] if explain else None)
+            if options["return_probabilities"]:
+                assert c.probabilities is not None
+                assert sorted(c.probabilities) == sorted(res.classes)  # a map: no order
+                np.testing.assert_allclose(
+                    [c.probabilities[k] for k in res.classes], res.probabilities[i], rtol=1e-6
+                )
+            else:
+                assert not c.probabilities
+            a = res.attributions[i]
+            if options["attributions"] == "top_k" and options["top_k"] > 0:
+                assert c.top_genes is not None and len(c.top_genes) == options["top_k"]
+                order = np.argsort(-np.abs(a), kind="stable")[: options["top_k"]]
+                assert [g.gene for g in c.top_genes] == [card.genes[j] for j in order]
+                np.testing.assert_allclose([g.attribution for g in c.top_genes], a[order])
+            else:
+                assert not c.top_genes
+            if full:
+                np.testing.assert_array_equal(np.float32(c.attributions), a)
+            else:
+                assert c.attributions is None
+            pa = res.program_attributions
+            if explain and pa is not None and (full or options["top_k"] > 0):
+                want = len(programs) if full else min(options["top_k"], len(programs))
+                assert c.program_attributions is not None
+                assert len(c.program_attributions) == want
+                index = {p: j for j, p in enumerate(programs)}
+                for p in c.program_attributions:
+                    assert p.attribution == pytest.approx(float(pa[i, index[p.program]]))
+                assert c.free_units_attribution == pytest.approx(
+                    float(a.sum() - pa[i].sum()), abs=1e-5
+                )
+
+
+def test_the_two_writers_agree_exactly_on_the_values(annotator, cells):
+    res = run(annotator, cells, attributions="full", return_probabilities=True)
+    from_json, from_pb = decoded(res)
+    assert from_json.model_dump() == from_pb.model_dump()
+
+
+def test_labels_below_the_threshold_are_unassigned_in_every_rendering(annotator, cells):
+    res = run(annotator, cells, unassigned_threshold=0.9, attributions="full")
+    assert (~res.assigned).any() and res.assigned.any()  # both kinds present
+    want = [
+        res.classes[b] if ok else UNASSIGNED for b, ok in zip(res.best, res.assigned, strict=True)
+    ]
+    for r in decoded(res):
+        assert [c.label for c in r.cells] == want
+    assert list(anndata_io.to_annotations(res).label) == want
+
+
+@pytest.mark.parametrize("attributions", ["top_k", "full", "none"])
+def test_anndata_rendering_matches_what_a_client_decodes(annotator, cells, attributions):
+    """`--local` renders the result straight into AnnData arrays; a client decodes the
+    response: the same cells must land the same way (the rule that differed: uploads with
+    top_k wrote full attributions, the pipeline none)."""
+    res = run(annotator, cells, attributions=attributions, return_probabilities=True)
+    local = anndata_io.to_annotations(res)
+    card = res.card
+    programs = card.gene_sets.programs if card.gene_sets else []
+    from_json, _ = decoded(res)
+    remote = Annotations.from_response(from_json, card.classes, programs, res.options.top_k)
+    for name in ("label", "predicted_label", "explained_class", "top_genes"):
+        a, b = getattr(local, name), getattr(remote, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert list(a) == list(b), name
+    for name in ("confidence", "probabilities", "attributions", "program_attributions"):
+        a, b = getattr(local, name), getattr(remote, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert (local.attributions is not None) == (attributions == "full")
+
+
+def test_oip_inference_is_the_same_result(annotator, cells):
+    genes, X = cells
+    res = run(annotator, cells, attributions="full")
+    lm = annotator.get(None)
+    order = [genes.index(g) for g in lm.model.genes]
+    oip = asyncio.run(annotator.infer(lm.name, X[:, order]))
+    np.testing.assert_allclose(oip.probabilities, res.probabilities, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(oip.attributions, res.attributions, rtol=1e-4, atol=1e-6)
+    assert list(oip.labels) == list(res.labels)
+
+
+def test_every_option_default_is_the_schemas():
+    """The REST form, the Python client, the CLI and the gRPC decoder take their defaults
+    from AnnotateOptions (DEFAULTS), so no door answers differently when an option is left
+    out."""
+    import inspect
+
+    from cellexplain.client.cli import build_parser
+    from cellexplain.client.remote import AsyncClient
+
+    sig = inspect.signature(AsyncClient.annotate).parameters
+    for name in ("input", "attributions", "top_k", "target"):
+        assert sig[name].default == getattr(DEFAULTS, name), name
+    args = build_parser().parse_args(["annotate", "x.h5ad", "--out", "y.h5ad"])
+    assert (args.input, args.attributions, args.top_k, args.target) == (
+        DEFAULTS.input,
+        DEFAULTS.attributions,
+        DEFAULTS.top_k,
+        DEFAULTS.target,
+    )
+    empty = proto_v1.options(pb.AnnotateOptions())
+    assert empty.model_dump() == DEFAULTS.model_dump()

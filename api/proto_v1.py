@@ -77,7 +77,7 @@ def matrix(msg: Any, genes: list[str]) -> tuple[list[str], np.ndarray | sp.csr_m
                 "dense",
             )
         X = np.asarray(values, dtype=np.float32).reshape(n, g)
-    return genes, X.astype(np.float64), "genes"
+    return genes, X, "genes"
 
 
 def response_from_proto(msg: Any) -> AnnotateResponse:

@@ -145,7 +145,7 @@ def _load(args: argparse.Namespace) -> LabelledData:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cellexplain.models.store import check_name, import_model
-    from cellexplain.models.train import train  # the `train` extra, asked for first
+    from cellexplain.models.train import train
 
     name = check_name(args.name or f"pbmc-{args.arch}")
     out = Path(args.out or Path("artifacts") / name)

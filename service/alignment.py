@@ -98,6 +98,19 @@ class Alignment:
     n_case_insensitive: int = 0
     n_previous_symbol: int = 0
     n_duplicated: int = 0
+    _identity: bool | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def identity(self) -> bool:
+        """Every model gene found at its own column, nothing merged or left over."""
+        if self._identity is None:
+            self._identity = (
+                not self.merged
+                and self.n_unused == 0
+                and self.n_duplicated == 0
+                and bool(np.array_equal(self.take, np.arange(len(self.take))))
+            )
+        return self._identity
 
     @property
     def missing_fraction(self) -> float:
@@ -106,17 +119,19 @@ class Alignment:
     def apply(self, x: np.ndarray | sp.csr_matrix) -> np.ndarray:
         """``[n_cells, n_submitted]`` log1p-normalised values (dense or CSR) -> dense float32
         ``[n_cells, n_model_genes]``, missing genes zero."""
+        if self.identity and not sp.issparse(x) and x.shape[1] == len(self.take):  # as is
+            return np.asarray(x, dtype=np.float32)
         out = np.zeros((x.shape[0], len(self.take)), dtype=np.float32)
         found = self.take >= 0
 
-        def cols(idx: np.ndarray | list[int]) -> np.ndarray:
+        def cols(idx: np.ndarray | list[int], dtype: type = np.float32) -> np.ndarray:
             sub = x[:, idx]
             dense = sub.toarray() if sp.issparse(sub) else sub  # type: ignore[union-attr]
-            return np.asarray(dense, dtype=np.float64)
+            return np.asarray(dense, dtype=dtype)
 
         out[:, found] = cols(self.take[found])
         for j, merged_cols in self.merged.items():
-            out[:, j] = np.log1p(np.expm1(cols(merged_cols)).sum(axis=1))
+            out[:, j] = np.log1p(np.expm1(cols(merged_cols, np.float64)).sum(axis=1))
         return out
 
 
@@ -127,12 +142,12 @@ CACHE_BYTES = 16 * 1024 * 1024
 def _list_key(genes: Sequence[str]) -> bytes | None:
     """A fixed-size key for a gene list (BLAKE2b of the names), so that remembering a list
     never holds the names themselves: 60,000 long names cost 32 bytes, not megabytes."""
-    if not all(isinstance(g, str) for g in genes):
+    try:  # one join and one hash, in C: a 33,000-gene file's chunks hash in ~1 ms each
+        joined = "\x00".join(genes)
+    except TypeError:  # not all names are str
         return None
-    h = hashlib.blake2b(digest_size=32)
-    for g in genes:
-        h.update(g.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
+    h = hashlib.blake2b(joined.encode("utf-8", "surrogatepass"), digest_size=32)
+    h.update(len(genes).to_bytes(8, "little"))
     return h.digest()
 
 

@@ -128,6 +128,13 @@ def _float64(X: np.ndarray | sp.spmatrix) -> np.ndarray | sp.csr_matrix:
     return np.asarray(X, dtype=np.float64)
 
 
+def _floating(X: np.ndarray | sp.spmatrix) -> np.ndarray | sp.csr_matrix:
+    """A block of rows as floats: float32 and float64 as they are, integers as float64."""
+    if np.dtype(X.dtype).kind == "f":
+        return sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+    return _float64(X)
+
+
 def _require_valid(
     X: np.ndarray | sp.csr_matrix, where: Callable[[int, int], tuple[str, str]]
 ) -> None:
@@ -381,9 +388,13 @@ class Annotator:
             except PreprocessError as e:
                 raise InvalidInputError(f"{e} (or set input explicitly)", "cells") from e
         x = np.empty((n, len(alignment.take)), dtype=np.float32)
-        step = max(1, min(s.max_batch_cells, CHUNK_VALUES // max(1, X.shape[1])))
+        # working copies hold a chunk's stored values: a dense row's width, a CSR row's entries
+        per_row = X.nnz // max(n, 1) if sp.issparse(X) else X.shape[1]  # type: ignore[union-attr]
+        step = max(1, min(s.max_batch_cells, CHUNK_VALUES // max(1, per_row)))
         for a in range(0, n, step):
-            chunk = _float64(X[a : a + step])
+            # counts are summed per cell in float64; log1p values are checked and aligned in
+            # the precision they came in (float32 from the binary doors: no copy)
+            chunk = _float64(X[a : a + step]) if kind == "counts" else _floating(X[a : a + step])
             _require_valid(chunk, lambda i, j, a=a: where(a + i, j))  # type: ignore[misc]
             x[a : a + step] = alignment.apply(self._normalise(chunk, kind, a))
         return Prepared(x=x, alignment=alignment, n_submitted=len(genes), input_kind=kind)

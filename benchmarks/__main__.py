@@ -7,7 +7,9 @@
 5. ``benchmarks.soak``: the load tests (Locust on REST, the gRPC driver) for 5 minutes each;
 6. ``benchmarks.gpu``: the CUDA path (checks, cells/s per call size, torch + Captum on the GPU),
    only where onnxruntime has the CUDA provider (skipped otherwise, saying so);
-7. ``benchmarks.renamed_genes``: real cells under the model's and under today's gene names.
+7. ``benchmarks.renamed_genes``: real cells under the model's and under today's gene names;
+8. ``benchmarks.file_to_file``: ``cellexplain annotate --local`` vs CellTypist 1.7.1 (in its own
+   venv, ``.venv-celltypist``, made on first use), file to file on 55,900 cells x 32,786 genes.
 
 Each runs in its own process; their tables go to stdout and to
 ``benchmarks/results/latest.md`` (with the machine), from which docs/benchmarks.md is updated.
@@ -39,6 +41,7 @@ FULL: dict[str, list[str]] = {
     "soak": ["-m", "benchmarks.soak", "--duration", "300"],
     "gpu": ["-m", "benchmarks.gpu", "all"],
     "renamed_genes": ["-m", "benchmarks.renamed_genes"],
+    "file_to_file": ["-m", "benchmarks.file_to_file"],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "attribution": ["--min-seconds", "0.3", "--repeat", "2"],
@@ -48,6 +51,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "soak": ["--duration", "30"],
     "gpu": ["--min-seconds", "0.2"],
     "renamed_genes": [],
+    "file_to_file": ["--cells", "5000", "--repeat", "1"],
 }
 
 

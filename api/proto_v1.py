@@ -115,24 +115,15 @@ def response_from_proto(msg: Any) -> AnnotateResponse:
             )
         )
     gm = msg.gene_matching
+    matching = {name: getattr(gm, name) for name in GeneMatching.model_fields}
+    matching["missing"] = list(matching["missing"])
     return AnnotateResponse(
         model=msg.model,
         model_version=msg.model_version,
         input_kind=msg.input_kind,
         attribution_method=msg.attribution_method,
         unassigned_threshold=msg.unassigned_threshold,
-        gene_matching=GeneMatching(
-            n_model_genes=gm.n_model_genes,
-            n_found=gm.n_found,
-            n_missing=gm.n_missing,
-            missing=list(gm.missing),
-            n_submitted=gm.n_submitted,
-            n_unused=gm.n_unused,
-            missing_fraction=gm.missing_fraction,
-            n_case_insensitive=gm.n_case_insensitive,
-            n_previous_symbol=gm.n_previous_symbol,
-            n_duplicated=gm.n_duplicated,
-        ),
+        gene_matching=GeneMatching(**matching),
         attribution_genes=list(msg.attribution_genes) or None,
         cells=cells,
     )

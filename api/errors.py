@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+#: gRPC trailing-metadata key carrying an error's request field (REST has it in the body)
+ERROR_FIELD_KEY = "cellexplain-error-field"
 #: longest error message sent to a client (characters)
 MAX_MESSAGE_CHARS = 2000
 #: longest piece of client input echoed in a message (characters)

@@ -27,18 +27,35 @@ _INPUT = {0: "auto", 1: "counts", 2: "log1p_cp10k"}
 _ATTRIBUTIONS = {0: "top_k", 1: "full", 2: "none"}
 
 
+def _enum(value: int, names: dict[int, str], field: str) -> str:
+    """An enum value the proto defines (proto3 lets any int32 through the wire)."""
+    if value not in names:
+        known = ", ".join(f"{k} ({v})" for k, v in names.items())
+        raise InvalidInputError(f"options.{field}: unknown value {value}; one of {known}", field)
+    return names[value]
+
+
+def decimal(value: float) -> float:
+    """A protobuf ``float`` (float32) as the decimal it was written from: 0.95, not
+    0.949999988 (the shortest text that reads back as the same float32)."""
+    return float(str(np.float32(value)))
+
+
 def options(msg: Any) -> AnnotateOptions:
-    """``cellexplain.v1.AnnotateOptions`` -> :class:`AnnotateOptions` (defaults as REST)."""
+    """``cellexplain.v1.AnnotateOptions`` -> :class:`AnnotateOptions`: the proto's zero values
+    are the schema's defaults (``DEFAULTS``), as a JSON body that leaves the option out."""
+    input_kind = _enum(msg.input, _INPUT, "input")
+    attributions = _enum(msg.attributions, _ATTRIBUTIONS, "attributions")
     try:
         return AnnotateOptions(
             model=msg.model or None,
-            input=_INPUT.get(msg.input, "auto"),  # type: ignore[arg-type]
+            input=input_kind,  # type: ignore[arg-type]
             top_k=msg.top_k if msg.HasField("top_k") else DEFAULTS.top_k,
-            attributions=_ATTRIBUTIONS.get(msg.attributions, DEFAULTS.attributions),  # type: ignore[arg-type]
+            attributions=attributions,  # type: ignore[arg-type]
             target=msg.target or DEFAULTS.target,
             return_probabilities=msg.return_probabilities,
             unassigned_threshold=(
-                msg.unassigned_threshold if msg.HasField("unassigned_threshold") else None
+                decimal(msg.unassigned_threshold) if msg.HasField("unassigned_threshold") else None
             ),
         )
     except ValidationError as e:
@@ -122,7 +139,7 @@ def response_from_proto(msg: Any) -> AnnotateResponse:
         model_version=msg.model_version,
         input_kind=msg.input_kind,
         attribution_method=msg.attribution_method,
-        unassigned_threshold=msg.unassigned_threshold,
+        unassigned_threshold=decimal(msg.unassigned_threshold),
         gene_matching=GeneMatching(**matching),
         attribution_genes=list(msg.attribution_genes) or None,
         cells=cells,

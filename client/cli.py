@@ -45,6 +45,11 @@ EXTRAS = {
 }
 
 
+def _with_field(message: str, field: str | None) -> str:
+    """An error's message, led by its field unless the message names it already."""
+    return message if not field or field in message else f"{field}: {message}"
+
+
 class CLIError(Exception):
     """A user error: printed as ``error: ...`` with exit status 2."""
 
@@ -317,7 +322,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run())
     except ServiceError as e:
-        raise CLIError(f"{e.field + ': ' if e.field else ''}{e.message}") from e
+        raise CLIError(_with_field(e.message, e.field)) from e
     except ClientError as e:
         raise CLIError(f"{e} (status {e.status})") from e
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -73,7 +73,11 @@ class LocalBackend:
         from cellexplain.service import anndata_io
 
         async def one(c: Chunk) -> Any:
-            return await self.annotator.annotate(c.genes, c.X, options, c.cell_ids)
+            def where(r: int, col: int) -> tuple[str, str]:  # rows of the file, not the chunk
+                cell = f"cell {brief(c.cell_ids[r])} " if c.cell_ids else ""
+                return f"{cell}(row {c.start + r}), gene {brief(c.genes[col])}", "input"
+
+            return await self.annotator.annotate(c.genes, c.X, options, c.cell_ids, where=where)
 
         async for chunk, res in ordered_window(chunks, one, concurrency):
             yield chunk, anndata_io.to_annotations(res), anndata_io.info(res)

@@ -33,6 +33,7 @@ from cellexplain.api.annotations import (
     gene_map,
     write_annotations,
 )
+from cellexplain.api.errors import ERROR_FIELD_KEY
 from cellexplain.api.schemas import (
     DEFAULTS,
     AnnotateOptions,
@@ -42,6 +43,7 @@ from cellexplain.api.schemas import (
     ModelDetail,
     ModelList,
 )
+from cellexplain.models.card import ModelCard
 
 Transport = Literal["rest", "grpc"]
 T = TypeVar("T")
@@ -179,7 +181,7 @@ class AsyncClient:
                     raise
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
-                    raise ClientError(e.details() or str(e.code()), e.code().name) from e
+                    raise ClientError(e.details() or str(e.code()), e.code().name, _field(e)) from e
             await asyncio.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -223,6 +225,25 @@ class AsyncClient:
         return ModelList.model_validate(await self._request("GET", "/v1/models"))
 
     async def model(self, name: str | None = None) -> ModelDetail:
+        """A served model's tag, providers and card (``None``: the default model), over the
+        client's transport (gRPC ``GetModel`` needs no REST port)."""
+        if self.transport == "grpc":
+            from cellexplain.api.codegen import load
+
+            pb = load("cellexplain_v1_pb2")
+            stub = self._stub()
+            res = await self._retrying(
+                lambda: stub.GetModel(
+                    pb.GetModelRequest(name=name or ""),
+                    timeout=self.timeout,
+                    metadata=self._metadata,
+                )
+            )
+            return ModelDetail(
+                tag=res.tag,
+                providers=list(res.providers),
+                card=ModelCard.model_validate_json(res.card_json),
+            )
         if name is None:
             listed = (await self.models()).models
             name = next(m.name for m in listed if m.default)
@@ -304,47 +325,33 @@ class AsyncClient:
         )
         source = _aiter(chunks)
         pending: collections.deque[Chunk] = collections.deque()  # sent, not yet answered
-        exhausted = False
+        room = asyncio.Semaphore(window)  # a permit per chunk in flight
         attempt = 0
+
+        async def requests() -> AsyncIterator[Any]:
+            for ch in list(pending):  # after a retry: the unanswered chunks again
+                yield converters.request_to_proto(ch.genes, ch.X, options, ch.cell_ids)
+            async for nxt in source:
+                await room.acquire()
+                pending.append(nxt)
+                yield converters.request_to_proto(nxt.genes, nxt.X, options, nxt.cell_ids)
+
         while True:
-            call = self._stub().AnnotateStream(timeout=None, metadata=self._metadata)
+            # the library writes the requests as the iterator yields them: a server that ends
+            # the call (a bad chunk) stops the writes, and reading gives its status and message
+            call = self._stub().AnnotateStream(requests(), timeout=None, metadata=self._metadata)
             try:
-                for ch in pending:  # after a retry: send the unanswered chunks again
-                    await call.write(
-                        converters.request_to_proto(ch.genes, ch.X, options, ch.cell_ids)
-                    )
-                if exhausted:
-                    await call.done_writing()
-                while True:
-                    while not exhausted and len(pending) < window:
-                        nxt = await anext(source, None)
-                        if nxt is None:
-                            exhausted = True
-                            await call.done_writing()
-                            break
-                        pending.append(nxt)
-                        await call.write(
-                            converters.request_to_proto(nxt.genes, nxt.X, options, nxt.cell_ids)
-                        )
-                    if not pending:
-                        return
-                    res = await call.read()
-                    if res is grpc.aio.EOF:
-                        raise ClientError(
-                            "stream ended before every chunk was answered", "DATA_LOSS"
-                        )
+                async for res in call:
                     attempt = 0
+                    room.release()
                     yield pending.popleft(), converters.response_from_proto(res)
+                if pending:
+                    raise ClientError("stream ended before every chunk was answered", "DATA_LOSS")
+                return
             except grpc.aio.AioRpcError as e:
-                # a write to a call the server already ended fails with a generic INTERNAL;
-                # the call's own final status says why (e.g. UNAUTHENTICATED)
-                code, details = e.code(), e.details()
-                if code == grpc.StatusCode.INTERNAL:
-                    final = await call.code()
-                    if final not in (None, grpc.StatusCode.OK):
-                        code, details = final, await call.details()
+                code = e.code()
                 if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
-                    raise ClientError(details or str(code), code.name) from e
+                    raise ClientError(e.details() or str(code), code.name, _field(e)) from e
                 await asyncio.sleep(self.backoff * 2**attempt)
                 attempt += 1
 
@@ -390,6 +397,12 @@ class AsyncClient:
             info = info or chunk_info
         write_annotations(adata, Annotations.concat(parts), info)
         return adata
+
+
+def _field(e: Any) -> str | None:
+    """The request field a gRPC error names (the server's trailing metadata), if any."""
+    field = dict(e.trailing_metadata() or ()).get(ERROR_FIELD_KEY)
+    return field if isinstance(field, str) else None
 
 
 class _RetryableError(Exception):

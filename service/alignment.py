@@ -251,6 +251,12 @@ class GeneAligner:
 
     def _align(self, genes: Sequence[str], field_name: str) -> Alignment:
         if len(genes) == 0:
+            if field_name in ("cells", "sparse"):  # {gene: value} maps and no gene list
+                raise InvalidInputError(
+                    "the {gene: value} maps name no gene (and no genes list was sent): send "
+                    "at least one gene",
+                    field_name,
+                )
             raise InvalidInputError(
                 f"{field_name} is empty: send the gene of each column", field_name
             )

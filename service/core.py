@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,15 @@ def _floating(X: np.ndarray | sp.spmatrix) -> np.ndarray | sp.csr_matrix:
     if np.dtype(X.dtype).kind == "f":
         return sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
     return _float64(X)
+
+
+def _cell_value(
+    genes: Sequence[str], cell_ids: Sequence[str] | None, i: int, j: int
+) -> tuple[str, str]:
+    """How a request names value ``[i][j]``: its position, the cell's id when given (a client
+    sending chunks of a file sends ids, so the cell is found whatever the chunk), the gene."""
+    cell = f"cell {brief(cell_ids[i])}, " if cell_ids is not None else ""
+    return f"cells[{i}][{j}] ({cell}gene {brief(genes[j])})", f"cells[{i}][{j}]"
 
 
 def _require_valid(
@@ -271,6 +281,8 @@ class Annotator:
             )
         n = X.shape[0]
         ids = self._cell_ids(cell_ids, n)
+        if where is None:
+            where = partial(_cell_value, genes, cell_ids)
         prep = self._prepare(genes, X, opts, lm, genes_field, where)
         target = np.full(n, self._target_index(opts.target, lm), dtype=np.int64)
         pred = await lm.batcher.predict(prep.x, target)
@@ -346,7 +358,7 @@ class Annotator:
         opts: AnnotateOptions,
         lm: LoadedModel,
         genes_field: str,
-        where: Callable[[int, int], tuple[str, str]] | None,
+        where: Callable[[int, int], tuple[str, str]],
     ) -> Prepared:
         """Validate an expression matrix and turn it into model input: check the limits, align
         genes, then check values, normalise and align in row chunks, so the float64 working
@@ -374,8 +386,6 @@ class Annotator:
                 "log1p values",
                 "cells",
             )
-        if where is None:
-            where = lambda i, j: (f"cells[{i}][{j}] (gene {brief(genes[j])})", f"cells[{i}][{j}]")  # noqa: E731
         alignment = lm.aligner.align(genes, genes_field)
         if sp.issparse(X) and X.format != "csr":  # type: ignore[union-attr]
             X = sp.csr_matrix(X)

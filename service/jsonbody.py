@@ -186,7 +186,8 @@ def parse_annotate(body: bytes, max_cells: int, max_genes: int) -> ParsedAnnotat
     unknown = [k for k in keys if k not in option_names and k not in ("genes", "cells", "cell_ids")]
     if unknown:
         raise InvalidInputError(f"{brief(unknown[0])}: unknown field", unknown[0])
-    options = AnnotateOptions.model_validate(scalar_fields(doc, option_names))
+    # strict: JSON has types; "5", true or 2.0 for top_k is a client bug, not a number
+    options = AnnotateOptions.model_validate(scalar_fields(doc, option_names), strict=True)
     genes: list[str] | None = None
     if doc.get("genes") is not None:
         genes = string_list(doc["genes"], "genes", max_genes, "genes")

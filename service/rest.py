@@ -373,6 +373,7 @@ class CellExplain:
     )
     async def annotate_h5ad(
         self,
+        request: Request,
         file: UploadFile,
         model: Annotated[str | None, Form()] = None,
         gene_key: Annotated[str | None, Form(description="var column with genes")] = None,
@@ -389,6 +390,7 @@ class CellExplain:
         The upload is checked before AnnData reads it (self-contained, within the cell, gene
         and byte limits once decompressed: service/h5ad_check.py); it goes from the request to
         a temporary file and back without being held in memory whole."""
+        _check_form_fields(await request.form())
         opts = AnnotateOptions(
             model=model,
             input=input,
@@ -493,6 +495,35 @@ async def _parse_body(body: bytes, parse: Callable[[], T]) -> T:
         return parse()
     async with _LARGE_PARSE:
         return await run_in_threadpool(parse)
+
+
+#: the upload form's fields (annotate_h5ad's parameters)
+UPLOAD_FIELDS = (
+    "file",
+    "model",
+    "gene_key",
+    "layer",
+    "input",
+    "top_k",
+    "attributions",
+    "target",
+    "unassigned_threshold",
+)
+
+
+def _check_form_fields(form: Any) -> None:
+    """Refuse (400) an upload form with a field the endpoint does not read or one given twice,
+    as the JSON door refuses unknown fields: a misspelt option must not be silently ignored."""
+    keys = [k for k, _ in form.multi_items()]
+    unknown = [k for k in keys if k not in UPLOAD_FIELDS]
+    if unknown:
+        raise InvalidInputError(
+            f"{brief(unknown[0])}: unknown form field; the fields are {', '.join(UPLOAD_FIELDS)}",
+            unknown[0][:80],
+        )
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise InvalidInputError(f"form field {brief(twice[0])} is given more than once", twice[0])
 
 
 def _save_upload(file: UploadFile, path: Path) -> None:

@@ -12,7 +12,13 @@ import grpc
 
 from cellexplain.api import proto_v1 as converters
 from cellexplain.api.codegen import load
-from cellexplain.api.errors import InternalError, InvalidInputError, ServiceError, from_exception
+from cellexplain.api.errors import (
+    ERROR_FIELD_KEY,
+    InternalError,
+    InvalidInputError,
+    ServiceError,
+    from_exception,
+)
 from cellexplain.service import metrics, oip, v1
 from cellexplain.service.core import Annotator
 from cellexplain.service.grpc import oip_converters
@@ -38,8 +44,12 @@ async def _abort(context: grpc.aio.ServicerContext, door: str, exc: Exception) -
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: ServiceError) -> NoReturn:
-    """Abort a call with ``err``'s gRPC status and message."""
-    await context.abort(getattr(grpc.StatusCode, err.grpc_code), err.message)
+    """Abort a call with ``err``'s gRPC status and message; its request field goes in the
+    trailing metadata (``cellexplain-error-field``, ASCII), as REST has it in the body."""
+    trailing: tuple[tuple[str, str], ...] = ()
+    if err.field:
+        trailing = ((ERROR_FIELD_KEY, err.field.encode("ascii", "backslashreplace").decode()),)
+    await context.abort(getattr(grpc.StatusCode, err.grpc_code), err.message, trailing)
     raise AssertionError("unreachable")
 
 

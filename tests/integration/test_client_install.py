@@ -39,6 +39,8 @@ def venv(tmp_path_factory) -> Path:
     install = subprocess.run(
         [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheel)],
         capture_output=True, text=True, timeout=1200,
+        env={**clean_env(env_dir, Path.home()), "PIP_CACHE_DIR": os.environ.get(
+            "PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))},
     )  # fmt: skip
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     return env_dir

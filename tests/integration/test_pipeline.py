@@ -170,6 +170,14 @@ def test_python_client_sync_and_async(files, server, tmp_path):
         with pytest.raises(ClientError) as e:
             c.annotate(read(files["counts_sparse"]), model="nope")
         assert e.value.status == 404 and "unknown model" in str(e.value)
+    # gRPC needs no REST port (the model's card comes over GetModel), and its errors carry the
+    # request field as REST's do
+    with Client("http://127.0.0.1:9", transport="grpc", grpc_target=server.grpc) as c:
+        alone = c.annotate(read(files["counts_sparse"]), chunk_size=350)
+        assert (alone.obs["cellexplain_label"] == adata.obs["cellexplain_label"]).all()
+        with pytest.raises(ClientError) as e:
+            c.annotate(read(files["counts_sparse"]), model="nope")
+        assert e.value.status == "NOT_FOUND" and e.value.field == "model"
     del cli_out
 
 
@@ -260,6 +268,25 @@ def test_interrupted_run_leaves_no_output(files, programs_home, tmp_path):
     assert "no output written" in err
     assert out.read_text() == "an earlier result"  # not clobbered
     assert not list(tmp_path.glob(".out.h5ad.partial-*"))  # nothing half-written left
+
+
+def test_a_bad_value_is_named_by_its_row_in_the_file(files, server, programs_home, tmp_path):
+    """A negative count at row 25 of the file, sent in chunks of 10: every transport names that
+    cell (by its row, or its id), not its place in the chunk."""
+    a = read(files["counts_sparse"])[:40].copy()
+    a.X = a.X.toarray()
+    a.X[25, 3] = -2
+    src = tmp_path / "neg.h5ad"
+    a.write_h5ad(src)
+    name = str(a.obs_names[25])
+    for where in (["--local"], ["--url", server.url], ["--url", server.url, "--transport", "grpc",
+                  "--grpc", server.grpc]):  # fmt: skip
+        p = cli(str(src), "--out", str(tmp_path / "o.h5ad"), "--chunk-size", "10", *where,
+                home=programs_home, check=False)  # fmt: skip
+        assert p.returncode == 2, p.stderr
+        assert name in p.stderr and "negative" in p.stderr, p.stderr
+        if where == ["--local"]:
+            assert "(row 25)" in p.stderr, p.stderr
 
 
 def test_bad_files_get_clear_errors(files, programs_home, tmp_path):

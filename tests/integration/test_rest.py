@@ -265,6 +265,12 @@ def test_bad_inputs_get_clear_4xx(client, cells):
         "input='counts'",
     )
     _err(post({"genes": genes, "cells": [row], "unexpected": 1}), 400, "unexpected", "")
+    # options are typed: JSON says what a value is, so "5", true or 2.0 for an int is refused
+    for bad in ({"top_k": "5"}, {"top_k": True}, {"top_k": 2.0}, {"return_probabilities": "yes"},
+                {"return_probabilities": 1}, {"unassigned_threshold": "0.5"}):  # fmt: skip
+        (name,) = bad
+        _err(post({"genes": genes, "cells": [row], **bad}), 400, name, "valid")
+    _err(post({"cells": [{}]}), 400, "cells", "maps name no gene")
     # NaN and Infinity are not JSON, but Python clients send them: still a 400, never a 500
     body = json.dumps({"genes": ["CD3E", "LYZ"], "cells": [[1.0, float("nan")]]})
     r = client.post("/v1/annotate", content=body, headers={"content-type": "application/json"})
@@ -411,6 +417,15 @@ def test_h5ad_upload_comes_back_annotated(client, small_counts_h5ad, cells):
     np.testing.assert_allclose(
         [c["confidence"] for c in js["cells"]], out.obs["cellexplain_confidence"][:20], rtol=1e-5
     )
+
+
+def test_h5ad_upload_refuses_unknown_or_repeated_form_fields(client, small_counts_h5ad):
+    """A misspelt option is not silently ignored (the JSON door refuses unknown fields too)."""
+    for data in ({"topk": "3"}, {"return_probabilities": "true"}, {"top_k": ["3", "5"]}):
+        with open(small_counts_h5ad, "rb") as f:
+            r = client.post("/v1/annotate/h5ad", files={"file": ("x.h5ad", f)}, data=data)
+        assert r.status_code == 400, r.text[:300]
+        assert r.json()["error"]["field"] in ("topk", "return_probabilities", "top_k")
 
 
 def test_h5ad_raw_layer_and_bad_files(client, pbmc, tmp_path):

@@ -183,3 +183,16 @@ def test_every_option_default_is_the_schemas():
     )
     empty = proto_v1.options(pb.AnnotateOptions())
     assert empty.model_dump() == DEFAULTS.model_dump()
+
+
+def test_grpc_options_refuse_enum_values_the_proto_does_not_define():
+    from cellexplain.api.errors import InvalidInputError
+
+    for bad in (pb.AnnotateOptions(attributions=7), pb.AnnotateOptions(input=9)):
+        with pytest.raises(InvalidInputError, match="unknown value"):
+            proto_v1.options(bad)
+
+
+def test_a_float32_threshold_reads_back_as_the_decimal_sent():
+    msg = pb.AnnotateOptions(unassigned_threshold=0.95)
+    assert proto_v1.options(msg).unassigned_threshold == 0.95

@@ -6,6 +6,8 @@ What lands where (scanpy's conventions, like ``sc.tl.*`` writing into the object
 * ``obs['cellexplain_predicted_label']``: the most probable type whatever its confidence
 * ``obs['cellexplain_confidence']``: probability of the predicted type
 * ``obs['cellexplain_top_genes']``: the ``top_k`` genes by |attribution|, ``;``-separated
+* ``obs['cellexplain_completeness_gap']``: with attributions, ``|sum(attributions) - (F(x) -
+  F(x0))| / |F(x) - F(x0)|`` (how much of the explained logit's change they miss)
 * ``obsm['cellexplain_attributions']``: ``[n_cells, n_model_genes]`` float32 attributions
   (with ``attributions`` other than ``none``); gene order in ``uns['cellexplain']['genes']``
 * ``obsm['cellexplain_program_attributions']``: ``[n_cells, n_programs]`` (programs models)
@@ -152,6 +154,7 @@ class Annotations:
     attributions: np.ndarray | None = None  # [n, n_model_genes]
     top_genes: np.ndarray | None = None  # [n] "GENE1;GENE2;..."
     program_attributions: np.ndarray | None = None  # [n, n_programs]
+    completeness_gap: np.ndarray | None = None  # [n] float32
 
     def __len__(self) -> int:
         return len(self.label)
@@ -218,6 +221,9 @@ class Annotations:
             attributions=attr,
             top_genes=top,
             program_attributions=prog,
+            completeness_gap=None
+            if first.completeness_gap is None
+            else np.array([c.completeness_gap for c in cells], dtype=np.float32),
         )
 
 
@@ -249,6 +255,8 @@ def obs_columns(ann: Annotations, classes: Sequence[str]) -> dict[str, Any]:
         cols[f"{PREFIX}_explained_class"] = pd.Categorical(ann.explained_class, categories=classes)
     if ann.top_genes is not None:
         cols[f"{PREFIX}_top_genes"] = ann.top_genes  # object array of str (no fixed-width copy)
+    if ann.completeness_gap is not None:
+        cols[f"{PREFIX}_completeness_gap"] = ann.completeness_gap
     return cols
 
 

@@ -129,6 +129,7 @@ def response_from_proto(msg: Any) -> AnnotateResponse:
                 free_units_attribution=(
                     c.free_units_attribution if c.HasField("free_units_attribution") else None
                 ),
+                completeness_gap=c.completeness_gap if c.HasField("completeness_gap") else None,
             )
         )
     gm = msg.gene_matching

@@ -87,6 +87,12 @@ class CellAnnotation(_Schema):
     free_units_attribution: float | None = Field(
         default=None, description="programs models: the share of the free (non-program) units"
     )
+    completeness_gap: float | None = Field(
+        default=None,
+        description="with attributions: |sum(attributions) - (F(x) - F(x0))| / |F(x) - F(x0)|, "
+        "how much of the explained logit's change the attributions miss (Integrated Gradients' "
+        "quadrature error; ~0 for exact methods); absent for models exported before it existed",
+    )
 
 
 class GeneMatching(_Schema):

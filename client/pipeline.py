@@ -167,6 +167,7 @@ class _Collected:
     explained: list[np.ndarray] = field(default_factory=list)
     confidence: list[np.ndarray] = field(default_factory=list)
     top_genes: list[np.ndarray] = field(default_factory=list)
+    completeness_gap: list[np.ndarray] = field(default_factory=list)
 
     def add(self, ann: Annotations) -> None:
         codes = {c: i for i, c in enumerate([*self.classes, UNASSIGNED])}
@@ -178,6 +179,8 @@ class _Collected:
         self.confidence.append(ann.confidence)
         if ann.top_genes is not None:
             self.top_genes.append(ann.top_genes)
+        if ann.completeness_gap is not None:
+            self.completeness_gap.append(ann.completeness_gap)
 
     def annotations(self) -> Annotations:
         names = np.array([*self.classes, UNASSIGNED], dtype=object)
@@ -188,6 +191,9 @@ class _Collected:
             confidence=np.concatenate(self.confidence),
             explained_class=cat(self.explained),
             top_genes=np.concatenate(self.top_genes) if self.top_genes else None,
+            completeness_gap=(
+                np.concatenate(self.completeness_gap) if self.completeness_gap else None
+            ),
         )
 
 

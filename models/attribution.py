@@ -174,6 +174,36 @@ def _float32_interface(
             v.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
+#: |F(x) - F(x0)| below this counts as this in the completeness gap's denominator (logit units)
+GAP_FLOOR = 1e-6
+
+
+def _forward(layers: Layers, x: np.ndarray) -> np.ndarray:
+    """The network's logits at one input, in float64."""
+    h = np.asarray(x, dtype=np.float64)
+    for i, (W, bias) in enumerate(layers):
+        h = W @ h + bias
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0)
+    return h
+
+
+def _completeness_gap(b: _GraphBuilder, logits0: np.ndarray, dtype: type[np.floating[Any]]) -> None:
+    """``completeness_gap`` ``[n]``: ``|sum(attributions) - (F_t(x) - F_t(x0))| /
+    max(|F_t(x) - F_t(x0)|, GAP_FLOOR)`` per cell, from the graph's own outputs (``F_t`` the
+    explained class's logit, ``logits0`` the logits at the baseline). Captum's convergence
+    delta over the size of what the attributions explain: the quadrature error of IG, float
+    rounding for exact methods."""
+    axis1 = b.const("axis1", np.array([1], np.int64))
+    total = b.op("ReduceSum", ["attributions", axis1], keepdims=0)
+    rise = b.op("Sub", ["logits", b.const("logits0", logits0.astype(dtype))])
+    t = b.op("Unsqueeze", ["explained_class", axis1])
+    explained = b.op("Squeeze", [b.op("GatherElements", [rise, t], axis=1), axis1])
+    err = b.op("Abs", [b.op("Sub", [total, explained])])
+    floor = b.const("gap_floor", np.array(GAP_FLOOR, dtype=dtype))
+    b.op("Div", [err, b.op("Max", [b.op("Abs", [explained]), floor])], out="completeness_gap")
+
+
 def build_graph(
     layers: Layers,
     spec: AttributionSpec,
@@ -200,7 +230,8 @@ def build_graph(
         (optional: an overridable initializer defaulting to ``[-1]``; ``m`` is 1 or ``n``; a
         negative value means the predicted class) and outputs ``logits`` ``[n, C]``,
         ``probabilities`` ``[n, C]``, ``attributions`` ``[n, n_genes]``, ``explained_class``
-        int64 ``[n]`` and, when ``n_programs > 0``, ``program_attributions`` ``[n, n_programs]``.
+        int64 ``[n]``, ``completeness_gap`` ``[n]`` (see :func:`_completeness_gap`) and, when
+        ``n_programs > 0``, ``program_attributions`` ``[n, n_programs]``.
     """
     if not layers:
         raise ValueError("a network needs at least one layer")
@@ -346,6 +377,12 @@ def build_graph(
         outputs.append(helper.make_tensor_value_info("program_attributions", elem, [n, n_programs]))
     if elem == TensorProto.FLOAT16:
         _float32_interface(b, inputs, outputs)
+    # after the interface: the gap is computed from the outputs as served (float32 for a
+    # float16 graph, whose float16 sum over thousands of genes would swamp the gap itself)
+    out_elem = TensorProto.DOUBLE if elem == TensorProto.DOUBLE else TensorProto.FLOAT
+    out_dtype = np.float64 if elem == TensorProto.DOUBLE else np.float32
+    _completeness_gap(b, _forward(layers, x0), out_dtype)
+    outputs.append(helper.make_tensor_value_info("completeness_gap", out_elem, [n]))
     graph = helper.make_graph(b.nodes, name, inputs, outputs, b.initializers)
     model = helper.make_model(
         graph,

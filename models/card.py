@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellexplain.models.errors import ArtifactError
@@ -113,6 +114,29 @@ class Float16Checks(_Strict):
     attributions_rel_error_max: float
 
 
+class GapDistribution(_Strict):
+    """Distribution over cells of the per-cell completeness gap ``|sum(attributions) - (F(x) -
+    F(x0))| / |F(x) - F(x0)|`` that the graph returns (``completeness_gap``)."""
+
+    median: float
+    p90: float
+    p99: float
+    max: float
+    share_over_1pct: float = Field(description="share of cells whose gap exceeds 0.01")
+
+    @classmethod
+    def of(cls, gap: np.ndarray) -> GapDistribution:
+        g = np.asarray(gap, dtype=np.float64)
+        q = np.quantile(g, [0.5, 0.9, 0.99]) if g.size else np.zeros(3)
+        return cls(
+            median=float(q[0]),
+            p90=float(q[1]),
+            p99=float(q[2]),
+            max=float(g.max()) if g.size else 0.0,
+            share_over_1pct=float((g > 0.01).mean()) if g.size else 0.0,
+        )
+
+
 class ExportChecks(_Strict):
     """Checks run by the exporter on held-out cells (float32 ONNX vs float64 torch/Captum)."""
 
@@ -135,6 +159,16 @@ class ExportChecks(_Strict):
     completeness_rel_error: float = Field(description="the same / mean |F(x) - F(x0)|")
     completeness_tolerance: float
     probabilities_max_abs_error: float
+    completeness_gap: GapDistribution | None = Field(
+        default=None,
+        description="the served graph's per-cell completeness gap on these held-out cells "
+        "(cards written before the graph returned it have none)",
+    )
+    completeness_gap_check_error: float | None = Field(
+        default=None,
+        description="max relative difference between the graph's gap and the same computed "
+        "from float64 torch logits",
+    )
     float16: Float16Checks | None = Field(
         default=None, description="for a float16 export: its error versus float32"
     )

@@ -34,7 +34,7 @@ from captum.attr import (
 )
 
 from cellexplain.models.architectures import CellClassifier
-from cellexplain.models.attribution import OPSET, AttributionSpec, build_graph
+from cellexplain.models.attribution import GAP_FLOOR, OPSET, AttributionSpec, build_graph
 from cellexplain.models.card import (
     CARD_FILE,
     FLOAT16_MIN_LABEL_AGREEMENT,
@@ -43,6 +43,7 @@ from cellexplain.models.card import (
     Attribution,
     ExportChecks,
     Float16Checks,
+    GapDistribution,
     ModelCard,
     OnnxInfo,
 )
@@ -57,6 +58,10 @@ FLOAT32_RTOL = 1e-4
 FLOAT64_RTOL = 1e-9
 #: bound on the worst cell, where a ReLU gate flips between float32 and float64 at one step
 KINK_RTOL = 1e-2
+#: the graph's completeness gap vs the same from float64 torch logits: relative to the gap,
+#: plus this floor (differences under 5e-5 are float32 rounding of a sum, not the quadrature)
+GAP_CHECK_ATOL = 1e-3
+GAP_CHECK_RTOL = 0.05
 MAX_CHECK_CELLS = 512
 
 Precision = Literal["float32", "float16"]
@@ -189,6 +194,11 @@ def export_model(
         completeness_abs = completeness_rel = tolerance = float("nan")
         complete_ok = True
     prob_err = float(np.max(np.abs(out["probabilities"] - probs64)))
+    # the graph's own per-cell completeness gap, against the same gap from float64 torch logits
+    gap = out["completeness_gap"].astype(np.float64)
+    rise = f_x - f_x0
+    gap_ref = np.abs(attr.sum(1) - rise) / np.maximum(np.abs(rise), GAP_FLOOR)
+    gap_err = float(np.max(np.abs(gap - gap_ref) / (np.abs(gap_ref) + GAP_CHECK_ATOL)))
     passed = (
         f64_err < FLOAT64_RTOL
         and rel_p99 < FLOAT32_RTOL
@@ -196,6 +206,7 @@ def export_model(
         and (prog_rel is None or prog_rel < KINK_RTOL)
         and complete_ok
         and prob_err < 1e-5
+        and gap_err < GAP_CHECK_RTOL
     )
     checks = ExportChecks(
         n_cells=len(xs),
@@ -209,6 +220,8 @@ def export_model(
         completeness_rel_error=completeness_rel,
         completeness_tolerance=tolerance,
         probabilities_max_abs_error=prob_err,
+        completeness_gap=GapDistribution.of(gap),
+        completeness_gap_check_error=gap_err,
         passed=passed,
     )
     if passed and precision == "float16":

@@ -78,6 +78,9 @@ class Prediction:
     attributions: np.ndarray  # [n, G]
     explained_class: np.ndarray  # [n] int64
     program_attributions: np.ndarray | None  # [n, P] for program models
+    #: [n] |sum(attributions) - (F(x) - F(x0))| / |F(x) - F(x0)| (graphs exported since it was
+    #: added; None for older ones)
+    completeness_gap: np.ndarray | None = None
 
 
 def session_options() -> ort.SessionOptions:
@@ -150,6 +153,10 @@ class OnnxModel:
     def classes(self) -> list[str]:
         return self.card.classes
 
+    def has_output(self, name: str) -> bool:
+        """Whether the graph has this output (``completeness_gap`` came later than the rest)."""
+        return name in self._outputs
+
     def predict(
         self,
         x: np.ndarray,
@@ -191,6 +198,7 @@ class OnnxModel:
             attributions=out["attributions"],
             explained_class=out["explained_class"],
             program_attributions=out.get("program_attributions"),
+            completeness_gap=out.get("completeness_gap"),
         )
 
     def _run_bound(self, x: np.ndarray, batches: list[slice]) -> dict[str, np.ndarray]:

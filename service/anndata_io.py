@@ -84,6 +84,11 @@ def to_annotations(res: Result) -> Annotations:
         attributions=res.attributions.astype(np.float32) if full else None,
         top_genes=top,
         program_attributions=prog.astype(np.float32) if full and prog is not None else None,
+        completeness_gap=(
+            res.completeness_gap.astype(np.float32)
+            if explain and res.completeness_gap is not None
+            else None
+        ),
     )
 
 

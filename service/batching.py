@@ -13,10 +13,12 @@ whatever loop it runs on: REST on the HTTP server's loop, gRPC on its server's l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,26 +35,23 @@ class _Chunk:
 
 
 def concat_predictions(parts: list[Prediction]) -> Prediction:
+    """The predictions of consecutive batches as one (optional outputs stay ``None``)."""
     if len(parts) == 1:
         return parts[0]
-    progs = [p.program_attributions for p in parts]
-    return Prediction(
-        logits=np.concatenate([p.logits for p in parts]),
-        probabilities=np.concatenate([p.probabilities for p in parts]),
-        attributions=np.concatenate([p.attributions for p in parts]),
-        explained_class=np.concatenate([p.explained_class for p in parts]),
-        program_attributions=None if progs[0] is None else np.concatenate(progs),  # type: ignore[arg-type]
-    )
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(Prediction):
+        arrays = [getattr(p, f.name) for p in parts]
+        fields[f.name] = None if arrays[0] is None else np.concatenate(arrays)
+    return Prediction(**fields)
 
 
 def slice_prediction(p: Prediction, sl: slice) -> Prediction:
-    return Prediction(
-        logits=p.logits[sl],
-        probabilities=p.probabilities[sl],
-        attributions=p.attributions[sl],
-        explained_class=p.explained_class[sl],
-        program_attributions=None if p.program_attributions is None else p.program_attributions[sl],
-    )
+    """Rows ``sl`` of every output."""
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(Prediction):
+        value = getattr(p, f.name)
+        fields[f.name] = None if value is None else value[sl]
+    return Prediction(**fields)
 
 
 class Batcher:

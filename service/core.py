@@ -95,6 +95,9 @@ class Result:
     explained_class: np.ndarray  # [n] int: the class the attributions explain
     attributions: np.ndarray  # [n, n_model_genes] float32
     program_attributions: np.ndarray | None  # [n, n_programs] (programs models)
+    #: [n] |sum(attributions) - (F(x) - F(x0))| / |F(x) - F(x0)|: IG's quadrature error per
+    #: cell (None for graphs exported before it was added)
+    completeness_gap: np.ndarray | None
     threshold: float
     input_kind: str  # counts | log1p_cp10k
     matching: GeneMatching | None  # None where the input was the model's own (OIP)
@@ -344,6 +347,7 @@ class Annotator:
             explained_class=pred.explained_class,
             attributions=pred.attributions,
             program_attributions=pred.program_attributions,
+            completeness_gap=pred.completeness_gap,
             threshold=float(threshold),
             input_kind=input_kind,
             matching=matching,
@@ -491,6 +495,8 @@ class Annotator:
         if unassigned:
             metrics.UNASSIGNED.labels(model=model).inc(unassigned)
         metrics.observe_many(metrics.CONFIDENCE.labels(model=model), res.confidence)
+        if res.completeness_gap is not None and res.options.attributions != "none":
+            metrics.observe_many(metrics.COMPLETENESS_GAP.labels(model=model), res.completeness_gap)
         if res.matching is not None:
             metrics.MISSING_GENES.labels(model=model).observe(res.matching.missing_fraction)
 

@@ -38,6 +38,13 @@ MISSING_GENES = prom.Histogram(
     labelnames=["model"],
     buckets=_FRACTION_BUCKETS,
 )
+COMPLETENESS_GAP = prom.Histogram(
+    name="cellexplain_completeness_gap",
+    documentation="Per cell, |sum(attributions) - (F(x) - F(x0))| / |F(x) - F(x0)|: how far the "
+    "attributions are from explaining the whole logit change (IG's quadrature error)",
+    labelnames=["model"],
+    buckets=(1e-5, 1e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.5, 1.0),
+)
 INFERENCE_SECONDS = prom.Histogram(
     name="cellexplain_inference_seconds",
     documentation="onnxruntime time per batch (prediction and in-graph attributions together)",

@@ -60,6 +60,8 @@ def output_names(lm: LoadedModel) -> list[str]:
     names = ["logits", "probabilities", "attributions", "explained_class", "labels"]
     if lm.model.card.gene_sets is not None:
         names.append("program_attributions")
+    if lm.model.has_output("completeness_gap"):
+        names.append("completeness_gap")
     return names
 
 
@@ -78,6 +80,7 @@ def model_metadata(lm: LoadedModel) -> dict[str, object]:
         "explained_class": ("INT64", [-1]),
         "labels": ("BYTES", [-1]),
         "program_attributions": ("FP32", [-1, card.architecture.n_programs]),
+        "completeness_gap": ("FP32", [-1]),
     }
     return {
         "name": lm.name,
@@ -214,6 +217,7 @@ async def infer(
         "explained_class": res.explained_class.astype(np.int64),
         "labels": np.array([s.encode() for s in res.labels], dtype=object),
         "program_attributions": res.program_attributions,
+        "completeness_gap": res.completeness_gap,
     }
     out = []
     for n in names:

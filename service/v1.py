@@ -12,7 +12,8 @@ Fields: every cell has ``id``, ``label`` (``Unassigned`` below the threshold),
 ``predicted_label`` and ``confidence``; with attributions, ``explained_class`` and ``top_genes``
 (``top_k``, by |attribution|) or ``attributions`` (``full``, in ``attribution_genes`` order),
 plus, for programs models, ``program_attributions`` (the ``top_k``, or all) and
-``free_units_attribution``; ``probabilities`` with ``return_probabilities``.
+``free_units_attribution``, and ``completeness_gap``; ``probabilities`` with
+``return_probabilities``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _pair_prefix(field: int, name: str) -> bytes:
 
 # CellAnnotation's fields
 _ID, _LABEL, _PREDICTED, _CONFIDENCE, _EXPLAINED = 1, 2, 3, 4, 5
-_PROBABILITIES, _TOP_GENES, _ATTRIBUTIONS, _PROGRAMS, _FREE = 6, 7, 8, 9, 10
+_PROBABILITIES, _TOP_GENES, _ATTRIBUTIONS, _PROGRAMS, _FREE, _GAP = 6, 7, 8, 9, 10, 11
 _CELLS = 8  # AnnotateResponse.cells
 
 
@@ -118,6 +119,7 @@ class _Cells:
     programs: np.ndarray | None  # [n, p] program indices, by |attribution|
     program_values: np.ndarray | None  # [n, p] float32
     free: np.ndarray | None  # [n] float32: attribution of the free (non-program) units
+    gap: np.ndarray | None  # [n] float32: completeness gap (with attributions)
 
 
 def _cells(res: Result) -> _Cells:
@@ -138,7 +140,10 @@ def _cells(res: Result) -> _Cells:
             prog = prog[:, : opts.top_k]
         prog_values = np.take_along_axis(pa, prog, 1).astype(np.float32)
         free = (res.attributions.sum(1) - pa.sum(1)).astype(np.float32)
-    return _Cells(names, label_code, top, top_values, prog, prog_values, free)
+    gap = res.completeness_gap
+    if opts.attributions == "none" or gap is None:
+        gap = None
+    return _Cells(names, label_code, top, top_values, prog, prog_values, free, gap)
 
 
 def _json_numbers(values: np.ndarray) -> list[bytes]:
@@ -190,6 +195,7 @@ def json_bytes(res: Result) -> bytes:
         prefixes = nm.program_json[c.programs].ravel().tolist()
         progs = _rows([p + v + b"}" for p, v in zip(prefixes, values, strict=True)], n, k)
         free = _json_numbers(c.free)
+    gaps = None if c.gap is None else _json_numbers(c.gap)
     full_rows: list[bytes] = []
     if full:  # a row per orjson call: no Python object per value (the answer's bulk)
         wide = res.attributions.astype(np.float64)
@@ -217,6 +223,8 @@ def json_bytes(res: Result) -> bytes:
         if progs is not None and free is not None:
             parts += [b',"program_attributions":[', progs[i], b'],"free_units_attribution":']
             parts.append(free[i])
+        if gaps is not None:
+            parts += [b',"completeness_gap":', gaps[i]]
         parts.append(b"}")
         out.append(b"".join(parts))
     assert res.matching is not None
@@ -284,6 +292,10 @@ def protobuf_bytes(res: Result) -> bytes:
         progs = [b"".join(pieces[i * k : (i + 1) * k]) for i in range(n)]
         free_key = _key(_FREE, 5)
         free = [free_key + v for v in _f32_pieces(c.free)]
+    gaps = None
+    if c.gap is not None:
+        gap_key = _key(_GAP, 5)
+        gaps = [gap_key + v for v in _f32_pieces(c.gap)]
     cell_key = _key(_CELLS, 2)
     out = []
     for i in range(n):
@@ -298,6 +310,8 @@ def protobuf_bytes(res: Result) -> bytes:
             parts.append(full[i])
         if progs is not None and free is not None:
             parts += [progs[i], free[i]]
+        if gaps is not None:
+            parts.append(gaps[i])
         cell = b"".join(parts)
         out += [cell_key, _varint(len(cell)), cell]
     assert res.matching is not None

@@ -267,3 +267,70 @@ def test_graph_has_no_dead_weights(method, dtype):
     used = {i for node in graph.node for i in node.input}
     dead = [t.name for t in graph.initializer if t.name not in used]
     assert dead == []
+
+
+@pytest.mark.parametrize("n_steps", [4, 16, 64])
+@pytest.mark.parametrize("arch", ["mlp", "programs"])
+def test_completeness_gap_is_captums_convergence_delta(arch, n_steps):
+    """The graph's per-cell ``completeness_gap`` is Captum's convergence delta (for the same
+    model, cells, baseline and steps) over |F(x) - F(x0)|; more steps, smaller gaps."""
+    model = make_model(arch)
+    x = inputs()
+    x0 = np.zeros(G)
+    spec = AttributionSpec(method="integrated_gradients", n_steps=n_steps)
+    out = run_graph(model, spec, x, x0, dtype=np.float64)
+    m64 = copy.deepcopy(model).double()
+    xt = torch.from_numpy(x.astype(np.float64))
+    target = torch.from_numpy(out["explained_class"])
+    _, delta = IntegratedGradients(m64).attribute(
+        xt,
+        baselines=torch.zeros_like(xt),
+        target=target,
+        n_steps=n_steps,
+        method="riemann_middle",
+        return_convergence_delta=True,
+    )
+    with torch.no_grad():
+        rise = (m64(xt) - m64(torch.zeros_like(xt))).gather(1, target[:, None]).squeeze(1)
+    want = np.abs(delta.numpy()) / np.maximum(np.abs(rise.numpy()), 1e-6)
+    np.testing.assert_allclose(out["completeness_gap"], want, rtol=1e-6, atol=1e-12)
+    assert out["completeness_gap"].shape == (len(x),)
+    served = run_graph(model, spec, x, x0)  # float32, as served
+    np.testing.assert_allclose(served["completeness_gap"], want, rtol=1e-2, atol=1e-5)
+
+
+def test_more_steps_give_smaller_gaps_and_exact_methods_none():
+    model = make_model("mlp")
+    x = inputs(64)
+    x0 = np.zeros(G)
+    medians = [
+        float(np.median(run_graph(model, AttributionSpec(n_steps=s), x, x0, dtype=np.float64)[
+            "completeness_gap"
+        ]))
+        for s in (4, 16, 64)
+    ]  # fmt: skip
+    assert medians[0] > medians[1] > medians[2] > 0
+    exact = run_graph(model, AttributionSpec(method="deeplift"), x, x0, dtype=np.float64)
+    assert float(exact["completeness_gap"].max()) < 1e-9
+    linear = run_graph(make_model("linear"), AttributionSpec(n_steps=2), x, x0)
+    assert float(linear["completeness_gap"].max()) < 1e-4  # float32 rounding only
+
+
+def test_a_float16_graph_reports_its_gap_in_float32():
+    model = make_model("programs")
+    x = inputs()
+    spec = AttributionSpec(n_steps=16)
+    layers, n_programs = model.dense_layers(), model.config.n_programs
+    graph = build_graph(layers, spec, np.zeros(G), n_programs=n_programs, dtype=np.float16)
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    half = dict(zip(names, sess.run(names, {"x": x}), strict=True))  # float32 in and out
+    full = run_graph(model, spec, x, np.zeros(G))
+    assert half["completeness_gap"].dtype == np.float32
+    assert np.isfinite(half["completeness_gap"]).all()
+    # the float16 arithmetic adds error of its own; the gap says so, and stays small
+    assert float(np.median(half["completeness_gap"])) < 0.05
+    assert (
+        float(np.median(full["completeness_gap"]))
+        < float(np.median(half["completeness_gap"])) + 1e-3
+    )

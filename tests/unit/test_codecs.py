@@ -97,6 +97,13 @@ def test_json_and_protobuf_say_what_the_result_holds(annotator, cells, options):
                 np.testing.assert_array_equal(np.float32(c.attributions), a)
             else:
                 assert c.attributions is None
+            if explain:
+                assert res.completeness_gap is not None
+                assert c.completeness_gap == pytest.approx(
+                    float(res.completeness_gap[i]), rel=1e-6, abs=1e-12
+                )
+            else:
+                assert c.completeness_gap is None
             pa = res.program_attributions
             if explain and pa is not None and (full or options["top_k"] > 0):
                 want = len(programs) if full else min(options["top_k"], len(programs))
@@ -143,7 +150,14 @@ def test_anndata_rendering_matches_what_a_client_decodes(annotator, cells, attri
         assert (a is None) == (b is None), name
         if a is not None:
             assert list(a) == list(b), name
-    for name in ("confidence", "probabilities", "attributions", "program_attributions"):
+    assert (local.completeness_gap is None) == (attributions == "none")
+    for name in (
+        "confidence",
+        "probabilities",
+        "attributions",
+        "program_attributions",
+        "completeness_gap",
+    ):
         a, b = getattr(local, name), getattr(remote, name)
         assert (a is None) == (b is None), name
         if a is not None:
@@ -159,6 +173,7 @@ def test_oip_inference_is_the_same_result(annotator, cells):
     oip = asyncio.run(annotator.infer(lm.name, X[:, order]))
     np.testing.assert_allclose(oip.probabilities, res.probabilities, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(oip.attributions, res.attributions, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(oip.completeness_gap, res.completeness_gap, rtol=1e-3, atol=1e-6)
     assert list(oip.labels) == list(res.labels)
 
 
@@ -196,3 +211,28 @@ def test_grpc_options_refuse_enum_values_the_proto_does_not_define():
 def test_a_float32_threshold_reads_back_as_the_decimal_sent():
     msg = pb.AnnotateOptions(unassigned_threshold=0.95)
     assert proto_v1.options(msg).unassigned_threshold == 0.95
+
+
+def test_the_gap_is_counted_per_cell_in_a_histogram(annotator, cells):
+    from cellexplain.service import metrics
+
+    def count() -> float:
+        for family in metrics.COMPLETENESS_GAP.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_count") and sample.labels["model"] == "pbmc-programs":
+                    return sample.value
+        return 0.0
+
+    before = count()
+    res = run(annotator, cells)
+    assert count() == before + len(res)
+    run(annotator, cells, attributions="none")  # nothing explained, nothing counted
+    assert count() == before + len(res)
+
+
+def test_the_card_records_the_gap_on_held_out_cells(annotator, cells):
+    res = run(annotator, cells)
+    dist = res.card.checks.completeness_gap
+    assert dist is not None and 0 < dist.median <= dist.p90 <= dist.p99 <= dist.max
+    assert res.completeness_gap is not None
+    assert float(np.median(res.completeness_gap)) < 10 * dist.p99

@@ -73,6 +73,10 @@ def test_cuda_matches_the_cpu_with_and_without_io_binding(artifact, cells):
     np.testing.assert_allclose(g.probabilities, c.probabilities, atol=1e-5)
     scale = np.abs(c.attributions).max(1, keepdims=True)
     assert np.max(np.abs(g.attributions - c.attributions) / scale) < 1e-3
+    # the per-cell completeness gap is computed in the graph: the same on the GPU (a sum over
+    # the genes in another order moves it by float32 rounding only)
+    assert g.completeness_gap is not None and c.completeness_gap is not None
+    np.testing.assert_allclose(g.completeness_gap, c.completeness_gap, rtol=1e-2, atol=1e-4)
     bound = cuda_model(artifact, io_binding=True).predict(cells, batch_size=4096)
     np.testing.assert_array_equal(
         bound.attributions, gpu.predict(cells, batch_size=4096).attributions
@@ -90,6 +94,9 @@ def test_float16_on_the_gpu_stays_within_its_recorded_error(artifact, artifact16
     # accumulate differently (2x that on an H200), so the bound is the export's own policy
     assert np.quantile(rel, 0.99) < FLOAT16_RTOL
     assert (a.probabilities.argmax(1) == b.probabilities.argmax(1)).mean() >= 0.99
+    # float16 arithmetic shows in the gap (computed in float32 from its outputs), within reason
+    assert a.completeness_gap is not None and np.isfinite(a.completeness_gap).all()
+    assert float(np.median(a.completeness_gap)) < 0.05
 
 
 def test_tensorrt_caches_its_engines(artifact, cells, tmp_path):

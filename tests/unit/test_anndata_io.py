@@ -59,3 +59,29 @@ def test_probabilities_that_do_not_name_the_classes_are_an_error():
     res = _response([{"Monocyte": 0.7, "B cell": 0.3}])
     with pytest.raises(ValueError, match="not the model's classes"):
         Annotations.from_response(res, CLASSES, [])
+
+
+def test_majority_vote_matches_pandas():
+    """Each cell gets its cluster's most common label among the cells that are not Unassigned,
+    and the share of the cluster carrying it; a cluster of only Unassigned stays so."""
+    import pandas as pd
+
+    from cellexplain.api.annotations import UNASSIGNED, majority_vote
+
+    rng = np.random.default_rng(0)
+    n = 600
+    labels = rng.choice(["B", "T", "NK", UNASSIGNED], size=n, p=[0.5, 0.3, 0.1, 0.1])
+    clusters = rng.integers(0, 12, size=n).astype(str)
+    labels[clusters == "7"] = UNASSIGNED  # a cluster nobody votes in
+    voted, share = majority_vote(labels.astype(object), clusters)
+    frame = pd.DataFrame({"label": labels, "cluster": clusters})
+    for cluster, group in frame.groupby("cluster"):
+        voters = group[group["label"] != UNASSIGNED]["label"]
+        rows = (clusters == cluster).nonzero()[0]
+        if voters.empty:
+            assert set(voted[rows]) == {UNASSIGNED}
+            continue
+        counts = voters.value_counts()
+        assert voted[rows[0]] in set(counts[counts == counts.max()].index)
+        assert set(voted[rows]) == {voted[rows[0]]}
+        np.testing.assert_allclose(share[rows], counts.max() / len(group), rtol=1e-6)

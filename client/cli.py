@@ -84,6 +84,13 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     model.add_argument("--max-epochs", type=int, default=300)
     model.add_argument("--patience", type=int, default=30, help="early-stopping patience (epochs)")
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="export the model fitted on the train split (default: after the split has chosen "
+        "the epochs and scored it, refit on every labelled cell)",
+    )
     attr = p.add_argument_group("attribution (computed inside the ONNX graph)")
     attr.add_argument(
         "--attribution",
@@ -137,6 +144,7 @@ def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
         min_cells_per_class=args.min_cells_per_class,
         attribution=spec,
         precision=args.precision,
+        refit=getattr(args, "refit", True),
     )
 
 
@@ -196,6 +204,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cellexplain.models.train import train
 
     data = _load(args)
+    args.refit = False  # the split's scores are what is compared; no model is kept
     rows: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):

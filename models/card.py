@@ -80,6 +80,11 @@ class Split(_Strict):
     validation: int
     test: int
     class_counts: dict[str, int]
+    refit_cells: int | None = Field(
+        default=None,
+        description="cells the exported model was fitted on after the split chose its epochs "
+        "(all the labelled cells); None: the exported model is the one fitted on `train`",
+    )
 
 
 class Scores(_Strict):
@@ -94,6 +99,10 @@ class Metrics(_Strict):
     logistic_regression: Scores
     epochs_trained: int
     best_epoch: int
+    how_obtained: str = Field(
+        default="a model fitted on the train split, scored on the test split",
+        description="how these metrics relate to the exported model",
+    )
 
 
 #: a float16 export must predict the float32 graph's class for this share of held-out cells...

@@ -67,6 +67,10 @@ class TrainConfig:
     unassigned_threshold: float = 0.5
     attribution: AttributionSpec = field(default_factory=AttributionSpec)
     precision: Literal["float32", "float16"] = "float32"  # arithmetic inside the served graph
+    #: after the split has chosen the epochs (early stopping on validation) and scored the
+    #: model on the test cells, fit the exported model on every labelled cell for that many
+    #: epochs; False exports the model fitted on the train split
+    refit: bool = True
     version: str = "1"
 
 
@@ -134,12 +138,14 @@ def _fit(
     model: CellClassifier,
     Xtr: np.ndarray,
     ytr: np.ndarray,
-    Xva: np.ndarray,
-    yva: np.ndarray,
+    Xva: np.ndarray | None,
+    yva: np.ndarray | None,
     cfg: TrainConfig,
     progress: bool,
+    epochs: int | None = None,
 ) -> tuple[int, int]:
-    """Adam with class-weighted cross-entropy; early stopping on validation loss.
+    """Adam with class-weighted cross-entropy; early stopping on validation loss, or, without
+    validation cells, exactly ``epochs`` epochs (the refit on every cell).
 
     Returns (epochs trained, best epoch); the model ends with the best epoch's weights.
     """
@@ -152,10 +158,14 @@ def _fit(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     Xt, yt = torch.from_numpy(Xtr), torch.from_numpy(ytr)
-    Xv, yv = torch.from_numpy(Xva), torch.from_numpy(yva)
+    validate = Xva is not None and yva is not None
+    Xv = torch.from_numpy(Xva) if Xva is not None else None
+    yv = torch.from_numpy(yva) if yva is not None else None
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     epoch = 0
-    bar = tqdm(range(cfg.max_epochs), desc=f"train {cfg.arch}", unit="epoch", disable=not progress)
+    total = cfg.max_epochs if validate else int(epochs or 0)
+    desc = f"train {cfg.arch}" if validate else f"refit {cfg.arch} on all {len(ytr)} cells"
+    bar = tqdm(range(total), desc=desc, unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(yt), generator=gen)
@@ -166,6 +176,8 @@ def _fit(
             loss.backward()
             opt.step()
         model.eval()
+        if not validate:
+            continue
         with torch.no_grad():
             val_loss = float(loss_fn(model(Xv), yv))
         if val_loss < best[0] - 1e-6:
@@ -174,6 +186,9 @@ def _fit(
         if epoch - best[1] >= cfg.patience:
             break
     bar.close()
+    if not validate:
+        model.eval()
+        return total, total
     model.load_state_dict(best[2])
     model.eval()
     return epoch + 1, best[1] + 1
@@ -181,8 +196,9 @@ def _fit(
 
 @dataclass
 class Fitted:
-    """A trained model with what its export needs: the card's fields, held-out model input
-    ``[n_test, n_genes]`` for the export checks, and the training mean (``mean`` baseline)."""
+    """A trained model with what its export needs: the card's fields, model input ``[n_test,
+    n_genes]`` for the export checks (the test split's cells), and the mean of the cells it was
+    fitted on (``mean`` baseline)."""
 
     model: CellClassifier
     card_fields: dict[str, Any]
@@ -215,25 +231,18 @@ def train(
     )
 
 
-def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
-    """Train and evaluate (model and baseline, on the test split), without exporting."""
+@dataclass
+class _Built:
+    model: CellClassifier
+    arch_cfg: ArchConfig
+    gene_sets_used: GeneSetsUsed | None
+    n_programs: int
+    mean: np.ndarray
+
+
+def _build(genes: list[str], Xtr: np.ndarray, n_classes: int, cfg: TrainConfig) -> _Built:
+    """A fresh network for these genes, standardised on ``Xtr`` (the cells it is fitted on)."""
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    classes = check_labels(data.labels, cfg.min_cells_per_class)
-    y = np.searchsorted(np.asarray(classes), data.labels).astype(np.int64)
-    split = stratified_split(y, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-
-    if cfg.n_top_genes is not None:
-        keep = select_variable_genes(data.X[split.train], cfg.n_top_genes)
-        selection = f"highly_variable:{len(keep)}"
-    else:
-        keep = np.arange(len(data.genes))
-        selection = "all"
-    genes = [data.genes[i] for i in keep]
-    X = data.X[:, keep]
-    Xtr, Xva, Xte = dense(X, split.train), dense(X, split.val), dense(X, split.test)
-    ytr, yva, yte = y[split.train], y[split.val], y[split.test]
-
     mean = Xtr.mean(axis=0)
     scale = 1.0 / np.maximum(Xtr.std(axis=0), MIN_STD)
 
@@ -269,7 +278,7 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
     arch_cfg = ArchConfig(
         arch=cfg.arch,
         n_genes=len(genes),
-        n_classes=len(classes),
+        n_classes=n_classes,
         first_width=cfg.first_width if cfg.arch == "mlp" else None,
         hidden=list(hidden),
         n_programs=n_programs,
@@ -277,6 +286,30 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
         dropout=cfg.dropout,
     )
     model = CellClassifier(arch_cfg, mean, scale, mask)
+    return _Built(model, arch_cfg, gene_sets_used, n_programs, mean)
+
+
+def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
+    """Train and evaluate (model and baseline, on the test split), without exporting."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    classes = check_labels(data.labels, cfg.min_cells_per_class)
+    y = np.searchsorted(np.asarray(classes), data.labels).astype(np.int64)
+    split = stratified_split(y, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+
+    if cfg.n_top_genes is not None:
+        keep = select_variable_genes(data.X[split.train], cfg.n_top_genes)
+        selection = f"highly_variable:{len(keep)}"
+    else:
+        keep = np.arange(len(data.genes))
+        selection = "all"
+    genes = [data.genes[i] for i in keep]
+    X = data.X[:, keep]
+    Xtr, Xva, Xte = dense(X, split.train), dense(X, split.val), dense(X, split.test)
+    ytr, yva, yte = y[split.train], y[split.val], y[split.test]
+
+    built = _build(genes, Xtr, len(classes), cfg)
+    model = built.model
     epochs, best_epoch = _fit(model, Xtr, ytr, Xva, yva, cfg, progress)
 
     with torch.no_grad():
@@ -289,6 +322,31 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
         model_scores.macro_f1,
         lr_scores.macro_f1,
     )
+    how = (
+        f"a model fitted on the train split ({len(split.train)} cells, early stopping on the "
+        f"{len(split.val)} validation cells), scored on the {len(split.test)} test cells"
+    )
+    refit_cells: int | None = None
+    check_x = Xte
+    if cfg.refit:
+        # the split chose the epochs and scored the recipe; the exported model is the same
+        # recipe fitted on every labelled cell for that many epochs (gene selection and
+        # standardisation computed on all of them too: no labels involved)
+        if cfg.n_top_genes is not None:
+            keep = select_variable_genes(data.X, cfg.n_top_genes)
+            genes = [data.genes[i] for i in keep]
+        X_all = dense(data.X[:, keep])
+        built = _build(genes, X_all, len(classes), cfg)
+        model = built.model
+        _fit(model, X_all, y, None, None, cfg, progress, epochs=best_epoch)
+        refit_cells = len(y)
+        check_x = X_all[split.test]  # the graph checks need inputs, not unseen ones
+        how += (
+            f"; the exported model is that recipe refit on all {len(y)} cells for the "
+            f"{best_epoch} epochs the split chose (no cell left out, so these test scores "
+            "estimate it: it has seen more cells than the scored model)"
+        )
+    n_programs, arch_cfg, gene_sets_used = built.n_programs, built.arch_cfg, built.gene_sets_used
 
     widths = [len(genes)] + [m.out_features for m in model.net if isinstance(m, torch.nn.Linear)]
     train_counts = np.bincount(y, minlength=len(classes))
@@ -331,12 +389,14 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             validation=len(split.val),
             test=len(split.test),
             class_counts={c: int(n) for c, n in zip(classes, train_counts, strict=True)},
+            refit_cells=refit_cells,
         ),
         metrics=Metrics(
             model=model_scores,
             logistic_regression=lr_scores,
             epochs_trained=epochs,
             best_epoch=best_epoch,
+            how_obtained=how,
         ),
     )
-    return Fitted(model, base_card, Xte, mean)
+    return Fitted(model, base_card, check_x, built.mean)

@@ -217,3 +217,31 @@ def test_duplicated_genes(small_adata, tmp_path):
     path = _write(dup, tmp_path / "dup.h5ad")
     with pytest.raises(DataError, match="duplicated gene name"):
         load_labelled(path, label_key="bulk_labels")
+
+
+def test_the_exported_model_is_refit_on_every_labelled_cell(pbmc_data):
+    """The split chooses the epochs and scores the recipe; the exported model is fitted on all
+    700 cells (its standardisation is theirs), and the card says so. --no-refit keeps the
+    split's model."""
+    from cellexplain.models.train import TrainConfig, dense, fit
+
+    cfg = dict(arch="mlp", name="refit", max_epochs=12, patience=5, seed=1)
+    refit = fit(pbmc_data, TrainConfig(**cfg), progress=False)
+    kept = fit(pbmc_data, TrainConfig(**cfg, refit=False), progress=False)
+    everything = dense(pbmc_data.X)
+    np.testing.assert_allclose(refit.mean, everything.mean(0), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(kept.mean, everything.mean(0), atol=1e-3)  # the train split's
+    split_r, split_k = refit.card_fields["split"], kept.card_fields["split"]
+    assert split_r.refit_cells == 700 and split_k.refit_cells is None
+    metrics_r, metrics_k = refit.card_fields["metrics"], kept.card_fields["metrics"]
+    assert metrics_r.model == metrics_k.model  # the same scores: the split's model, held out
+    assert "refit on all 700 cells" in metrics_r.how_obtained
+    assert f"for the {metrics_r.best_epoch} epochs" in metrics_r.how_obtained
+    assert "refit" not in metrics_k.how_obtained
+    x = everything[:50]
+    import torch
+
+    with torch.no_grad():
+        a = refit.model(torch.from_numpy(x)).numpy()
+        b = kept.model(torch.from_numpy(x)).numpy()
+    assert not np.allclose(a, b)  # a different fit

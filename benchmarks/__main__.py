@@ -9,7 +9,9 @@
    only where onnxruntime has the CUDA provider (skipped otherwise, saying so);
 7. ``benchmarks.renamed_genes``: real cells under the model's and under today's gene names;
 8. ``benchmarks.file_to_file``: ``cellexplain annotate --local`` vs CellTypist 1.7.1 (in its own
-   venv, ``.venv-celltypist``, made on first use), file to file on 55,900 cells x 32,786 genes.
+   venv, ``.venv-celltypist``, made on first use), file to file on 55,900 cells x 32,786 genes;
+9. ``benchmarks.accuracy``: our architectures beside CellTypist 1.7.1 (its own venv) on 5 repeated
+   70/30 splits, accuracy and macro-F1 (mean +/- sd).
 
 Each runs in its own process; their tables go to stdout and to
 ``benchmarks/results/latest.md`` (with the machine), from which docs/benchmarks.md is updated.
@@ -42,6 +44,7 @@ FULL: dict[str, list[str]] = {
     "gpu": ["-m", "benchmarks.gpu", "all"],
     "renamed_genes": ["-m", "benchmarks.renamed_genes"],
     "file_to_file": ["-m", "benchmarks.file_to_file"],
+    "accuracy": ["-m", "benchmarks.accuracy", "--seeds", "5"],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "attribution": ["--min-seconds", "0.3", "--repeat", "2"],
@@ -52,6 +55,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "gpu": ["--min-seconds", "0.2"],
     "renamed_genes": [],
     "file_to_file": ["--cells", "5000", "--repeat", "1"],
+    "accuracy": ["--seeds", "2"],
 }
 
 

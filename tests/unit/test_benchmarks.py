@@ -65,3 +65,18 @@ def test_dry_run_checks_times_and_compares_with_captum(prepared, tmp_path):
     assert error < 1e-4
     assert "kernel time per call by provider" in text
     assert any((tmp_path / "prof").glob("ort_profile*.json"))
+
+
+def test_accuracy_benchmark_scores_ours_and_the_baseline_on_the_same_split():
+    """The accuracy benchmark's own path (CellTypist left out: its venv needs the network)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accuracy", "--seeds", "1", "--archs", "linear",
+         "--no-celltypist"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| linear")]
+    assert len(rows) == 1
+    accuracy, macro_f1 = (float(cell.split("±")[0]) for cell in rows[0].split("|")[2:4])
+    assert 0.6 < accuracy <= 1 and 0.4 < macro_f1 <= 1
+    assert "| logistic regression (our baseline)" in out.stdout

@@ -1,0 +1,151 @@
+"""Accuracy beside CellTypist: our architectures and CellTypist 1.7.1 on the same repeated splits.
+
+For each seed, a stratified split of the labelled cells (default: scanpy's bundled
+pbmc68k_reduced, ``bulk_labels``) into a training part and an unseen test part (70/30, as a lab
+would hold out cells). Each of our architectures is trained on the training part exactly as
+``cellexplain train`` does (its own inner split chooses the epochs, then the model is refit on
+the whole training part) and scored on the test part; CellTypist, in its own venv
+(``.venv-celltypist``, made on first use, see ``benchmarks/file_to_file.py``), is trained with
+its documented defaults (``celltypist.train``: logistic regression, all genes) on the same
+training cells (log1p CP10k, as it requires) and predicts the same test cells; the logistic-
+regression baseline of our cards is scored on the same split too. Prints each seed and the mean
++/- sd of accuracy and macro-F1 as a Markdown table. Usage:
+
+    python -m benchmarks.accuracy [--seeds 5] [--archs linear mlp programs] [--test-size 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
+
+from benchmarks.file_to_file import CT_PYTHON, celltypist_venv
+from cellexplain.models.data import load_default_adata, load_labelled
+from cellexplain.models.train import TrainConfig, dense, fit, logistic_regression_baseline
+
+#: CellTypist in its venv (argv: train.h5ad, test.h5ad, label column): trains with its defaults
+#: and prints the test cells' predicted labels as JSON
+CT_FIT_PREDICT = """
+import json
+import sys
+import warnings
+
+import anndata as ad
+import celltypist
+
+warnings.simplefilter("ignore")
+train, test = ad.read_h5ad(sys.argv[1]), ad.read_h5ad(sys.argv[2])
+model = celltypist.train(train, labels=sys.argv[3])
+pred = celltypist.annotate(test, model=model, majority_voting=False)
+print(json.dumps(pred.predicted_labels["predicted_labels"].astype(str).tolist()))
+"""
+
+
+def log1p_cp10k(counts: np.ndarray) -> sp.csr_matrix:
+    """Per-cell log1p(counts / total * 1e4) over the genes present (what CellTypist checks)."""
+    totals = np.maximum(counts.sum(1, keepdims=True), 1)
+    return sp.csr_matrix(np.log1p(counts / totals * 1e4).astype(np.float32))
+
+
+def celltypist_predictions(
+    counts: np.ndarray, labels: np.ndarray, genes: list[str], train: np.ndarray, test: np.ndarray
+) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, rows in (("train", train), ("test", test)):
+            a = ad.AnnData(log1p_cp10k(counts[rows]))
+            a.var_names = genes
+            a.obs["label"] = labels[rows]
+            a.write_h5ad(Path(tmp) / f"{name}.h5ad")
+            paths.append(str(Path(tmp) / f"{name}.h5ad"))
+        out = subprocess.run(
+            [str(CT_PYTHON), "-c", CT_FIT_PREDICT, *paths, "label"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return np.asarray(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def scores(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    return (
+        float(accuracy_score(truth, pred)),
+        float(f1_score(truth, pred, average="macro", zero_division=0)),
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--archs", nargs="+", default=["linear", "mlp", "programs"])
+    p.add_argument("--test-size", type=float, default=0.3)
+    p.add_argument("--no-celltypist", action="store_true", help="ours and the baseline only")
+    args = p.parse_args()
+
+    data = load_labelled()
+    pbmc = load_default_adata()  # counts for CellTypist, recovered from .raw as in file_to_file
+    n_counts = pbmc.obs["n_counts"].to_numpy()[:, None]
+    counts = np.rint(np.expm1(pbmc.raw.X.toarray()) * (n_counts / 1e4))
+    labels = np.asarray(data.labels).astype(str)
+    X = dense(data.X)
+    versions = {} if args.no_celltypist else celltypist_venv()
+    results: dict[str, list[tuple[float, float]]] = {}
+    t0 = time.perf_counter()
+    for seed in range(args.seeds):
+        idx = np.arange(len(labels))
+        train, test = train_test_split(
+            idx, test_size=args.test_size, stratify=labels, random_state=seed
+        )
+        part = dataclasses.replace(data, X=data.X[train], labels=data.labels[train])
+        for arch in args.archs:
+            cfg = TrainConfig(arch=arch, name=f"acc-{arch}", seed=seed)
+            fitted = fit(part, cfg, progress=False)
+            keep = [data.genes.index(g) for g in fitted.card_fields["genes"]]
+            classes = np.asarray(fitted.card_fields["classes"])
+            with torch.no_grad():
+                logits = fitted.model(torch.from_numpy(X[test][:, keep])).numpy()
+            results.setdefault(arch, []).append(scores(labels[test], classes[logits.argmax(1)]))
+        y_classes = np.unique(labels[train])
+        y_train = np.searchsorted(y_classes, labels[train])
+        lr = logistic_regression_baseline(X[train], y_train, X[test], seed)
+        results.setdefault("logistic regression (our baseline)", []).append(
+            scores(labels[test], y_classes[lr])
+        )
+        if not args.no_celltypist:
+            ct_pred = celltypist_predictions(counts, labels, data.genes, train, test)
+            results.setdefault("CellTypist 1.7.1", []).append(scores(labels[test], ct_pred))
+        line = ", ".join(f"{k} {v[-1][1]:.3f}" for k, v in results.items())
+        print(f"seed {seed}: macro-F1 {line}", flush=True)
+    ct = f"; CellTypist {versions}" if versions else ""
+    print(
+        f"\n# accuracy: {data.source} ({data.label_key}, {len(labels)} cells), "
+        f"{args.seeds} stratified {1 - args.test_size:.0%}/{args.test_size:.0%} splits (seeds "
+        f"0..{args.seeds - 1}); {platform.machine()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - t0:.0f} s{ct}"
+    )
+    print("| model | test accuracy (mean ± sd) | test macro-F1 (mean ± sd) |")
+    print("|---|---:|---:|")
+    for name, vals in results.items():
+        a = np.asarray(vals)
+        print(
+            f"| {name} | {a[:, 0].mean():.3f} ± {a[:, 0].std():.3f} "
+            f"| {a[:, 1].mean():.3f} ± {a[:, 1].std():.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -159,8 +159,9 @@ def padding_symbols(present: list[str], n: int, rng: np.random.Generator) -> lis
     return list(rng.choice(names.to_numpy(), size=n, replace=False))
 
 
-def build_file(n_cells: int, n_genes: int, path: Path, seed: int = 0) -> None:
-    """Write the benchmark .h5ad: n_cells tiled PBMCs x n_genes, written block by block."""
+def build_file(n_cells: int, n_genes: int, path: Path, seed: int = 0, labels: bool = False) -> None:
+    """Write the benchmark .h5ad: n_cells tiled PBMCs x n_genes, written block by block (with
+    ``labels``, each cell's ``obs['bulk_labels']``, for training benchmarks)."""
     from anndata.io import write_elem
 
     rng = np.random.default_rng(seed)
@@ -186,7 +187,13 @@ def build_file(n_cells: int, n_genes: int, path: Path, seed: int = 0) -> None:
     ad.AnnData(sp.csr_matrix((0, n_genes), dtype=np.float32), var=var).write_h5ad(tmp)
     with h5py.File(tmp, "r+") as f:
         del f["X"], f["obs"]
-        write_elem(f, "obs", pd.DataFrame(index=pd.Index(obs_names)))
+        obs = pd.DataFrame(index=pd.Index(obs_names))
+        if labels:
+            import scanpy as sc
+
+            tags = sc.datasets.pbmc68k_reduced().obs["bulk_labels"].astype(str).to_numpy()
+            obs["bulk_labels"] = pd.Categorical(tags[np.arange(n_cells) % n_base])
+        write_elem(f, "obs", obs)
         g = f.create_group("X")
         g.attrs["encoding-type"] = "csr_matrix"
         g.attrs["encoding-version"] = "0.1.0"

@@ -206,22 +206,42 @@ def to_model_input(X: Matrix, kind: InputKind, target_sum: float = TARGET_SUM) -
     raise PreprocessError(f"unknown input kind {kind!r}; expected 'counts' or 'log1p_cp10k'")
 
 
-def select_variable_genes(X: Matrix, n_top: int) -> np.ndarray:
+def gene_mean_var(
+    X: Matrix, rows: np.ndarray | None = None, chunk: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and (population) variance ``[n_genes]`` float64 over ``rows`` of ``X``
+    (all rows by default), in one streaming pass over row chunks: never more than ``chunk``
+    rows in float64 at once, whatever the matrix's size."""
+    idx = np.arange(X.shape[0]) if rows is None else np.asarray(rows)
+    total = np.zeros(X.shape[1])
+    squares = np.zeros(X.shape[1])
+    for start in range(0, len(idx), chunk):
+        block = X[idx[start : start + chunk]]
+        if sp.issparse(block):
+            b = sp.csr_matrix(block, dtype=np.float64)
+            total += np.asarray(b.sum(axis=0)).ravel()
+            squares += np.asarray(b.multiply(b).sum(axis=0)).ravel()
+        else:
+            b64 = np.asarray(block, dtype=np.float64)
+            total += b64.sum(axis=0)
+            squares += np.square(b64).sum(axis=0)
+    n = max(len(idx), 1)
+    mean = total / n
+    return mean, np.maximum(squares / n - mean**2, 0.0)
+
+
+def select_variable_genes(X: Matrix, n_top: int, rows: np.ndarray | None = None) -> np.ndarray:
     """Indices (sorted) of the ``n_top`` genes with the highest variance of log1p values.
 
     Args:
         X: ``[n_cells, n_genes]`` log1p-normalised values.
         n_top: number of genes to keep; all genes when ``n_top >= n_genes``.
+        rows: the cells to compute the variance over (default: all), without copying them.
     """
     n_genes = X.shape[1]
     if n_top >= n_genes:
         return np.arange(n_genes)
-    if sp.issparse(X):
-        Xc = sp.csr_matrix(X, dtype=np.float64)
-        mean = np.asarray(Xc.mean(axis=0)).ravel()
-        var = np.asarray(Xc.multiply(Xc).mean(axis=0)).ravel() - mean**2
-    else:
-        var = np.asarray(X, dtype=np.float64).var(axis=0)
+    _, var = gene_mean_var(X, rows)
     # stable tie-break on index so selection is deterministic
     order = np.lexsort((np.arange(n_genes), -var))
     return np.sort(order[:n_top])

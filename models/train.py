@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,9 +33,9 @@ from cellexplain.models.card import (
 )
 from cellexplain.models.data import LabelledData
 from cellexplain.models.errors import DataError
-from cellexplain.models.export import export_model
+from cellexplain.models.export import MAX_CHECK_CELLS, export_model
 from cellexplain.models.genesets import program_mask, read_gmt
-from cellexplain.models.preprocess import Matrix, select_variable_genes
+from cellexplain.models.preprocess import Matrix, gene_mean_var, select_variable_genes
 
 log = logging.getLogger(__name__)
 
@@ -121,77 +122,150 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> Scores
     )
 
 
-def logistic_regression_baseline(
-    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, seed: int
-) -> np.ndarray:
-    """CellTypist's model family on the same split: z-scored genes (clipped at 10), L2 logistic
-    regression (C=1). Returns predicted class indices for ``X_test``."""
+#: values (cells x genes) the baseline densifies to fit: beyond, a random subset of the
+#: training cells (all of them on the bundled data: 700 x 765)
+BASELINE_VALUES = 20_000_000
+
+
+def _baseline(
+    X: Matrix, y: np.ndarray, train: np.ndarray, test: np.ndarray, seed: int
+) -> tuple[np.ndarray, int]:
+    """The logistic-regression baseline's test predictions and the cells it was fitted on (a
+    seeded subset where the training cells x genes exceed :data:`BASELINE_VALUES`)."""
+    n = min(len(train), max(1000, BASELINE_VALUES // max(X.shape[1], 1)))
+    rows = (
+        np.sort(np.random.default_rng(seed).choice(train, n, replace=False))
+        if n < len(train)
+        else train
+    )
+    chunks = [test[i : i + EVAL_CHUNK] for i in range(0, len(test), EVAL_CHUNK)]
+    predict = _logistic_regression(dense(X, rows), y[rows], seed)
+    pred = [predict(dense(X, c)) for c in chunks]
+    return (np.concatenate(pred) if pred else np.zeros(0, np.int64)), len(rows)
+
+
+def _logistic_regression(
+    X_train: np.ndarray, y_train: np.ndarray, seed: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """CellTypist's model family: z-scored genes (clipped at 10), L2 logistic regression (C=1);
+    returns its predict function (class indices)."""
     mean = X_train.mean(axis=0)
     std = X_train.std(axis=0)
     std[std == 0] = 1.0
     clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed)
     clf.fit(np.clip((X_train - mean) / std, -10, 10), y_train)
-    return np.asarray(clf.predict(np.clip((X_test - mean) / std, -10, 10)))
+    return lambda X: np.asarray(clf.predict(np.clip((X - mean) / std, -10, 10)))
+
+
+def logistic_regression_baseline(
+    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, seed: int
+) -> np.ndarray:
+    """CellTypist's model family on the same split: z-scored genes (clipped at 10), L2 logistic
+    regression (C=1). Returns predicted class indices for ``X_test``."""
+    return _logistic_regression(X_train, y_train, seed)(X_test)
+
+
+#: cells densified at once outside training (validation loss, test predictions, checks)
+EVAL_CHUNK = 8192
+
+
+def _batch(X: Matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Rows of ``X`` (dense or CSR) as a dense float32 tensor on ``device``: the only place
+    training densifies, a mini-batch at a time."""
+    return torch.from_numpy(dense(X, rows)).to(device)
+
+
+def predict_rows(
+    model: CellClassifier, X: Matrix, rows: np.ndarray, chunk: int = EVAL_CHUNK
+) -> np.ndarray:
+    """Logits ``[len(rows), n_classes]`` of ``model`` (on its device) on rows of ``X``, in
+    chunks."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), chunk):
+            out.append(model(_batch(X, rows[start : start + chunk], device)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.config.n_classes), np.float32)
 
 
 def _fit(
     model: CellClassifier,
-    Xtr: np.ndarray,
-    ytr: np.ndarray,
-    Xva: np.ndarray | None,
-    yva: np.ndarray | None,
+    X: Matrix,
+    y: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray | None,
     cfg: TrainConfig,
     progress: bool,
     epochs: int | None = None,
 ) -> tuple[int, int]:
-    """Adam with class-weighted cross-entropy; early stopping on validation loss, or, without
-    validation cells, exactly ``epochs`` epochs (the refit on every cell).
+    """AdamW with class-weighted cross-entropy on mini-batches of ``X[train_rows]`` (dense or
+    CSR: a batch is densified at a time, never the matrix); early stopping on the validation
+    loss, or, without validation rows, exactly ``epochs`` epochs (the refit on every cell).
+    Runs on torch's CUDA device when there is one. The progress bar counts cells (cells/s).
 
-    Returns (epochs trained, best epoch); the model ends with the best epoch's weights.
+    Returns (epochs trained, best epoch); the model ends, on the CPU, with the best epoch's
+    weights.
     """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     n_classes = model.config.n_classes
+    ytr = y[train_rows]
     counts = np.bincount(ytr, minlength=n_classes).astype(np.float64)
     weights = torch.as_tensor(
-        counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32
+        counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device
     )
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    val_loss_fn = torch.nn.CrossEntropyLoss(weight=weights, reduction="sum")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    Xt, yt = torch.from_numpy(Xtr), torch.from_numpy(ytr)
-    validate = Xva is not None and yva is not None
-    Xv = torch.from_numpy(Xva) if Xva is not None else None
-    yv = torch.from_numpy(yva) if yva is not None else None
+    yt = torch.from_numpy(ytr).to(device)
+    validate = val_rows is not None
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     epoch = 0
     total = cfg.max_epochs if validate else int(epochs or 0)
-    desc = f"train {cfg.arch}" if validate else f"refit {cfg.arch} on all {len(ytr)} cells"
-    bar = tqdm(range(total), desc=desc, unit="epoch", disable=not progress)
-    for epoch in bar:
+    what = f"train {cfg.arch}" if validate else f"refit {cfg.arch} on all {len(ytr)} cells"
+    bar = tqdm(
+        total=total * len(ytr),
+        desc=what,
+        unit="cell",
+        unit_scale=True,
+        disable=not progress,
+        smoothing=0.05,
+    )
+    for epoch in range(total):
         model.train()
-        perm = torch.randperm(len(yt), generator=gen)
+        perm = torch.randperm(len(ytr), generator=gen).numpy()
         for start in range(0, len(perm), cfg.batch_size):
             b = perm[start : start + cfg.batch_size]
             opt.zero_grad()
-            loss = loss_fn(model(Xt[b]), yt[b])
+            loss = loss_fn(model(_batch(X, train_rows[b], device)), yt[b])
             loss.backward()
             opt.step()
+            bar.update(len(b))
         model.eval()
         if not validate:
+            bar.set_postfix(epoch=epoch + 1)
             continue
+        assert val_rows is not None
+        summed, weight = 0.0, 0.0
         with torch.no_grad():
-            val_loss = float(loss_fn(model(Xv), yv))
+            for start in range(0, len(val_rows), EVAL_CHUNK):
+                r = val_rows[start : start + EVAL_CHUNK]
+                yv = torch.from_numpy(y[r]).to(device)
+                summed += float(val_loss_fn(model(_batch(X, r, device)), yv))
+                weight += float(weights[yv].sum())
+        val_loss = summed / max(weight, 1e-12)
         if val_loss < best[0] - 1e-6:
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
-        bar.set_postfix(val_loss=f"{val_loss:.3f}", best_epoch=best[1])
+        bar.set_postfix(epoch=epoch + 1, val_loss=f"{val_loss:.3f}", best_epoch=best[1] + 1)
         if epoch - best[1] >= cfg.patience:
             break
     bar.close()
-    if not validate:
-        model.eval()
-        return total, total
-    model.load_state_dict(best[2])
-    model.eval()
-    return epoch + 1, best[1] + 1
+    if validate:
+        model.load_state_dict(best[2])
+    model.to("cpu").eval()
+    return (epoch + 1, best[1] + 1) if validate else (total, total)
 
 
 @dataclass
@@ -240,11 +314,15 @@ class _Built:
     mean: np.ndarray
 
 
-def _build(genes: list[str], Xtr: np.ndarray, n_classes: int, cfg: TrainConfig) -> _Built:
-    """A fresh network for these genes, standardised on ``Xtr`` (the cells it is fitted on)."""
+def _build(
+    genes: list[str], X: Matrix, rows: np.ndarray | None, n_classes: int, cfg: TrainConfig
+) -> _Built:
+    """A fresh network for these genes, standardised on ``X[rows]`` (the cells it is fitted
+    on; one streaming pass, no copy of them)."""
     torch.manual_seed(cfg.seed)
-    mean = Xtr.mean(axis=0)
-    scale = 1.0 / np.maximum(Xtr.std(axis=0), MIN_STD)
+    mean64, var = gene_mean_var(X, rows)
+    mean = mean64.astype(np.float32)
+    scale = (1.0 / np.maximum(np.sqrt(var), MIN_STD)).astype(np.float32)
 
     gene_sets_used: GeneSetsUsed | None = None
     mask = None
@@ -298,36 +376,36 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
     split = stratified_split(y, cfg.seed, cfg.val_fraction, cfg.test_fraction)
 
     if cfg.n_top_genes is not None:
-        keep = select_variable_genes(data.X[split.train], cfg.n_top_genes)
+        keep = select_variable_genes(data.X, cfg.n_top_genes, split.train)
         selection = f"highly_variable:{len(keep)}"
     else:
         keep = np.arange(len(data.genes))
         selection = "all"
     genes = [data.genes[i] for i in keep]
-    X = data.X[:, keep]
-    Xtr, Xva, Xte = dense(X, split.train), dense(X, split.val), dense(X, split.test)
-    ytr, yva, yte = y[split.train], y[split.val], y[split.test]
+    X = data.X if len(keep) == data.X.shape[1] else data.X[:, keep]
+    yte = y[split.test]
 
-    built = _build(genes, Xtr, len(classes), cfg)
+    built = _build(genes, X, split.train, len(classes), cfg)
     model = built.model
-    epochs, best_epoch = _fit(model, Xtr, ytr, Xva, yva, cfg, progress)
+    epochs, best_epoch = _fit(model, X, y, split.train, split.val, cfg, progress)
 
-    with torch.no_grad():
-        pred = model(torch.from_numpy(Xte)).argmax(1).numpy()
+    pred = predict_rows(model, X, split.test).argmax(1)
     model_scores = scores(yte, pred, classes)
-    lr_scores = scores(yte, logistic_regression_baseline(Xtr, ytr, Xte, cfg.seed), classes)
+    lr_pred, lr_cells = _baseline(X, y, split.train, split.test, cfg.seed)
+    lr_scores = scores(yte, lr_pred, classes)
     log.info(
-        "test macro-F1: %s %.3f, logistic regression %.3f",
+        "test macro-F1: %s %.3f, logistic regression %.3f (fitted on %d cells)",
         cfg.arch,
         model_scores.macro_f1,
         lr_scores.macro_f1,
+        lr_cells,
     )
     how = (
         f"a model fitted on the train split ({len(split.train)} cells, early stopping on the "
         f"{len(split.val)} validation cells), scored on the {len(split.test)} test cells"
     )
     refit_cells: int | None = None
-    check_x = Xte
+    check_x = dense(X, split.test[:MAX_CHECK_CELLS])
     if cfg.refit:
         # the split chose the epochs and scored the recipe; the exported model is the same
         # recipe fitted on every labelled cell for that many epochs (gene selection and
@@ -335,12 +413,13 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
         if cfg.n_top_genes is not None:
             keep = select_variable_genes(data.X, cfg.n_top_genes)
             genes = [data.genes[i] for i in keep]
-        X_all = dense(data.X[:, keep])
-        built = _build(genes, X_all, len(classes), cfg)
+            X = data.X if len(keep) == data.X.shape[1] else data.X[:, keep]
+        every = np.arange(len(y))
+        built = _build(genes, X, None, len(classes), cfg)
         model = built.model
-        _fit(model, X_all, y, None, None, cfg, progress, epochs=best_epoch)
+        _fit(model, X, y, every, None, cfg, progress, epochs=best_epoch)
         refit_cells = len(y)
-        check_x = X_all[split.test]  # the graph checks need inputs, not unseen ones
+        check_x = dense(X, split.test[:MAX_CHECK_CELLS])  # the checks need inputs, not unseen
         how += (
             f"; the exported model is that recipe refit on all {len(y)} cells for the "
             f"{best_epoch} epochs the split chose (no cell left out, so these test scores "

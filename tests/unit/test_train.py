@@ -245,3 +245,36 @@ def test_the_exported_model_is_refit_on_every_labelled_cell(pbmc_data):
         a = refit.model(torch.from_numpy(x)).numpy()
         b = kept.model(torch.from_numpy(x)).numpy()
     assert not np.allclose(a, b)  # a different fit
+
+
+def test_sparse_and_dense_training_give_the_same_model(pbmc_data):
+    """Training reads CSR rows a mini-batch at a time: the same cells as a CSR or a dense
+    matrix make the same model (what densifying the whole matrix used to give)."""
+    import dataclasses
+
+    import torch
+
+    from cellexplain.models.train import TrainConfig, dense, fit
+
+    cfg = TrainConfig(arch="mlp", name="sparse", max_epochs=6, patience=3, seed=2, refit=False)
+    as_csr = dataclasses.replace(pbmc_data, X=sp.csr_matrix(pbmc_data.X))
+    as_dense = dataclasses.replace(pbmc_data, X=dense(pbmc_data.X))
+    a, b = fit(as_csr, cfg, progress=False), fit(as_dense, cfg, progress=False)
+    assert a.card_fields["metrics"] == b.card_fields["metrics"]
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_streaming_gene_moments_match_numpy():
+    from cellexplain.models.preprocess import gene_mean_var, select_variable_genes
+
+    rng = np.random.default_rng(0)
+    x = np.log1p(rng.poisson(0.5, size=(3000, 40)) * rng.uniform(0.5, 3, size=40))
+    rows = np.sort(rng.choice(3000, 1700, replace=False))
+    for m in (x, sp.csr_matrix(x)):
+        mean, var = gene_mean_var(m, rows, chunk=256)
+        np.testing.assert_allclose(mean, x[rows].mean(0), rtol=1e-10)
+        np.testing.assert_allclose(var, x[rows].var(0), rtol=1e-8, atol=1e-12)
+        np.testing.assert_array_equal(
+            select_variable_genes(m, 7, rows), select_variable_genes(x[rows], 7)
+        )

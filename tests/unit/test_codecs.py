@@ -124,7 +124,9 @@ def test_the_two_writers_agree_exactly_on_the_values(annotator, cells):
 
 
 def test_labels_below_the_threshold_are_unassigned_in_every_rendering(annotator, cells):
-    res = run(annotator, cells, unassigned_threshold=0.9, attributions="full")
+    confidence = run(annotator, cells).confidence
+    middle = float(np.median(confidence))  # some cells on each side, whatever the model
+    res = run(annotator, cells, unassigned_threshold=middle, attributions="full")
     assert (~res.assigned).any() and res.assigned.any()  # both kinds present
     want = [
         res.classes[b] if ok else UNASSIGNED for b, ok in zip(res.best, res.assigned, strict=True)

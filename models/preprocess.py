@@ -166,6 +166,39 @@ def _check_totals(totals: np.ndarray) -> None:
         raise TotalOverflowError(int(np.argmax(bad)))
 
 
+#: stored values per block of the CSR normalisation (float64 working copies: 8 MiB each)
+NORMALIZE_BLOCK = 1 << 20
+
+
+def _normalize_csr(Xc: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
+    """:func:`normalize_log1p` of a CSR matrix in blocks of rows: the result's float32 values
+    beside the input's, sharing its index arrays; float64 arithmetic a block at a time. A
+    million-cell file's normalisation holds one more value array, not three copies."""
+    if not Xc.has_canonical_format:  # a gene stored twice in a row is one value, summed
+        Xc = Xc.copy()
+        Xc.sum_duplicates()
+    indptr, values = Xc.indptr, Xc.data
+    n = Xc.shape[0]
+    lengths = np.diff(indptr)
+    totals = np.zeros(n)
+    out = np.empty(len(values), dtype=np.float32)
+    rows_per_block = max(1, int(NORMALIZE_BLOCK // max(1.0, len(values) / max(n, 1))))
+    for a in range(0, n, rows_per_block):
+        b = min(n, a + rows_per_block)
+        s, e = int(indptr[a]), int(indptr[b])
+        block = values[s:e].astype(np.float64)
+        row_of = np.repeat(np.arange(b - a), lengths[a:b])
+        totals[a:b] = np.bincount(row_of, weights=block, minlength=b - a)
+    _check_totals(totals)
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    for a in range(0, n, rows_per_block):
+        b = min(n, a + rows_per_block)
+        s, e = int(indptr[a]), int(indptr[b])
+        block = values[s:e].astype(np.float64) * np.repeat(scale[a:b], lengths[a:b])
+        out[s:e] = np.log1p(block)
+    return sp.csr_matrix((out, Xc.indices, indptr), shape=Xc.shape)
+
+
 def normalize_log1p(X: Matrix, target_sum: float = TARGET_SUM) -> np.ndarray | sp.csr_matrix:
     """Normalise counts to ``log1p(counts / total * target_sum)`` per cell.
 
@@ -180,13 +213,7 @@ def normalize_log1p(X: Matrix, target_sum: float = TARGET_SUM) -> np.ndarray | s
         TotalOverflowError: a cell's counts sum to infinity (it would silently become empty).
     """
     if sp.issparse(X):
-        Xc = sp.csr_matrix(X, dtype=np.float64)
-        totals = np.asarray(Xc.sum(axis=1)).ravel()
-        _check_totals(totals)
-        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        Xc = sp.csr_matrix(sp.diags(scale) @ Xc)
-        Xc.data = np.log1p(Xc.data)
-        return Xc.astype(np.float32)
+        return _normalize_csr(sp.csr_matrix(X), target_sum)
     Xd = np.asarray(X, dtype=np.float64)
     totals = Xd.sum(axis=1, keepdims=True)
     _check_totals(totals.ravel())

@@ -34,6 +34,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 from benchmarks.file_to_file import CT_PYTHON, celltypist_venv
+from cellexplain.client.cli import score_table
 from cellexplain.models.data import load_default_adata, load_labelled
 from cellexplain.models.train import TrainConfig, dense, fit, logistic_regression_baseline
 
@@ -137,14 +138,7 @@ def main() -> None:
         f"0..{args.seeds - 1}); {platform.machine()}, {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - t0:.0f} s{ct}"
     )
-    print("| model | test accuracy (mean ± sd) | test macro-F1 (mean ± sd) |")
-    print("|---|---:|---:|")
-    for name, vals in results.items():
-        a = np.asarray(vals)
-        print(
-            f"| {name} | {a[:, 0].mean():.3f} ± {a[:, 0].std():.3f} "
-            f"| {a[:, 1].mean():.3f} ± {a[:, 1].std():.3f} |"
-        )
+    print("\n".join(score_table(results)))
 
 
 if __name__ == "__main__":

@@ -199,8 +199,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Train every architecture on the same splits over several seeds; print a table."""
     import tempfile
 
-    import numpy as np
-
     from cellexplain.models.train import train
 
     data = _load(args)
@@ -224,15 +222,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     f"(logistic regression {m.logistic_regression.macro_f1:.3f})",
                     flush=True,
                 )
-    print(f"\n| model | test accuracy | test macro-F1 |  (mean ± sd over {args.seeds} seeds)")
-    print("|---|---|---|")
-    for arch, vals in rows.items():
-        a = np.array(vals)
-        print(
-            f"| {arch} | {a[:, 0].mean():.3f} ± {a[:, 0].std():.3f} "
+    print(f"\n(mean ± sd over {args.seeds} seeds)")
+    print("\n".join(score_table(rows)))
+    return 0
+
+
+def score_table(rows: dict[str, list[tuple[float, float]]]) -> list[str]:
+    """A Markdown table of (accuracy, macro-F1) per model over seeds: mean ± sd."""
+    import numpy as np
+
+    lines = [
+        "| model | test accuracy (mean ± sd) | test macro-F1 (mean ± sd) |",
+        "|---|---:|---:|",
+    ]
+    for name, vals in rows.items():
+        a = np.asarray(vals)
+        lines.append(
+            f"| {name} | {a[:, 0].mean():.3f} ± {a[:, 0].std():.3f} "
             f"| {a[:, 1].mean():.3f} ± {a[:, 1].std():.3f} |"
         )
-    return 0
+    return lines
 
 
 def cmd_models_import(args: argparse.Namespace) -> int:

@@ -54,6 +54,21 @@ class CLIError(Exception):
     """A user error: printed as ``error: ...`` with exit status 2."""
 
 
+def _at_least(low: int) -> Any:
+    """An argparse type: an integer of at least ``low`` (a clear usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from e
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _hidden(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
@@ -71,9 +86,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--gene-key", help="var column with gene symbols (default: var_names)")
     data.add_argument("--layer", help="'raw' for .raw, a layer name, or omit for X")
     data.add_argument(
-        "--n-top-genes", type=int, help="keep the N most variable genes (default all)"
+        "--n-top-genes", type=_at_least(1), help="keep the N most variable genes (default all)"
     )
-    data.add_argument("--min-cells-per-class", type=int, default=5)
+    # the stratified train/validation/test split needs 2 cells of a class at the very least
+    data.add_argument("--min-cells-per-class", type=_at_least(2), default=5)
     model = p.add_argument_group("model")
     model.add_argument("--gene-sets", help="GMT file for programs (default: bundled Hallmark)")
     model.add_argument("--n-free", type=int, default=64, help="programs: free dense units")
@@ -81,8 +97,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
         "--hidden", type=_hidden, help="hidden widths after the first layer, e.g. 64"
     )
     model.add_argument("--dropout", type=float, default=0.2)
-    model.add_argument("--max-epochs", type=int, default=300)
-    model.add_argument("--patience", type=int, default=30, help="early-stopping patience (epochs)")
+    model.add_argument("--max-epochs", type=_at_least(1), default=300)
+    model.add_argument(
+        "--patience", type=_at_least(1), default=30, help="early-stopping patience (epochs)"
+    )
     model.add_argument("--seed", type=int, default=0)
     model.add_argument(
         "--no-refit",

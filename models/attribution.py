@@ -174,8 +174,19 @@ def _float32_interface(
             v.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
-#: |F(x) - F(x0)| below this counts as this in the completeness gap's denominator (logit units)
-GAP_FLOOR = 1e-6
+#: the completeness gap's denominator is |F(x) - F(x0)|, but never below this share of the
+#: attributions' total magnitude (cells whose attributions cancel out: float32 rounding of a sum
+#: over thousands of genes is not a quadrature error)...
+GAP_MAGNITUDE_SHARE = 1e-2
+#: ...nor below this many logit units (a cell with no counts: F(x) = F(x0), all zeros)
+GAP_FLOOR = 1e-3
+
+
+def gap_denominator(rise: np.ndarray, attributions: np.ndarray) -> np.ndarray:
+    """``max(|F(x) - F(x0)|, GAP_MAGNITUDE_SHARE * sum|attributions|, GAP_FLOOR)`` per cell
+    (numpy; the graph computes the same)."""
+    magnitude = np.abs(attributions).sum(axis=1)
+    return np.maximum(np.maximum(np.abs(rise), GAP_MAGNITUDE_SHARE * magnitude), GAP_FLOOR)
 
 
 def _forward(layers: Layers, x: np.ndarray) -> np.ndarray:
@@ -189,19 +200,22 @@ def _forward(layers: Layers, x: np.ndarray) -> np.ndarray:
 
 
 def _completeness_gap(b: _GraphBuilder, logits0: np.ndarray, dtype: type[np.floating[Any]]) -> None:
-    """``completeness_gap`` ``[n]``: ``|sum(attributions) - (F_t(x) - F_t(x0))| /
-    max(|F_t(x) - F_t(x0)|, GAP_FLOOR)`` per cell, from the graph's own outputs (``F_t`` the
-    explained class's logit, ``logits0`` the logits at the baseline). Captum's convergence
-    delta over the size of what the attributions explain: the quadrature error of IG, float
-    rounding for exact methods."""
+    """``completeness_gap`` ``[n]``: ``|sum(attributions) - (F_t(x) - F_t(x0))|`` over
+    :func:`gap_denominator` per cell, from the graph's own outputs (``F_t`` the explained class's
+    logit, ``logits0`` the logits at the baseline). Captum's convergence delta over the size of
+    what the attributions explain: the quadrature error of IG, float rounding for exact
+    methods."""
     axis1 = b.const("axis1", np.array([1], np.int64))
     total = b.op("ReduceSum", ["attributions", axis1], keepdims=0)
     rise = b.op("Sub", ["logits", b.const("logits0", logits0.astype(dtype))])
     t = b.op("Unsqueeze", ["explained_class", axis1])
     explained = b.op("Squeeze", [b.op("GatherElements", [rise, t], axis=1), axis1])
     err = b.op("Abs", [b.op("Sub", [total, explained])])
+    magnitude = b.op("ReduceSum", [b.op("Abs", ["attributions"]), axis1], keepdims=0)
+    share = b.op("Mul", [magnitude, b.const("gap_share", np.array(GAP_MAGNITUDE_SHARE, dtype))])
     floor = b.const("gap_floor", np.array(GAP_FLOOR, dtype=dtype))
-    b.op("Div", [err, b.op("Max", [b.op("Abs", [explained]), floor])], out="completeness_gap")
+    scale = b.op("Max", [b.op("Abs", [explained]), share, floor])
+    b.op("Div", [err, scale], out="completeness_gap")
 
 
 def build_graph(

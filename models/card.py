@@ -170,13 +170,14 @@ class ExportChecks(_Strict):
     probabilities_max_abs_error: float
     completeness_gap: GapDistribution | None = Field(
         default=None,
-        description="the served graph's per-cell completeness gap on these held-out cells "
-        "(cards written before the graph returned it have none)",
+        description="the served graph's per-cell completeness gap on these cells (the test "
+        "split's; a refit model has seen them) (cards written before the graph returned it "
+        "have none)",
     )
     completeness_gap_check_error: float | None = Field(
         default=None,
-        description="max relative difference between the graph's gap and the same computed "
-        "from float64 torch logits",
+        description="max over cells of |graph's gap - the same from float64 torch logits| "
+        "beyond 5% of the gap (must stay under 2e-3)",
     )
     float16: Float16Checks | None = Field(
         default=None, description="for a float16 export: its error versus float32"

@@ -74,6 +74,13 @@ class TrainConfig:
     refit: bool = True
     version: str = "1"
 
+    def __post_init__(self) -> None:
+        for name, low in (("max_epochs", 1), ("patience", 1), ("min_cells_per_class", 2)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.n_top_genes is not None and self.n_top_genes < 1:
+            raise ValueError(f"n_top_genes must be at least 1, got {self.n_top_genes}")
+
 
 @dataclass
 class SplitIndices:

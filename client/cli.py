@@ -31,6 +31,7 @@ EXTRAS = {
     "onnxruntime": "serve",
     "bentoml": "serve",
     "fastapi": "serve",
+    "starlette": "serve",
     "prometheus_client": "serve",
     "simdjson": "serve",
     "orjson": "serve",

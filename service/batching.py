@@ -95,7 +95,7 @@ class Batcher:
         """Run the graph on ``x`` ``[n, n_genes]`` (model input) with per-cell ``target``.
 
         Callable from any event loop; the work is queued on the batcher's loop. Raises
-        :class:`~service.errors.DeadlineExceededError` after ``timeout_s`` (its chunks still
+        :class:`~cellexplain.api.errors.DeadlineExceededError` after ``timeout_s`` (its chunks still
         queued are then skipped)."""
         if self._closed:
             raise NotReadyError(

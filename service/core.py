@@ -82,7 +82,7 @@ class Result:
     """What the core returns for ``n`` cells, as arrays; every front door renders it with its
     codec (:mod:`~cellexplain.service.v1` for the typed REST and gRPC APIs,
     :mod:`~cellexplain.service.oip` for the Open Inference Protocol,
-    :func:`~cellexplain.service.anndata_io.annotations` for AnnData)."""
+    :func:`~cellexplain.service.anndata_io.to_annotations` for AnnData)."""
 
     model: LoadedModel
     options: AnnotateOptions

@@ -1,7 +1,7 @@
 """The REST front door: a BentoML service with the versioned API mounted at ``/v1``.
 
-Only translation lives here: HTTP in, :class:`~service.core.Annotator` call, HTTP out. BentoML
-provides the server processes, ``/livez``, ``/readyz`` and ``/metrics``.
+Only translation lives here: HTTP in, :class:`~cellexplain.service.core.Annotator` call, HTTP
+out. BentoML provides the server processes, ``/livez``, ``/readyz`` and ``/metrics``.
 
 Run: ``bentoml serve cellexplain.service.rest:CellExplain --port 3000`` (``make serve`` does).
 """
@@ -140,10 +140,16 @@ def _decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 async def _reject(scope: Scope, receive: Receive, send: Send, err: ServiceError, oip: bool) -> None:
-    metrics.ERRORS.labels(door="oip-rest" if oip else "rest", type=err.kind).inc()
-    body = err.oip_body() if oip else err.to_dict()
+    await _error_response(err, "oip-rest" if oip else "rest")(scope, receive, send)
+
+
+def _error_response(err: ServiceError, door: str) -> JSONResponse:
+    """``err`` counted and answered in its API's body (``/v1``:
+    :meth:`~cellexplain.api.errors.ServiceError.to_dict`, ``/v2``: ``{error: message}``)."""
+    metrics.ERRORS.labels(door=door, type=err.kind).inc()
+    body = err.oip_body() if door == "oip-rest" else err.to_dict()
     extra = {"WWW-Authenticate": "Bearer"} if isinstance(err, UnauthenticatedError) else None
-    await JSONResponse(body, status_code=err.http_status, headers=extra)(scope, receive, send)
+    return JSONResponse(body, status_code=err.http_status, headers=extra)
 
 
 def _too_large(n: int, limit: int, setting: str) -> TooLargeError:
@@ -248,9 +254,7 @@ def _answer_error(door: str, exc: Exception) -> Response:
         err = from_exception(exc)
         if isinstance(err, InternalError):
             log.error("unexpected error (%s)", door, exc_info=exc)
-    metrics.ERRORS.labels(door=door, type=err.kind).inc()
-    body = err.oip_body() if door == "oip-rest" else err.to_dict()
-    response = JSONResponse(body, status_code=err.http_status)
+    response = _error_response(err, door)
     if isinstance(exc, StarletteHTTPException):
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
     return response

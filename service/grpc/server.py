@@ -1,8 +1,9 @@
 """The gRPC server: typed API, Open Inference Protocol, health checking and reflection.
 
 It runs inside each BentoML worker process, on its own thread and event loop, and shares that
-worker's :class:`~service.core.Annotator` (and so its batchers) with REST. Several workers bind
-the same port (``SO_REUSEPORT``, gRPC's default on Linux) and the kernel spreads connections.
+worker's :class:`~cellexplain.service.core.Annotator` (and so its batchers) with REST.
+Several workers bind the same port (``SO_REUSEPORT``, gRPC's default on Linux) and the kernel
+spreads connections.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """gRPC servicers: translate, call the core, translate back. Errors map to status codes in one
-place (:func:`_abort`), from the same :class:`~service.errors.ServiceError` family as REST."""
+place (:func:`_abort`), from the same :class:`~cellexplain.api.errors.ServiceError` family as
+REST."""
 
 from __future__ import annotations
 

@@ -14,27 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from cellexplain.client.cli import EXTRAS
+
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ("models", "api", "service", "client")
-#: third-party modules that only the `serve` / `train` / `report` extras install
-EXTRA_MODULES = {
-    "onnxruntime",
-    "bentoml",
-    "fastapi",
-    "starlette",
-    "prometheus_client",
-    "simdjson",
-    "orjson",
-    "grpc_health",
-    "grpc_reflection",
-    "grpc_tools",
-    "torch",
-    "captum",
-    "scanpy",
-    "sklearn",
-    "onnx",
-    "matplotlib",
-}
+#: third-party modules that only the `serve` / `train` / `report` extras install:
+#: the CLI's own map of them (which it uses to name the `pip install`), plus the build-only
+#: protobuf compiler
+EXTRA_MODULES = {*EXTRAS, "grpc_tools"}
 
 
 def imports(path: Path) -> list[tuple[str, bool]]:

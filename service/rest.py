@@ -64,7 +64,7 @@ from cellexplain.service.shutdown import ShutdownDeadline
 
 log = logging.getLogger(__name__)
 SETTINGS = Settings.from_env()
-allocator.bound_large_allocations()  # in every worker, before the model and any request
+allocator.tune(trim_every_s=SETTINGS.malloc_trim_s)  # every worker, before the model and requests
 H5AD_MEDIA_TYPE = "application/x-hdf5"
 #: bodies from this size on are parsed off the event loop, one at a time (docs/security.md)
 LARGE_BODY = 1 << 20

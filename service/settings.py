@@ -74,6 +74,12 @@ class Settings(BaseModel):
         description="after SIGTERM, how long in-flight gRPC calls may run on (in-flight HTTP "
         "requests always finish; keep terminationGracePeriodSeconds above both)",
     )
+    malloc_trim_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="how often a worker gives its C heap's free pages back to the system "
+        "(0: never; docs/benchmarks.md section 3)",
+    )
     max_top_k: int = Field(default=100, ge=1)
     missing_genes_listed: int = Field(default=20, ge=0)
     intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime decides")

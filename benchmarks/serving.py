@@ -2,7 +2,7 @@
 
 Starts a real server (``bentoml serve``, REST + gRPC, on free ports) on a model artifact
 (default: ``artifacts/pbmc-programs``), then for each request size drives it with concurrent
-clients for a fixed time through each door, and compares with the model run in-process
+clients (each with its own connection) for a fixed time through each door, and compares with the model run in-process
 (``OnnxModel.predict`` on the same cells, one call per "request"). Doors: the typed API (REST
 JSON with the top 10 genes per cell; gRPC with raw float32 bytes) and the Open Inference Protocol
 (REST with the binary tensor extension; gRPC; the model's own input, full attribution tensors
@@ -38,24 +38,37 @@ pb = load("cellexplain_v1_pb2")
 pb_grpc = load("cellexplain_v1_pb2_grpc")
 
 
-def post_json(http: httpx.Client, body: bytes) -> None:
-    http.post(
-        "/v1/annotate", content=body, headers={"content-type": "application/json"}
-    ).raise_for_status()
+#: a client: called once in its own thread, returns the call it makes in a loop (its own
+#: connection: separate clients are separate connections, which a server with several workers
+#: spreads over them)
+Client = Callable[[], Callable[[], object]]
 
 
-def post_oip(http: httpx.Client, path: str, body: bytes, json_size: int) -> None:
-    http.post(
-        path,
-        content=body,
-        headers={
-            "content-type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(json_size),
-        },
-    ).raise_for_status()
+def rest_client(url: str, path: str, body: bytes, headers: dict[str, str]) -> Client:
+    def connect() -> Callable[[], object]:
+        http = httpx.Client(base_url=url, timeout=120)
+
+        def call() -> None:
+            http.post(path, content=body, headers=headers).raise_for_status()
+
+        return call
+
+    return connect
 
 
-def oip_doors(url: str, target: str, model: str, x: np.ndarray) -> dict[str, Callable[[], object]]:
+def channel(target: str) -> grpc.Channel:
+    """A channel with its own connection (grpc shares one per target within a process)."""
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def annotate_client(target: str, req: object) -> Client:
+    def connect() -> Callable[[], object]:
+        return partial(pb_grpc.CellExplainStub(channel(target)).Annotate, req)
+
+    return connect
+
+
+def oip_doors(url: str, target: str, model: str, x: np.ndarray) -> dict[str, Client]:
     """Open Inference Protocol calls through Triton's own client library (pre-encoded)."""
     import tritonclient.grpc as tgrpc
     import tritonclient.http as thttp
@@ -66,16 +79,23 @@ def oip_doors(url: str, target: str, model: str, x: np.ndarray) -> dict[str, Cal
     body, json_size = thttp.InferenceServerClient.generate_request_body(
         [hx], outputs=[thttp.InferRequestedOutput(o, binary_data=True) for o in outputs]
     )
-    http = httpx.Client(base_url=url, timeout=120)
     gx = tgrpc.InferInput("x", list(x.shape), "FP32")
     gx.set_data_from_numpy(x)
-    grpc_client = tgrpc.InferenceServerClient(target)
     g_outputs = [tgrpc.InferRequestedOutput(o) for o in outputs]
+
+    def grpc_client() -> Callable[[], object]:
+        client = tgrpc.InferenceServerClient(
+            target, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        return partial(client.infer, model, [gx], outputs=g_outputs)
+
+    headers = {
+        "content-type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(json_size or len(body)),
+    }
     return {
-        "OIP REST /v2 (binary)": partial(
-            post_oip, http, f"/v2/models/{model}/infer", body, json_size or len(body)
-        ),
-        "OIP gRPC ModelInfer": partial(grpc_client.infer, model, [gx], outputs=g_outputs),
+        "OIP REST /v2 (binary)": rest_client(url, f"/v2/models/{model}/infer", body, headers),
+        "OIP gRPC ModelInfer": grpc_client,
     }
 
 
@@ -94,15 +114,24 @@ def cpu_seconds(pid: int | None) -> float:
     return total
 
 
-def drive(call: Callable[[], object], clients: int, seconds: float) -> tuple[int, list[float]]:
-    """``clients`` threads calling ``call`` in a loop for ``seconds``; (calls, latencies)."""
+def drive(connect: Client, clients: int, seconds: float) -> tuple[int, list[float]]:
+    """``clients`` threads, each connected once, calling in a loop for ``seconds`` (counted
+    once all are connected and have made a first call); (calls, latencies)."""
     latencies: list[float] = []
     lock = threading.Lock()
-    stop = time.monotonic() + seconds
+    stop = [0.0]
+
+    def start() -> None:  # run once, when every client is ready
+        stop[0] = time.monotonic() + seconds
+
+    ready = threading.Barrier(clients, action=start)
 
     def worker() -> None:
+        call = connect()
+        call()  # warm-up: the connection is open
+        ready.wait()
         mine = []
-        while time.monotonic() < stop:
+        while time.monotonic() < stop[0]:
             t0 = time.perf_counter()
             call()
             mine.append(time.perf_counter() - t0)
@@ -136,9 +165,6 @@ def main() -> None:
         import_into_store(Path(args.artifact), Path(home))
         env = {"CELLEXPLAIN_MODELS": model.card.name, "CELLEXPLAIN_WORKERS": str(args.workers)}
         with bentoml_server(Path(home), env) as srv:
-            http = httpx.Client(base_url=srv.url, timeout=120)
-            channel = grpc.insecure_channel(srv.grpc)
-            stub = pb_grpc.CellExplainStub(channel)
             for n in args.sizes:
                 x = X[:n]
                 # encoded once: the clients should measure the server, not their own JSON
@@ -150,32 +176,37 @@ def main() -> None:
                     dense=pb.DenseMatrix(n_cells=n, raw_le_float32=x.astype("<f4").tobytes()),
                     options=pb.AnnotateOptions(input=pb.INPUT_LOG1P_CP10K, top_k=10),
                 )
-                doors: dict[str, Callable[[], object]] = {
-                    "in-process onnxruntime": partial(model.predict, x),
-                    "REST /v1/annotate": partial(post_json, http, body),
-                    "gRPC Annotate": partial(stub.Annotate, req),
+                json_headers = {"content-type": "application/json"}
+                doors: dict[str, Client] = {
+                    "in-process onnxruntime": partial(partial, model.predict, x),
+                    "REST /v1/annotate": rest_client(srv.url, "/v1/annotate", body, json_headers),
+                    "gRPC Annotate": annotate_client(srv.grpc, req),
                     **oip_doors(srv.url, srv.grpc, model.card.name, x),
                 }
                 base = None
-                for door, call in doors.items():
-                    clients = 1 if door.startswith("in-process") else args.clients
-                    call()  # warm-up
-                    # CPU of the side doing the work: the server's processes, or this one
-                    pid = None if door.startswith("in-process") else srv.proc.pid
-                    cpu0 = cpu_seconds(pid)
-                    calls, lat = drive(call, clients, args.seconds)
-                    cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / (calls * n / 1000)
+                for door, connect in doors.items():
+                    in_process = door.startswith("in-process")
+                    clients = 1 if in_process else args.clients
+                    # CPU of the side doing the work (the server's processes, or this one for
+                    # in-process), and of the clients (this process) beside the server
+                    pid = None if in_process else srv.proc.pid
+                    cpu0, mine0 = cpu_seconds(pid), time.process_time()
+                    calls, lat = drive(connect, clients, args.seconds)
+                    per_1k = calls * n / 1000
+                    cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / per_1k
+                    client_ms = 0.0 if in_process else (time.process_time() - mine0) * 1000 / per_1k
                     rate = calls * n / args.seconds
                     base = base or rate
                     q = np.percentile(np.asarray(lat) * 1000, [50, 99])
-                    rows.append((n, door, clients, rate, q[0], q[1], rate / base, cpu_ms))
+                    rows.append(
+                        (n, door, clients, rate, q[0], q[1], rate / base, cpu_ms, client_ms)
+                    )
                     print(
                         f"{n:>5} cells/request  {door:<22} {rate:>9,.0f} cells/s  "
                         f"p50 {q[0]:7.1f} ms  p99 {q[1]:7.1f} ms  {rate / base:5.2f}x  "
-                        f"{cpu_ms:6.1f} CPU-ms/1k cells",
+                        f"{cpu_ms:6.1f} CPU-ms/1k cells (+{client_ms:.1f} clients)",
                         flush=True,
                     )
-            channel.close()
     print(
         f"\n# serving: {model.card.name}, {args.clients} concurrent clients, "
         f"{args.workers} worker(s), {args.seconds:g} s per cell; {platform.machine()}, "
@@ -183,13 +214,13 @@ def main() -> None:
     )
     print(
         "| cells/request | door | clients | cells/s | p50 (ms) | p99 (ms) | vs in-process "
-        "| CPU-ms per 1k cells |"
+        "| CPU-ms per 1k cells | clients' CPU-ms per 1k cells |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for n, door, clients, rate, p50, p99, ratio, cpu_ms in rows:
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for n, door, clients, rate, p50, p99, ratio, cpu_ms, client_ms in rows:
         print(
             f"| {n} | {door} | {clients} | {rate:,.0f} | {p50:.1f} | {p99:.1f} | {ratio:.2f} "
-            f"| {cpu_ms:.0f} |"
+            f"| {cpu_ms:.0f} | {client_ms:.0f} |"
         )
 
 

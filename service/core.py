@@ -12,7 +12,6 @@ the result (:mod:`cellexplain.service.v1`, :mod:`cellexplain.service.oip`,
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -183,8 +182,7 @@ class Annotator:
         providers = available_providers(
             settings.prefer_gpu, settings.tensorrt, settings.trt_cache_dir or None
         )
-        # share the cores between worker processes instead of oversubscribing them
-        threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        threads = settings.onnxruntime_threads
         loaded: list[LoadedModel] = []
         sources: list[tuple[str, Path]] = []
         for tag in settings.models:

@@ -306,7 +306,7 @@ for _api, _door in ((app, "rest"), (v2, "oip-rest")):
 
 @bentoml.service(
     name="cellexplain",
-    workers=SETTINGS.workers,
+    workers=SETTINGS.n_workers,
     traffic={"timeout": SETTINGS.request_timeout_s + 30},  # parsing + serialising too
     http={"port": SETTINGS.http_port},
 )

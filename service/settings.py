@@ -6,14 +6,56 @@ service reads the environment.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ENV_PREFIX = "CELLEXPLAIN_"
 #: variables for clients (``cellexplain annotate``), not for the service
 CLIENT_PREFIX = "CELLEXPLAIN_CLIENT_"
+#: most worker processes started when their number is left to the machine (each holds a copy
+#: of every model and ~400 MB)
+MAX_AUTO_WORKERS = 4
+#: cgroup v2 and v1 CPU quota files (a container's CPU limit)
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def cgroup_cpu_limit(
+    cpu_max: Path = CGROUP_CPU_MAX,
+    v1_quota: Path = CGROUP_V1_QUOTA,
+    v1_period: Path = CGROUP_V1_PERIOD,
+) -> float | None:
+    """The container's CPU limit in CPUs (a Kubernetes ``limits.cpu``), or ``None`` if it has
+    none or the files cannot be read."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        q, p = int(v1_quota.read_text()), int(v1_period.read_text())
+        return None if q <= 0 or p <= 0 else q / p
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, bounded by the container's CPU limit
+    (rounded up). ``os.cpu_count()`` counts the node's cores, which in a pod limited to 2 CPUs
+    on a 64-core node would start 64 onnxruntime threads per worker."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        n = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, math.ceil(limit))
+    return max(1, n)
 
 
 class Settings(BaseModel):
@@ -41,7 +83,12 @@ class Settings(BaseModel):
     grpc_enabled: bool = Field(default=True, description="serve gRPC beside REST")
     grpc_host: str = "[::]"
     grpc_port: int = 50051
-    workers: int = Field(default=1, ge=1)
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="worker processes; 0: one per usable CPU (the affinity mask and the "
+        f"container's CPU limit), at most {MAX_AUTO_WORKERS}",
+    )
     max_cells_per_request: int = Field(default=10_000, ge=1)
     max_genes_per_request: int = Field(default=60_000, ge=1)
     max_body_bytes: int = Field(
@@ -82,7 +129,9 @@ class Settings(BaseModel):
     )
     max_top_k: int = Field(default=100, ge=1)
     missing_genes_listed: int = Field(default=20, ge=0)
-    intra_op_threads: int = Field(default=0, ge=0, description="0: onnxruntime decides")
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="onnxruntime threads per worker; 0: the usable CPUs / workers"
+    )
     ort_spinning: bool = Field(
         default=False,
         description="let onnxruntime's idle threads spin-wait for work (lower latency on "
@@ -96,6 +145,17 @@ class Settings(BaseModel):
     trt_cache_dir: str = Field(
         default="", description="TensorRT engine cache (default: $TMPDIR/cellexplain-trt)"
     )
+
+    @property
+    def n_workers(self) -> int:
+        """Worker processes to start (``workers``, or one per usable CPU)."""
+        return self.workers or min(usable_cpus(), MAX_AUTO_WORKERS)
+
+    @property
+    def onnxruntime_threads(self) -> int:
+        """onnxruntime threads per worker: ``intra_op_threads``, or the usable CPUs shared
+        among the workers (not oversubscribed)."""
+        return self.intra_op_threads or max(1, usable_cpus() // self.n_workers)
 
     @field_validator("models", "model_dirs", "api_keys", mode="before")
     @classmethod

@@ -133,3 +133,44 @@ def test_the_worker_allocator_reuses_batch_buffers_and_gives_them_back():
     assert r["applied"]
     assert r["freed"] - r["before"] > 100, r  # freed, yet resident: reused by the next request
     assert r["released"] and r["freed"] - r["trimmed"] > 100, r  # trimmed: back to the system
+
+
+def test_the_container_cpu_limit_is_read_from_cgroup_v2_then_v1(tmp_path):
+    from cellexplain.service.settings import cgroup_cpu_limit
+
+    v2, q, p = tmp_path / "cpu.max", tmp_path / "quota", tmp_path / "period"
+    assert cgroup_cpu_limit(v2, q, p) is None  # no files: not in a limited container
+    v2.write_text("250000 100000\n")
+    assert cgroup_cpu_limit(v2, q, p) == 2.5
+    v2.write_text("max 100000\n")
+    assert cgroup_cpu_limit(v2, q, p) is None
+    v2.unlink()
+    q.write_text("50000\n")
+    p.write_text("100000\n")
+    assert cgroup_cpu_limit(v2, q, p) == 0.5
+    q.write_text("-1\n")
+    assert cgroup_cpu_limit(v2, q, p) is None
+
+
+def test_workers_and_threads_follow_the_usable_cpus(monkeypatch):
+    """workers=0 starts a worker per usable CPU (at most MAX_AUTO_WORKERS), and onnxruntime's
+    threads share the CPUs among the workers; explicit values win."""
+    from cellexplain.service import settings as s
+
+    for cpus, workers, threads in [(1, 1, 1), (2, 2, 1), (3, 3, 1), (16, 4, 4)]:
+        monkeypatch.setattr(s, "usable_cpus", lambda cpus=cpus: cpus)
+        auto = s.Settings()
+        assert (auto.n_workers, auto.onnxruntime_threads) == (workers, threads)
+    monkeypatch.setattr(s, "usable_cpus", lambda: 8)
+    one = s.Settings.from_env({"CELLEXPLAIN_WORKERS": "1"})
+    assert (one.n_workers, one.onnxruntime_threads) == (1, 8)
+    fixed = s.Settings.from_env({"CELLEXPLAIN_WORKERS": "2", "CELLEXPLAIN_INTRA_OP_THREADS": "3"})
+    assert (fixed.n_workers, fixed.onnxruntime_threads) == (2, 3)
+
+
+def test_usable_cpus_is_bounded_by_the_affinity_mask():
+    import os
+
+    from cellexplain.service.settings import usable_cpus
+
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))

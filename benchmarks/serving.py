@@ -2,11 +2,11 @@
 
 Starts a real server (``bentoml serve``, REST + gRPC, on free ports) on a model artifact
 (default: ``artifacts/pbmc-programs``), then for each request size drives it with concurrent
-clients (each with its own connection) for a fixed time through each door, and compares with
-the model run in-process (``OnnxModel.predict`` on the same cells, one call per "request"). Doors: the typed API (REST
-JSON with the top 10 genes per cell; gRPC with raw float32 bytes) and the Open Inference Protocol
-(REST with the binary tensor extension; gRPC; the model's own input, full attribution tensors
-back). Usage:
+clients (each with its own connection) for a fixed time through each door, and compares with the
+model run in-process (``OnnxModel.predict`` on the same cells, one call per "request"). Doors:
+the typed API (REST JSON with the top 10 genes per cell; gRPC with raw float32 bytes) and the
+Open Inference Protocol (REST with the binary tensor extension; gRPC; the model's own input,
+full attribution tensors back). Usage:
 
     python -m benchmarks.serving [--artifact DIR] [--sizes 1 64 1024] [--clients 8] [--seconds 10]
 """

@@ -32,6 +32,7 @@ import psutil
 from cellexplain.api.codegen import load
 from cellexplain.models.data import load_default_adata
 from cellexplain.models.runtime import OnnxModel
+from cellexplain.service.settings import Settings
 from tests.integration.servers import bentoml_server, import_into_store
 
 pb = load("cellexplain_v1_pb2")
@@ -152,7 +153,9 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 64, 1024])
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--workers", type=int, default=0, help="server workers (0, the default: one per CPU)"
+    )
     args = p.parse_args()
 
     pbmc = load_default_adata()
@@ -209,7 +212,8 @@ def main() -> None:
                     )
     print(
         f"\n# serving: {model.card.name}, {args.clients} concurrent clients, "
-        f"{args.workers} worker(s), {args.seconds:g} s per cell; {platform.machine()}, "
+        f"{Settings(workers=args.workers).n_workers} worker(s), {args.seconds:g} s per cell; "
+        f"{platform.machine()}, "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     )
     print(

@@ -323,6 +323,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                 models=[] if args.model_dir else [args.model or "pbmc-programs"],
                 model_dirs=[args.model_dir] if args.model_dir else [],
                 max_cells_per_request=max(args.chunk_size, 1),
+                workers=1,  # this process alone: onnxruntime gets every usable CPU
             )
             backend = LocalBackend(Annotator.from_settings(settings))
         else:

@@ -158,11 +158,19 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.n
     return to_array(name, datatype, shape, np.frombuffer(raw, dtype=dtype.newbyteorder("<")))
 
 
-def to_raw(t: Tensor) -> bytes:
-    """Encode a tensor as raw little-endian bytes (BYTES: 4-byte length before each element)."""
+def raw_view(t: Tensor) -> np.ndarray | bytes:
+    """A tensor's raw form without a copy where there is one: numbers as a C-contiguous
+    little-endian array (the tensor's own when it already is), BYTES as bytes (a 4-byte length
+    before each element)."""
     if t.datatype == "BYTES":
         return b"".join(struct.pack("<I", len(b)) + b for b in t.data.ravel())
-    return np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<")).tobytes()
+    return np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<"))
+
+
+def to_raw(t: Tensor) -> bytes:
+    """Encode a tensor as raw little-endian bytes (BYTES: 4-byte length before each element)."""
+    raw = raw_view(t)
+    return raw if isinstance(raw, bytes) else raw.tobytes()
 
 
 async def infer(

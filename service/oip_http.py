@@ -17,7 +17,7 @@ import simdjson
 
 from cellexplain.api.errors import InvalidInputError, brief
 from cellexplain.service import jsonbody
-from cellexplain.service.oip import Tensor, from_raw, to_array, to_raw
+from cellexplain.service.oip import Tensor, from_raw, raw_view, to_array
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -191,17 +191,22 @@ def _numbers(value: Any, datatype: str, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.int64 if integer else np.float64)
 
 
+def _size(raw: np.ndarray | bytes) -> int:
+    return raw.nbytes if isinstance(raw, np.ndarray) else len(raw)
+
+
 def encode(
     model: str, version: str, req: HttpInferRequest, outputs: list[Tensor]
-) -> tuple[bytes, dict[str, str]]:
-    """The response body and extra headers (binary outputs after a JSON header)."""
-    blobs: list[bytes] = []
+) -> tuple[bytes | memoryview, dict[str, str]]:
+    """The response body and extra headers (binary outputs after a JSON header). Binary
+    outputs are written once, straight into the body's buffer."""
+    blobs: list[np.ndarray | bytes] = []
     out_json: list[dict[str, Any]] = []
     for t in outputs:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
         if t.name in req.binary_outputs or (req.binary_default and req.requested is None):
-            raw = to_raw(t)
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            raw = raw_view(t)
+            entry["parameters"] = {"binary_data_size": _size(raw)}
             blobs.append(raw)
         elif t.datatype == "BYTES":
             entry["data"] = [b.decode() for b in t.data.ravel()]
@@ -214,7 +219,16 @@ def encode(
     head = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return head, {"content-type": "application/json"}
-    return head + b"".join(blobs), {
+    sizes = [_size(b) for b in blobs]
+    out = bytearray(len(head) + sum(sizes))
+    dst = np.frombuffer(out, dtype=np.uint8)
+    dst[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    at = len(head)
+    for blob, size in zip(blobs, sizes, strict=True):
+        src = blob.reshape(-1).view(np.uint8) if isinstance(blob, np.ndarray) else blob
+        dst[at : at + size] = np.frombuffer(src, dtype=np.uint8) if isinstance(src, bytes) else src
+        at += size
+    return memoryview(out), {
         "content-type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(head)),
     }

@@ -485,8 +485,8 @@ class CellExplain:
         )
         req = await _parse_body(body, decode)
         lm, outputs = await oip.infer(self.annotator, name, version, req.inputs, req.requested)
-        body, headers = oip_http.encode(lm.name, lm.model.card.version, req, outputs)
-        return Response(body, headers=headers)
+        answer, headers = oip_http.encode(lm.name, lm.model.card.version, req, outputs)
+        return Response(answer, headers=headers)
 
 
 CellExplain.add_asgi_middleware(Gate, settings=SETTINGS)  # type: ignore[attr-defined]

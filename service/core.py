@@ -399,16 +399,25 @@ class Annotator:
                 kind = detect_input_kind(head).kind
             except PreprocessError as e:
                 raise InvalidInputError(f"{e} (or set input explicitly)", "cells") from e
-        x = np.empty((n, len(alignment.take)), dtype=np.float32)
         # working copies hold a chunk's stored values: a dense row's width, a CSR row's entries
         per_row = X.nnz // max(n, 1) if sp.issparse(X) else X.shape[1]  # type: ignore[union-attr]
         step = max(1, min(s.max_batch_cells, CHUNK_VALUES // max(1, per_row)))
-        for a in range(0, n, step):
-            # counts are summed per cell in float64; log1p values are checked and aligned in
-            # the precision they came in (float32 from the binary doors: no copy)
-            chunk = _float64(X[a : a + step]) if kind == "counts" else _floating(X[a : a + step])
-            _require_valid(chunk, lambda i, j, a=a: where(a + i, j))  # type: ignore[misc]
-            x[a : a + step] = alignment.apply(self._normalise(chunk, kind, a))
+
+        def rows(a: int) -> np.ndarray:
+            """Model input for rows ``a...a+step``: counts are summed per cell in float64; log1p
+            values are checked and aligned in the precision they came in (float32 from the
+            binary doors: no copy, and none either when the genes are the model's, in order)."""
+            block = X[a : a + step]
+            chunk = _float64(block) if kind == "counts" else _floating(block)
+            _require_valid(chunk, lambda i, j: where(a + i, j))
+            return alignment.apply(self._normalise(chunk, kind, a))
+
+        if n <= step:  # one chunk: its aligned values are the input
+            x = np.ascontiguousarray(rows(0), dtype=np.float32)
+        else:  # filled a chunk at a time: the working copies stay O(chunk)
+            x = np.empty((n, len(alignment.take)), dtype=np.float32)
+            for a in range(0, n, step):
+                x[a : a + step] = rows(a)
         return Prepared(x=x, alignment=alignment, n_submitted=len(genes), input_kind=kind)
 
     # -- helpers ---------------------------------------------------------------------------

@@ -217,7 +217,7 @@ async def infer(
             f"{', '.join(available)}",
             "outputs",
         )
-    res = await annotator.infer(lm.name, x.data.astype(np.float32), target)
+    res = await annotator.infer(lm.name, x.data.astype(np.float32, copy=False), target)
     arrays = {
         "logits": res.logits,
         "probabilities": res.probabilities,

@@ -210,6 +210,11 @@ async def infer(
             )
     available = output_names(lm)
     names = list(requested) if requested else available
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidInputError(
+            f"output(s) asked for twice: {', '.join(brief(n) for n in twice[:5])}", "outputs"
+        )
     bad = [n for n in names if n not in available]
     if bad:
         raise InvalidInputError(

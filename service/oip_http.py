@@ -27,8 +27,15 @@ class HttpInferRequest:
     id: str | None
     inputs: list[Tensor]
     requested: list[str] | None
-    binary_outputs: set[str]
+    #: each requested output's own ``binary_data`` parameter, where it gives one
+    binary_outputs: dict[str, bool]
+    #: the request's ``binary_data_output`` parameter: outputs without their own choice
     binary_default: bool
+
+    def binary(self, name: str) -> bool:
+        """Whether output ``name`` is sent as binary data (its own choice, else the request's,
+        as the binary tensor extension says)."""
+        return self.binary_outputs.get(name, self.binary_default)
 
 
 #: dimensions an input tensor may have, and the largest dimension (OIP shapes are int64)
@@ -108,7 +115,7 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
                 jsonbody.restore_non_json(data)  # FP64 sentinels before any cast
         inputs.append(Tensor(name, datatype, list(shape), data))
     requested = None
-    binary_outputs: set[str] = set()
+    binary_outputs: dict[str, bool] = {}
     if "outputs" in req and req["outputs"] is not None:
         outputs = req["outputs"]
         if not isinstance(outputs, simdjson.Array):
@@ -123,13 +130,13 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
                     "each output must be an object with a string name", "outputs"
                 )
             requested.append(name)
-            wants = _parameters(o, f"outputs[{j}].parameters").get("binary_data", False)
-            if not isinstance(wants, bool):
+            wants = _parameters(o, f"outputs[{j}].parameters").get("binary_data")
+            if wants is not None and not isinstance(wants, bool):
                 raise InvalidInputError(
                     f"outputs[{j}].parameters.binary_data must be true or false", "outputs"
                 )
-            if wants:
-                binary_outputs.add(name)
+            if wants is not None:
+                binary_outputs[name] = wants
     binary_default = params.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise InvalidInputError("parameters.binary_data_output must be true or false", "parameters")
@@ -204,7 +211,7 @@ def encode(
     out_json: list[dict[str, Any]] = []
     for t in outputs:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
-        if t.name in req.binary_outputs or (req.binary_default and req.requested is None):
+        if req.binary(t.name):
             raw = raw_view(t)
             entry["parameters"] = {"binary_data_size": _size(raw)}
             blobs.append(raw)

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -59,11 +60,14 @@ from cellexplain.service.anndata_io import open_h5ad_result, read_h5ad_upload, w
 from cellexplain.service.core import Annotator
 from cellexplain.service.grpc.server import GrpcServer
 from cellexplain.service.h5ad_check import Limits
-from cellexplain.service.settings import Settings
+from cellexplain.service.settings import Settings, SettingsError
 from cellexplain.service.shutdown import ShutdownDeadline
 
 log = logging.getLogger(__name__)
-SETTINGS = Settings.from_env()
+try:
+    SETTINGS = Settings.from_env()
+except SettingsError as e:  # one line naming the variable, not a traceback through the loader
+    sys.exit(f"cellexplain: {e}")
 allocator.tune(trim_every_s=SETTINGS.malloc_trim_s)  # every worker, before the model and requests
 H5AD_MEDIA_TYPE = "application/x-hdf5"
 #: bodies from this size on are parsed off the event loop, one at a time (docs/security.md)

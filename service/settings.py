@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "CELLEXPLAIN_"
 #: variables for clients (``cellexplain annotate``), not for the service
@@ -34,7 +34,9 @@ def cgroup_cpu_limit(
     none or the files cannot be read."""
     try:
         quota, period = cpu_max.read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
+        if quota == "max" or int(period) <= 0:
+            return None
+        return int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:
@@ -58,10 +60,15 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
+class SettingsError(ValueError):
+    """A ``CELLEXPLAIN_*`` variable is unknown or its value is not valid; the message names
+    the variable."""
+
+
 class Settings(BaseModel):
     """Service settings. Each field ``foo_bar`` is read from ``CELLEXPLAIN_FOO_BAR``."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     models: list[str] = Field(
         default_factory=lambda: ["pbmc-programs"],
@@ -174,6 +181,15 @@ class Settings(BaseModel):
                 name = key[len(ENV_PREFIX) :].lower()
                 if name not in cls.model_fields:
                     known = ", ".join(ENV_PREFIX + f.upper() for f in cls.model_fields)
-                    raise ValueError(f"unknown setting {key}; known settings: {known}")
+                    raise SettingsError(f"unknown setting {key}; known settings: {known}")
                 values[name] = value
-        return cls.model_validate(values)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            problems = []
+            for err in e.errors():
+                name = str(err["loc"][0]) if err["loc"] else ""
+                var = ENV_PREFIX + name.upper()
+                shown = f"={values[name]!r}" if name in values else ""
+                problems.append(f"{var}{shown}: {err['msg']}")
+            raise SettingsError("bad setting: " + "; ".join(problems)) from None

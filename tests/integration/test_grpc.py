@@ -4,6 +4,7 @@ write."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import grpc
@@ -360,3 +361,46 @@ def test_oip_rest_json_error_format(server):
     assert r.status_code == 404 and "unknown model" in r.json()["error"]
     r = httpx.get(f"{server.url}/v2/models/{MODEL}/versions/7/ready")
     assert r.status_code == 400 and "version" in r.json()["error"]
+
+
+def test_oip_rest_binary_choices_follow_the_binary_tensor_extension(server, cells):
+    """``binary_data_output`` is the default for every output without its own ``binary_data``
+    (listed or not); an output's own choice wins; the binary outputs decode to the JSON ones."""
+    _, X, _ = cells
+    x = X[:3]
+    url = f"{server.url}/v2/models/{MODEL}/infer"
+    inputs = [{"name": "x", "datatype": "FP32", "shape": [3, 765], "data": x.ravel().tolist()}]
+    plain = httpx.post(url, json={"inputs": inputs, "outputs": [{"name": "probabilities"}]})
+    assert plain.status_code == 200
+    want = np.array(plain.json()["outputs"][0]["data"], dtype=np.float32).reshape(3, -1)
+    body = {
+        "inputs": inputs,
+        "parameters": {"binary_data_output": True},
+        "outputs": [
+            {"name": "probabilities"},  # no choice of its own: the request's default (binary)
+            {"name": "labels", "parameters": {"binary_data": False}},  # its own choice
+        ],
+    }
+    r = httpx.post(url, json=body)
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    head = json.loads(r.content[:n])
+    probs, labels = head["outputs"]
+    assert probs["name"] == "probabilities" and "data" not in probs
+    size = probs["parameters"]["binary_data_size"]
+    assert n + size == len(r.content)
+    got = np.frombuffer(r.content[n : n + size], dtype="<f4").reshape(3, -1)
+    np.testing.assert_array_equal(got, want)
+    assert labels["name"] == "labels" and len(labels["data"]) == 3
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_oip_an_output_asked_for_twice_is_refused(transport, triton_http, triton_grpc, cells):
+    _, X, _ = cells
+    mod = thttp if transport == "http" else tgrpc
+    client = triton_http if transport == "http" else triton_grpc
+    x = mod.InferInput("x", [1, 765], "FP32")
+    x.set_data_from_numpy(X[:1])
+    twice = [mod.InferRequestedOutput("labels"), mod.InferRequestedOutput("labels")]
+    with pytest.raises(InferenceServerException, match="asked for twice: 'labels'"):
+        client.infer(MODEL, [x], outputs=twice)

@@ -196,3 +196,29 @@ def test_sigterm_exit_fits_the_budget_whatever_clients_do(programs_home, gracefu
     assert elapsed <= grace + EXIT_MARGIN_S + 3, f"exited {elapsed:.1f} s after SIGTERM"
     if graceful_flag:  # the clean path does not need the watchdog
         assert elapsed <= grace + 3, f"exited {elapsed:.1f} s after SIGTERM"
+
+
+def test_a_bad_setting_stops_the_server_with_one_line_naming_the_variable(tmp_path):
+    """No traceback through BentoML's loader: the variable, its value and the problem."""
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "CELLEXPLAIN_WORKERS": "abc",
+        "CELLEXPLAIN_MALLOC_TRIM_S": "inf",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", "serve", "cellexplain.service.rest:CellExplain"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert lines[-1].startswith("cellexplain: bad setting: CELLEXPLAIN_WORKERS='abc'"), lines
+    assert "CELLEXPLAIN_MALLOC_TRIM_S='inf': Input should be a finite number" in lines[-1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -174,3 +176,27 @@ def test_usable_cpus_is_bounded_by_the_affinity_mask():
     from cellexplain.service.settings import usable_cpus
 
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_bad_settings_name_their_variable_and_value():
+    from cellexplain.service.settings import Settings, SettingsError
+
+    for env, expected in [
+        ({"CELLEXPLAIN_WORKERS": "-1"}, "CELLEXPLAIN_WORKERS='-1': Input should be greater"),
+        (
+            {"CELLEXPLAIN_MALLOC_TRIM_S": "nan"},
+            "CELLEXPLAIN_MALLOC_TRIM_S='nan': Input should be a finite",
+        ),
+        ({"CELLEXPLAIN_REQUEST_TIMEOUT_S": "inf"}, "CELLEXPLAIN_REQUEST_TIMEOUT_S='inf'"),
+        ({"CELLEXPLAIN_WORKRES": "2"}, "unknown setting CELLEXPLAIN_WORKRES"),
+    ]:
+        with pytest.raises(SettingsError, match=re.escape(expected)):
+            Settings.from_env(env)
+
+
+def test_a_cgroup_period_of_zero_means_no_limit(tmp_path):
+    from cellexplain.service.settings import cgroup_cpu_limit
+
+    v2 = tmp_path / "cpu.max"
+    v2.write_text("100000 0\n")
+    assert cgroup_cpu_limit(v2, tmp_path / "q", tmp_path / "p") is None

@@ -16,7 +16,7 @@ reused from the heap, only bodies larger than that are mapped; fixing it also st
 adjustment) and a thread gives the arenas' free pages back every ``trim_every_s``
 (``malloc_trim``). Measured on 2 cores, 1024 cells per request (docs/benchmarks.md section 3):
 server CPU per 1000 cells 52 -> 43 ms (typed gRPC), 45 -> 38 ms (OIP REST); a 90 s REST soak
-+45 MB (threshold 1 MiB, no trimming) -> +15 MB.
++45 MB (threshold 1 MiB, no trimming) -> +15 and +43 MB in two runs (+70-87 MB untrimmed).
 """
 
 from __future__ import annotations

@@ -344,6 +344,9 @@ def test_oip_errors(transport, triton_http, triton_grpc, cells):
         client.infer(MODEL, [short])
     with pytest.raises(InferenceServerException, match="unknown output"):
         client.infer(MODEL, [x], outputs=[mod.InferRequestedOutput("embeddings")])
+    twice = [mod.InferRequestedOutput("labels"), mod.InferRequestedOutput("labels")]
+    with pytest.raises(InferenceServerException, match="asked for twice: 'labels'"):
+        client.infer(MODEL, [x], outputs=twice)
     neg = mod.InferInput("x", [1, 765], "FP32")
     neg.set_data_from_numpy(-np.ones((1, 765), np.float32))
     with pytest.raises(InferenceServerException, match="negative"):
@@ -392,15 +395,3 @@ def test_oip_rest_binary_choices_follow_the_binary_tensor_extension(server, cell
     got = np.frombuffer(r.content[n : n + size], dtype="<f4").reshape(3, -1)
     np.testing.assert_array_equal(got, want)
     assert labels["name"] == "labels" and len(labels["data"]) == 3
-
-
-@pytest.mark.parametrize("transport", ["http", "grpc"])
-def test_oip_an_output_asked_for_twice_is_refused(transport, triton_http, triton_grpc, cells):
-    _, X, _ = cells
-    mod = thttp if transport == "http" else tgrpc
-    client = triton_http if transport == "http" else triton_grpc
-    x = mod.InferInput("x", [1, 765], "FP32")
-    x.set_data_from_numpy(X[:1])
-    twice = [mod.InferRequestedOutput("labels"), mod.InferRequestedOutput("labels")]
-    with pytest.raises(InferenceServerException, match="asked for twice: 'labels'"):
-        client.infer(MODEL, [x], outputs=twice)

@@ -146,20 +146,70 @@ def _cells(res: Result) -> _Cells:
     return _Cells(names, label_code, top, top_values, prog, prog_values, free, gap)
 
 
-def _json_numbers(values: np.ndarray) -> list[bytes]:
-    """float32 values as JSON numbers, flattened in C order: one orjson call, then a split.
+def _objects(items: list[bytes] | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """bytes pieces as an object array of ``shape`` (filled in C, no Python loop)."""
+    a = np.empty(len(items), dtype=object)
+    a[:] = items
+    return a.reshape(shape)
+
+
+def _json_numbers(values: np.ndarray) -> np.ndarray:
+    """float32 values as JSON numbers, an object array of ``values``' shape: one orjson call,
+    then a split.
 
     Written as the float64 the float32 is (``0.9935251474380493``, not the float32's shortest
     ``0.99352515``), so a JSON client reads bit for bit what a protobuf client reads."""
     flat = np.ascontiguousarray(values, dtype=np.float32).astype(np.float64).ravel()
     if flat.size == 0:
-        return []
-    return orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
+        return np.empty(values.shape, dtype=object)
+    pieces = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
+    return _objects(pieces, values.shape)
 
 
-def _rows(pieces: list[bytes], n: int, k: int) -> list[bytes]:
-    """``n`` rows of ``k`` JSON pieces each, comma-joined."""
-    return [b",".join(pieces[i * k : (i + 1) * k]) for i in range(n)]
+class _Rows:
+    """A response's cells as rows of byte pieces (``[n, pieces]``), filled a column (or a block
+    of columns) at a time with numpy and joined once per cell: no Python loop over values."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._blocks: list[np.ndarray] = []
+
+    def add(self, *columns: bytes | np.ndarray) -> None:
+        """Columns in order: a bytes constant (every cell), an ``[n]`` or ``[n, k]`` array."""
+        for c in columns:
+            if isinstance(c, bytes):
+                block = np.empty((self.n, 1), dtype=object)
+                block[:] = c
+            else:
+                block = c.reshape(self.n, -1)
+            self._blocks.append(block)
+
+    def interleave(self, *grids: np.ndarray | bytes, last: bytes | None = None) -> None:
+        """``[n, k]`` (or ``[k]``: the same for every cell) grids and constants woven column
+        by column: g0[:, 0], g1[:, 0], ..., g0[:, 1], ... (a list of k entries of several
+        pieces each); ``last`` replaces the final piece (a separator after the last entry)."""
+        k = next(g.shape[-1] for g in grids if isinstance(g, np.ndarray))
+        if k == 0:
+            return
+        block = np.empty((self.n, k * len(grids)), dtype=object)
+        for j, g in enumerate(grids):
+            block[:, j :: len(grids)] = g
+        if last is not None:
+            block[:, -1] = last
+        self._blocks.append(block)
+
+    def joined(self) -> bytes:
+        """Every cell's pieces, in order, as one bytes."""
+        if not self._blocks:
+            return b""
+        return b"".join(np.concatenate(self._blocks, axis=1).ravel().tolist())
+
+    def cells(self) -> list[bytes]:
+        """Each cell's pieces joined."""
+        if not self._blocks:
+            return [b""] * self.n
+        rows = np.concatenate(self._blocks, axis=1).tolist()
+        return [b"".join(r) for r in rows]
 
 
 def json_bytes(res: Result) -> bytes:
@@ -169,64 +219,35 @@ def json_bytes(res: Result) -> bytes:
     c = _cells(res)
     nm = c.names
     n = len(res)
-    explain = opts.attributions != "none"
-    labels = nm.label_json[c.label_code].tolist()
-    predicted = nm.class_json[res.best].tolist()
-    confidence = _json_numbers(res.confidence)
-    explained = nm.class_json[res.explained_class].tolist() if explain else None
-    ids = [orjson.dumps(i) for i in res.cell_ids]
-    probs = None
+    rows = _Rows(n)
+    ids = _objects([orjson.dumps(i) for i in res.cell_ids], (n,))
+    rows.add(b'{"id":', ids, b',"label":', nm.label_json[c.label_code])
+    rows.add(b',"predicted_label":', nm.class_json[res.best])
+    rows.add(b',"confidence":', _json_numbers(res.confidence))
+    if opts.attributions != "none":
+        rows.add(b',"explained_class":', nm.class_json[res.explained_class])
     if opts.return_probabilities:
-        n_classes = len(res.classes)
-        values = _json_numbers(res.probabilities)
-        keys = nm.prob_json.tolist() * n
-        probs = _rows([k + v for k, v in zip(keys, values, strict=True)], n, n_classes)
-    top = None
+        rows.add(b',"probabilities":{')
+        rows.interleave(nm.prob_json, _json_numbers(res.probabilities), b",", last=b"")
+        rows.add(b"}")
     if c.top is not None and c.top_values is not None:
-        k = c.top.shape[1]
-        values = _json_numbers(c.top_values)
-        prefixes = nm.gene_json[c.top].ravel().tolist()
-        top = _rows([p + v + b"}" for p, v in zip(prefixes, values, strict=True)], n, k)
-    full = opts.attributions == "full"
-    progs = free = None
-    if c.programs is not None and c.program_values is not None and c.free is not None:
-        k = c.programs.shape[1]
-        values = _json_numbers(c.program_values)
-        prefixes = nm.program_json[c.programs].ravel().tolist()
-        progs = _rows([p + v + b"}" for p, v in zip(prefixes, values, strict=True)], n, k)
-        free = _json_numbers(c.free)
-    gaps = None if c.gap is None else _json_numbers(c.gap)
-    full_rows: list[bytes] = []
-    if full:  # a row per orjson call: no Python object per value (the answer's bulk)
+        rows.add(b',"top_genes":[')
+        rows.interleave(nm.gene_json[c.top], _json_numbers(c.top_values), b"},", last=b"}")
+        rows.add(b"]")
+    elif opts.attributions == "full":  # a row per orjson call: no Python object per value
         wide = res.attributions.astype(np.float64)
-        full_rows = [orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) for row in wide]
-    out = []
-    for i in range(n):
-        parts = [
-            b'{"id":',
-            ids[i],
-            b',"label":',
-            labels[i],
-            b',"predicted_label":',
-            predicted[i],
-            b',"confidence":',
-            confidence[i],
-        ]
-        if explained is not None:
-            parts += [b',"explained_class":', explained[i]]
-        if probs is not None:
-            parts += [b',"probabilities":{', probs[i], b"}"]
-        if top is not None:
-            parts += [b',"top_genes":[', top[i], b"]"]
-        elif full:
-            parts += [b',"attributions":', full_rows[i]]
-        if progs is not None and free is not None:
-            parts += [b',"program_attributions":[', progs[i], b'],"free_units_attribution":']
-            parts.append(free[i])
-        if gaps is not None:
-            parts += [b',"completeness_gap":', gaps[i]]
-        parts.append(b"}")
-        out.append(b"".join(parts))
+        full = [orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) for row in wide]
+        rows.add(b',"attributions":', _objects(full, (n,)))
+    if c.programs is not None and c.program_values is not None and c.free is not None:
+        rows.add(b',"program_attributions":[')
+        rows.interleave(
+            nm.program_json[c.programs], _json_numbers(c.program_values), b"},", last=b"}"
+        )
+        rows.add(b'],"free_units_attribution":', _json_numbers(c.free))
+    if c.gap is not None:
+        rows.add(b',"completeness_gap":', _json_numbers(c.gap))
+    rows.add(b"}")
+    out = rows.cells()
     assert res.matching is not None
     head = {
         "model": res.model.name,
@@ -236,18 +257,22 @@ def json_bytes(res: Result) -> bytes:
         "unassigned_threshold": res.threshold,
         "gene_matching": res.matching.model_dump(),
     }
-    if full:
+    if opts.attributions == "full":
         head["attribution_genes"] = list(res.card.genes)
     body = orjson.dumps(head)[:-1] + b',"cells":[' + b",".join(out) + b"]}"
     metrics.ATTRIBUTION_SECONDS.labels(model=res.model.name).observe(time.perf_counter() - t0)
     return body
 
 
-def _f32_pieces(values: np.ndarray) -> list[bytes]:
-    """float32 values as their 4 little-endian bytes each, flattened in C order."""
+def _f32_pieces(values: np.ndarray) -> np.ndarray:
+    """float32 values as their 4 little-endian bytes each, an object array of ``values``'
+    shape."""
     raw = np.ascontiguousarray(values, dtype="<f4").tobytes()
-    pieces: list[bytes] = np.frombuffer(raw, dtype="V4").tolist()  # bytes objects, in C
-    return pieces
+    return np.frombuffer(raw, dtype="V4").astype(object).reshape(values.shape)
+
+
+#: varint encodings of the lengths most cells have
+_VARINTS = _objects([_varint(i) for i in range(1 << 14)], (1 << 14,))
 
 
 def protobuf_bytes(res: Result) -> bytes:
@@ -259,61 +284,32 @@ def protobuf_bytes(res: Result) -> bytes:
     c = _cells(res)
     nm = c.names
     n = len(res)
-    explain = opts.attributions != "none"
-    labels = nm.label_pb[c.label_code].tolist()
-    predicted = nm.predicted_pb[res.best].tolist()
-    conf_key = _key(_CONFIDENCE, 5)
-    confidence = _f32_pieces(res.confidence)
-    explained = nm.explained_pb[res.explained_class].tolist() if explain else None
-    ids = [_string(_ID, i) if i else b"" for i in res.cell_ids]
-    probs = None
+    rows = _Rows(n)
+    rows.add(_objects([_string(_ID, i) if i else b"" for i in res.cell_ids], (n,)))
+    rows.add(nm.label_pb[c.label_code], nm.predicted_pb[res.best])
+    rows.add(_key(_CONFIDENCE, 5), _f32_pieces(res.confidence))
+    if opts.attributions != "none":
+        rows.add(nm.explained_pb[res.explained_class])
     if opts.return_probabilities:
-        n_classes = len(res.classes)
-        keys = nm.prob_pb.tolist() * n
-        pieces = [k + v for k, v in zip(keys, _f32_pieces(res.probabilities), strict=True)]
-        probs = [b"".join(pieces[i * n_classes : (i + 1) * n_classes]) for i in range(n)]
-    top = None
+        rows.interleave(nm.prob_pb, _f32_pieces(res.probabilities))
     if c.top is not None and c.top_values is not None:
-        k = c.top.shape[1]
-        prefixes = nm.gene_pb[c.top].ravel().tolist()
-        pieces = [p + v for p, v in zip(prefixes, _f32_pieces(c.top_values), strict=True)]
-        top = [b"".join(pieces[i * k : (i + 1) * k]) for i in range(n)]
-    full = None
-    if opts.attributions == "full":
+        rows.interleave(nm.gene_pb[c.top], _f32_pieces(c.top_values))
+    elif opts.attributions == "full" and res.attributions.shape[1]:
         g = res.attributions.shape[1]
-        head = _key(_ATTRIBUTIONS, 2) + _varint(4 * g)
-        raw = np.ascontiguousarray(res.attributions, dtype="<f4").tobytes()
-        full = [head + raw[i * 4 * g : (i + 1) * 4 * g] for i in range(n)] if g else None
-    progs = free = None
+        raw = np.ascontiguousarray(res.attributions, dtype="<f4")
+        per_cell = raw.view(np.dtype((np.void, 4 * g))).reshape(n).astype(object)
+        rows.add(_key(_ATTRIBUTIONS, 2) + _varint(4 * g), per_cell)
     if c.programs is not None and c.program_values is not None and c.free is not None:
-        k = c.programs.shape[1]
-        prefixes = nm.program_pb[c.programs].ravel().tolist()
-        pieces = [p + v for p, v in zip(prefixes, _f32_pieces(c.program_values), strict=True)]
-        progs = [b"".join(pieces[i * k : (i + 1) * k]) for i in range(n)]
-        free_key = _key(_FREE, 5)
-        free = [free_key + v for v in _f32_pieces(c.free)]
-    gaps = None
+        rows.interleave(nm.program_pb[c.programs], _f32_pieces(c.program_values))
+        rows.add(_key(_FREE, 5), _f32_pieces(c.free))
     if c.gap is not None:
-        gap_key = _key(_GAP, 5)
-        gaps = [gap_key + v for v in _f32_pieces(c.gap)]
-    cell_key = _key(_CELLS, 2)
-    out = []
-    for i in range(n):
-        parts = [ids[i], labels[i], predicted[i], conf_key, confidence[i]]
-        if explained is not None:
-            parts.append(explained[i])
-        if probs is not None:
-            parts.append(probs[i])
-        if top is not None:
-            parts.append(top[i])
-        elif full is not None:
-            parts.append(full[i])
-        if progs is not None and free is not None:
-            parts += [progs[i], free[i]]
-        if gaps is not None:
-            parts.append(gaps[i])
-        cell = b"".join(parts)
-        out += [cell_key, _varint(len(cell)), cell]
+        rows.add(_key(_GAP, 5), _f32_pieces(c.gap))
+    cells = rows.cells()
+    lengths = np.fromiter(map(len, cells), dtype=np.int64, count=n)
+    framed = _Rows(n)
+    short = bool(n == 0 or lengths.max() < len(_VARINTS))
+    sizes = _VARINTS[lengths] if short else _objects([_varint(v) for v in lengths.tolist()], (n,))
+    framed.add(_key(_CELLS, 2), sizes, _objects(cells, (n,)))
     assert res.matching is not None
     header = pb.AnnotateResponse(
         model=res.model.name,
@@ -324,6 +320,6 @@ def protobuf_bytes(res: Result) -> bytes:
         gene_matching=pb.GeneMatching(**res.matching.model_dump()),
         attribution_genes=list(res.card.genes) if opts.attributions == "full" else [],
     ).SerializeToString()
-    body = header + b"".join(out)
+    body = header + framed.joined()
     metrics.ATTRIBUTION_SECONDS.labels(model=res.model.name).observe(time.perf_counter() - t0)
     return body

@@ -30,7 +30,7 @@ from cellexplain.api.schemas import (
     ModelSummary,
 )
 from cellexplain.models.card import ModelCard
-from cellexplain.models.errors import PreprocessError
+from cellexplain.models.errors import ArtifactError, PreprocessError, StoreError
 from cellexplain.models.preprocess import (
     MAX_LOG1P_VALUE,
     TotalOverflowError,
@@ -43,7 +43,7 @@ from cellexplain.models.runtime import OnnxModel, Prediction, available_provider
 from cellexplain.service import metrics
 from cellexplain.service.alignment import Alignment, GeneAligner
 from cellexplain.service.batching import Batcher
-from cellexplain.service.settings import Settings
+from cellexplain.service.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,50 @@ def _require_valid(
         )
 
 
+def resolve_models(settings: Settings) -> list[tuple[str, Path]]:
+    """``(tag, folder)`` of every model the settings name (store tags, then folders), checked
+    before anything loads: each exists and is intact, their names are distinct, the default
+    is one of them.
+
+    Raises:
+        SettingsError: naming the variable at fault (the server stops with it, at start).
+    """
+    from cellexplain.models.store import get_model, verify_artifact
+
+    sources: list[tuple[str, Path]] = []
+    names: list[str] = []
+    for tag in settings.models:
+        try:
+            stored = get_model(tag)
+        except (StoreError, ArtifactError) as e:
+            raise SettingsError(
+                f"CELLEXPLAIN_MODELS: {e} (`cellexplain models list` shows the stored ones)"
+            ) from None
+        sources.append((stored.tag, stored.path))
+        names.append(stored.card.name)
+    for d in settings.model_dirs:
+        try:
+            card = verify_artifact(d)
+        except (StoreError, ArtifactError) as e:
+            raise SettingsError(f"CELLEXPLAIN_MODEL_DIRS: {e}") from None
+        sources.append((f"dir:{d}", Path(d)))
+        names.append(card.name)
+    if not sources:
+        raise SettingsError(
+            "no models to serve: set CELLEXPLAIN_MODELS (store tags) or CELLEXPLAIN_MODEL_DIRS "
+            "(artifact folders)"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SettingsError(f"two served models are named {twice[0]!r}: serve one of them")
+    if settings.default_model is not None and settings.default_model not in names:
+        raise SettingsError(
+            f"CELLEXPLAIN_DEFAULT_MODEL={settings.default_model!r} is not a served model; "
+            f"served: {', '.join(names)}"
+        )
+    return sources
+
+
 class Annotator:
     """Holds the served models and annotates requests against them."""
 
@@ -177,27 +221,17 @@ class Annotator:
     @classmethod
     def from_settings(cls, settings: Settings) -> Annotator:
         """Load every model the settings name (store tags, then folders) and warm them up."""
-        from cellexplain.models.store import get_model
-
         providers = available_providers(
             settings.prefer_gpu, settings.tensorrt, settings.trt_cache_dir or None
         )
         threads = settings.onnxruntime_threads
         loaded: list[LoadedModel] = []
-        sources: list[tuple[str, Path]] = []
-        for tag in settings.models:
-            stored = get_model(tag)
-            sources.append((stored.tag, stored.path))
-        for d in settings.model_dirs:
-            sources.append((f"dir:{d}", Path(d)))
-        for tag, path in sources:
+        for tag, path in resolve_models(settings):
             m = OnnxModel(
                 path, providers=providers, intra_op_threads=threads, spinning=settings.ort_spinning
             )
             m.predict(np.zeros((2, len(m.genes)), np.float32))  # warm-up
             name = m.card.name
-            if any(lm.name == name for lm in loaded):
-                raise ValueError(f"two served models are named {name!r}")
             loaded.append(
                 LoadedModel(
                     name,

@@ -130,12 +130,13 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
                     "each output must be an object with a string name", "outputs"
                 )
             requested.append(name)
-            wants = _parameters(o, f"outputs[{j}].parameters").get("binary_data")
-            if wants is not None and not isinstance(wants, bool):
-                raise InvalidInputError(
-                    f"outputs[{j}].parameters.binary_data must be true or false", "outputs"
-                )
-            if wants is not None:
+            own = _parameters(o, f"outputs[{j}].parameters")
+            if "binary_data" in own:
+                wants = own["binary_data"]
+                if not isinstance(wants, bool):
+                    raise InvalidInputError(
+                        f"outputs[{j}].parameters.binary_data must be true or false", "outputs"
+                    )
                 binary_outputs[name] = wants
     binary_default = params.get("binary_data_output", False)
     if not isinstance(binary_default, bool):

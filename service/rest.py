@@ -57,7 +57,7 @@ from cellexplain.api.schemas import (
 )
 from cellexplain.service import allocator, auth, jsonbody, metrics, oip, oip_http, v1
 from cellexplain.service.anndata_io import open_h5ad_result, read_h5ad_upload, write_result
-from cellexplain.service.core import Annotator
+from cellexplain.service.core import Annotator, resolve_models
 from cellexplain.service.grpc.server import GrpcServer
 from cellexplain.service.h5ad_check import Limits
 from cellexplain.service.settings import Settings, SettingsError
@@ -318,6 +318,15 @@ for _api, _door in ((app, "rest"), (v2, "oip-rest")):
 @bentoml.asgi_app(v2, path="/")  # passive mount: its routes are /v2/...
 class CellExplain:
     """Serves the configured models over REST (and, from the same core, gRPC)."""
+
+    @bentoml.on_deployment
+    def _check_models() -> None:
+        """Once, before any worker starts: a model that is missing stops the server with one
+        line, rather than workers that fail and are restarted without end."""
+        try:
+            resolve_models(SETTINGS)
+        except SettingsError as e:
+            sys.exit(f"cellexplain: {e}")
 
     def __init__(self) -> None:
         self.annotator = Annotator.from_settings(SETTINGS)

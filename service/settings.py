@@ -86,10 +86,10 @@ class Settings(BaseModel):
         description="if set (comma-separated, from a Secret), REST /v1 /v2 and gRPC calls need "
         "'Authorization: Bearer KEY' or 'X-API-Key: KEY'; health and metrics stay open",
     )
-    http_port: int = 3000
+    http_port: int = Field(default=3000, ge=1, le=65535)
     grpc_enabled: bool = Field(default=True, description="serve gRPC beside REST")
     grpc_host: str = "[::]"
-    grpc_port: int = 50051
+    grpc_port: int = Field(default=50051, ge=1, le=65535)
     workers: int = Field(
         default=0,
         ge=0,
@@ -171,25 +171,45 @@ class Settings(BaseModel):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _some_key(cls, v: object) -> object:
+        """An empty Secret must not turn authentication off unnoticed (unset: no keys)."""
+        if isinstance(v, str) and not v.replace(",", "").strip():
+            raise ValueError("set but holds no key; unset it to serve without keys")
+        return v
+
+    @field_validator("malloc_trim_s")
+    @classmethod
+    def _trim_period(cls, v: float) -> float:
+        if 0 < v < 0.1:
+            raise ValueError("must be 0 (never) or at least 0.1 s (trimming costs a few ms)")
+        return v
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from ``CELLEXPLAIN_*`` variables; unknown ones are an error (typos)."""
         env = os.environ if environ is None else environ
         values: dict[str, str] = {}
+        problems: list[str] = []
         for key, value in env.items():
             if key.startswith(ENV_PREFIX) and not key.startswith(CLIENT_PREFIX):
                 name = key[len(ENV_PREFIX) :].lower()
-                if name not in cls.model_fields:
-                    known = ", ".join(ENV_PREFIX + f.upper() for f in cls.model_fields)
-                    raise SettingsError(f"unknown setting {key}; known settings: {known}")
-                values[name] = value
+                if name in cls.model_fields:
+                    values[name] = value
+                else:
+                    problems.append(f"{key!r} is not a setting")
         try:
-            return cls.model_validate(values)
+            settings = cls.model_validate(values)
         except ValidationError as e:
-            problems = []
             for err in e.errors():
                 name = str(err["loc"][0]) if err["loc"] else ""
                 var = ENV_PREFIX + name.upper()
                 shown = f"={values[name]!r}" if name in values else ""
                 problems.append(f"{var}{shown}: {err['msg']}")
-            raise SettingsError("bad setting: " + "; ".join(problems)) from None
+        if problems:
+            known = ", ".join(ENV_PREFIX + f.upper() for f in cls.model_fields)
+            if any("is not a setting" in p for p in problems):
+                problems.append(f"known settings: {known}")
+            raise SettingsError("bad setting: " + "; ".join(problems))
+        return settings

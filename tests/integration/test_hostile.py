@@ -398,6 +398,11 @@ def _x(shape, data=None, **extra) -> dict:
         },
         {"inputs": [_x([1, 765], [0.0] * 765)], "parameters": []},
         {"inputs": [_x([1, 765], [0.0] * 765)], "parameters": {"binary_data_output": "yes"}},
+        {"inputs": [_x([1, 765], [0.0] * 765)], "parameters": {"binary_data_output": None}},
+        {
+            "inputs": [_x([1, 765], [0.0] * 765)],
+            "outputs": [{"name": "labels", "parameters": {"binary_data": None}}],
+        },
         {"inputs": [_x([1, 765], [0.0] * 765, parameters="x")]},
         {"inputs": [_x([1, 765], [0.0] * 765, parameters={"binary_data_size": "9"})]},
         {"inputs": [_x([1, 765], [0.0] * 765)], "outputs": {"name": "labels"}},

@@ -188,7 +188,7 @@ def test_bad_settings_name_their_variable_and_value():
             "CELLEXPLAIN_MALLOC_TRIM_S='nan': Input should be a finite",
         ),
         ({"CELLEXPLAIN_REQUEST_TIMEOUT_S": "inf"}, "CELLEXPLAIN_REQUEST_TIMEOUT_S='inf'"),
-        ({"CELLEXPLAIN_WORKRES": "2"}, "unknown setting CELLEXPLAIN_WORKRES"),
+        ({"CELLEXPLAIN_WORKRES": "2"}, "'CELLEXPLAIN_WORKRES' is not a setting"),
     ]:
         with pytest.raises(SettingsError, match=re.escape(expected)):
             Settings.from_env(env)
@@ -200,3 +200,47 @@ def test_a_cgroup_period_of_zero_means_no_limit(tmp_path):
     v2 = tmp_path / "cpu.max"
     v2.write_text("100000 0\n")
     assert cgroup_cpu_limit(v2, tmp_path / "q", tmp_path / "p") is None
+
+
+def test_settings_report_every_problem_at_once_and_refuse_what_would_pass_silently():
+    from cellexplain.service.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError) as e:
+        Settings.from_env(
+            {"CELLEXPLAIN_FOO": "1", "CELLEXPLAIN_BAR": "2", "CELLEXPLAIN_WORKERS": "x"}
+        )
+    text = str(e.value)
+    assert "\n" not in text
+    for part in ("'CELLEXPLAIN_FOO' is not a setting", "'CELLEXPLAIN_BAR' is not a setting"):
+        assert part in text
+    assert "CELLEXPLAIN_WORKERS='x'" in text
+    for env in (
+        {"CELLEXPLAIN_API_KEYS": " , "},  # an empty Secret: not "authentication off"
+        {"CELLEXPLAIN_GRPC_PORT": "70000"},
+        {"CELLEXPLAIN_HTTP_PORT": "0"},
+        {"CELLEXPLAIN_MALLOC_TRIM_S": "1e-300"},  # a busy loop of trimming
+    ):
+        with pytest.raises(SettingsError, match=re.escape(next(iter(env)))):
+            Settings.from_env(env)
+    assert Settings.from_env({"CELLEXPLAIN_MODELS": ""}).models == []  # only model dirs
+
+
+def test_models_are_resolved_before_anything_loads(tmp_path, programs_model):
+    """Missing or clashing models name the variable at fault (the server's deployment hook
+    stops with it, instead of workers restarting without end)."""
+    from cellexplain.service.core import resolve_models
+    from cellexplain.service.settings import Settings, SettingsError
+
+    for settings, expected in [
+        (Settings(models=[], model_dirs=[]), "no models to serve"),
+        (Settings(models=[], model_dirs=[str(tmp_path)]), "CELLEXPLAIN_MODEL_DIRS:"),
+    ]:
+        with pytest.raises(SettingsError, match=expected):
+            resolve_models(settings)
+    _, folder = programs_model
+    one = Settings(models=[], model_dirs=[str(folder)])
+    assert resolve_models(one) == [(f"dir:{folder}", folder)]
+    with pytest.raises(SettingsError, match="two served models are named"):
+        resolve_models(Settings(models=[], model_dirs=[str(folder), str(folder)]))
+    with pytest.raises(SettingsError, match="CELLEXPLAIN_DEFAULT_MODEL='nope' is not a served"):
+        resolve_models(Settings(models=[], model_dirs=[str(folder)], default_model="nope"))

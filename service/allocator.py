@@ -11,12 +11,15 @@ the heap arenas. Both ends cost something:
 * on the heap, buffers are reused without faults, but the arenas keep their high-water mark:
   freed memory stays resident (a REST soak worker grew 620 -> 700 MB in 90 s).
 
-So a worker fixes the threshold at :data:`MMAP_THRESHOLD_BYTES` (16 MiB: a batch's arrays are
-reused from the heap, only bodies larger than that are mapped; fixing it also stops glibc's
-adjustment) and a thread gives the arenas' free pages back every ``trim_every_s``
-(``malloc_trim``). Measured on 2 cores, 1024 cells per request (docs/benchmarks.md section 3):
-server CPU per 1000 cells 52 -> 43 ms (typed gRPC), 45 -> 38 ms (OIP REST); a 90 s REST soak
-+45 MB (threshold 1 MiB, no trimming) -> +15 and +43 MB in two runs (+70-87 MB untrimmed).
+So a worker fixes the threshold at :data:`MMAP_THRESHOLD_BYTES` (64 MiB: a batch's arrays and
+the JSON parser's tape for bodies up to ~8 MB are reused from the heap; larger blocks are mapped;
+fixing it also stops glibc's adjustment) and a thread gives the arenas' free pages back every
+``trim_every_s`` (``malloc_trim``), which bounds how long the heap holds a peak. Measured on 2
+cores, 1024 cells per request (docs/benchmarks.md section 3), server CPU per 1000 cells: typed
+gRPC 52 -> 43 ms, OIP REST 45 -> 38 ms (16 MiB); typed REST 100 -> 89 ms (64 MiB against 16: the
+parser's buffers, ~75 MB reserved for a 7.6 MB body, no longer fault). 90 s REST soak memory
+growth: +45 MB before (1 MiB, no trimming), +15 / +43 (16 MiB), +62 / +28 (64 MiB), +70 to +87
+untrimmed; the bound is +64.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 #: glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 #: blocks from this size on are mapped, and unmapped when freed; smaller ones are reused
-MMAP_THRESHOLD_BYTES = 16 << 20
+MMAP_THRESHOLD_BYTES = 64 << 20
 
 _trimmer: threading.Thread | None = None
 

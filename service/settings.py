@@ -94,7 +94,7 @@ class Settings(BaseModel):
         default=0,
         ge=0,
         description="worker processes; 0: one per usable CPU (the affinity mask and the "
-        f"container's CPU limit), at most {MAX_AUTO_WORKERS}",
+        f"container's CPU limit), at most {MAX_AUTO_WORKERS}, or one on a GPU",
     )
     max_cells_per_request: int = Field(default=10_000, ge=1)
     max_genes_per_request: int = Field(default=60_000, ge=1)
@@ -155,8 +155,19 @@ class Settings(BaseModel):
 
     @property
     def n_workers(self) -> int:
-        """Worker processes to start (``workers``, or one per usable CPU)."""
-        return self.workers or min(usable_cpus(), MAX_AUTO_WORKERS)
+        """Worker processes to start: ``workers``, or one per usable CPU; one when the models
+        run on a GPU (one process feeds it; its batcher merges every request)."""
+        if self.workers:
+            return self.workers
+        return 1 if self.uses_gpu else min(usable_cpus(), MAX_AUTO_WORKERS)
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether onnxruntime will run the models on a GPU (CUDA or TensorRT provider)."""
+        from cellexplain.models.runtime import available_providers, provider_name
+
+        first = available_providers(self.prefer_gpu, self.tensorrt, self.trt_cache_dir or None)[0]
+        return provider_name(first) != "CPUExecutionProvider"
 
     @property
     def onnxruntime_threads(self) -> int:

@@ -168,6 +168,10 @@ def test_workers_and_threads_follow_the_usable_cpus(monkeypatch):
     assert (one.n_workers, one.onnxruntime_threads) == (1, 8)
     fixed = s.Settings.from_env({"CELLEXPLAIN_WORKERS": "2", "CELLEXPLAIN_INTRA_OP_THREADS": "3"})
     assert (fixed.n_workers, fixed.onnxruntime_threads) == (2, 3)
+    assert s.Settings().uses_gpu is False  # this machine: the CPU provider
+    monkeypatch.setattr(s.Settings, "uses_gpu", property(lambda self: True))
+    on_gpu = s.Settings()  # one process feeds the GPU, with every CPU for onnxruntime
+    assert (on_gpu.n_workers, on_gpu.onnxruntime_threads) == (1, 8)
 
 
 def test_usable_cpus_is_bounded_by_the_affinity_mask():

@@ -490,13 +490,12 @@ class CellExplain:
         """Inference on the model's own input ``x`` (FP32 [n, n_genes], log1p CP10k of the
         model's genes in card order) and optional ``target`` (INT64)."""
         body = await request.body()
-        decode = functools.partial(
-            oip_http.decode,
-            body,
-            request.headers.get(oip_http.HEADER_LENGTH),
-            SETTINGS.max_cells_per_request,
-        )
-        req = await _parse_body(body, decode)
+        header = request.headers.get(oip_http.HEADER_LENGTH)
+        decode = functools.partial(oip_http.decode, body, header, SETTINGS.max_cells_per_request)
+        json_size = None  # the JSON part's size (decode checks the header, refusing a bad one)
+        if header is not None and header.isascii() and header.isdigit() and len(header) < 19:
+            json_size = min(int(header), len(body))
+        req = await _parse_body(body, decode, json_size)
         lm, outputs = await oip.infer(self.annotator, name, version, req.inputs, req.requested)
         answer, headers = oip_http.encode(lm.name, lm.model.card.version, req, outputs)
         return Response(answer, headers=headers)
@@ -505,10 +504,12 @@ class CellExplain:
 CellExplain.add_asgi_middleware(Gate, settings=SETTINGS)  # type: ignore[attr-defined]
 
 
-async def _parse_body(body: bytes, parse: Callable[[], T]) -> T:
-    """Run ``parse`` on a request body: small ones inline; from :data:`LARGE_BODY` on, off the
-    event loop and one at a time per worker, so parsers' memory peaks do not add up."""
-    if len(body) < LARGE_BODY:
+async def _parse_body(body: bytes, parse: Callable[[], T], json_size: int | None = None) -> T:
+    """Run ``parse`` on a request body: small ones inline; from :data:`LARGE_BODY` of JSON on
+    (``json_size``: the JSON part, default the whole body), off the event loop and one at a time
+    per worker, so parsers' memory peaks do not add up. Binary tensors after a small JSON header
+    are read in place: inline, with no thread hand-off."""
+    if (len(body) if json_size is None else json_size) < LARGE_BODY:
         return parse()
     async with _LARGE_PARSE:
         return await run_in_threadpool(parse)

@@ -45,6 +45,31 @@ MAX_DIM = 2**31 - 1
 INPUT_DATATYPES = {"x": ("FP32", "FP64", "FP16"), "target": ("INT64", "INT32")}
 
 
+def json_size(header_length: str | None, body_size: int) -> int | None:
+    """The JSON part's size given by ``Inference-Header-Content-Length`` (``None``: no header,
+    the body is all JSON).
+
+    Raises:
+        InvalidInputError: not a number of bytes, or more than the body holds.
+    """
+    if header_length is None:
+        return None
+    # digits only, and few enough for int() (a 5,000-digit header would exceed its limit)
+    if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 18):
+        raise InvalidInputError(
+            f"Inference-Header-Content-Length must be a number of bytes, got "
+            f"{brief(header_length)}",
+            "headers",
+        )
+    n = int(header_length)
+    if n > body_size:
+        raise InvalidInputError(
+            f"Inference-Header-Content-Length {n} does not fit a body of {body_size} bytes",
+            "headers",
+        )
+    return n
+
+
 def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> HttpInferRequest:
     """Parse an inference request body (JSON, or JSON header + binary tensors).
 
@@ -52,22 +77,8 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
     (:mod:`cellexplain.service.jsonbody`), so a body never becomes a Python object per value;
     every field is type-checked (a wrong type anywhere is a 400, never a 500).
     """
-    if header_length is not None:
-        if not (header_length.isascii() and header_length.isdigit()):
-            raise InvalidInputError(
-                f"Inference-Header-Content-Length must be a number of bytes, got "
-                f"{brief(header_length)}",
-                "headers",
-            )
-        n = int(header_length)
-        if n > len(body):
-            raise InvalidInputError(
-                f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes",
-                "headers",
-            )
-        head, binary = body[:n], body[n:]
-    else:
-        head, binary = body, b""
+    n = json_size(header_length, len(body))
+    head, binary = (body, b"") if n is None else (body[:n], body[n:])
     jsonbody.check_containers(head, max_cells)
     req, non_json = jsonbody.parse(head)
     if not isinstance(req, simdjson.Object) or not isinstance(req.get("inputs"), simdjson.Array):
@@ -205,7 +216,7 @@ def _size(raw: np.ndarray | bytes) -> int:
 
 def encode(
     model: str, version: str, req: HttpInferRequest, outputs: list[Tensor]
-) -> tuple[bytes | memoryview, dict[str, str]]:
+) -> tuple[bytes, dict[str, str]]:
     """The response body and extra headers (binary outputs after a JSON header). Binary
     outputs are written once, straight into the body's buffer."""
     blobs: list[np.ndarray | bytes] = []
@@ -227,16 +238,7 @@ def encode(
     head = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return head, {"content-type": "application/json"}
-    sizes = [_size(b) for b in blobs]
-    out = bytearray(len(head) + sum(sizes))
-    dst = np.frombuffer(out, dtype=np.uint8)
-    dst[: len(head)] = np.frombuffer(head, dtype=np.uint8)
-    at = len(head)
-    for blob, size in zip(blobs, sizes, strict=True):
-        src = blob.reshape(-1).view(np.uint8) if isinstance(blob, np.ndarray) else blob
-        dst[at : at + size] = np.frombuffer(src, dtype=np.uint8) if isinstance(src, bytes) else src
-        at += size
-    return memoryview(out), {
+    return b"".join([head, *blobs]), {  # one copy: join takes the arrays' buffers
         "content-type": "application/octet-stream",
         "Inference-Header-Content-Length": str(len(head)),
     }

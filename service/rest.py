@@ -492,10 +492,7 @@ class CellExplain:
         body = await request.body()
         header = request.headers.get(oip_http.HEADER_LENGTH)
         decode = functools.partial(oip_http.decode, body, header, SETTINGS.max_cells_per_request)
-        json_size = None  # the JSON part's size (decode checks the header, refusing a bad one)
-        if header is not None and header.isascii() and header.isdigit() and len(header) < 19:
-            json_size = min(int(header), len(body))
-        req = await _parse_body(body, decode, json_size)
+        req = await _parse_body(body, decode, oip_http.json_size(header, len(body)))
         lm, outputs = await oip.infer(self.annotator, name, version, req.inputs, req.requested)
         answer, headers = oip_http.encode(lm.name, lm.model.card.version, req, outputs)
         return Response(answer, headers=headers)

@@ -432,6 +432,7 @@ def test_oip_rest_raw_bodies_and_headers(client):
         (b'{"inputs": []}', {"Inference-Header-Content-Length": "\u0661\u0662".encode()}),
         (b'{"inputs": []}', {"Inference-Header-Content-Length": "12a"}),
         (b'{"inputs": []}', {"Inference-Header-Content-Length": "99999"}),
+        (b'{"inputs": []}', {"Inference-Header-Content-Length": "9" * 5000}),  # beyond int()
         (b"\xff\xfe", None),
     ]:
         r = _v2(client, body, headers)  # type: ignore[arg-type]

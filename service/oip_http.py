@@ -210,23 +210,20 @@ def _numbers(value: Any, datatype: str, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.int64 if integer else np.float64)
 
 
-def _size(raw: np.ndarray | bytes) -> int:
-    return raw.nbytes if isinstance(raw, np.ndarray) else len(raw)
-
-
 def encode(
     model: str, version: str, req: HttpInferRequest, outputs: list[Tensor]
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and extra headers (binary outputs after a JSON header). Binary
     outputs are written once, straight into the body's buffer."""
-    blobs: list[np.ndarray | bytes] = []
+    blobs: list[memoryview | bytes] = []
     out_json: list[dict[str, Any]] = []
     for t in outputs:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
         if req.binary(t.name):
             raw = raw_view(t)
-            entry["parameters"] = {"binary_data_size": _size(raw)}
-            blobs.append(raw)
+            blob = raw.reshape(-1).view(np.uint8).data if isinstance(raw, np.ndarray) else raw
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
         elif t.datatype == "BYTES":
             entry["data"] = [b.decode() for b in t.data.ravel()]
         else:  # written by orjson from the array itself: no Python number per value

@@ -6,7 +6,11 @@ clients (each with its own connection) for a fixed time through each door, and c
 model run in-process (``OnnxModel.predict`` on the same cells, one call per "request"). Doors:
 the typed API (REST JSON with the top 10 genes per cell; gRPC with raw float32 bytes) and the
 Open Inference Protocol (REST with the binary tensor extension; gRPC; the model's own input,
-full attribution tensors back). Usage:
+full attribution tensors back). Then the floor: the OIP REST door's own request and answer
+bytes through a bare ASGI app on the same uvicorn (``benchmarks.bare_http``), which bounds what
+any HTTP door could reach on this machine. Besides cells/s it prints each side's CPU per 1000
+cells and the ratio by server CPU alone (what a door would reach with its clients on other
+machines). Usage:
 
     python -m benchmarks.serving [--artifact DIR] [--sizes 1 64 1024] [--clients 8] [--seconds 10]
 """
@@ -21,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,6 +34,7 @@ import httpx
 import numpy as np
 import psutil
 
+from benchmarks.bare_http import bare_server
 from cellexplain.api.codegen import load
 from cellexplain.models.data import load_default_adata
 from cellexplain.models.runtime import OnnxModel
@@ -43,6 +49,15 @@ pb_grpc = load("cellexplain_v1_pb2_grpc")
 #: connection: separate clients are separate connections, which a server with several workers
 #: spreads over them)
 Client = Callable[[], Callable[[], object]]
+
+
+def in_process(model: OnnxModel, x: np.ndarray) -> Client:
+    """The model run in this process, one ``predict`` call per request."""
+
+    def connect() -> Callable[[], object]:
+        return partial(model.predict, x)
+
+    return connect
 
 
 def rest_client(url: str, path: str, body: bytes, headers: dict[str, str]) -> Client:
@@ -69,20 +84,36 @@ def annotate_client(target: str, req: object) -> Client:
     return connect
 
 
-def oip_doors(url: str, target: str, model: str, x: np.ndarray) -> dict[str, Client]:
-    """Open Inference Protocol calls through Triton's own client library (pre-encoded)."""
-    import tritonclient.grpc as tgrpc
+#: the outputs the OIP doors ask for (all as binary data over REST)
+OIP_OUTPUTS = ("labels", "probabilities", "attributions")
+
+
+def oip_rest_request(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """An OIP REST request for ``x`` as Triton's client encodes it (binary tensor extension):
+    body and headers. The outputs asked for, all as binary data: labels, probabilities and
+    attributions."""
     import tritonclient.http as thttp
 
-    outputs = ("labels", "probabilities", "attributions")
     hx = thttp.InferInput("x", list(x.shape), "FP32")
     hx.set_data_from_numpy(x, binary_data=True)
     body, json_size = thttp.InferenceServerClient.generate_request_body(
-        [hx], outputs=[thttp.InferRequestedOutput(o, binary_data=True) for o in outputs]
+        [hx], outputs=[thttp.InferRequestedOutput(o, binary_data=True) for o in OIP_OUTPUTS]
     )
+    headers = {
+        "content-type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(json_size or len(body)),
+    }
+    return body, headers
+
+
+def oip_doors(url: str, target: str, model: str, x: np.ndarray) -> dict[str, Client]:
+    """Open Inference Protocol calls: REST pre-encoded as Triton's client encodes them, gRPC
+    through Triton's own client library."""
+    import tritonclient.grpc as tgrpc
+
     gx = tgrpc.InferInput("x", list(x.shape), "FP32")
     gx.set_data_from_numpy(x)
-    g_outputs = [tgrpc.InferRequestedOutput(o) for o in outputs]
+    g_outputs = [tgrpc.InferRequestedOutput(o) for o in OIP_OUTPUTS]
 
     def grpc_client() -> Callable[[], object]:
         client = tgrpc.InferenceServerClient(
@@ -90,10 +121,7 @@ def oip_doors(url: str, target: str, model: str, x: np.ndarray) -> dict[str, Cli
         )
         return partial(client.infer, model, [gx], outputs=g_outputs)
 
-    headers = {
-        "content-type": "application/octet-stream",
-        "Inference-Header-Content-Length": str(json_size or len(body)),
-    }
+    body, headers = oip_rest_request(x)
     return {
         "OIP REST /v2 (binary)": rest_client(url, f"/v2/models/{model}/infer", body, headers),
         "OIP gRPC ModelInfer": grpc_client,
@@ -147,6 +175,78 @@ def drive(connect: Client, clients: int, seconds: float) -> tuple[int, list[floa
     return len(latencies), latencies
 
 
+@dataclass
+class Row:
+    """One door at one request size."""
+
+    cells: int
+    door: str
+    clients: int
+    rate: float  # cells/s
+    p50: float  # ms
+    p99: float  # ms
+    ratio: float  # cells/s vs in-process onnxruntime's
+    cpu_ms: float  # CPU-ms per 1000 cells of the side doing the work (server, or in-process)
+    client_ms: float  # CPU-ms per 1000 cells of the clients beside a server
+    #: in-process onnxruntime's CPU per cell over this door's server CPU per cell: the ratio the
+    #: door would reach with its clients on other machines
+    cpu_ratio: float
+
+
+def measure(
+    n: int,
+    door: str,
+    connect: Client,
+    clients: int = 1,
+    pid: int | None = None,
+    base: Row | None = None,
+    seconds: float = 10.0,
+) -> Row:
+    """Drive ``door`` with ``clients`` for ``seconds``; ``pid``: the server's process (tree),
+    ``None`` for in-process calls; ``base``: the in-process row the ratios compare with."""
+    cpu0, mine0 = cpu_seconds(pid), time.process_time()
+    calls, lat = drive(connect, clients, seconds)
+    per_1k = calls * n / 1000
+    cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / per_1k
+    client_ms = 0.0 if pid is None else (time.process_time() - mine0) * 1000 / per_1k
+    rate = calls * n / seconds
+    ratio = rate / base.rate if base else 1.0
+    cpu_ratio = base.cpu_ms / cpu_ms if base else 1.0
+    q = np.percentile(np.asarray(lat) * 1000, [50, 99])
+    row = Row(n, door, clients, rate, q[0], q[1], ratio, cpu_ms, client_ms, cpu_ratio)
+    print(
+        f"{n:>5} cells/request  {door:<28} {rate:>9,.0f} cells/s  p50 {q[0]:7.1f} ms  "
+        f"p99 {q[1]:7.1f} ms  {ratio:5.2f}x  {cpu_ms:6.1f} CPU-ms/1k cells "
+        f"(+{client_ms:.1f} clients; {cpu_ratio:.2f}x by server CPU)",
+        flush=True,
+    )
+    return row
+
+
+def bare_floor(
+    url: str,
+    model: OnnxModel,
+    x: np.ndarray,
+    clients: int,
+    seconds: float,
+    workers: int,
+    tmp: Path,
+    base: Row,
+) -> Row:
+    """The OIP REST door's exact request and answer bytes through a bare ASGI app on the same
+    uvicorn (:mod:`benchmarks.bare_http`): what HTTP alone costs here."""
+    body, headers = oip_rest_request(x)
+    path = f"/v2/models/{model.card.name}/infer"
+    answer = httpx.post(url + path, content=body, headers=headers, timeout=120)
+    answer.raise_for_status()
+    head = int(answer.headers["inference-header-content-length"])
+    with bare_server(answer.content, head, workers, tmp) as (bare_url, pid):
+        connect = rest_client(bare_url, path, body, headers)
+        return measure(
+            x.shape[0], "bare HTTP, no model (floor)", connect, clients, pid, base, seconds
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifact", default="artifacts/pbmc-programs")
@@ -163,7 +263,8 @@ def main() -> None:
     X = np.asarray(pbmc.raw.X.toarray(), dtype=np.float32)
     X = np.tile(X, (-(-max(args.sizes) // len(X)), 1))
     model = OnnxModel(args.artifact)
-    rows = []
+    rows: list[Row] = []
+    ceilings: list[str] = []
     with tempfile.TemporaryDirectory() as home:
         import_into_store(Path(args.artifact), Path(home))
         env = {"CELLEXPLAIN_MODELS": model.card.name, "CELLEXPLAIN_WORKERS": str(args.workers)}
@@ -181,35 +282,25 @@ def main() -> None:
                 )
                 json_headers = {"content-type": "application/json"}
                 doors: dict[str, Client] = {
-                    "in-process onnxruntime": partial(partial, model.predict, x),
                     "REST /v1/annotate": rest_client(srv.url, "/v1/annotate", body, json_headers),
                     "gRPC Annotate": annotate_client(srv.grpc, req),
                     **oip_doors(srv.url, srv.grpc, model.card.name, x),
                 }
-                base = None
+                secs = args.seconds
+                base = measure(n, "in-process onnxruntime", in_process(model, x), seconds=secs)
+                rows.append(base)
                 for door, connect in doors.items():
-                    in_process = door.startswith("in-process")
-                    clients = 1 if in_process else args.clients
-                    # CPU of the side doing the work (the server's processes, or this one for
-                    # in-process), and of the clients (this process) beside the server
-                    pid = None if in_process else srv.proc.pid
-                    cpu0, mine0 = cpu_seconds(pid), time.process_time()
-                    calls, lat = drive(connect, clients, args.seconds)
-                    per_1k = calls * n / 1000
-                    cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / per_1k
-                    client_ms = 0.0 if in_process else (time.process_time() - mine0) * 1000 / per_1k
-                    rate = calls * n / args.seconds
-                    base = base or rate
-                    q = np.percentile(np.asarray(lat) * 1000, [50, 99])
-                    rows.append(
-                        (n, door, clients, rate, q[0], q[1], rate / base, cpu_ms, client_ms)
-                    )
-                    print(
-                        f"{n:>5} cells/request  {door:<22} {rate:>9,.0f} cells/s  "
-                        f"p50 {q[0]:7.1f} ms  p99 {q[1]:7.1f} ms  {rate / base:5.2f}x  "
-                        f"{cpu_ms:6.1f} CPU-ms/1k cells (+{client_ms:.1f} clients)",
-                        flush=True,
-                    )
+                    rows.append(measure(n, door, connect, args.clients, srv.proc.pid, base, secs))
+                workers = Settings(workers=args.workers).n_workers
+                floor = bare_floor(srv.url, model, x, args.clients, secs, workers, Path(home), base)
+                rows.append(floor)
+                best = base.cpu_ms / (base.cpu_ms + floor.cpu_ms + floor.client_ms)
+                ceilings.append(
+                    f"{n} cells/request: an HTTP door with the OIP door's bytes could reach at "
+                    f"most {best:.2f}x here (in-process {base.cpu_ms:.1f} CPU-ms per 1k cells "
+                    f"/ ({base.cpu_ms:.1f} + bare server {floor.cpu_ms:.1f} + its clients "
+                    f"{floor.client_ms:.1f}))"
+                )
     print(
         f"\n# serving: {model.card.name}, {args.clients} concurrent clients, "
         f"{Settings(workers=args.workers).n_workers} worker(s), {args.seconds:g} s per cell; "
@@ -218,14 +309,17 @@ def main() -> None:
     )
     print(
         "| cells/request | door | clients | cells/s | p50 (ms) | p99 (ms) | vs in-process "
-        "| CPU-ms per 1k cells | clients' CPU-ms per 1k cells |"
+        "| CPU-ms per 1k cells | clients' CPU-ms per 1k cells | vs in-process, server CPU |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for n, door, clients, rate, p50, p99, ratio, cpu_ms, client_ms in rows:
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
         print(
-            f"| {n} | {door} | {clients} | {rate:,.0f} | {p50:.1f} | {p99:.1f} | {ratio:.2f} "
-            f"| {cpu_ms:.0f} | {client_ms:.0f} |"
+            f"| {r.cells} | {r.door} | {r.clients} | {r.rate:,.0f} | {r.p50:.1f} | {r.p99:.1f} "
+            f"| {r.ratio:.2f} | {r.cpu_ms:.0f} | {r.client_ms:.0f} | {r.cpu_ratio:.2f} |"
         )
+    print()
+    for line in ceilings:
+        print(f"- {line}")
 
 
 if __name__ == "__main__":

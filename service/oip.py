@@ -135,15 +135,16 @@ def to_array(name: str, datatype: str, shape: Sequence[int], flat: object) -> np
     return arr.reshape(dims)
 
 
-def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
-    """Decode raw little-endian tensor bytes (gRPC ``raw_input_contents``, REST binary data)."""
+def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> np.ndarray:
+    """Decode raw little-endian tensor bytes (gRPC ``raw_input_contents``, REST binary data);
+    numbers are read in place (the array is a read-only view of ``raw``)."""
     if datatype == "BYTES":
         items, pos = [], 0
         while pos < len(raw):
             if pos + 4 > len(raw):
                 raise InvalidInputError(f"input {name}: truncated BYTES element", name)
             (n,) = struct.unpack_from("<I", raw, pos)
-            items.append(raw[pos + 4 : pos + 4 + n])
+            items.append(bytes(raw[pos + 4 : pos + 4 + n]))
             pos += 4 + n
         return to_array(name, datatype, shape, np.array(items, dtype=object))
     dtype = DTYPES.get(datatype)
@@ -158,19 +159,14 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.n
     return to_array(name, datatype, shape, np.frombuffer(raw, dtype=dtype.newbyteorder("<")))
 
 
-def raw_view(t: Tensor) -> np.ndarray | bytes:
-    """A tensor's raw form without a copy where there is one: numbers as a C-contiguous
-    little-endian array (the tensor's own when it already is), BYTES as bytes (a 4-byte length
-    before each element)."""
+def raw_view(t: Tensor) -> memoryview | bytes:
+    """A tensor's raw little-endian bytes (BYTES: a 4-byte length before each element), as a
+    flat byte view of the tensor's own array where it already is C-contiguous little-endian
+    (no copy), else of a converted copy. Its length is the tensor's ``binary_data_size``."""
     if t.datatype == "BYTES":
         return b"".join(struct.pack("<I", len(b)) + b for b in t.data.ravel())
-    return np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<"))
-
-
-def to_raw(t: Tensor) -> bytes:
-    """Encode a tensor as raw little-endian bytes (BYTES: 4-byte length before each element)."""
-    raw = raw_view(t)
-    return raw if isinstance(raw, bytes) else raw.tobytes()
+    raw = np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<"))
+    return raw.reshape(-1).view(np.uint8).data
 
 
 async def infer(

@@ -78,7 +78,8 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
     every field is type-checked (a wrong type anywhere is a 400, never a 500).
     """
     n = json_size(header_length, len(body))
-    head, binary = (body, b"") if n is None else (body[:n], body[n:])
+    # the binary part is read in place (a view of the body, not a copy of its megabytes)
+    head, binary = (body, memoryview(b"")) if n is None else (body[:n], memoryview(body)[n:])
     jsonbody.check_containers(head, max_cells)
     req, non_json = jsonbody.parse(head)
     if not isinstance(req, simdjson.Object) or not isinstance(req.get("inputs"), simdjson.Array):
@@ -220,8 +221,7 @@ def encode(
     for t in outputs:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
         if req.binary(t.name):
-            raw = raw_view(t)
-            blob = raw.reshape(-1).view(np.uint8).data if isinstance(raw, np.ndarray) else raw
+            blob = raw_view(t)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif t.datatype == "BYTES":

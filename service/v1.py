@@ -30,35 +30,17 @@ from cellexplain.api.annotations import UNASSIGNED
 from cellexplain.api.codegen import load
 from cellexplain.service import metrics
 from cellexplain.service.core import Result
+from cellexplain.service.protowire import FIXED32, LEN, key, length_prefix, string, varint
 
 pb = load("cellexplain_v1_pb2")
 _F32 = struct.Struct("<f")
 
 
-# -- protobuf wire format (https://protobuf.dev/programming-guides/encoding/) --------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _key(field: int, wire: int) -> bytes:
-    return _varint(field << 3 | wire)
-
-
-def _string(field: int, text: str) -> bytes:
-    raw = text.encode()
-    return _key(field, 2) + _varint(len(raw)) + raw
-
-
 def _pair_prefix(field: int, name: str) -> bytes:
     """A ``{name (1): string, value (2): float}`` message in repeated field ``field``, up to the
     float's 4 bytes (GeneAttribution, ProgramAttribution, a map<string, float> entry)."""
-    inner = _string(1, name) + _key(2, 5)
-    return _key(field, 2) + _varint(len(inner) + 4) + inner
+    inner = string(1, name) + key(2, FIXED32)
+    return length_prefix(field, len(inner) + 4) + inner
 
 
 # CellAnnotation's fields
@@ -99,9 +81,9 @@ def _names(classes: tuple[str, ...], genes: tuple[str, ...], programs: tuple[str
         gene_json=obj([b'{"gene":' + q(g) + b',"attribution":' for g in genes]),
         program_json=obj([b'{"program":' + q(p) + b',"attribution":' for p in programs]),
         prob_json=obj([q(c) + b":" for c in classes]),
-        label_pb=obj([_string(_LABEL, c) for c in (*classes, UNASSIGNED)]),
-        predicted_pb=obj([_string(_PREDICTED, c) for c in classes]),
-        explained_pb=obj([_string(_EXPLAINED, c) for c in classes]),
+        label_pb=obj([string(_LABEL, c) for c in (*classes, UNASSIGNED)]),
+        predicted_pb=obj([string(_PREDICTED, c) for c in classes]),
+        explained_pb=obj([string(_EXPLAINED, c) for c in classes]),
         gene_pb=obj([_pair_prefix(_TOP_GENES, g) for g in genes]),
         program_pb=obj([_pair_prefix(_PROGRAMS, p) for p in programs]),
         prob_pb=obj([_pair_prefix(_PROBABILITIES, c) for c in classes]),
@@ -272,7 +254,7 @@ def _f32_pieces(values: np.ndarray) -> np.ndarray:
 
 
 #: varint encodings of the lengths most cells have
-_VARINTS = _objects([_varint(i) for i in range(1 << 14)], (1 << 14,))
+_VARINTS = _objects([varint(i) for i in range(1 << 14)], (1 << 14,))
 
 
 def protobuf_bytes(res: Result) -> bytes:
@@ -285,9 +267,9 @@ def protobuf_bytes(res: Result) -> bytes:
     nm = c.names
     n = len(res)
     rows = _Rows(n)
-    rows.add(_objects([_string(_ID, i) if i else b"" for i in res.cell_ids], (n,)))
+    rows.add(_objects([string(_ID, i) if i else b"" for i in res.cell_ids], (n,)))
     rows.add(nm.label_pb[c.label_code], nm.predicted_pb[res.best])
-    rows.add(_key(_CONFIDENCE, 5), _f32_pieces(res.confidence))
+    rows.add(key(_CONFIDENCE, FIXED32), _f32_pieces(res.confidence))
     if opts.attributions != "none":
         rows.add(nm.explained_pb[res.explained_class])
     if opts.return_probabilities:
@@ -298,18 +280,18 @@ def protobuf_bytes(res: Result) -> bytes:
         g = res.attributions.shape[1]
         raw = np.ascontiguousarray(res.attributions, dtype="<f4")
         per_cell = raw.view(np.dtype((np.void, 4 * g))).reshape(n).astype(object)
-        rows.add(_key(_ATTRIBUTIONS, 2) + _varint(4 * g), per_cell)
+        rows.add(length_prefix(_ATTRIBUTIONS, 4 * g), per_cell)
     if c.programs is not None and c.program_values is not None and c.free is not None:
         rows.interleave(nm.program_pb[c.programs], _f32_pieces(c.program_values))
-        rows.add(_key(_FREE, 5), _f32_pieces(c.free))
+        rows.add(key(_FREE, FIXED32), _f32_pieces(c.free))
     if c.gap is not None:
-        rows.add(_key(_GAP, 5), _f32_pieces(c.gap))
+        rows.add(key(_GAP, FIXED32), _f32_pieces(c.gap))
     cells = rows.cells()
     lengths = np.fromiter(map(len, cells), dtype=np.int64, count=n)
     framed = _Rows(n)
     short = bool(n == 0 or lengths.max() < len(_VARINTS))
-    sizes = _VARINTS[lengths] if short else _objects([_varint(v) for v in lengths.tolist()], (n,))
-    framed.add(_key(_CELLS, 2), sizes, _objects(cells, (n,)))
+    sizes = _VARINTS[lengths] if short else _objects([varint(v) for v in lengths.tolist()], (n,))
+    framed.add(key(_CELLS, LEN), sizes, _objects(cells, (n,)))
     assert res.matching is not None
     header = pb.AnnotateResponse(
         model=res.model.name,

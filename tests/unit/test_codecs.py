@@ -9,9 +9,9 @@ compared with each other and with the result's own arrays.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
-import itertools
 
 import numpy as np
 import pytest

@@ -12,6 +12,8 @@ HTTP door could reach on the machine.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,12 +51,36 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": _ANSWER})
 
 
+def serve(port: int, workers: int) -> None:
+    """Listen on ``port`` and run ``workers`` uvicorn processes on the one socket, as BentoML
+    does (its arbiter hands the socket to its workers): uvicorn's own ``--workers`` mode leaves
+    ``TCP_NODELAY`` off, and small answers then wait ~40 ms for delayed ACKs. Accepted
+    connections inherit the listening socket's ``TCP_NODELAY``."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    fd = sock.fileno()
+    cmd = [sys.executable, "-m", "uvicorn", "benchmarks.bare_http:app", "--fd", str(fd)]
+    cmd += ["--log-level", "warning", "--no-access-log"]
+    procs = [subprocess.Popen(cmd, pass_fds=(fd,)) for _ in range(workers)]
+
+    def stop(*_: object) -> None:
+        for p in procs:
+            p.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    for p in procs:
+        p.wait()
+
+
 @contextmanager
 def bare_server(
     answer: bytes, header_length: int, workers: int, tmp: Path
 ) -> Iterator[tuple[str, int]]:
-    """Run :func:`app` answering ``answer`` in ``workers`` uvicorn processes; yields its URL and
-    the pid of its process group's leader."""
+    """Run :func:`app` answering ``answer`` in ``workers`` uvicorn processes (:func:`serve`);
+    yields its URL and the pid of the process whose tree they are."""
     path = tmp / "bare-answer.bin"
     path.write_bytes(answer)
     port = free_port()
@@ -63,8 +89,7 @@ def bare_server(
         "CELLEXPLAIN_BARE_ANSWER": str(path),
         "CELLEXPLAIN_BARE_HEADER_LENGTH": str(header_length),
     }
-    cmd = [sys.executable, "-m", "uvicorn", "benchmarks.bare_http:app", "--port", str(port)]
-    cmd += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+    cmd = [sys.executable, "-m", "benchmarks.bare_http", str(port), str(workers)]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -80,3 +105,7 @@ def bare_server(
         yield url, proc.pid
     finally:
         stop_group(proc)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]), int(sys.argv[2]))

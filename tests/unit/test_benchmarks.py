@@ -80,3 +80,21 @@ def test_accuracy_benchmark_scores_ours_and_the_baseline_on_the_same_split():
     accuracy, macro_f1 = (float(cell.split("±")[0]) for cell in rows[0].split("|")[2:4])
     assert 0.6 < accuracy <= 1 and 0.4 < macro_f1 <= 1
     assert "| logistic regression (our baseline)" in out.stdout
+
+
+def test_the_floor_server_reads_each_body_and_answers_the_bytes_it_is_given(tmp_path):
+    """``benchmarks.bare_http`` (the serving benchmark's floor) is a real uvicorn server that
+    answers whatever bytes it is given, with the OIP binary answer's headers, to bodies of any
+    size."""
+    import httpx
+
+    from benchmarks.bare_http import bare_server
+
+    answer = bytes(range(256)) * 4000
+    with bare_server(answer, 17, 1, tmp_path) as (url, pid):
+        assert pid > 0
+        for body in (b"", b"x" * 3_000_000):
+            r = httpx.post(url + "/v2/models/m/infer", content=body, timeout=60)
+            assert r.status_code == 200
+            assert r.content == answer
+            assert r.headers["inference-header-content-length"] == "17"

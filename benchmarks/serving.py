@@ -189,8 +189,12 @@ class Row:
     cpu_ms: float  # CPU-ms per 1000 cells of the side doing the work (server, or in-process)
     client_ms: float  # CPU-ms per 1000 cells of the clients beside a server
     #: in-process onnxruntime's CPU per cell over this door's server CPU per cell: the ratio the
-    #: door would reach with its clients on other machines
-    cpu_ratio: float
+    #: door would reach with its clients on other machines (None for the floor: no model)
+    cpu_ratio: float | None
+
+    @property
+    def cpu_ratio_text(self) -> str:
+        return "-" if self.cpu_ratio is None else f"{self.cpu_ratio:.2f}"
 
 
 def measure(
@@ -201,6 +205,7 @@ def measure(
     pid: int | None = None,
     base: Row | None = None,
     seconds: float = 10.0,
+    runs_model: bool = True,
 ) -> Row:
     """Drive ``door`` with ``clients`` for ``seconds``; ``pid``: the server's process (tree),
     ``None`` for in-process calls; ``base``: the in-process row the ratios compare with."""
@@ -211,16 +216,24 @@ def measure(
     client_ms = 0.0 if pid is None else (time.process_time() - mine0) * 1000 / per_1k
     rate = calls * n / seconds
     ratio = rate / base.rate if base else 1.0
-    cpu_ratio = base.cpu_ms / cpu_ms if base else 1.0
+    cpu_ratio = (base.cpu_ms / cpu_ms if base else 1.0) if runs_model else None
     q = np.percentile(np.asarray(lat) * 1000, [50, 99])
     row = Row(n, door, clients, rate, q[0], q[1], ratio, cpu_ms, client_ms, cpu_ratio)
     print(
         f"{n:>5} cells/request  {door:<28} {rate:>9,.0f} cells/s  p50 {q[0]:7.1f} ms  "
         f"p99 {q[1]:7.1f} ms  {ratio:5.2f}x  {cpu_ms:6.1f} CPU-ms/1k cells "
-        f"(+{client_ms:.1f} clients; {cpu_ratio:.2f}x by server CPU)",
+        f"(+{client_ms:.1f} clients; {row.cpu_ratio_text}x by server CPU)",
         flush=True,
     )
     return row
+
+
+def http_parser() -> str:
+    """The HTTP parser uvicorn's "auto" picks here (BentoML's and the floor's): httptools when
+    installed, else h11."""
+    import importlib.util
+
+    return "httptools" if importlib.util.find_spec("httptools") else "h11"
 
 
 def bare_floor(
@@ -243,7 +256,14 @@ def bare_floor(
     with bare_server(answer.content, head, workers, tmp) as (bare_url, pid):
         connect = rest_client(bare_url, path, body, headers)
         return measure(
-            x.shape[0], "bare HTTP, no model (floor)", connect, clients, pid, base, seconds
+            x.shape[0],
+            "bare HTTP, no model (floor)",
+            connect,
+            clients,
+            pid,
+            base,
+            seconds,
+            runs_model=False,
         )
 
 
@@ -303,7 +323,8 @@ def main() -> None:
                 )
     print(
         f"\n# serving: {model.card.name}, {args.clients} concurrent clients, "
-        f"{Settings(workers=args.workers).n_workers} worker(s), {args.seconds:g} s per cell; "
+        f"{Settings(workers=args.workers).n_workers} worker(s), {args.seconds:g} s per door and "
+        f"size, HTTP parser {http_parser()}; "
         f"{platform.machine()}, "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     )
@@ -315,7 +336,7 @@ def main() -> None:
     for r in rows:
         print(
             f"| {r.cells} | {r.door} | {r.clients} | {r.rate:,.0f} | {r.p50:.1f} | {r.p99:.1f} "
-            f"| {r.ratio:.2f} | {r.cpu_ms:.0f} | {r.client_ms:.0f} | {r.cpu_ratio:.2f} |"
+            f"| {r.ratio:.2f} | {r.cpu_ms:.0f} | {r.client_ms:.0f} | {r.cpu_ratio_text} |"
         )
     print()
     for line in ceilings:

@@ -161,6 +161,22 @@ def _require_valid(
         )
 
 
+def _as_float32(x: np.ndarray, where: Callable[[int, int], tuple[str, str]]) -> np.ndarray:
+    """Valid (finite, non-negative) values as the graph's C-contiguous float32 input, refusing
+    (400) a value beyond float32's range rather than running it as infinity."""
+    if x.dtype == np.float32:
+        return np.ascontiguousarray(x)
+    with np.errstate(over="ignore"):
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if x32.size and not x32.max() < np.inf:
+        row, col = (int(i) for i in np.unravel_index(int(np.argmax(np.isinf(x32))), x32.shape))
+        text, field = where(row, col)
+        raise InvalidInputError(
+            f"{text} is {float(x[row, col]):g}, beyond float32's range (the model's input)", field
+        )
+    return x32
+
+
 def resolve_models(settings: Settings) -> list[tuple[str, Path]]:
     """``(tag, folder)`` of every model the settings name (store tags, then folders), checked
     before anything loads: each exists and is intact, their names are distinct, the default
@@ -325,8 +341,9 @@ class Annotator:
 
     async def infer(self, model: str, x: np.ndarray, target: np.ndarray | None = None) -> Result:
         """Run a model on its own input (``x`` ``[n, n_genes]``: log1p CP10k values of the
-        model's genes, in card order), as the Open Inference Protocol does; no alignment or
-        normalisation. ``target``: class index per cell (broadcast), ``-1`` = predicted."""
+        model's genes, in card order; float16, float32 or float64, checked as sent, then run as
+        float32), as the Open Inference Protocol does; no alignment or normalisation.
+        ``target``: class index per cell (broadcast), ``-1`` = predicted."""
         lm = self.get(model)
         g = len(lm.model.genes)
         if x.ndim != 2 or x.shape[1] != g:
@@ -334,7 +351,12 @@ class Annotator:
         if x.shape[0] == 0:
             raise InvalidInputError("input x has no rows", "x")
         self._check_n_cells(x.shape[0])
-        _require_valid(x, lambda i, j: (f"x[{i}][{j}] (gene {lm.model.genes[j]!r})", "x"))
+
+        def where(i: int, j: int) -> tuple[str, str]:
+            return f"x[{i}][{j}] (gene {lm.model.genes[j]!r})", "x"
+
+        _require_valid(x, where)
+        x = _as_float32(x, where)
         if target is None:
             t = np.full(x.shape[0], -1, dtype=np.int64)
         else:
@@ -344,7 +366,7 @@ class Annotator:
                     f"target class index out of range: the model has {len(lm.classes)} classes",
                     "target",
                 )
-        pred = await lm.batcher.predict(np.ascontiguousarray(x, dtype=np.float32), t)
+        pred = await lm.batcher.predict(x, t)
         opts = AnnotateOptions(model=lm.name, input="log1p_cp10k", attributions="full")
         ids = [str(i) for i in range(x.shape[0])]
         return self._result(lm, opts, ids, pred, "log1p_cp10k", None)

@@ -218,7 +218,7 @@ async def infer(
             f"{', '.join(available)}",
             "outputs",
         )
-    res = await annotator.infer(lm.name, x.data.astype(np.float32, copy=False), target)
+    res = await annotator.infer(lm.name, x.data, target)  # checked as sent, then cast
     arrays = {
         "logits": res.logits,
         "probabilities": res.probabilities,

@@ -82,7 +82,10 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
     head, binary = (body, memoryview(b"")) if n is None else (body[:n], memoryview(body)[n:])
     jsonbody.check_containers(head, max_cells)
     req, non_json = jsonbody.parse(head)
-    if not isinstance(req, simdjson.Object) or not isinstance(req.get("inputs"), simdjson.Array):
+    if not isinstance(req, simdjson.Object):
+        raise InvalidInputError("request must be an object with an 'inputs' list", "inputs")
+    jsonbody.unique_keys(req, "")  # a field given twice would be read once, silently
+    if not isinstance(req.get("inputs"), simdjson.Array):
         raise InvalidInputError("request must be an object with an 'inputs' list", "inputs")
     top = jsonbody.scalar_fields(req, {"id"})
     request_id = top.get("id")
@@ -95,6 +98,7 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
         where = f"inputs[{i}]"
         if not isinstance(spec, simdjson.Object):
             raise InvalidInputError(f"{where} must be an object", where)
+        jsonbody.unique_keys(spec, where)
         fields = jsonbody.scalar_fields(spec, {"name", "datatype"}, f"{where}.")
         name, datatype = fields.get("name"), fields.get("datatype")
         if not isinstance(name, str) or not isinstance(datatype, str):
@@ -112,6 +116,10 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
         shape = _shape(spec.get("shape"), name)
         size = _parameters(spec, f"{where}.parameters").get("binary_data_size")
         if size is not None:
+            if "data" in spec:
+                raise InvalidInputError(
+                    f"input {name} has both data and binary_data_size: send one of them", name
+                )
             if type(size) is not int or size < 0 or pos + size > len(binary):
                 raise InvalidInputError(
                     f"input {name}: binary_data_size {brief(size)} exceeds the binary data sent",
@@ -122,10 +130,17 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
         else:
             if "data" not in spec:
                 raise InvalidInputError(f"input {name} has neither data nor binary data", name)
-            data = to_array(name, datatype, shape, _numbers(spec["data"], datatype, name))
-            if non_json:
-                jsonbody.restore_non_json(data)  # FP64 sentinels before any cast
+            numbers = _numbers(spec["data"], datatype, name)
+            if non_json:  # NaN/Infinity literals, read as sentinel numbers: back before any cast
+                numbers = _restore_non_json(numbers, name)
+            data = to_array(name, datatype, shape, numbers)
         inputs.append(Tensor(name, datatype, list(shape), data))
+    if pos != len(binary):
+        raise InvalidInputError(
+            f"{len(binary) - pos} bytes of binary data follow the inputs' binary_data_size "
+            f"({pos} bytes in all): check Inference-Header-Content-Length and the sizes",
+            "inputs",
+        )
     requested = None
     binary_outputs: dict[str, bool] = {}
     if "outputs" in req and req["outputs"] is not None:
@@ -136,6 +151,8 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
             raise InvalidInputError(f"{len(outputs)} outputs asked for; the model has 6", "outputs")
         requested = []
         for j, o in enumerate(outputs):
+            if isinstance(o, simdjson.Object):
+                jsonbody.unique_keys(o, f"outputs[{j}]")
             name = o.get("name") if isinstance(o, simdjson.Object) else None
             if not isinstance(name, str):
                 raise InvalidInputError(
@@ -193,6 +210,24 @@ def _shape(value: Any, name: str) -> list[int]:
             f"input {name}: shape {brief(dims)} must hold integers from 0 to {MAX_DIM}", name
         )
     return dims  # type: ignore[return-value]
+
+
+def _restore_non_json(numbers: np.ndarray, name: str) -> np.ndarray:
+    """``numbers`` (float64 or int64, as read) with the sentinels of a body that held NaN or
+    Infinity literals turned back into them, before any cast to the input's datatype (a cast to
+    float32 would turn the infinity sentinel into -0.0). Integers cannot hold them: the NaN
+    sentinel, -9, is refused in an integer input of such a body."""
+    if numbers.dtype.kind == "f":
+        restored = numbers.copy()  # read from the parser's buffer: read-only
+        jsonbody.restore_non_json(restored)
+        return restored
+    if (numbers == -9).any():
+        raise InvalidInputError(
+            f"input {name} holds NaN, or -9, which a body with NaN literals cannot tell apart "
+            "from it: send integers only",
+            name,
+        )
+    return numbers
 
 
 def _numbers(value: Any, datatype: str, name: str) -> np.ndarray:

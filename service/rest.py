@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import logging
 import os
 import re
@@ -69,6 +70,14 @@ try:
 except SettingsError as e:  # one line naming the variable, not a traceback through the loader
     sys.exit(f"cellexplain: {e}")
 allocator.tune(trim_every_s=SETTINGS.malloc_trim_s)  # every worker, before the model and requests
+if importlib.util.find_spec("httptools") is not None:
+    # uvicorn's "auto" HTTP parser, which BentoML uses: httptools when installed, else h11
+    log.warning(
+        "httptools is installed, so uvicorn parses HTTP with it: it bounds neither the size "
+        "nor the number of a request's headers (h11, used without it, refuses a request head "
+        "over 16 KiB) and keeps trailing spaces in header values; serve from an environment "
+        "without httptools (the service's requirements do not include it)"
+    )
 H5AD_MEDIA_TYPE = "application/x-hdf5"
 #: bodies from this size on are parsed off the event loop, one at a time (docs/security.md)
 LARGE_BODY = 1 << 20

@@ -101,8 +101,8 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(
         default=64 * 1024 * 1024,
         ge=1024,
-        description="JSON body and gRPC message limit; a request's peak worker memory stays "
-        "under 20x this (docs/security.md)",
+        description="JSON body and gRPC request message limit; a request's peak worker memory "
+        "stays under 20x this (docs/security.md); answers are bounded by the cell limit",
     )
     max_h5ad_bytes: int = Field(
         default=512 * 1024 * 1024,

@@ -57,7 +57,9 @@ def build_server(
         ],
         options=[
             ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
+            # answers are bounded by the cell limit, not the body limit (as over REST): with
+            # the body limit a full OIP answer of many genes failed after the work was done
+            ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1),
         ],
     )

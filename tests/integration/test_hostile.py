@@ -484,6 +484,28 @@ def test_oip_grpc_inputs_are_checked_once_each(server):
         assert len(e.value.details()) < 400
 
 
+def test_a_grpc_answer_larger_than_the_body_limit_arrives(programs_home):
+    """The body limit bounds requests; answers are bounded by the cell limit (as over REST).
+    Once, a full OIP answer over the body limit failed after the work was done, and was logged
+    as an error but counted as OK."""
+    limit = 200_000
+    env = {"CELLEXPLAIN_MODELS": MODEL, "CELLEXPLAIN_WORKERS": "1"}
+    with bentoml_server(programs_home, {**env, "CELLEXPLAIN_MAX_BODY_BYTES": str(limit)}) as srv:
+        n = (limit - 4096) // (765 * 4)
+        req = oip_pb.ModelInferRequest(model_name=MODEL)
+        req.inputs.add(name="x", datatype="FP32", shape=[n, 765])
+        req.raw_input_contents.append(np.ones(n * 765, "<f4").tobytes())
+        assert req.ByteSize() <= limit
+        options = [("grpc.max_receive_message_length", -1)]
+        with grpc.insecure_channel(srv.grpc, options=options) as ch:
+            res = oip_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=120)
+        metrics = httpx.get(srv.url + "/metrics", timeout=30).text
+    assert res.ByteSize() > limit  # the premise: the answer is over the limit
+    blobs = dict(zip([o.name for o in res.outputs], res.raw_output_contents, strict=True))
+    assert len(blobs["attributions"]) == n * 765 * 4
+    assert not re.search(r"cellexplain_request_errors_total\{[^}]*\} [1-9]", metrics)
+
+
 @pytest.mark.parametrize(
     "method, streaming",
     [

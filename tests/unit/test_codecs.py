@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import subprocess
 import sys
 
@@ -19,8 +20,9 @@ import pytest
 from cellexplain.api import proto_v1
 from cellexplain.api.annotations import UNASSIGNED, Annotations
 from cellexplain.api.codegen import load
+from cellexplain.api.errors import InvalidInputError
 from cellexplain.api.schemas import DEFAULTS, AnnotateOptions, AnnotateResponse
-from cellexplain.service import anndata_io, v1
+from cellexplain.service import anndata_io, oip, oip_http, v1
 from cellexplain.service.core import Annotator, Result
 from cellexplain.service.settings import Settings
 
@@ -285,3 +287,79 @@ def test_the_oip_grpc_answer_is_the_message_serialised():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
+
+
+# -- the Open Inference Protocol's HTTP decoding and its checks ------------------------------------
+def _oip_infer(annotator: Annotator, body: bytes, header: str | None = None) -> Result:
+    """Decode an OIP REST body and run it, as the /v2 door does."""
+    req = oip_http.decode(body, header)
+    lm = annotator.get(None)
+    _, outputs = asyncio.run(oip.infer(annotator, lm.name, None, req.inputs, ["probabilities"]))
+    return outputs[0].data
+
+
+def _x_body(annotator: Annotator, values: list, datatype: str = "FP32", extra: str = "") -> bytes:
+    g = len(annotator.get(None).model.genes)
+    rows = len(values) // g
+    spec = {"name": "x", "datatype": datatype, "shape": [rows, g], "data": values}
+    return ('{"inputs": [' + json.dumps(spec) + "]" + extra + "}").encode()
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "FP64"])
+@pytest.mark.parametrize("literal, kind", [("NaN", "NaN"), ("Infinity", "infinite")])
+def test_oip_json_nan_and_infinity_are_named_where_they_are(annotator, datatype, literal, kind):
+    """NaN/Infinity literals are read back before the cast to the input's datatype (a cast to
+    float32 once turned the infinity placeholder into -0.0: every zero became infinite, and the
+    first cell was blamed)."""
+    g = len(annotator.get(None).model.genes)
+    values = [0.0] * (3 * g)
+    values[2 * g + g - 1] = float("nan") if literal == "NaN" else float("inf")
+    with pytest.raises(InvalidInputError) as e:
+        _oip_infer(annotator, _x_body(annotator, values, datatype))
+    assert f"x[2][{g - 1}]" in str(e.value) and kind in str(e.value), str(e.value)
+
+
+def test_a_nan_elsewhere_in_the_body_does_not_refuse_a_valid_x(annotator):
+    g = len(annotator.get(None).model.genes)
+    values = [0.0, 1.5] * (g // 2) + [0.0] * (g % 2)
+    probs = _oip_infer(annotator, _x_body(annotator, values, extra=', "parameters": {"f": NaN}'))
+    assert probs.shape[0] == 1 and np.isfinite(probs).all()
+
+
+def test_fp64_values_are_checked_as_sent_and_against_float32s_range(annotator):
+    g = len(annotator.get(None).model.genes)
+    values = [0.0] * (2 * g)
+    values[g + 3] = -1e-320  # negative, though float32 would read it as -0.0
+    with pytest.raises(InvalidInputError, match=r"x\[1\]\[3\].*negative"):
+        _oip_infer(annotator, _x_body(annotator, values, "FP64"))
+    values[g + 3] = 1e300  # finite, but not as float32
+    with pytest.raises(InvalidInputError, match=r"x\[1\]\[3\].*1e\+300.*float32"):
+        _oip_infer(annotator, _x_body(annotator, values, "FP64"))
+
+
+def test_oip_rest_binary_bodies_say_exactly_what_they_hold(annotator):
+    g = len(annotator.get(None).model.genes)
+    raw = np.zeros(g, "<f4").tobytes()
+
+    def body(spec: dict, tail: bytes = b"") -> tuple[bytes, str]:
+        head = json.dumps({"inputs": [spec]}).encode()
+        return head + raw + tail, str(len(head))
+
+    spec = {"name": "x", "datatype": "FP32", "shape": [1, g]}
+    ok = {**spec, "parameters": {"binary_data_size": len(raw)}}
+    assert _oip_infer(annotator, *body(ok)).shape[0] == 1
+    with pytest.raises(InvalidInputError, match="4 bytes of binary data follow"):
+        _oip_infer(annotator, *body(ok, b"\0" * 4))
+    with pytest.raises(InvalidInputError, match="both data and binary_data_size"):
+        _oip_infer(annotator, *body({**ok, "data": [0.0] * g}))
+    twice = b'{"inputs": [], "inputs": ' + json.dumps([ok]).encode() + b"}"
+    with pytest.raises(InvalidInputError, match=r"inputs.*twice"):
+        oip_http.decode(twice + raw, str(len(twice)))
+
+
+def test_an_integer_target_cannot_hide_a_nan(annotator):
+    g = len(annotator.get(None).model.genes)
+    x = {"name": "x", "datatype": "FP32", "shape": [1, g], "data": [0.0] * g}
+    target = {"name": "target", "datatype": "INT64", "shape": [1], "data": [float("nan")]}
+    with pytest.raises(InvalidInputError, match="target holds NaN"):
+        oip_http.decode(json.dumps({"inputs": [x, target]}).encode(), None)

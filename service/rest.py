@@ -75,7 +75,7 @@ if importlib.util.find_spec("httptools") is not None:
     log.warning(
         "httptools is installed, so uvicorn parses HTTP with it: it bounds neither the size "
         "nor the number of a request's headers (h11, used without it, refuses a request head "
-        "over 16 KiB) and keeps trailing spaces in header values; serve from an environment "
+        "beyond ~272 KiB) and keeps trailing spaces in header values; serve from an environment "
         "without httptools (the service's requirements do not include it)"
     )
 H5AD_MEDIA_TYPE = "application/x-hdf5"

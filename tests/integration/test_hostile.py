@@ -619,3 +619,22 @@ def test_a_client_that_disconnects_mid_body_is_not_a_500(client, server):
         r'cellexplain_request_errors_total\{door="rest",type="client_disconnect"\} [1-9]', text
     )
     assert client.get("/readyz").status_code == 200
+
+
+# -- 11. the HTTP parser ---------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [300_000, 2_000_000])
+def test_a_huge_request_head_is_refused_before_the_app(server, size):
+    """uvicorn's h11 parser bounds a request head: what one socket read brings (at most 256 KiB)
+    plus 16 KiB. With httptools, which uvicorn would use were it installed, 200 headers of 1 MB
+    each were read whole into a worker: whatever pulls httptools in makes this fail."""
+    u = urlparse(server.url)
+    for headers in ("X-Big: " + "a" * size + "\r\n", "X-A: b\r\n" * (size // 8)):
+        with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+            s.sendall(f"GET /livez HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+            answer = b""
+            with contextlib.suppress(ConnectionError):
+                while chunk := s.recv(65536):
+                    answer += chunk
+                    if b"\r\n\r\n" in answer:
+                        break
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:80]

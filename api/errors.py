@@ -76,6 +76,12 @@ class TooLargeError(ServiceError):
     kind = "too_large"
 
 
+class HeadersTooLargeError(TooLargeError):
+    """A request head with too many or too large header fields (HTTP 431)."""
+
+    http_status = 431
+
+
 class UnauthenticatedError(ServiceError):
     """Missing or wrong API key (HTTP 401, UNAUTHENTICATED)."""
 

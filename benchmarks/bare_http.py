@@ -77,10 +77,10 @@ def serve(port: int, workers: int) -> None:
 
 @contextmanager
 def bare_server(
-    answer: bytes, header_length: int, workers: int, tmp: Path
+    answer: bytes, header_length: int, workers: int, tmp: Path, cpus: set[int] | None = None
 ) -> Iterator[tuple[str, int]]:
-    """Run :func:`app` answering ``answer`` in ``workers`` uvicorn processes (:func:`serve`);
-    yields its URL and the pid of the process whose tree they are."""
+    """Run :func:`app` answering ``answer`` in ``workers`` uvicorn processes (:func:`serve`) on
+    ``cpus``; yields its URL and the pid of the process whose tree they are."""
     path = tmp / "bare-answer.bin"
     path.write_bytes(answer)
     port = free_port()
@@ -90,7 +90,12 @@ def bare_server(
         "CELLEXPLAIN_BARE_HEADER_LENGTH": str(header_length),
     }
     cmd = [sys.executable, "-m", "benchmarks.bare_http", str(port), str(workers)]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def pin() -> None:  # its processes run on ``cpus`` (default: this thread's)
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=pin)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -245,6 +245,7 @@ def bare_floor(
     workers: int,
     tmp: Path,
     base: Row,
+    cpus: set[int],
 ) -> Row:
     """The OIP REST door's exact request and answer bytes through a bare ASGI app on the same
     uvicorn (:mod:`benchmarks.bare_http`): what HTTP alone costs here."""
@@ -253,7 +254,7 @@ def bare_floor(
     answer = httpx.post(url + path, content=body, headers=headers, timeout=120)
     answer.raise_for_status()
     head = int(answer.headers["inference-header-content-length"])
-    with bare_server(answer.content, head, workers, tmp) as (bare_url, pid):
+    with bare_server(answer.content, head, workers, tmp, cpus) as (bare_url, pid):
         connect = rest_client(bare_url, path, body, headers)
         return measure(
             x.shape[0],
@@ -276,13 +277,31 @@ def main() -> None:
     p.add_argument(
         "--workers", type=int, default=0, help="server workers (0, the default: one per CPU)"
     )
+    p.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="server and in-process onnxruntime on the first half of this process's CPUs, the "
+        "clients on the other half (clients elsewhere, as deployed; default: all share all)",
+    )
     args = p.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus, client_cpus = set(cpus), set(cpus)
+    if args.split_cores:
+        if len(cpus) < 2:
+            p.error("--split-cores needs at least 2 CPUs")
+        server_cpus, client_cpus = set(cpus[: len(cpus) // 2]), set(cpus[len(cpus) // 2 :])
 
+    def place(on: set[int]) -> None:
+        """Run this thread (and the threads and processes it starts from now) on ``on``."""
+        os.sched_setaffinity(0, on)
+
+    place(server_cpus)  # the model's threads and the server's processes inherit it
+    workers = Settings(workers=args.workers).n_workers
     pbmc = load_default_adata()
     genes = list(pbmc.raw.var_names)
     X = np.asarray(pbmc.raw.X.toarray(), dtype=np.float32)
     X = np.tile(X, (-(-max(args.sizes) // len(X)), 1))
-    model = OnnxModel(args.artifact)
+    model = OnnxModel(args.artifact, intra_op_threads=len(server_cpus) if args.split_cores else 0)
     rows: list[Row] = []
     ceilings: list[str] = []
     with tempfile.TemporaryDirectory() as home:
@@ -307,12 +326,15 @@ def main() -> None:
                     **oip_doors(srv.url, srv.grpc, model.card.name, x),
                 }
                 secs = args.seconds
+                place(server_cpus)
                 base = measure(n, "in-process onnxruntime", in_process(model, x), seconds=secs)
                 rows.append(base)
+                place(client_cpus)
                 for door, connect in doors.items():
                     rows.append(measure(n, door, connect, args.clients, srv.proc.pid, base, secs))
-                workers = Settings(workers=args.workers).n_workers
-                floor = bare_floor(srv.url, model, x, args.clients, secs, workers, Path(home), base)
+                floor = bare_floor(
+                    srv.url, model, x, args.clients, secs, workers, Path(home), base, server_cpus
+                )
                 rows.append(floor)
                 best = base.cpu_ms / (base.cpu_ms + floor.cpu_ms + floor.client_ms)
                 ceilings.append(
@@ -323,7 +345,7 @@ def main() -> None:
                 )
     print(
         f"\n# serving: {model.card.name}, {args.clients} concurrent clients, "
-        f"{Settings(workers=args.workers).n_workers} worker(s), {args.seconds:g} s per door and "
+        f"{workers} worker(s), {args.seconds:g} s per door and "
         f"size, HTTP parser {http_parser()}; "
         f"{platform.machine()}, "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"

@@ -161,20 +161,18 @@ def _require_valid(
         )
 
 
-def _as_float32(x: np.ndarray, where: Callable[[int, int], tuple[str, str]]) -> np.ndarray:
-    """Valid (finite, non-negative) values as the graph's C-contiguous float32 input, refusing
-    (400) a value beyond float32's range rather than running it as infinity."""
-    if x.dtype == np.float32:
-        return np.ascontiguousarray(x)
-    with np.errstate(over="ignore"):
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-    if x32.size and not x32.max() < np.inf:
-        row, col = (int(i) for i in np.unravel_index(int(np.argmax(np.isinf(x32))), x32.shape))
+def _require_log1p_range(x: np.ndarray, where: Callable[[int, int], tuple[str, str]]) -> None:
+    """Refuse (400) model input beyond what log1p CP10k data holds (``MAX_LOG1P_VALUE``, as the
+    typed API does): such values (1e38 in every gene) turn the graph's outputs into NaN, and
+    values beyond float32's range would run as infinity."""
+    if x.size and x.max() > MAX_LOG1P_VALUE:
+        row, col = (int(i) for i in np.unravel_index(int(np.argmax(x > MAX_LOG1P_VALUE)), x.shape))
         text, field = where(row, col)
         raise InvalidInputError(
-            f"{text} is {float(x[row, col]):g}, beyond float32's range (the model's input)", field
+            f"{text} is {float(x[row, col]):g}: the model's input is log1p CP10k "
+            f"(log1p(count / cell total x 10,000)), which never exceeds {MAX_LOG1P_VALUE:g}",
+            field,
         )
-    return x32
 
 
 def resolve_models(settings: Settings) -> list[tuple[str, Path]]:
@@ -356,7 +354,8 @@ class Annotator:
             return f"x[{i}][{j}] (gene {lm.model.genes[j]!r})", "x"
 
         _require_valid(x, where)
-        x = _as_float32(x, where)
+        _require_log1p_range(x, where)
+        x = np.ascontiguousarray(x, dtype=np.float32)
         if target is None:
             t = np.full(x.shape[0], -1, dtype=np.int64)
         else:

@@ -110,8 +110,10 @@ def observe_many(hist: Any, values: np.ndarray) -> None:
     ``hist`` is a labelled child of a :class:`prometheus_client.Histogram`; this uses its
     ``_upper_bounds``, ``_buckets`` and ``_sum``, the attributes ``Histogram.observe`` itself
     updates (tests/unit/test_metrics.py checks the result equals one observe per value).
+    Non-finite values are left out.
     """
     values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]  # one NaN would turn the sum NaN for good
     if values.size == 0:
         return
     bounds = np.asarray(hist._upper_bounds, dtype=np.float64)

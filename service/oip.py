@@ -132,7 +132,23 @@ def to_array(name: str, datatype: str, shape: Sequence[int], flat: object) -> np
         raise InvalidInputError(
             f"input {name}: shape {dims} needs {expected} values, got {arr.size}", name
         )
+    if isinstance(flat, np.ndarray) and flat.dtype.kind == "f" and target.kind == "f":
+        _require_in_range(name, datatype, dims, flat, arr)
     return arr.reshape(dims)
+
+
+def _require_in_range(
+    name: str, datatype: str, dims: list[int], sent: np.ndarray, cast: np.ndarray
+) -> None:
+    """Refuse finite numbers (JSON's float64) that the cast to a narrower float datatype turned
+    infinite: the client sent a finite value, not an infinite one."""
+    overflow = np.isinf(cast) & np.isfinite(sent)
+    if overflow.any():
+        i = int(np.argmax(overflow))
+        at = "".join(f"[{int(k)}]" for k in np.unravel_index(i, dims)) if dims else ""
+        raise InvalidInputError(
+            f"input {name}{at} is {float(sent[i]):g}, beyond {datatype}'s range", name
+        )
 
 
 def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> np.ndarray:

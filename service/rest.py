@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cellexplain import __version__
 from cellexplain.api.annotations import expression
 from cellexplain.api.errors import (
+    HeadersTooLargeError,
     InternalError,
     InvalidInputError,
     ModelNotFoundError,
@@ -74,9 +75,10 @@ if importlib.util.find_spec("httptools") is not None:
     # uvicorn's "auto" HTTP parser, which BentoML uses: httptools when installed, else h11
     log.warning(
         "httptools is installed, so uvicorn parses HTTP with it: it bounds neither the size "
-        "nor the number of a request's headers (h11, used without it, refuses a request head "
-        "beyond ~272 KiB) and keeps trailing spaces in header values; serve from an environment "
-        "without httptools (the service's requirements do not include it)"
+        "nor the number of a request's headers while it reads them (h11, used without it, "
+        "refuses a head still incomplete beyond ~272 KiB) and keeps trailing spaces in header "
+        "values; serve from an environment without httptools (the service's requirements do "
+        "not include it)"
     )
 H5AD_MEDIA_TYPE = "application/x-hdf5"
 #: bodies from this size on are parsed off the event loop, one at a time (docs/security.md)
@@ -112,7 +114,9 @@ class Gate:
         path = str(scope.get("path", ""))
         oip_path = path == "/v2" or path.startswith("/v2/")
         try:
-            headers = _decode_headers(scope.get("headers") or [])
+            raw_headers = scope.get("headers") or []
+            _check_head(raw_headers)
+            headers = _decode_headers(raw_headers)
             if self.keys and path not in auth.OPEN_PATHS:
                 auth.check(self.keys, headers.get("authorization"), headers.get("x-api-key"))
             h5ad = path.endswith("/annotate/h5ad")
@@ -139,6 +143,38 @@ class Gate:
             return message
 
         await self.app(scope, limited, send)
+
+
+#: a request head's bounds: h11 bounds only a head that is still incomplete, so ~128 KiB in
+#: one read (thousands of small fields, ~3 MB of Python objects) reaches the app; refused here
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024
+#: headers that must not be given twice (the first would be read, silently)
+_SINGLE_HEADERS = (b"inference-header-content-length", b"content-encoding")
+
+
+def _check_head(raw: list[tuple[bytes, bytes]]) -> None:
+    """Refuse a head of more than :data:`MAX_HEADERS` fields or :data:`MAX_HEADER_BYTES`
+    (431), a compressed body (no Content-Encoding is supported) and a header of
+    :data:`_SINGLE_HEADERS` given twice (400)."""
+    size = sum(len(k) + len(v) for k, v in raw)
+    if len(raw) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+        raise HeadersTooLargeError(
+            f"the request has {len(raw)} header fields of {size} bytes in all; the limits are "
+            f"{MAX_HEADERS} fields and {MAX_HEADER_BYTES} bytes",
+            "headers",
+        )
+    names = [k.lower() for k, _ in raw]
+    for name in _SINGLE_HEADERS:
+        if names.count(name) > 1:
+            raise InvalidInputError(f"header {name.decode()} is given more than once", "headers")
+    for k, v in raw:
+        if k.lower() == b"content-encoding" and v.strip().lower() not in (b"", b"identity"):
+            raise InvalidInputError(
+                f"Content-Encoding {brief(v.decode('latin-1'))} is not supported: send the "
+                "body uncompressed",
+                "headers",
+            )
 
 
 def _decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:

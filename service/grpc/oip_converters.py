@@ -59,6 +59,15 @@ def infer_inputs(req: Any) -> list[Tensor]:
                 raise InvalidInputError(
                     f"input {t.name}: unsupported datatype {t.datatype}", t.name
                 )
+            others = sorted(
+                f for f in set(_CONTENTS.values()) if f != field and len(getattr(t.contents, f))
+            )
+            if others:  # they would be ignored, silently
+                raise InvalidInputError(
+                    f"input {t.name} is {t.datatype}, whose values go in contents.{field}, but "
+                    f"it also sends contents.{others[0]}",
+                    t.name,
+                )
             data = to_array(t.name, t.datatype, shape, list(getattr(t.contents, field)))
         tensors.append(Tensor(t.name, t.datatype, shape, data))
     return tensors

@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from cellexplain.api.codegen import load
 from tests.integration import hostile_inputs as hostile
-from tests.integration.servers import bentoml_server
+from tests.integration.servers import bentoml_server, import_into_store
 
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
@@ -484,13 +484,15 @@ def test_oip_grpc_inputs_are_checked_once_each(server):
         assert len(e.value.details()) < 400
 
 
-def test_a_grpc_answer_larger_than_the_body_limit_arrives(programs_home):
+def test_a_grpc_answer_larger_than_the_body_limit_arrives(programs_model, tmp_path):
     """The body limit bounds requests; answers are bounded by the cell limit (as over REST).
     Once, a full OIP answer over the body limit failed after the work was done, and was logged
-    as an error but counted as OK."""
+    as an error but counted as OK. (A BentoML home of its own: servers sharing one share, and
+    reset, its metrics directory.)"""
+    import_into_store(programs_model[1], tmp_path)
     limit = 200_000
     env = {"CELLEXPLAIN_MODELS": MODEL, "CELLEXPLAIN_WORKERS": "1"}
-    with bentoml_server(programs_home, {**env, "CELLEXPLAIN_MAX_BODY_BYTES": str(limit)}) as srv:
+    with bentoml_server(tmp_path, {**env, "CELLEXPLAIN_MAX_BODY_BYTES": str(limit)}) as srv:
         n = (limit - 4096) // (765 * 4)
         req = oip_pb.ModelInferRequest(model_name=MODEL)
         req.inputs.add(name="x", datatype="FP32", shape=[n, 765])
@@ -638,3 +640,35 @@ def test_a_huge_request_head_is_refused_before_the_app(server, size):
                     if b"\r\n\r\n" in answer:
                         break
         assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+
+
+def test_a_head_of_many_small_fields_is_refused_by_the_gate(client):
+    """h11 passes a head that arrives whole in one read, however many fields it has (24,000
+    small fields cost a worker ~3 MB while held); the gate refuses more than 100 fields or
+    32 KiB with a 431, on every path."""
+    for headers in ([("a", "b")] * 101, [("a", "b")] * 5_000, [("x-big", "a" * 40_000)]):
+        for path in ("/livez", "/v1/models", f"/v2/models/{MODEL}"):
+            r = client.get(path, headers=headers)
+            assert r.status_code == 431, (path, len(headers), r.status_code, r.text[:200])
+    assert client.get("/livez", headers=[("a", "b")] * 60).status_code == 200
+
+
+def test_compressed_bodies_and_repeated_oip_headers_are_named(client):
+    body = json.dumps({"inputs": [_x([1, 765], [0.0] * 765)]}).encode()
+    r = client.post(f"/v2/models/{MODEL}/infer", content=body, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and "Content-Encoding 'gzip' is not supported" in r.text, r.text
+    twice = [("Inference-Header-Content-Length", "5"), ("Inference-Header-Content-Length", "9")]
+    r = client.post(f"/v2/models/{MODEL}/infer", content=body, headers=twice)
+    assert r.status_code == 400 and "more than once" in r.text, r.text
+
+
+def test_oip_grpc_typed_contents_in_another_field_are_refused(server):
+    with grpc.insecure_channel(server.grpc) as ch:
+        req = oip_pb.ModelInferRequest(model_name=MODEL)
+        x = req.inputs.add(name="x", datatype="FP64", shape=[1, 765])
+        x.contents.fp64_contents.extend([0.0] * 765)
+        x.contents.fp32_contents.append(float("nan"))  # would have been ignored
+        with pytest.raises(grpc.RpcError) as e:
+            oip_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "fp32_contents" in e.value.details()

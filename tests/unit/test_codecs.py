@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -332,9 +333,25 @@ def test_fp64_values_are_checked_as_sent_and_against_float32s_range(annotator):
     values[g + 3] = -1e-320  # negative, though float32 would read it as -0.0
     with pytest.raises(InvalidInputError, match=r"x\[1\]\[3\].*negative"):
         _oip_infer(annotator, _x_body(annotator, values, "FP64"))
-    values[g + 3] = 1e300  # finite, but not as float32
-    with pytest.raises(InvalidInputError, match=r"x\[1\]\[3\].*1e\+300.*float32"):
+    values[g + 3] = 1e300  # finite, but not as float32, and beyond what log1p data holds
+    with pytest.raises(InvalidInputError, match=r"x\[1\]\[3\].*1e\+300.*never exceeds 15"):
         _oip_infer(annotator, _x_body(annotator, values, "FP64"))
+    for datatype, big in (("FP32", 1e39), ("FP16", 70000.0)):  # cast to infinity: named so
+        values[g + 3] = big
+        with pytest.raises(
+            InvalidInputError, match=re.escape(f"x[1][3] is {big:g}, beyond {datatype}")
+        ):
+            _oip_infer(annotator, _x_body(annotator, values, datatype))
+
+
+def test_oip_input_beyond_log1p_range_is_refused_and_never_reaches_the_metrics(annotator):
+    """1e38 in every gene is a float32, but no log1p CP10k value: the graph's outputs were NaN,
+    and the NaN confidence made the histogram's sum NaN for good."""
+    g = len(annotator.get(None).model.genes)
+    with pytest.raises(InvalidInputError, match=r"x\[0\]\[0\].*never exceeds 15"):
+        _oip_infer(annotator, _x_body(annotator, [1e38] * g))
+    probs = _oip_infer(annotator, _x_body(annotator, [15.0] * g))  # the bound itself is valid
+    assert np.isfinite(probs).all()
 
 
 def test_oip_rest_binary_bodies_say_exactly_what_they_hold(annotator):

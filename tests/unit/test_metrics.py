@@ -34,3 +34,12 @@ def test_observe_many_equals_one_observe_per_value():
     assert a.keys() == b.keys() and len(a) == len(bounds) + 3  # buckets, +Inf, count, sum
     for key in a:
         assert np.isclose(a[key], b[key], rtol=1e-12), key
+
+
+def test_non_finite_values_are_left_out_and_cannot_poison_the_sum():
+    registry = prom.CollectorRegistry()
+    h = prom.Histogram("gap", "d", ["model"], buckets=(0.1, 1.0), registry=registry)
+    observe_many(h.labels(model="m"), np.array([0.05, np.nan, np.inf, -np.inf, 0.5]))
+    s = samples(registry, "gap")
+    assert s["gap_count[('model', 'm')]"] == 2
+    assert np.isclose(s["gap_sum[('model', 'm')]"], 0.55)

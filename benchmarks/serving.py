@@ -13,6 +13,10 @@ cells and the ratio by server CPU alone (what a door would reach with its client
 machines). Usage:
 
     python -m benchmarks.serving [--artifact DIR] [--sizes 1 64 1024] [--clients 8] [--seconds 10]
+        [--workers N] [--split-cores]
+
+``--split-cores`` runs the server (and in-process onnxruntime) on half the CPUs and the clients
+on the other half, as when clients run elsewhere.
 """
 
 from __future__ import annotations
@@ -143,15 +147,21 @@ def cpu_seconds(pid: int | None) -> float:
     return total
 
 
-def drive(connect: Client, clients: int, seconds: float) -> tuple[int, list[float]]:
+def drive(
+    connect: Client, clients: int, seconds: float, at_start: Callable[[], object] | None = None
+) -> tuple[int, list[float], float]:
     """``clients`` threads, each connected once, calling in a loop for ``seconds`` (counted
-    once all are connected and have made a first call); (calls, latencies)."""
+    once all are connected and have made a first call; ``at_start`` runs then); (calls,
+    latencies, elapsed seconds: from the start until the last call started before ``seconds``
+    has returned, the time those calls took)."""
     latencies: list[float] = []
     lock = threading.Lock()
-    stop = [0.0]
+    began = [0.0]
 
     def start() -> None:  # run once, when every client is ready
-        stop[0] = time.monotonic() + seconds
+        if at_start is not None:
+            at_start()
+        began[0] = time.monotonic()
 
     ready = threading.Barrier(clients, action=start)
 
@@ -159,8 +169,9 @@ def drive(connect: Client, clients: int, seconds: float) -> tuple[int, list[floa
         call = connect()
         call()  # warm-up: the connection is open
         ready.wait()
+        stop = began[0] + seconds
         mine = []
-        while time.monotonic() < stop[0]:
+        while time.monotonic() < stop:
             t0 = time.perf_counter()
             call()
             mine.append(time.perf_counter() - t0)
@@ -172,7 +183,7 @@ def drive(connect: Client, clients: int, seconds: float) -> tuple[int, list[floa
         t.start()
     for t in threads:
         t.join()
-    return len(latencies), latencies
+    return len(latencies), latencies, time.monotonic() - began[0]
 
 
 @dataclass
@@ -209,12 +220,16 @@ def measure(
 ) -> Row:
     """Drive ``door`` with ``clients`` for ``seconds``; ``pid``: the server's process (tree),
     ``None`` for in-process calls; ``base``: the in-process row the ratios compare with."""
-    cpu0, mine0 = cpu_seconds(pid), time.process_time()
-    calls, lat = drive(connect, clients, seconds)
+    before: list[float] = []  # CPU times once every client is connected and warm
+
+    def snapshot() -> None:
+        before[:] = [cpu_seconds(pid), time.process_time()]
+
+    calls, lat, elapsed = drive(connect, clients, seconds, snapshot)
     per_1k = calls * n / 1000
-    cpu_ms = (cpu_seconds(pid) - cpu0) * 1000 / per_1k
-    client_ms = 0.0 if pid is None else (time.process_time() - mine0) * 1000 / per_1k
-    rate = calls * n / seconds
+    cpu_ms = (cpu_seconds(pid) - before[0]) * 1000 / per_1k
+    client_ms = 0.0 if pid is None else (time.process_time() - before[1]) * 1000 / per_1k
+    rate = calls * n / elapsed
     ratio = rate / base.rate if base else 1.0
     cpu_ratio = (base.cpu_ms / cpu_ms if base else 1.0) if runs_model else None
     q = np.percentile(np.asarray(lat) * 1000, [50, 99])

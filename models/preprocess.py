@@ -69,9 +69,10 @@ def sparse_structure_problem(X: Matrix) -> str | None:
     return None
 
 
-def first_invalid(X: Matrix) -> tuple[int, int, str] | None:
+def first_invalid(X: Matrix, upper: float | None = None) -> tuple[int, int, str] | None:
     """Row, column and description of the first NaN, infinite or negative value of ``X``
-    (dense or sparse), or ``None`` when all values are finite and non-negative."""
+    (dense or sparse), or of one above ``upper`` when given, or ``None`` when all values are
+    valid."""
     if sp.issparse(X):
         Xc = sp.csr_matrix(X)
         v = np.asarray(Xc.data)
@@ -82,14 +83,25 @@ def first_invalid(X: Matrix) -> tuple[int, int, str] | None:
         return None
     # the common case (all valid) in two reductions, without a temporary array per test: a NaN
     # makes min() NaN, so both comparisons are then False
-    if v.dtype.kind in "fiu" and v.min() >= 0 and v.max() < np.inf:
-        return None
+    if v.dtype.kind in "fiu":
+        low, high = v.min(), v.max()  # a NaN fails both comparisons
+        if low >= 0 and (high < np.inf if upper is None else high <= upper):
+            return None
     bad = ~np.isfinite(v) | (v < 0)
+    if upper is not None:
+        bad |= v > upper
     if not bad.any():
         return None
     i = int(np.argmax(bad))
     x = float(v[i])
-    what = "NaN" if np.isnan(x) else ("infinite" if np.isinf(x) else f"negative ({x:g})")
+    if np.isnan(x):
+        what = "NaN"
+    elif np.isinf(x):
+        what = "infinite"
+    elif x < 0:
+        what = f"negative ({x:g})"
+    else:
+        what = f"{x!r}, above {upper:g}"  # in full: 15.000000953674316, not 15
     if Xc is None:
         row, col = divmod(i, X.shape[1])
     else:
@@ -170,6 +182,20 @@ def _check_totals(totals: np.ndarray) -> None:
         raise TotalOverflowError(int(np.argmax(bad)))
 
 
+def _scale(values: np.ndarray, totals: np.ndarray, target_sum: float) -> np.ndarray:
+    """``values / totals * target_sum`` (``totals`` broadcast to ``values``; 0 where a total is
+    0), as one multiplication by ``target_sum / totals``, except for totals so small (subnormal,
+    below ~1e-304) that the factor overflows: those are divided first, which stays finite."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        factor = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        out = values * factor
+        overflow = np.isinf(factor)
+        if overflow.any():
+            rows = np.broadcast_to(overflow, out.shape)
+            out[rows] = (values / totals)[rows] * target_sum
+    return out
+
+
 #: stored values per block of the CSR normalisation (float64 working copies: 8 MiB each)
 NORMALIZE_BLOCK = 1 << 20
 
@@ -194,12 +220,11 @@ def _normalize_csr(Xc: sp.csr_matrix, target_sum: float) -> sp.csr_matrix:
         row_of = np.repeat(np.arange(b - a), lengths[a:b])
         totals[a:b] = np.bincount(row_of, weights=block, minlength=b - a)
     _check_totals(totals)
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     for a in range(0, n, rows_per_block):
         b = min(n, a + rows_per_block)
         s, e = int(indptr[a]), int(indptr[b])
-        block = values[s:e].astype(np.float64) * np.repeat(scale[a:b], lengths[a:b])
-        out[s:e] = np.log1p(block)
+        per_value = np.repeat(totals[a:b], lengths[a:b])
+        out[s:e] = np.log1p(_scale(values[s:e].astype(np.float64), per_value, target_sum))
     return sp.csr_matrix((out, Xc.indices, indptr), shape=Xc.shape)
 
 
@@ -221,8 +246,7 @@ def normalize_log1p(X: Matrix, target_sum: float = TARGET_SUM) -> np.ndarray | s
     Xd = np.asarray(X, dtype=np.float64)
     totals = Xd.sum(axis=1, keepdims=True)
     _check_totals(totals.ravel())
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    return np.log1p(Xd * scale).astype(np.float32)
+    return np.log1p(_scale(Xd, totals, target_sum)).astype(np.float32)
 
 
 def to_model_input(X: Matrix, kind: InputKind, target_sum: float = TARGET_SUM) -> Matrix:

@@ -149,8 +149,14 @@ class Gate:
 #: one read (thousands of small fields, ~3 MB of Python objects) reaches the app; refused here
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 32 * 1024
-#: headers that must not be given twice (the first would be read, silently)
-_SINGLE_HEADERS = (b"inference-header-content-length", b"content-encoding")
+#: headers that must not be given twice (one would be read, silently; a proxy might read the
+#: other)
+_SINGLE_HEADERS = (
+    b"inference-header-content-length",
+    b"content-encoding",
+    b"authorization",
+    b"x-api-key",
+)
 
 
 def _check_head(raw: list[tuple[bytes, bytes]]) -> None:

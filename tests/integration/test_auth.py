@@ -123,3 +123,17 @@ def test_non_utf8_header_bytes_get_a_400(server):
         status = int(answer.split(b" ", 2)[1])
         assert status == 400, (path, answer[:300])
         assert b"not UTF-8" in answer
+
+
+def test_a_credential_header_given_twice_is_refused(server):
+    """With two copies one is read, silently (the last, here), and a proxy in front may read
+    the other: the two must never disagree, so two copies are a 400, whatever their order."""
+    url = server.url + "/v1/models"
+    for name, good, bad in (
+        ("X-API-Key", KEYS[0], "nope"),
+        ("Authorization", f"Bearer {KEYS[0]}", "Bearer nope"),
+    ):
+        for pair in ([(name, bad), (name, good)], [(name, good), (name, good)]):
+            r = httpx.get(url, headers=pair)
+            assert r.status_code == 400 and "more than once" in r.text, (pair, r.text[:200])
+        assert httpx.get(url, headers=[(name, good)]).status_code == 200

@@ -334,7 +334,7 @@ def test_fp64_values_are_checked_as_sent_and_against_float32s_range(annotator):
     with pytest.raises(InvalidInputError, match=r"x\[1\]\[3\].*negative"):
         _oip_infer(annotator, _x_body(annotator, values, "FP64"))
     values[g + 3] = 1e300  # finite, but not as float32, and beyond what log1p data holds
-    with pytest.raises(InvalidInputError, match=r"x\[1\]\[3\].*1e\+300.*never exceeds 15"):
+    with pytest.raises(InvalidInputError, match=r"x\[1\]\[3\].*1e\+300, above 15"):
         _oip_infer(annotator, _x_body(annotator, values, "FP64"))
     for datatype, big in (("FP32", 1e39), ("FP16", 70000.0)):  # cast to infinity: named so
         values[g + 3] = big
@@ -348,8 +348,16 @@ def test_oip_input_beyond_log1p_range_is_refused_and_never_reaches_the_metrics(a
     """1e38 in every gene is a float32, but no log1p CP10k value: the graph's outputs were NaN,
     and the NaN confidence made the histogram's sum NaN for good."""
     g = len(annotator.get(None).model.genes)
-    with pytest.raises(InvalidInputError, match=r"x\[0\]\[0\].*never exceeds 15"):
+    with pytest.raises(InvalidInputError, match=r"x\[0\]\[0\].*above 15"):
         _oip_infer(annotator, _x_body(annotator, [1e38] * g))
+    values = [0.0] * (2 * g)
+    values[3], values[g] = 20.0, -1.0  # the first bad value is named, whichever rule it breaks
+    with pytest.raises(InvalidInputError, match=r"x\[0\]\[3\] .* is 20.0, above 15"):
+        _oip_infer(annotator, _x_body(annotator, values, "FP64"))
+    values = [0.0] * g
+    values[7] = float(np.nextafter(np.float32(15), np.float32(16)))  # printed in full, not "15"
+    with pytest.raises(InvalidInputError, match=r"is 15.000000953674316, above 15"):
+        _oip_infer(annotator, _x_body(annotator, values))
     probs = _oip_infer(annotator, _x_body(annotator, [15.0] * g))  # the bound itself is valid
     assert np.isfinite(probs).all()
 

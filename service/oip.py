@@ -132,7 +132,9 @@ def to_array(name: str, datatype: str, shape: Sequence[int], flat: object) -> np
         raise InvalidInputError(
             f"input {name}: shape {dims} needs {expected} values, got {arr.size}", name
         )
-    if isinstance(flat, np.ndarray) and flat.dtype.kind == "f" and target.kind == "f":
+    # JSON numbers (float64) for an FP32/FP16 input; not raw bytes, which are not cast
+    narrowed = isinstance(flat, np.ndarray) and flat.dtype.itemsize > target.itemsize
+    if isinstance(flat, np.ndarray) and narrowed and flat.dtype.kind == "f" == target.kind:
         _require_in_range(name, datatype, dims, flat, arr)
     return arr.reshape(dims)
 

@@ -62,7 +62,17 @@ def count_containers(body: bytes, exact: bool = False) -> int:
     if exact:
         body = _STRING.sub(b'""', body)
     octets = np.frombuffer(body, dtype=np.uint8)  # numpy's compare: ~3x bytes.count
-    return int(np.count_nonzero(octets == ord("["))) + int(np.count_nonzero(octets == ord("{")))
+    count = 0
+    # a block at a time: the compares' temporaries stay small (two of the body's size pushed a
+    # refused 8 MB body's peak past its bound) and in cache (2.6 vs 3.1 ms for 8 MB)
+    for start in range(0, len(octets), _COUNT_BLOCK):
+        block = octets[start : start + _COUNT_BLOCK]
+        count += int(np.count_nonzero(block == ord("["))) + int(np.count_nonzero(block == ord("{")))
+    return count
+
+
+#: bytes compared at a time by :func:`count_containers`
+_COUNT_BLOCK = 1 << 18
 
 
 def check_containers(body: bytes, max_cells: int) -> int:

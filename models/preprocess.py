@@ -82,9 +82,9 @@ def first_invalid(X: Matrix, upper: float | None = None) -> tuple[int, int, str]
     if v.size == 0:
         return None
     # the common case (all valid) in two reductions, without a temporary array per test: a NaN
-    # makes min() NaN, so both comparisons are then False
+    # makes min() and max() NaN, so both comparisons are then False
     if v.dtype.kind in "fiu":
-        low, high = v.min(), v.max()  # a NaN fails both comparisons
+        low, high = v.min(), v.max()
         if low >= 0 and (high < np.inf if upper is None else high <= upper):
             return None
     bad = ~np.isfinite(v) | (v < 0)

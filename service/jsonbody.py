@@ -131,6 +131,12 @@ def _reason(e: Exception) -> str:
     return brief(text.split(":", 1)[-1].strip(), 160)
 
 
+def may_hold_nan(values: np.ndarray) -> bool:
+    """Whether integers read from a body that held NaN literals may hold one: its sentinel
+    (``-9``) reads as an integer, which :func:`restore_non_json` cannot turn back."""
+    return bool((values == _NAN).any())
+
+
 def restore_non_json(values: np.ndarray) -> None:
     """Turn the sentinels of :func:`parse` back into NaN, inf and -inf (in place). Only
     bodies that held such literals get here, and they are refused anyway: a genuine ``-9``

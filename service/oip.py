@@ -133,8 +133,11 @@ def to_array(name: str, datatype: str, shape: Sequence[int], flat: object) -> np
             f"input {name}: shape {dims} needs {expected} values, got {arr.size}", name
         )
     # JSON numbers (float64) for an FP32/FP16 input; not raw bytes, which are not cast
-    narrowed = isinstance(flat, np.ndarray) and flat.dtype.itemsize > target.itemsize
-    if isinstance(flat, np.ndarray) and narrowed and flat.dtype.kind == "f" == target.kind:
+    if (
+        isinstance(flat, np.ndarray)
+        and flat.dtype.kind == "f" == target.kind
+        and flat.dtype.itemsize > target.itemsize
+    ):
         _require_in_range(name, datatype, dims, flat, arr)
     return arr.reshape(dims)
 

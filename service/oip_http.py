@@ -221,7 +221,7 @@ def _restore_non_json(numbers: np.ndarray, name: str) -> np.ndarray:
         restored = numbers.copy()  # read from the parser's buffer: read-only
         jsonbody.restore_non_json(restored)
         return restored
-    if (numbers == -9).any():
+    if jsonbody.may_hold_nan(numbers):
         raise InvalidInputError(
             f"input {name} holds NaN, or -9, which a body with NaN literals cannot tell apart "
             "from it: send integers only",

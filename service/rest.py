@@ -244,12 +244,18 @@ app = FastAPI(
 
 #: error statuses each kind of /v1 operation can answer (401 only with CELLEXPLAIN_API_KEYS)
 _ERRORS_BY_METHOD = {
-    "get": {"401": "missing or wrong API key", "404": "unknown model"},
+    "get": {
+        "400": "a header is not UTF-8, given twice, or a Content-Encoding (not supported)",
+        "401": "missing or wrong API key",
+        "404": "unknown model",
+        "431": "more than 100 header fields or 32 KiB of them",
+    },
     "post": {
         "400": "invalid request: the message names the field and the problem",
         "401": "missing or wrong API key",
         "404": "unknown model",
         "413": "too many cells or genes, or too large a body or upload",
+        "431": "more than 100 header fields or 32 KiB of them",
         "503": "the model is not loaded yet",
         "504": "inference did not finish within CELLEXPLAIN_REQUEST_TIMEOUT_S",
     },

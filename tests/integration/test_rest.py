@@ -359,6 +359,10 @@ def test_openapi_describes_the_api(client):
     schemas = doc["components"]["schemas"]
     assert {"AnnotateRequest", "AnnotateResponse", "CellAnnotation"} <= set(schemas)
     assert "top_k" in schemas["AnnotateRequest"]["properties"]
+    # every error the gate can give is documented, on every operation
+    for item in doc["paths"].values():
+        for op in item.values():
+            assert {"400", "401", "431"} <= set(op["responses"]), op.get("operationId")
 
 
 N_UPLOAD = 300  # cells per uploaded file: within this server's MAX_CELLS

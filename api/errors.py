@@ -13,6 +13,7 @@ client as ``RESOURCE_EXHAUSTED`` instead of the real error).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,6 +83,25 @@ class HeadersTooLargeError(TooLargeError):
     http_status = 431
 
 
+class UnprocessableError(ServiceError):
+    """Content the service stopped reading because it took too long, though every declared
+    size was within the limits (HTTP 422, RESOURCE_EXHAUSTED): an upload whose reader ran past
+    its CPU-time or wall-clock limit."""
+
+    http_status = 422
+    grpc_code = "RESOURCE_EXHAUSTED"
+    kind = "unprocessable"
+
+
+class InsufficientStorageError(ServiceError):
+    """The server's temporary space is full (HTTP 507, RESOURCE_EXHAUSTED): a fault of the
+    server's, not of the request; another replica, or a retry later, may succeed."""
+
+    http_status = 507
+    grpc_code = "RESOURCE_EXHAUSTED"
+    kind = "insufficient_storage"
+
+
 class UnauthenticatedError(ServiceError):
     """Missing or wrong API key (HTTP 401, UNAUTHENTICATED)."""
 
@@ -131,10 +151,19 @@ def validation_failure(errors: Sequence[Any]) -> ServiceError:
     return InvalidInputError(message, field or None)
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk or quota (``ENOSPC``, ``EDQUOT``; h5py names the errno
+    only in its message)."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+
+
 def from_exception(exc: BaseException) -> ServiceError:
     """The error a front door answers for ``exc``: itself if a :class:`ServiceError`; a 400 for
     invalid options (pydantic) or data (:class:`~cellexplain.models.errors.DataError` and kin,
-    which name their field); :class:`InternalError` for anything else."""
+    which name their field); a 507 for a full disk (``ENOSPC``, ``EDQUOT``);
+    :class:`InternalError` for anything else."""
     from pydantic import ValidationError
 
     from cellexplain.models.errors import DataError, PreprocessError
@@ -145,4 +174,9 @@ def from_exception(exc: BaseException) -> ServiceError:
         return validation_failure(exc.errors())
     if isinstance(exc, DataError | PreprocessError):
         return InvalidInputError(str(exc), exc.field)
+    if disk_full(exc):
+        return InsufficientStorageError(
+            "the server's temporary space is full (its TMPDIR): the request was not processed "
+            "and nothing of it was kept; retry later or on another replica"
+        )
     return InternalError()

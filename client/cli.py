@@ -347,6 +347,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                 concurrency=args.concurrency,
                 cluster_key=args.cluster_key,
                 overwrite=args.force,
+                allow_external=args.allow_external_data,
                 progress=not args.quiet,
             )
         finally:
@@ -449,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", help="'raw', a layer name, or omit for X")
     p.add_argument("--cluster-key", help="obs column of clusters: add majority voting")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--allow-external-data",
+        action="store_true",
+        help="read an input whose objects take their data from other files (external links, "
+        "external storage, virtual datasets); refused by default: what is read is copied into "
+        "the output",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_annotate)
 

@@ -37,9 +37,10 @@ from cellexplain.api.annotations import (
     obs_columns,
     obsm_arrays,
 )
-from cellexplain.api.errors import InvalidInputError, brief
+from cellexplain.api.errors import InvalidInputError, ServiceError, brief
 from cellexplain.api.schemas import AnnotateOptions, ModelDetail
 from cellexplain.client.remote import Chunk, ordered_window
+from cellexplain.models.preprocess import sparse_structure_problem
 
 if TYPE_CHECKING:  # the server's core, imported only by --local (the `serve` extra)
     from cellexplain.service.core import Annotator
@@ -86,6 +87,35 @@ class LocalBackend:
         self.annotator.close()
 
 
+def reaches_outside(path: str | Path) -> str | None:
+    """The first object of the HDF5 file at ``path`` whose data would come from another file
+    (an external link, external raw storage, a virtual dataset), described with its HDF5
+    path, or ``None``. Only metadata is read and no link is followed.
+
+    ``cellexplain annotate`` refuses such files unless told otherwise, since what it reads from
+    them is copied into its output (docs/security.md); the server refuses them in uploads
+    (``service/h5ad_check.py``, which also bounds sizes: a local file's are the user's
+    business)."""
+    found: list[str] = []
+
+    def visit(name: str, link: Any) -> bool | None:
+        where = f"/{name}"
+        if isinstance(link, h5py.ExternalLink):
+            found.append(f"{where} is an external link (to {link.filename!r})")
+        elif isinstance(link, h5py.HardLink):
+            obj = f.get(name)
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    found.append(f"{where} is a virtual dataset (its data come from other files)")
+                elif obj.id.get_create_plist().get_external_count() > 0:
+                    found.append(f"{where} keeps its data in external files")
+        return True if found else None
+
+    with h5py.File(path, "r") as f:
+        f.visititems_links(visit)
+    return found[0] if found else None
+
+
 class H5adReader:
     """Row chunks of an ``.h5ad`` matrix, read with h5py without loading the file.
 
@@ -94,12 +124,39 @@ class H5adReader:
         gene_key: ``var`` column with gene names (default: the var index).
     """
 
-    def __init__(self, path: str | Path, gene_key: str | None = None, layer: str | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        gene_key: str | None = None,
+        layer: str | None = None,
+        allow_external: bool = False,
+    ):
         self.path = Path(path)
         try:
+            outside = None if allow_external else reaches_outside(self.path)
             self.file = h5py.File(self.path, "r")
         except OSError as e:
             raise InvalidInputError(f"{self.path} is not a readable .h5ad: {e}", "input") from e
+        except Exception as e:  # a damaged structure
+            raise _unreadable(self.path, e) from e
+        if outside is not None:
+            self.file.close()
+            raise InvalidInputError(
+                f"{self.path}: {outside}; what is read from it would be copied into the output. "
+                "Refused by default, as the server refuses such uploads: pass "
+                "--allow-external-data if you trust where it points",
+                "input",
+            )
+        try:
+            self._open(gene_key, layer)
+        except ServiceError:
+            self.file.close()
+            raise
+        except Exception as e:  # h5py and anndata raise many kinds for a damaged file
+            self.file.close()
+            raise _unreadable(self.path, e) from e
+
+    def _open(self, gene_key: str | None, layer: str | None) -> None:
         f = self.file
         if layer == "raw":
             if "raw" not in f:
@@ -127,6 +184,12 @@ class H5adReader:
         else:
             self.genes = [str(g) for g in var.index]
         self.obs = aio.read_elem(f["obs"])
+        if not isinstance(self.obs, pd.DataFrame):
+            raise InvalidInputError(
+                f"{self.path}: obs is stored as a {type(self.obs).__name__}, not the dataframe "
+                "anndata writes: re-save the file with anndata",
+                "input",
+            )
         node = f[mpath]
         if isinstance(node, h5py.Dataset):
             self.matrix: Any = node
@@ -147,10 +210,23 @@ class H5adReader:
             )
 
     def chunks(self, size: int) -> Iterator[Chunk]:
+        """Row chunks of at most ``size`` cells. A sparse chunk's structure is checked here,
+        before any transport turns it into a request (the gRPC one would read negative indices
+        as counted from the end), so every door refuses what the server refuses."""
         names = self.obs.index
         for start in range(0, self.n_obs, size):
-            X = self.matrix[start : start + size]
-            X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+            try:
+                X = self.matrix[start : start + size]
+                X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+            except Exception as e:  # a damaged matrix
+                raise _unreadable(self.path, e) from e
+            problem = sparse_structure_problem(X)
+            if problem is not None:
+                raise InvalidInputError(
+                    f"{self.path}: the matrix is malformed in rows {start}-"
+                    f"{start + X.shape[0] - 1}: {problem}",
+                    "input",
+                )
             yield Chunk(start, self.genes, X, [str(n) for n in names[start : start + size]])
 
     def close(self) -> None:
@@ -197,6 +273,12 @@ class _Collected:
         )
 
 
+def _unreadable(path: Path, e: Exception) -> InvalidInputError:
+    return InvalidInputError(
+        f"{path} is not a readable .h5ad: {type(e).__name__}: {brief(str(e), 300)}", "input"
+    )
+
+
 class AtomicH5adWriter:
     """A copy of the input at a temporary path, annotations written into it, renamed into
     place by :meth:`commit`; :meth:`abort` (or any exception) removes it."""
@@ -204,12 +286,25 @@ class AtomicH5adWriter:
     def __init__(self, src: Path, dst: Path, n_obs: int) -> None:
         self.dst = dst
         self.tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
-        shutil.copyfile(src, self.tmp)
-        self.file = h5py.File(self.tmp, "r+")
         self.n_obs = n_obs
-        obsm = self.file.require_group("obsm")
-        obsm.attrs.setdefault("encoding-type", "dict")
-        obsm.attrs.setdefault("encoding-version", "0.1.0")
+        try:
+            shutil.copyfile(src, self.tmp)
+            self.file = h5py.File(self.tmp, "r+")
+            obsm = self.file.get("obsm")
+            if obsm is not None and not isinstance(obsm, h5py.Group):
+                raise InvalidInputError(
+                    f"{src}: obsm is stored as a {type(obsm).__name__}, not the group anndata "
+                    "writes: re-save the file with anndata",
+                    "input",
+                )
+            obsm = self.file.require_group("obsm")
+            obsm.attrs.setdefault("encoding-type", "dict")
+            obsm.attrs.setdefault("encoding-version", "0.1.0")
+        except BaseException:
+            if hasattr(self, "file"):
+                self.file.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
 
     def write_obsm(self, start: int, ann: Annotations) -> None:
         obsm = self.file["obsm"]
@@ -268,8 +363,12 @@ async def annotate_file(
     cluster_key: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    allow_external: bool = False,
 ) -> RunStats:
-    """Annotate every cell of ``src`` into a new file ``dst`` (see the module docstring)."""
+    """Annotate every cell of ``src`` into a new file ``dst`` (see the module docstring).
+
+    ``allow_external``: read a file whose objects take their data from other files (external
+    links, external storage, virtual datasets); refused by default (docs/security.md)."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise InvalidInputError(f"input file not found: {src}", "input")
@@ -281,14 +380,18 @@ async def annotate_file(
         raise InvalidInputError(f"{dst} exists; pass --force to replace it", "out")
     if chunk_size < 1 or concurrency < 1:
         raise InvalidInputError("--chunk-size and --concurrency must be >= 1", "chunk_size")
-    reader = H5adReader(src, gene_key, layer)
+    reader = H5adReader(src, gene_key, layer, allow_external)
     if cluster_key is not None and cluster_key not in reader.obs.columns:
         reader.close()
         raise InvalidInputError(f"cluster key {brief(cluster_key)} not found in obs", "cluster_key")
     detail = await backend.model(options.model)
     card = detail.card
     options = options.model_copy(update={"model": card.name, "return_probabilities": True})
-    writer = AtomicH5adWriter(src, dst, reader.n_obs)
+    try:
+        writer = AtomicH5adWriter(src, dst, reader.n_obs)
+    except BaseException:
+        reader.close()
+        raise
     collected = _Collected(card.classes)
     info: dict[str, Any] | None = None
     t0 = time.perf_counter()

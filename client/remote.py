@@ -328,13 +328,18 @@ class AsyncClient:
         room = asyncio.Semaphore(window)  # a permit per chunk in flight
         attempt = 0
 
+        failed: list[Exception] = []  # the chunks' own error (a bad file), raised as itself
+
         async def requests() -> AsyncIterator[Any]:
             for ch in list(pending):  # after a retry: the unanswered chunks again
                 yield converters.request_to_proto(ch.genes, ch.X, options, ch.cell_ids)
-            async for nxt in source:
-                await room.acquire()
-                pending.append(nxt)
-                yield converters.request_to_proto(nxt.genes, nxt.X, options, nxt.cell_ids)
+            try:
+                async for nxt in source:
+                    await room.acquire()
+                    pending.append(nxt)
+                    yield converters.request_to_proto(nxt.genes, nxt.X, options, nxt.cell_ids)
+            except Exception as e:  # raised inside gRPC's writer, it would only cancel the call
+                failed.append(e)
 
         while True:
             # the library writes the requests as the iterator yields them: a server that ends
@@ -345,6 +350,8 @@ class AsyncClient:
                     attempt = 0
                     room.release()
                     yield pending.popleft(), converters.response_from_proto(res)
+                if failed:
+                    raise failed[0]
                 if pending:
                     raise ClientError("stream ended before every chunk was answered", "DATA_LOSS")
                 return

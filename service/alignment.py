@@ -37,7 +37,7 @@ import scipy.sparse as sp
 
 from cellexplain.api.errors import InvalidInputError, brief
 
-ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$", re.ASCII)
 GENCODE_TABLE = "gencode_v44_human_gene_id2name.csv.gz"
 PREVIOUS_TABLE = "hgnc_previous_symbols.csv.gz"
 #: how a column claimed its model gene (lower is better)
@@ -49,7 +49,7 @@ def ensembl_to_symbol() -> dict[str, str]:
     """Ensembl gene ID (no version) -> upper-case symbol, from the bundled GENCODE v44 table."""
     path = resources.files("cellexplain.service") / "resources" / GENCODE_TABLE
     with path.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
-        return {row["gene_id"]: row["gene_name"].upper() for row in csv.DictReader(f)}
+        return {row["gene_id"]: fold(row["gene_name"]) for row in csv.DictReader(f)}
 
 
 @lru_cache(maxsize=1)
@@ -59,9 +59,19 @@ def previous_to_current() -> dict[str, str]:
     path = resources.files("cellexplain.service") / "resources" / PREVIOUS_TABLE
     with path.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
         return {
-            row["previous_symbol"].upper(): row["current_symbol"].upper()
-            for row in csv.DictReader(f)
+            fold(row["previous_symbol"]): fold(row["current_symbol"]) for row in csv.DictReader(f)
         }
+
+
+#: a-z to A-Z and nothing else: gene symbols and IDs are ASCII, and full Unicode case mapping
+#: would fold other names onto them (``str.upper`` turns the ligature U+FB05 into ``ST``, so
+#: ``"C\ufb053"`` became ``CST3``)
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def fold(name: str) -> str:
+    """``name`` with ASCII letters upper-cased; every other character is kept as it is."""
+    return name.translate(_ASCII_UPPER)
 
 
 def current_symbol(upper: str) -> str:
@@ -70,7 +80,7 @@ def current_symbol(upper: str) -> str:
 
 
 def is_ensembl(gene: str) -> bool:
-    return bool(ENSEMBL_RE.match(gene.strip().upper()))
+    return bool(ENSEMBL_RE.match(fold(gene.strip())))
 
 
 @dataclass
@@ -170,7 +180,7 @@ class GeneAligner:
         ids = ensembl_to_symbol()
         for j, g in enumerate(self.model_genes):
             name = g.strip()
-            upper = name.upper()
+            upper = fold(name)
             if ENSEMBL_RE.match(upper):
                 uid = upper.split(".", 1)[0]
                 self.exact.setdefault(uid, j)
@@ -191,7 +201,7 @@ class GeneAligner:
     def claim(self, gene: str) -> tuple[int, int] | None:
         """The model gene a submitted name claims, and the tier of the claim."""
         name = gene.strip()
-        upper = name.upper()
+        upper = fold(name)
         if ENSEMBL_RE.match(upper):
             uid = upper.split(".", 1)[0]
             j = self.exact.get(uid)
@@ -271,7 +281,7 @@ class GeneAligner:
                 )
             claim = self.claim(g)
             if claim is None:
-                upper = g.strip().upper()
+                upper = fold(g.strip())
                 key = upper.split(".", 1)[0] if ENSEMBL_RE.match(upper) else upper
                 symbol = ids.get(key, key)
                 if key in keys or symbol in keys:
@@ -289,7 +299,7 @@ class GeneAligner:
             cols = [c for t, c in claimed if t == best]
             n_duplicated += len(claimed) - len(cols)
             if len(cols) > 1:
-                uids = [genes[c].strip().upper().split(".", 1)[0] for c in cols]
+                uids = [fold(genes[c].strip()).split(".", 1)[0] for c in cols]
                 if not all(ENSEMBL_RE.match(u) for u in uids) or len(set(uids)) != len(uids):
                     names = " and ".join(f"{brief(genes[c])} (position {c})" for c in cols[:5])
                     raise InvalidInputError(

@@ -41,21 +41,34 @@ def read_h5ad_upload(path: str | Path, limits: Limits) -> ad.AnnData:
     return adata
 
 
-def open_h5ad_result(adata: ad.AnnData, path: Path) -> BinaryIO:
-    """Write ``adata`` to ``path`` and return it opened for reading, already unlinked: the
-    answer is streamed from disk, and the file goes away when it is closed (or dropped).
+def write_h5ad(adata: ad.AnnData, path: Path) -> None:
+    """Write the annotated ``adata`` to ``path``.
 
     Raises:
         InvalidInputError: the upload holds something anndata reads but cannot write back.
+        OSError: the disk is full (answered 507), or another fault of the server's.
     """
     try:
         adata.write_h5ad(path)
+    except OSError as e:
+        if e.errno is not None:  # a fault of the disk, not of the content
+            raise
+        raise _unwritable(e) from e
     except Exception as e:  # what came from the upload cannot be written back as it is
-        raise InvalidInputError(
-            f"the annotated file cannot be written: the upload holds content anndata cannot "
-            f"write back ({type(e).__name__}: {brief(str(e), 200)})",
-            "file",
-        ) from e
+        raise _unwritable(e) from e
+
+
+def _unwritable(e: Exception) -> InvalidInputError:
+    return InvalidInputError(
+        f"the annotated file cannot be written: the upload holds content anndata cannot "
+        f"write back ({type(e).__name__}: {brief(str(e), 200)})",
+        "file",
+    )
+
+
+def open_result(path: Path) -> BinaryIO:
+    """``path`` opened for reading, already unlinked: the answer is streamed from disk, and the
+    file goes away when it is closed (or dropped)."""
     f = path.open("rb")
     path.unlink()
     return f

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 
-from cellexplain.api.errors import UnauthenticatedError
+from cellexplain.api.errors import InvalidInputError, UnauthenticatedError
 
-__all__ = ["OPEN_GRPC_PREFIXES", "OPEN_PATHS", "check", "presented_key"]
+__all__ = ["OPEN_GRPC_PREFIXES", "OPEN_PATHS", "check", "check_metadata", "presented_key"]
 
 #: paths and gRPC methods that never need a key (probes, metrics, OIP health)
 OPEN_PATHS = ("/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready")
@@ -42,3 +42,17 @@ def check(keys: Sequence[str], authorization: str | None, api_key: str | None) -
         matched |= hmac.compare_digest(key.encode(), k.encode())
     if not matched:
         raise UnauthenticatedError("invalid API key", "headers")
+
+
+def check_metadata(keys: Sequence[str], metadata: Sequence[tuple[str, object]]) -> None:
+    """:func:`check` on gRPC metadata (key, value) pairs; ``authorization`` or ``x-api-key``
+    given twice is refused (:class:`InvalidInputError`), as REST refuses the headers twice:
+    one would be read silently, and a proxy might read the other."""
+    found: dict[str, str] = {}
+    for k, v in metadata:
+        name = str(k).lower()
+        if name in ("authorization", "x-api-key"):
+            if name in found:
+                raise InvalidInputError(f"metadata {name} is given more than once", "metadata")
+            found[name] = v if isinstance(v, str) else ""
+    check(keys, found.get("authorization"), found.get("x-api-key"))

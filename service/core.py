@@ -12,6 +12,7 @@ the result (:mod:`cellexplain.service.v1`, :mod:`cellexplain.service.oip`,
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -195,7 +196,7 @@ def resolve_models(settings: Settings) -> list[tuple[str, Path]]:
             "no models to serve: set CELLEXPLAIN_MODELS (store tags) or CELLEXPLAIN_MODEL_DIRS "
             "(artifact folders)"
         )
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, k in Counter(names).items() if k > 1)
     if twice:
         raise SettingsError(f"two served models are named {twice[0]!r}: serve one of them")
     if settings.default_model is not None and settings.default_model not in names:

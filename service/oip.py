@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,21 @@ from cellexplain.service.core import Annotator, LoadedModel
 SERVER_NAME = "cellexplain"
 EXTENSIONS = ["binary_tensor_data"]
 PLATFORM = "onnxruntime_onnx"
+#: more outputs than a request may ask for (a model has at most 7): checked before the names
+#: are read, at both doors
+MAX_REQUESTED_OUTPUTS = 64
+
+
+def check_output_count(n: int) -> None:
+    """Refuse a request asking for more than :data:`MAX_REQUESTED_OUTPUTS` outputs, before any
+    of their names is read (a 4 MB gRPC message holds two million empty ones)."""
+    if n > MAX_REQUESTED_OUTPUTS:
+        raise InvalidInputError(
+            f"{n} outputs asked for; a model has at most 7 (GET the model's metadata for "
+            "their names)",
+            "outputs",
+        )
+
 
 #: OIP datatype -> numpy dtype (BYTES are object arrays of bytes)
 DTYPES: dict[str, np.dtype] = {
@@ -103,6 +119,42 @@ def check_version(lm: LoadedModel, version: str | None) -> None:
         )
 
 
+#: the inputs a model takes, and the datatypes each is accepted in (x is cast to FP32, target
+#: to INT64)
+INPUT_DATATYPES = {"x": ("FP32", "FP64", "FP16"), "target": ("INT64", "INT32")}
+#: dimensions of an input's shape (x is [n, n_genes], target [n]; [1, n] for a target is fine)
+MAX_DIMS = 2
+
+
+def check_input(name: str, datatype: str, shape: Sequence[int], n_values: int | None) -> None:
+    """Refuse an input the model does not take, in a datatype it does not take, with more than
+    :data:`MAX_DIMS` dimensions or with a shape its ``n_values`` cannot fill: all from what
+    the request declares, before any value is read.
+
+    Raises:
+        InvalidInputError: naming the input and the problem.
+    """
+    if name not in INPUT_DATATYPES:
+        raise InvalidInputError(
+            f"unknown input {brief(name)}; the model takes x (FP32) and optional target (INT64)",
+            "inputs",
+        )
+    if datatype not in INPUT_DATATYPES[name]:
+        want = "FP32" if name == "x" else "INT64"
+        raise InvalidInputError(f"input {name} must be {want}, got {brief(datatype)}", name)
+    if len(shape) > MAX_DIMS:
+        raise InvalidInputError(
+            f"input {name}: shape has {len(shape)} dimensions; at most {MAX_DIMS}", name
+        )
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise InvalidInputError(f"input {name}: negative dimension in shape {dims}", name)
+    if n_values is not None and n_values != math.prod(dims):
+        raise InvalidInputError(
+            f"input {name}: shape {dims} needs {math.prod(dims)} values, got {n_values}", name
+        )
+
+
 def to_array(name: str, datatype: str, shape: Sequence[int], flat: object) -> np.ndarray:
     """Build the array of an input tensor from flat data (list or numpy), checking its size
     (shape products are Python integers: no overflow)."""
@@ -111,6 +163,10 @@ def to_array(name: str, datatype: str, shape: Sequence[int], flat: object) -> np
             f"input {brief(name)}: unknown datatype {brief(datatype)}", "inputs"
         )
     dims = [int(d) for d in shape]
+    if len(dims) > MAX_DIMS:
+        raise InvalidInputError(
+            f"input {name}: shape has {len(dims)} dimensions; at most {MAX_DIMS}", name
+        )
     if any(d < 0 for d in dims):
         raise InvalidInputError(f"input {name}: negative dimension in shape {dims}", name)
     expected = math.prod(dims)
@@ -226,8 +282,10 @@ async def infer(
                 f"input target must have 1 or n values, got {target.size}", "target"
             )
     available = output_names(lm)
+    if requested:
+        check_output_count(len(requested))
     names = list(requested) if requested else available
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, k in Counter(names).items() if k > 1)
     if twice:
         raise InvalidInputError(
             f"output(s) asked for twice: {', '.join(brief(n) for n in twice[:5])}", "outputs"

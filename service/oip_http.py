@@ -16,7 +16,7 @@ import orjson
 import simdjson
 
 from cellexplain.api.errors import InvalidInputError, brief
-from cellexplain.service import jsonbody
+from cellexplain.service import jsonbody, oip
 from cellexplain.service.oip import Tensor, from_raw, raw_view, to_array
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -147,8 +147,7 @@ def decode(body: bytes, header_length: str | None, max_cells: int = 1 << 30) -> 
         outputs = req["outputs"]
         if not isinstance(outputs, simdjson.Array):
             raise InvalidInputError("outputs must be a list", "outputs")
-        if len(outputs) > 64:
-            raise InvalidInputError(f"{len(outputs)} outputs asked for; the model has 6", "outputs")
+        oip.check_output_count(len(outputs))
         requested = []
         for j, o in enumerate(outputs):
             if isinstance(o, simdjson.Object):

@@ -10,6 +10,8 @@ append), which lets a small message be built the usual way and large fields be a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 #: wire types
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
 
@@ -38,3 +40,60 @@ def string(field: int, text: str) -> bytes:
     """A string field, whole."""
     raw = text.encode()
     return length_prefix(field, len(raw)) + raw
+
+
+def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it.
+
+    Raises:
+        ValueError: truncated, or longer than 10 bytes.
+    """
+    n = shift = 0
+    for i in range(pos, min(pos + 10, len(data))):
+        b = data[i]
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, i + 1
+        shift += 7
+    raise ValueError("a truncated or over-long varint")
+
+
+def fields(data: bytes | memoryview) -> Iterator[tuple[int, int, int, int]]:
+    """The top-level fields of a serialised message, in order, as ``(number, wire type,
+    start, end)`` of each value (for ``LEN`` fields, the bytes after the length), without
+    parsing them: one step per field, whatever it holds.
+
+    Raises:
+        ValueError: bytes that are not the wire format (parsing would refuse them too).
+    """
+    pos, size = 0, len(data)
+    while pos < size:
+        tag, pos = read_varint(data, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == VARINT:
+            _, end = read_varint(data, pos)
+            start = pos
+        elif wire == LEN:
+            length, start = read_varint(data, pos)
+            end = start + length
+        elif wire in (FIXED64, FIXED32):
+            start, end = pos, pos + (8 if wire == FIXED64 else 4)
+        else:
+            raise ValueError(f"wire type {wire} (groups are not used)")
+        if end > size or number == 0:
+            raise ValueError("a field runs past the end of the message")
+        yield number, wire, start, end
+        pos = end
+
+
+def count_field(data: bytes | memoryview, number: int, stop_after: int) -> int:
+    """How many times field ``number`` occurs at the top level of a message, counting no
+    further than ``stop_after + 1`` (so that a message of millions of tiny entries costs at
+    most ``stop_after`` steps)."""
+    n = 0
+    for field, _, _, _ in fields(data):
+        if field == number:
+            n += 1
+            if n > stop_after:
+                break
+    return n

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import sys
-import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, TypeVar
@@ -33,7 +33,6 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cellexplain import __version__
-from cellexplain.api.annotations import expression
 from cellexplain.api.errors import (
     HeadersTooLargeError,
     InternalError,
@@ -43,6 +42,7 @@ from cellexplain.api.errors import (
     TooLargeError,
     UnauthenticatedError,
     brief,
+    disk_full,
     from_exception,
     validation_failure,
 )
@@ -57,8 +57,9 @@ from cellexplain.api.schemas import (
     ModelDetail,
     ModelList,
 )
-from cellexplain.service import allocator, auth, jsonbody, metrics, oip, oip_http, v1
-from cellexplain.service.anndata_io import open_h5ad_result, read_h5ad_upload, write_result
+from cellexplain.service import allocator, auth, jsonbody, metrics, oip, oip_http, sandbox, v1
+from cellexplain.service.anndata_io import info as result_info
+from cellexplain.service.anndata_io import open_result, to_annotations
 from cellexplain.service.core import Annotator, resolve_models
 from cellexplain.service.grpc.server import GrpcServer
 from cellexplain.service.h5ad_check import Limits
@@ -71,6 +72,7 @@ try:
 except SettingsError as e:  # one line naming the variable, not a traceback through the loader
     sys.exit(f"cellexplain: {e}")
 allocator.tune(trim_every_s=SETTINGS.malloc_trim_s)  # every worker, before the model and requests
+metrics.bound_http_route_labels()  # no metric label takes a path a client chose
 if importlib.util.find_spec("httptools") is not None:
     # uvicorn's "auto" HTTP parser, which BentoML uses: httptools when installed, else h11
     log.warning(
@@ -84,6 +86,11 @@ H5AD_MEDIA_TYPE = "application/x-hdf5"
 #: bodies from this size on are parsed off the event loop, one at a time (docs/security.md)
 LARGE_BODY = 1 << 20
 _LARGE_PARSE = asyncio.Semaphore(1)
+#: uploads read at once in this worker (each in a child process: service/sandbox.py)
+_UPLOADS = asyncio.Semaphore(SETTINGS.max_concurrent_uploads)
+SANDBOX = sandbox.SandboxLimits(
+    SETTINGS.upload_memory_bytes, SETTINGS.upload_cpu_s, SETTINGS.upload_timeout_s
+)
 T = TypeVar("T")
 
 
@@ -170,9 +177,9 @@ def _check_head(raw: list[tuple[bytes, bytes]]) -> None:
             f"{MAX_HEADERS} fields and {MAX_HEADER_BYTES} bytes",
             "headers",
         )
-    names = [k.lower() for k, _ in raw]
+    names = Counter(k.lower() for k, _ in raw)
     for name in _SINGLE_HEADERS:
-        if names.count(name) > 1:
+        if names[name] > 1:
             raise InvalidInputError(f"header {name.decode()} is given more than once", "headers")
     for k, v in raw:
         if k.lower() == b"content-encoding" and v.strip().lower() not in (b"", b"identity"):
@@ -254,10 +261,14 @@ _ERRORS_BY_METHOD = {
         "400": "invalid request: the message names the field and the problem",
         "401": "missing or wrong API key",
         "404": "unknown model",
-        "413": "too many cells or genes, or too large a body or upload",
+        "413": "too many cells or genes, or too large a body or upload (declared, or once "
+        "read: CELLEXPLAIN_UPLOAD_MEMORY_BYTES)",
+        "422": "an upload whose reading ran past CELLEXPLAIN_UPLOAD_TIMEOUT_S or "
+        "CELLEXPLAIN_UPLOAD_CPU_S",
         "431": "more than 100 header fields or 32 KiB of them",
         "503": "the model is not loaded yet",
         "504": "inference did not finish within CELLEXPLAIN_REQUEST_TIMEOUT_S",
+        "507": "the server's temporary space (TMPDIR) is full: retry later or elsewhere",
     },
 }
 
@@ -329,6 +340,8 @@ def _http_status_error(exc: StarletteHTTPException) -> ServiceError | None:
         return None
     if isinstance(exc.__cause__, ServiceError):
         return exc.__cause__
+    if disk_full(exc.__cause__ or exc):  # the multipart parser spools uploads to TMPDIR
+        return from_exception(exc.__cause__ or exc)
     err = (
         ModelNotFoundError(str(exc.detail))
         if exc.status_code == 404
@@ -386,6 +399,7 @@ class CellExplain:
             sys.exit(f"cellexplain: {e}")
 
     def __init__(self) -> None:
+        sandbox.remove_orphans()  # what workers killed mid-upload left in TMPDIR
         self.annotator = Annotator.from_settings(SETTINGS)
         self.grpc: GrpcServer | None = None
         if SETTINGS.grpc_enabled:
@@ -461,9 +475,10 @@ class CellExplain:
         """Upload an .h5ad file and get it back annotated: obs label/confidence/top-gene
         columns, attributions and probabilities in obsm, the details in uns['cellexplain'].
 
-        The upload is checked before AnnData reads it (self-contained, within the cell, gene
-        and byte limits once decompressed: service/h5ad_check.py); it goes from the request to
-        a temporary file and back without being held in memory whole."""
+        The upload is checked and read in a child process with memory, CPU-time and wall-clock
+        limits (service/sandbox.py), after a check that it is self-contained and within the
+        cell, gene and byte limits once decompressed (service/h5ad_check.py); it goes from the
+        request to a temporary file and back without being held in memory whole."""
         _check_form_fields(await request.form())
         opts = AnnotateOptions(
             model=model,
@@ -476,23 +491,24 @@ class CellExplain:
         limits = Limits(
             SETTINGS.max_cells_per_request, SETTINGS.max_genes_per_request, SETTINGS.max_h5ad_bytes
         )
-        with tempfile.TemporaryDirectory(prefix="cellexplain-upload-") as tmp:
-            upload = Path(tmp) / "upload.h5ad"
-            await run_in_threadpool(_save_upload, file, upload)
-            adata = await run_in_threadpool(read_h5ad_upload, upload, limits)
-            upload.unlink()
-            genes, X = expression(adata, gene_key, layer)
-            names = adata.obs_names
+        async with _UPLOADS:
+            with (
+                sandbox.upload_folder() as tmp,
+                sandbox.SandboxedUpload(tmp, limits, SANDBOX, gene_key, layer) as job,
+            ):
+                await run_in_threadpool(_save_upload, file, tmp / "upload.h5ad")
+                # checked and read in a child process that may die, never here (service/sandbox.py)
+                data = await job.read_async()
+                names = data.cells
+                genes = data.genes
 
-            def where(r: int, c: int) -> tuple[str, str]:
-                return f"cell {brief(names[r])} (row {r}), gene {brief(genes[c])}", "file"
+                def where(r: int, c: int) -> tuple[str, str]:
+                    return f"cell {brief(names[r])} (row {r}), gene {brief(genes[c])}", "file"
 
-            res = await self.annotator.annotate(
-                genes, X, opts, [str(i) for i in names], "var_names", where
-            )
-            write_result(adata, res)
-            out = await run_in_threadpool(open_h5ad_result, adata, Path(tmp) / "out.h5ad")
-            del adata
+                res = await self.annotator.annotate(genes, data.X, opts, names, "var_names", where)
+                del data
+                path = await job.write_async(to_annotations(res), result_info(res))
+                out = open_result(path)
         # the open result file outlives its (removed) directory until the answer is sent
         name = safe_filename(file.filename)
         return StreamingResponse(
@@ -593,7 +609,7 @@ def _check_form_fields(form: Any) -> None:
             f"{brief(unknown[0])}: unknown form field; the fields are {', '.join(UPLOAD_FIELDS)}",
             unknown[0][:80],
         )
-    twice = sorted({k for k in keys if keys.count(k) > 1})
+    twice = sorted(k for k, n in Counter(keys).items() if n > 1)
     if twice:
         raise InvalidInputError(f"form field {brief(twice[0])} is given more than once", twice[0])
 

@@ -110,6 +110,26 @@ class Settings(BaseModel):
         description="upload limit, applied both to the bytes sent and to what the file "
         "declares once decompressed",
     )
+    upload_memory_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=64 * 1024**2,
+        description="address space the process reading one .h5ad upload may add to its own "
+        "at start (413 beyond it); uploads are read in a child process (docs/security.md)",
+    )
+    upload_cpu_s: float = Field(
+        default=60.0, gt=0, description="CPU seconds the process reading one upload may use (422)"
+    )
+    upload_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds the process reading one upload may take to read it, and again to "
+        "write the annotated file (422 beyond either; the process is killed)",
+    )
+    max_concurrent_uploads: int = Field(
+        default=1,
+        ge=1,
+        description="uploads read at once per worker (each in its own process); more wait",
+    )
     max_batch_cells: int = Field(
         default=1024, ge=1, description="cells per onnxruntime call; larger requests are chunked"
     )

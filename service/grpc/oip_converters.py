@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cellexplain.api.codegen import load
 from cellexplain.api.errors import InvalidInputError, brief
-from cellexplain.service import protowire
+from cellexplain.service import oip, protowire
 from cellexplain.service.oip import Tensor, from_raw, raw_view, to_array
 
 oip_pb = load("grpc_predict_v2_pb2")
@@ -52,6 +54,7 @@ def infer_inputs(req: Any) -> list[Tensor]:
                 "raw_input_contents",
             )
         if raw:
+            oip.check_input(t.name, t.datatype, shape, None)
             data = from_raw(t.name, t.datatype, shape, raw[i])
         else:
             field = _CONTENTS.get(t.datatype)
@@ -68,7 +71,15 @@ def infer_inputs(req: Any) -> list[Tensor]:
                     f"it also sends contents.{others[0]}",
                     t.name,
                 )
-            data = to_array(t.name, t.datatype, shape, list(getattr(t.contents, field)))
+            values = getattr(t.contents, field)
+            # checked from what the message declares before a value becomes a Python object
+            oip.check_input(t.name, t.datatype, shape, len(values))
+            flat = (
+                list(values)
+                if t.datatype == "BYTES"
+                else np.fromiter(values, dtype=oip.DTYPES[t.datatype], count=len(values))
+            )
+            data = to_array(t.name, t.datatype, shape, flat)
         tensors.append(Tensor(t.name, t.datatype, shape, data))
     return tensors
 

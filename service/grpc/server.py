@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import threading
 import time
@@ -20,8 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cellexplain.api.errors import InvalidInputError, ServiceError, UnauthenticatedError, brief
-from cellexplain.service import auth, metrics
+from cellexplain.api.errors import InvalidInputError, ServiceError, brief
+from cellexplain.service import auth, metrics, v1
 from cellexplain.service.core import Annotator
 from cellexplain.service.grpc.servicers import (
     CellExplainServicer,
@@ -41,6 +42,7 @@ SERVICE_NAMES = (
     oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
 _OWN_SERVICES = tuple(f"/{name}/" for name in SERVICE_NAMES)
+_ANNOTATE_METHODS = {f"/{SERVICE_NAMES[0]}/Annotate", f"/{SERVICE_NAMES[0]}/AnnotateStream"}
 
 
 def build_server(
@@ -53,7 +55,7 @@ def build_server(
         interceptors=[
             TimingInterceptor(),
             *([ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []),
-            MalformedMessageInterceptor(),
+            MalformedMessageInterceptor(settings),
         ],
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -131,7 +133,9 @@ class GrpcServer:
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without a valid API key (``UNAUTHENTICATED``), except health checks."""
+    """Refuses calls without a valid API key (``UNAUTHENTICATED``), or with the key's metadata
+    given twice (``INVALID_ARGUMENT``), except health checks. A refused call's message is never
+    parsed: its handler discards the bytes."""
 
     def __init__(self, keys: list[str]) -> None:
         self.keys = keys
@@ -140,17 +144,17 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(auth.OPEN_GRPC_PREFIXES):
             return handler
-        metadata = {k: v for k, v in (details.invocation_metadata or ())}
         try:
-            auth.check(self.keys, metadata.get("authorization"), metadata.get("x-api-key"))
-        except UnauthenticatedError as e:
-            metrics.ERRORS.labels(door="grpc", type=e.kind).inc()
+            auth.check_metadata(self.keys, tuple(details.invocation_metadata or ()))
+        except ServiceError as e:
+            metrics.ERRORS.labels(door=_door(details), type=e.kind).inc()
             return _denying(handler, e)
         return handler
 
 
 def _denying(handler: Any, err: ServiceError) -> Any:
-    """A handler of the same shape as ``handler`` that aborts with ``err``."""
+    """A handler of the same shape as ``handler`` that aborts with ``err`` without parsing the
+    request."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await abort_with(context, err)
@@ -159,7 +163,7 @@ def _denying(handler: Any, err: ServiceError) -> Any:
         await abort_with(context, err)
         yield  # pragma: no cover  (makes this an async generator)
 
-    kw = _handler_kwargs(handler)
+    kw = {"request_deserializer": _discard, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(streaming, **kw)
     if handler.request_streaming:
@@ -169,6 +173,10 @@ def _denying(handler: Any, err: ServiceError) -> Any:
     return grpc.unary_unary_rpc_method_handler(unary, **kw)
 
 
+def _discard(data: bytes) -> None:
+    return None
+
+
 def _handler_kwargs(handler: Any) -> dict[str, Any]:
     return {
         "request_deserializer": handler.request_deserializer,
@@ -176,33 +184,49 @@ def _handler_kwargs(handler: Any) -> dict[str, Any]:
     }
 
 
-class _Malformed:
-    """What a request that protobuf cannot parse becomes (instead of gRPC's INTERNAL)."""
+class _Refused:
+    """What a request becomes when it is refused before or while being parsed (instead of
+    gRPC's INTERNAL for a message protobuf cannot parse)."""
 
-    def __init__(self, error: Exception) -> None:
-        self.message = (
-            f"the request message is not a valid protobuf for this method "
-            f"({type(error).__name__}: {brief(str(error), 160)})"
-        )
+    def __init__(self, error: ServiceError) -> None:
+        self.error = error
 
 
 class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
     """Malformed protobuf bytes get ``INVALID_ARGUMENT`` naming the problem: gRPC's own answer
     to a request its deserializer cannot parse is ``INTERNAL``, a server error. Applies to the
-    typed API and the Open Inference Protocol (health and reflection keep gRPC's handling).
-    Responses a servicer already serialised (bytes) go out as they are."""
+    typed API, the Open Inference Protocol and health checking (reflection keeps gRPC's
+    handling). Typed ``Annotate``/``AnnotateStream`` messages are first counted in their wire
+    bytes (:func:`~cellexplain.service.v1.check_annotate_wire`), so one too large
+    once parsed is refused before it is. Responses a servicer already serialised (bytes) go out
+    as they are."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_cells = settings.max_cells_per_request
+        self.max_genes = settings.max_genes_per_request
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
-        if handler is None or not str(details.method).startswith(_OWN_SERVICES):
+        method = str(details.method)
+        if handler is None or not method.startswith((*_OWN_SERVICES, *auth.OPEN_GRPC_PREFIXES)):
             return handler
         parse = handler.request_deserializer
+        counted = method in _ANNOTATE_METHODS
 
         def safe(data: bytes) -> Any:
             try:
+                if counted:
+                    v1.check_annotate_wire(data, self.max_cells, self.max_genes)
                 return parse(data) if parse is not None else data
+            except ServiceError as e:
+                return _Refused(e)
             except Exception as e:  # DecodeError, and whatever a damaged message raises
-                return _Malformed(e)
+                return _Refused(
+                    InvalidInputError(
+                        f"the request message is not a valid protobuf for this method "
+                        f"({type(e).__name__}: {brief(str(e), 160)})"
+                    )
+                )
 
         serialise = handler.response_serializer
 
@@ -214,9 +238,9 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             unary_behaviour = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Malformed):
-                    metrics.ERRORS.labels(door=_door(details), type="invalid_argument").inc()
-                    await abort_with(context, InvalidInputError(request.message))
+                if isinstance(request, _Refused):
+                    metrics.ERRORS.labels(door=_door(details), type=request.error.kind).inc()
+                    await abort_with(context, request.error)
                 return await unary_behaviour(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **kw)
@@ -225,14 +249,26 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
 
             async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
                 async for r in requests:
-                    if isinstance(r, _Malformed):
-                        raise InvalidInputError(r.message, "request")
+                    if isinstance(r, _Refused):
+                        raise r.error
                     yield r
 
             def streaming(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
                 return stream_behaviour(checked(requests), context)
 
             return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+        if handler.unary_stream is not None and not inspect.isasyncgenfunction(
+            handler.unary_stream
+        ):  # health's Watch: a coroutine that writes its answers
+            watch_behaviour = handler.unary_stream
+
+            async def watch(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Refused):
+                    metrics.ERRORS.labels(door=_door(details), type=request.error.kind).inc()
+                    await abort_with(context, request.error)
+                return await watch_behaviour(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(watch, **kw)
         return handler
 
 

@@ -104,18 +104,26 @@ class CellExplainServicer(_CellExplainBase):
                 await queue.put(e)
 
         reader = asyncio.create_task(read())
+        current: asyncio.Task[Any] | None = None
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
+                current = item
                 yield await item
         except Exception as e:
+            await _abort(context, "grpc", e)
+        finally:
+            # however the call ends (an error, or the client cancelling it: then this generator
+            # is closed or cancelled, which is not an Exception), nothing of it runs on: the
+            # reader and every queued chunk are cancelled, so no answer is held for nobody
             reader.cancel()
+            if current is not None:
+                current.cancel()
             while not queue.empty():
                 left = queue.get_nowait()
                 if isinstance(left, asyncio.Task):
                     left.cancel()
-            await _abort(context, "grpc", e)
 
     async def _chunk(self, req: Any, genes: list[str], opts: Any, chunk: int) -> Any:
         try:
@@ -179,6 +187,7 @@ class InferenceServicer(_InferenceBase):
         try:
             if not request.model_name:
                 raise InvalidInputError("model_name is required", "model_name")
+            oip.check_output_count(len(request.outputs))
             inputs = oip_converters.infer_inputs(request)
             requested = [o.name for o in request.outputs] or None
             lm, outputs = await oip.infer(

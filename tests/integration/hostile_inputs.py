@@ -242,3 +242,44 @@ def nan_rows(genes: list[str], n_bytes: int, max_rows: int) -> bytes:
     names = b",".join(b'"' + g.encode() + b'"' for g in genes)
     n = min(max_rows, max(1, (n_bytes - len(names) - 64) // (len(row) + 1)))
     return b'{"genes":[' + names + b'],"cells":[' + b",".join([row] * n) + b"]}"
+
+
+def double_deflate(base: ad.AnnData, path: Path, inflated_bytes: int) -> Path:
+    """An ``uns`` array of 1,024 bytes declared (well within every declared-size limit) with two
+    deflate filters, whose one chunk on disk is ``deflate(deflate(inflated_bytes zeros))``: a few
+    KB in the file, but HDF5's deflate filter grows its buffer until the stream ends, so reading
+    it needs ``inflated_bytes`` of memory whatever the dataset declares."""
+    import zlib
+
+    inner = zlib.compressobj(9)
+    block = bytes(1 << 20)
+    parts = [inner.compress(block) for _ in range(inflated_bytes >> 20)]
+    once = b"".join(parts) + inner.flush()
+    twice = zlib.compress(once, 9)
+
+    def edit(f: h5py.File) -> None:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((1024,))
+        dcpl.set_deflate(9)
+        dcpl.set_deflate(9)
+        space = h5py.h5s.create_simple((1024,))
+        dsid = h5py.h5d.create(f["uns"].id, b"bomb", h5py.h5t.STD_U8LE, space, dcpl=dcpl)
+        d = h5py.Dataset(dsid)
+        d.id.write_direct_chunk((0,), twice, filter_mask=0)
+        d.attrs.update(ARRAY_ATTRS)
+
+    return _variant(base, path, edit)
+
+
+def many_scalars(base: ad.AnnData, path: Path, n: int) -> Path:
+    """``n`` scalar datasets in ``uns``: each costs anndata ~2 ms to read (45,000 took 90 s
+    under the old 50,000-object cap)."""
+
+    def edit(f: h5py.File) -> None:
+        g = f["uns"].create_group("many")
+        g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        for i in range(n):
+            d = g.create_dataset(f"k{i}", data=np.int64(i))
+            d.attrs.update({"encoding-type": "numeric-scalar", "encoding-version": "0.2.0"})
+
+    return _variant(base, path, edit)

@@ -137,3 +137,46 @@ def test_a_credential_header_given_twice_is_refused(server):
             r = httpx.get(url, headers=pair)
             assert r.status_code == 400 and "more than once" in r.text, (pair, r.text[:200])
         assert httpx.get(url, headers=[(name, good)]).status_code == 200
+
+
+def test_an_unauthenticated_grpc_message_is_never_parsed(server):
+    """The key is checked before the message is read: garbage bytes without a key are
+    UNAUTHENTICATED, not the INVALID_ARGUMENT that parsing them would give."""
+    with grpc.insecure_channel(server.grpc) as ch:
+        call = ch.unary_unary(
+            "/cellexplain.v1.CellExplain/Annotate",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            call(b"\xff" * (1 << 20), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:  # with a key, the same bytes are parsed
+            call(b"\xff" * (1 << 20), timeout=30, metadata=(("x-api-key", KEYS[0]),))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_credentials_given_twice_are_refused(server):
+    with grpc.insecure_channel(server.grpc) as ch:
+        stub = pb_grpc.CellExplainStub(ch)
+        for metadata in (
+            (("x-api-key", KEYS[0]), ("x-api-key", KEYS[1])),
+            (("authorization", f"Bearer {KEYS[0]}"), ("authorization", "Bearer other")),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "given more than once" in (e.value.details() or "")
+
+
+def test_unauthenticated_requests_to_random_paths_add_no_metric_series(server):
+    with httpx.Client(base_url=server.url) as c:
+        for i in range(300):
+            assert c.get(f"/probe-{i}-{np.random.randint(1 << 30)}").status_code == 401
+        text = c.get("/metrics").text
+    endpoints = set()
+    for line in text.splitlines():
+        if line.startswith("bentoml_service_request_total{"):
+            endpoints.add(line.split('endpoint="', 1)[1].split('"', 1)[0])
+    assert "other" in endpoints
+    assert not any(e.startswith("/probe-") for e in endpoints), endpoints

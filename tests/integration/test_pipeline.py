@@ -390,3 +390,90 @@ def test_report_pictures(files, programs_home, tmp_path):
     assert p.returncode == 0 and (tmp_path / "png2" / "genes.png").is_file()
     p = run(str(files["counts_sparse"]), "--out", str(tmp_path / "x.html"))
     assert p.returncode == 2 and "annotate it first" in p.stderr
+
+
+def test_malformed_sparse_input_is_refused_alike_by_every_transport(
+    files, server, programs_home, tmp_path
+):
+    """Negative column indices: the gRPC transport used to send them as genes counted from the
+    end (a 200, silently wrong) where --local and REST refused them."""
+    from tests.integration.hostile_inputs import bad_sparse_indices
+
+    a = read(files["counts_sparse"])[:30].copy()
+    src = bad_sparse_indices(a, tmp_path / "neg-index.h5ad", -5)
+    answers = []
+    for where in (["--local"], ["--url", server.url], ["--url", server.url, "--transport", "grpc",
+                  "--grpc", server.grpc]):  # fmt: skip
+        out = tmp_path / "o.h5ad"
+        p = cli(str(src), "--out", str(out), *where, home=programs_home, check=False)
+        assert p.returncode == 2, (where, p.stdout, p.stderr)
+        assert "malformed" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert not out.exists() and not list(tmp_path.glob(".o.h5ad.partial-*"))
+        answers.append(p.stderr)
+    assert len(set(answers)) == 1, answers
+
+
+def test_obsm_stored_as_a_dataset_is_one_line_and_leaves_no_partial_file(
+    files, programs_home, tmp_path
+):
+    import h5py
+
+    src = tmp_path / "obsm-dataset.h5ad"
+    src.write_bytes(Path(files["counts_sparse"]).read_bytes())
+    with h5py.File(src, "a") as f:
+        del f["obsm"]
+        f["obsm"] = np.zeros(3)
+    p = cli(str(src), "--out", str(tmp_path / "o.h5ad"), "--local", home=programs_home, check=False)
+    assert p.returncode == 2 and "obsm is stored as a Dataset" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["obsm-dataset.h5ad"]
+
+
+@pytest.mark.parametrize("kind", ["external-link", "external-storage"])
+def test_local_files_that_point_outside_are_refused_unless_allowed(
+    files, programs_home, tmp_path, kind
+):
+    """An obs column whose data live in another file: the CLI copied that file's bytes into its
+    output. Refused by default (as the upload door refuses it); --allow-external-data reads it."""
+    from tests.integration import hostile_inputs as hostile
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("lab-notebook-secret " * 300)
+    a = read(files["counts_sparse"])[:20].copy()
+    src = tmp_path / "outside.h5ad"
+    if kind == "external-link":
+        other = tmp_path / "other.h5ad"
+        a.write_h5ad(other)
+        hostile.external_link(a, src, str(other))
+        expected = "external link"
+    else:
+        hostile.external_storage(a, src, str(secret))
+        expected = "external files"
+    out = tmp_path / "o.h5ad"
+    p = cli(str(src), "--out", str(out), "--local", home=programs_home, check=False)
+    assert p.returncode == 2 and expected in p.stderr and "--allow-external-data" in p.stderr
+    assert not out.exists() and "Traceback" not in p.stderr
+    p = cli(str(src), "--out", str(out), "--local", "--allow-external-data", home=programs_home)
+    assert out.exists()
+
+
+@pytest.mark.parametrize("name", ["truncated", "zeroed-superblock-tail", "garbage-obs"])
+def test_damaged_files_end_in_one_line_not_a_traceback(files, programs_home, tmp_path, name):
+    import h5py
+
+    src = tmp_path / f"{name}.h5ad"
+    data = Path(files["counts_sparse"]).read_bytes()
+    if name == "truncated":
+        src.write_bytes(data[: len(data) // 2])
+    elif name == "zeroed-superblock-tail":
+        src.write_bytes(data[:64] + bytes(4096) + data[64 + 4096 :])
+    else:
+        src.write_bytes(data)
+        with h5py.File(src, "a") as f:
+            del f["obs"]
+            f["obs"] = np.arange(5)
+    out = tmp_path / "o.h5ad"
+    p = cli(str(src), "--out", str(out), "--local", home=programs_home, check=False)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    assert not out.exists() and not list(tmp_path.glob(".o.h5ad.partial-*"))

@@ -130,3 +130,15 @@ def test_sparse_maps_keep_every_column_of_a_repeated_name():
     )
     assert genes == ["TBCE", "TBCE", "CD3E", "LYZ"] and X.shape == (2, 4)
     np.testing.assert_array_equal(X.toarray(), [[0, 0, 10, 0], [1, 0, 0, 3]])
+
+
+def test_only_ascii_letters_fold():
+    """Unicode case mapping turns the ligature U+FB05 into "ST": "C\ufb053" matched CST3."""
+    from cellexplain.service.alignment import fold
+
+    aligner = GeneAligner(["CST3", "CD3E"])
+    assert aligner.claim("cst3") is not None and aligner.claim("cd3e") is not None
+    assert "C\ufb053".upper() == "CST3"  # what full case mapping does
+    assert fold("C\ufb053") == "C\ufb053"
+    assert aligner.claim("C\ufb053") is None
+    assert aligner.claim("\u0131") is None  # dotless i does not become I either

@@ -388,3 +388,68 @@ def test_an_integer_target_cannot_hide_a_nan(annotator):
     target = {"name": "target", "datatype": "INT64", "shape": [1], "data": [float("nan")]}
     with pytest.raises(InvalidInputError, match="target holds NaN"):
         oip_http.decode(json.dumps({"inputs": [x, target]}).encode(), None)
+
+
+def test_protowire_walks_fields_without_parsing_them():
+    from cellexplain.service import protowire
+
+    req = pb.AnnotateRequest(genes=["A", "B", "C"], cell_ids=["x"])
+    req.sparse.cells.add().values["A"] = 1.0
+    req.sparse.cells.add()
+    data = req.SerializeToString()
+    numbers = [n for n, _, _, _ in protowire.fields(data)]
+    assert numbers.count(2) == 3 and numbers.count(5) == 1 and numbers.count(4) == 1
+    (start, end) = next((s, e) for n, _, s, e in protowire.fields(data) if n == 4)
+    assert protowire.count_field(memoryview(data)[start:end], 1, 10) == 2
+    # counting stops one past the limit, however many there are
+    many = protowire.length_prefix(1, 0) * 1_000_000
+    assert protowire.count_field(many, 1, 5) == 6
+    for bad in (b"\x0a\x05ab", b"\xff" * 11, b"\x0b"):  # runs past the end, varint, wire type
+        with pytest.raises(ValueError):
+            list(protowire.fields(bad))
+
+
+def test_annotate_messages_are_counted_before_they_are_parsed():
+    from cellexplain.api.errors import TooLargeError
+    from cellexplain.service import protowire
+    from cellexplain.service.v1 import check_annotate_wire
+
+    ok = pb.AnnotateRequest(genes=["A"] * 10)
+    ok.sparse.cells.add()
+    check_annotate_wire(ok.SerializeToString(), max_cells=5, max_genes=10)
+    cells = protowire.length_prefix(1, 0) * 6
+    with pytest.raises(TooLargeError, match="more than 5 cells"):
+        check_annotate_wire(protowire.length_prefix(4, len(cells)) + cells, 5, 10)
+    with pytest.raises(TooLargeError, match="more than 10 genes"):
+        check_annotate_wire(pb.AnnotateRequest(genes=["A"] * 11).SerializeToString(), 5, 10)
+    with pytest.raises(TooLargeError, match="cell_ids"):
+        check_annotate_wire(pb.AnnotateRequest(cell_ids=["c"] * 6).SerializeToString(), 5, 10)
+    with pytest.raises(InvalidInputError, match="not a valid protobuf"):
+        check_annotate_wire(b"\x0a\x7f", 5, 10)
+
+
+def test_oip_inputs_are_checked_from_their_declaration():
+    oip.check_input("x", "FP32", [2, 3], 6)
+    oip.check_input("target", "INT64", [2], None)
+    for args, message in (
+        (("y", "FP32", [1], 1), "unknown input"),
+        (("x", "INT64", [1000, 1000], 10**6), "must be FP32"),
+        (("x", "FP32", [1] * 1000, 1), "1000 dimensions"),
+        (("x", "FP32", [2, -3], 6), "negative dimension"),
+        (("x", "FP32", [2, 3], 5), "needs 6 values, got 5"),
+    ):
+        with pytest.raises(InvalidInputError, match=message):
+            oip.check_input(*args)
+    with pytest.raises(InvalidInputError, match="outputs asked for"):
+        oip.check_output_count(oip.MAX_REQUESTED_OUTPUTS + 1)
+
+
+def test_grpc_credentials_given_twice_are_refused_before_they_are_compared():
+    from cellexplain.api.errors import UnauthenticatedError
+    from cellexplain.service import auth
+
+    auth.check_metadata(["k"], [("x-api-key", "k"), ("user-agent", "x")])
+    with pytest.raises(InvalidInputError, match="x-api-key is given more than once"):
+        auth.check_metadata(["k"], [("x-api-key", "k"), ("X-API-Key", "other")])
+    with pytest.raises(UnauthenticatedError):
+        auth.check_metadata(["k"], [("authorization", "Bearer nope")])

@@ -43,3 +43,19 @@ def test_non_finite_values_are_left_out_and_cannot_poison_the_sum():
     s = samples(registry, "gap")
     assert s["gap_count[('model', 'm')]"] == 2
     assert np.isclose(s["gap_sum[('model', 'm')]"], 0.55)
+
+
+def test_route_labels_are_bounded_and_name_every_route():
+    from cellexplain.service.metrics import OTHER_ROUTE, ROUTES, route_label
+
+    assert route_label("/v1/annotate") == "/v1/annotate"
+    assert route_label("/v1/models/pbmc-programs") == "/v1/models/{name}"
+    assert (
+        route_label("/v2/models/x/versions/3/infer") == "/v2/models/{name}/versions/{version}/infer"
+    )
+    assert route_label("/v2/models/x/ready") == "/v2/models/{name}/ready"
+    for path in ("/random-1", "/v1/models/a/b", "/v1/annotate/x", "/../etc/passwd", ""):
+        assert route_label(path) == OTHER_ROUTE, path
+    labels = {route_label(f"/v1/models/{i}") for i in range(1000)}
+    assert labels == {"/v1/models/{name}"}
+    assert all(route_label(r) == r for r in ROUTES)

@@ -83,6 +83,14 @@ class HeadersTooLargeError(TooLargeError):
     http_status = 431
 
 
+class RequestTimeoutError(ServiceError):
+    """A request body that stopped arriving (HTTP 408, DEADLINE_EXCEEDED)."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+    kind = "request_timeout"
+
+
 class UnprocessableError(ServiceError):
     """Content the service stopped reading because it took too long, though every declared
     size was within the limits (HTTP 422, RESOURCE_EXHAUSTED): an upload whose reader ran past

@@ -13,7 +13,7 @@ import anndata as ad
 import numpy as np
 
 from cellexplain.api.annotations import Annotations, annotation_info, write_annotations
-from cellexplain.api.errors import InvalidInputError, brief
+from cellexplain.api.errors import InvalidInputError, brief, disk_full, from_exception
 from cellexplain.service.core import Result
 from cellexplain.service.h5ad_check import Limits, check_h5ad
 
@@ -46,15 +46,16 @@ def write_h5ad(adata: ad.AnnData, path: Path) -> None:
 
     Raises:
         InvalidInputError: the upload holds something anndata reads but cannot write back.
-        OSError: the disk is full (answered 507), or another fault of the server's.
+        InsufficientStorageError: the disk is full (507).
     """
     try:
         adata.write_h5ad(path)
-    except OSError as e:
-        if e.errno is not None:  # a fault of the disk, not of the content
-            raise
-        raise _unwritable(e) from e
     except Exception as e:  # what came from the upload cannot be written back as it is
+        cause: BaseException | None = e
+        while cause is not None:  # anndata wraps h5py's errors, h5py the disk's
+            if disk_full(cause):
+                raise from_exception(cause) from e
+            cause = cause.__cause__ or cause.__context__
         raise _unwritable(e) from e
 
 

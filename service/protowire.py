@@ -10,7 +10,7 @@ append), which lets a small message be built the usual way and large fields be a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 #: wire types
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
@@ -97,3 +97,36 @@ def count_field(data: bytes | memoryview, number: int, stop_after: int) -> int:
             if n > stop_after:
                 break
     return n
+
+
+class TooManyFieldsError(ValueError):
+    """A field occurs more often than its bound (``number`` ``None``: fields outside the
+    bounds, unknown ones included, more than allowed)."""
+
+    def __init__(self, number: int | None, bound: int) -> None:
+        super().__init__(f"field {number} occurs more than {bound} times")
+        self.number = number
+        self.bound = bound
+
+
+def bounded_fields(
+    data: bytes | memoryview, bounds: Mapping[int, int], others: int = 64
+) -> Iterator[tuple[int, int, int, int]]:
+    """:func:`fields`, raising :class:`TooManyFieldsError` as soon as a field number occurs more
+    often than ``bounds`` allows, or more than ``others`` fields outside ``bounds`` occur: the
+    walk costs at most ``sum(bounds) + others`` steps, however many tiny fields a message
+    packs (twenty million unknown ones are 60 MB, and ~4 GB once protobuf holds them)."""
+    seen: dict[int, int] = {}
+    extra = 0
+    for item in fields(data):
+        number = item[0]
+        bound = bounds.get(number)
+        if bound is None:
+            extra += 1
+            if extra > others:
+                raise TooManyFieldsError(None, others)
+        else:
+            n = seen[number] = seen.get(number, 0) + 1
+            if n > bound:
+                raise TooManyFieldsError(number, bound)
+        yield item

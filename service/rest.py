@@ -9,6 +9,7 @@ Run: ``bentoml serve cellexplain.service.rest:CellExplain --port 3000`` (``make 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -17,7 +18,7 @@ import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, TypeVar
 
@@ -38,6 +39,7 @@ from cellexplain.api.errors import (
     InternalError,
     InvalidInputError,
     ModelNotFoundError,
+    NotReadyError,
     ServiceError,
     TooLargeError,
     UnauthenticatedError,
@@ -57,7 +59,17 @@ from cellexplain.api.schemas import (
     ModelDetail,
     ModelList,
 )
-from cellexplain.service import allocator, auth, jsonbody, metrics, oip, oip_http, sandbox, v1
+from cellexplain.service import (
+    allocator,
+    auth,
+    http_timeouts,
+    jsonbody,
+    metrics,
+    oip,
+    oip_http,
+    sandbox,
+    v1,
+)
 from cellexplain.service.anndata_io import info as result_info
 from cellexplain.service.anndata_io import open_result, to_annotations
 from cellexplain.service.core import Annotator, resolve_models
@@ -73,6 +85,7 @@ except SettingsError as e:  # one line naming the variable, not a traceback thro
     sys.exit(f"cellexplain: {e}")
 allocator.tune(trim_every_s=SETTINGS.malloc_trim_s)  # every worker, before the model and requests
 metrics.bound_http_route_labels()  # no metric label takes a path a client chose
+http_timeouts.install(SETTINGS.http_header_timeout_s)  # request heads arrive in time
 if importlib.util.find_spec("httptools") is not None:
     # uvicorn's "auto" HTTP parser, which BentoML uses: httptools when installed, else h11
     log.warning(
@@ -113,6 +126,10 @@ class Gate:
         self.keys = settings.api_keys
         self.max_bytes = settings.max_body_bytes
         self.max_h5ad_bytes = settings.max_h5ad_bytes
+        self.body_timeout_s = settings.http_body_timeout_s
+        self.inflight_limit = settings.inflight_bytes
+        #: bytes of request bodies admitted and not yet answered, in this worker
+        self.inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -133,23 +150,45 @@ class Gate:
                 else (self.max_bytes, "CELLEXPLAIN_MAX_BODY_BYTES")
             )
             declared = headers.get("content-length", "")
-            if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            known = declared.isascii() and declared.isdigit() and len(declared) <= 18
+            if known and int(declared) > limit:
                 raise _too_large(int(declared), limit, setting)
+            # what the body may hold in memory while it is parsed and answered; uploads are
+            # spooled to disk. A request alone is always admitted, so any body within the
+            # limit can be served
+            chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+            body = int(declared) if known else (limit if chunked else 0)
+            held = 0 if h5ad else body
+            if held and self.inflight and self.inflight + held > self.inflight_limit:
+                raise NotReadyError(
+                    f"this worker holds {self.inflight} bytes of requests; {held} more would "
+                    f"pass CELLEXPLAIN_MAX_INFLIGHT_BYTES ({self.inflight_limit}): retry shortly",
+                    "body",
+                )
         except ServiceError as e:
             await _reject(scope, receive, send, e, oip_path)
             return
         received = 0
+        more_body = True
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, more_body
+            if more_body:  # each piece of the body within the timeout of the one before
+                message = await http_timeouts.receive_with_timeout(receive, self.body_timeout_s)
+            else:  # after the body: a wait for the client to go away, not timed
+                message = await receive()
             if message["type"] == "http.request":
+                more_body = bool(message.get("more_body", False))
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise _too_large(received, limit, setting)
             return message
 
-        await self.app(scope, limited, send)
+        self.inflight += held
+        try:
+            await self.app(scope, limited, send)
+        finally:
+            self.inflight -= held
 
 
 #: a request head's bounds: h11 bounds only a head that is still incomplete, so ~128 KiB in
@@ -210,7 +249,11 @@ def _error_response(err: ServiceError, door: str) -> JSONResponse:
     :meth:`~cellexplain.api.errors.ServiceError.to_dict`, ``/v2``: ``{error: message}``)."""
     metrics.ERRORS.labels(door=door, type=err.kind).inc()
     body = err.oip_body() if door == "oip-rest" else err.to_dict()
-    extra = {"WWW-Authenticate": "Bearer"} if isinstance(err, UnauthenticatedError) else None
+    extra = None
+    if isinstance(err, UnauthenticatedError):
+        extra = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(err, NotReadyError):
+        extra = {"Retry-After": "1"}
     return JSONResponse(body, status_code=err.http_status, headers=extra)
 
 
@@ -266,7 +309,9 @@ _ERRORS_BY_METHOD = {
         "422": "an upload whose reading ran past CELLEXPLAIN_UPLOAD_TIMEOUT_S or "
         "CELLEXPLAIN_UPLOAD_CPU_S",
         "431": "more than 100 header fields or 32 KiB of them",
-        "503": "the model is not loaded yet",
+        "408": "the request body stopped arriving for CELLEXPLAIN_HTTP_BODY_TIMEOUT_S",
+        "503": "the model is not loaded yet, or the worker holds CELLEXPLAIN_MAX_INFLIGHT_BYTES "
+        "of requests (Retry-After)",
         "504": "inference did not finish within CELLEXPLAIN_REQUEST_TIMEOUT_S",
         "507": "the server's temporary space (TMPDIR) is full: retry later or elsewhere",
     },
@@ -497,17 +542,23 @@ class CellExplain:
                 sandbox.SandboxedUpload(tmp, limits, SANDBOX, gene_key, layer) as job,
             ):
                 await run_in_threadpool(_save_upload, file, tmp / "upload.h5ad")
-                # checked and read in a child process that may die, never here (service/sandbox.py)
-                data = await job.read_async()
+                # checked and read in a child process that may die, never here (service/sandbox.py);
+                # a client that goes away meanwhile ends the work (and the child) at once
+                data = await _unless_disconnected(request, job.read_async())
                 names = data.cells
                 genes = data.genes
 
                 def where(r: int, c: int) -> tuple[str, str]:
                     return f"cell {brief(names[r])} (row {r}), gene {brief(genes[c])}", "file"
 
-                res = await self.annotator.annotate(genes, data.X, opts, names, "var_names", where)
+                res = await _unless_disconnected(
+                    request,
+                    self.annotator.annotate(genes, data.X, opts, names, "var_names", where),
+                )
                 del data
-                path = await job.write_async(to_annotations(res), result_info(res))
+                path = await _unless_disconnected(
+                    request, job.write_async(to_annotations(res), result_info(res))
+                )
                 out = open_result(path)
         # the open result file outlives its (removed) directory until the answer is sent
         name = safe_filename(file.filename)
@@ -621,6 +672,31 @@ def _save_upload(file: UploadFile, path: Path) -> None:
         shutil.copyfileobj(file.file, out, 1 << 20)
     if path.stat().st_size == 0:
         raise InvalidInputError("the uploaded file is empty", "file")
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``, unless the client goes away first: then ``work`` is cancelled (an upload's
+    reader is killed with it) and the request ends as a disconnect (499). For requests whose
+    body has been read: the next ASGI message can only be the client leaving."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise ClientDisconnect()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
 
 
 async def _stream_file(f: BinaryIO) -> AsyncIterator[bytes]:

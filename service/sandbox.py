@@ -49,7 +49,9 @@ import scipy.sparse as sp
 
 from cellexplain.api.annotations import Annotations
 from cellexplain.api.errors import (
+    InsufficientStorageError,
     InvalidInputError,
+    NotReadyError,
     ServiceError,
     TooLargeError,
     UnprocessableError,
@@ -60,6 +62,8 @@ from cellexplain.service.h5ad_check import Limits
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: the longest cell or gene name an upload may hold (barcodes and gene IDs are < 100)
+MAX_NAME_CHARS = 1024
 #: longest line the child may send (its messages are small JSON objects)
 MAX_MESSAGE_BYTES = 64 * 1024
 #: the string columns of :class:`~cellexplain.api.annotations.Annotations` (JSON); the others
@@ -301,6 +305,12 @@ class SandboxedUpload:
                 "CELLEXPLAIN_UPLOAD_CPU_S)",
                 "file",
             )
+        if code in (-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP):  # the server stopping
+            return NotReadyError(
+                f"the server is shutting down: the upload was not finished {doing}; send it "
+                "again (another replica answers)",
+                "file",
+            )
         what = f"signal {-code}" if code < 0 else f"exit status {code}"
         return InvalidInputError(
             f"the uploaded file is not a readable .h5ad: its reader crashed {doing} ({what})",
@@ -314,6 +324,8 @@ def _error_from(message: dict[str, Any]) -> ServiceError:
         "InvalidInputError": InvalidInputError,
         "TooLargeError": TooLargeError,
         "UnprocessableError": UnprocessableError,
+        "InsufficientStorageError": InsufficientStorageError,
+        "NotReadyError": NotReadyError,
     }
     cls = kinds.get(str(message.get("error")), InvalidInputError)
     field = message.get("field")
@@ -321,6 +333,8 @@ def _error_from(message: dict[str, Any]) -> ServiceError:
 
 
 def _load_strings(path: Path, n: int) -> list[str]:
+    if path.stat().st_size > n * (MAX_NAME_CHARS * 6 + 8) + 2:  # JSON-escaped, at the worst
+        raise InvalidInputError("the upload's reader wrote more names than it declared", "file")
     with path.open("rb") as f:
         values = json.load(f)
     if (
@@ -369,6 +383,20 @@ def _save_annotations(folder: Path, ann: Annotations, info: dict[str, Any]) -> N
             np.save(folder / f"ann_{f.name}.npy", np.asarray(value), allow_pickle=False)
     with (folder / "annotations.json").open("w") as out:
         json.dump({"strings": strings, "info": info}, out)
+
+
+def _annotation_bytes(ann: Annotations) -> int:
+    """What the annotations add to a file, at most (arrays as stored, strings as UTF-8)."""
+    total = 0
+    for f in fields(Annotations):
+        value = getattr(ann, f.name)
+        if value is None:
+            continue
+        if f.name in _STRING_FIELDS:
+            total += sum(len(str(v).encode()) + 16 for v in value)
+        else:
+            total += int(np.asarray(value).nbytes)
+    return total
 
 
 def _load_annotations(folder: Path) -> tuple[Annotations, dict[str, Any]]:
@@ -488,8 +516,16 @@ def _child(config: dict[str, Any]) -> int:
             meta["format"] = "dense"
             np.save(folder / "X.npy", np.asarray(X), allow_pickle=False)
         for name, values in (("genes", genes), ("cells", adata.obs_names)):
+            names = [str(v) for v in values]
+            longest = max(names, key=len, default="")
+            if len(longest) > MAX_NAME_CHARS:  # strings can share one heap object: 1 KB -> 1 GB
+                raise InvalidInputError(
+                    f"the uploaded file has a {name[:-1]} name of {len(longest)} characters "
+                    f"({brief(longest)}); names hold at most {MAX_NAME_CHARS}",
+                    "file",
+                )
             with (folder / f"{name}.json").open("w") as out:
-                json.dump([str(v) for v in values], out)
+                json.dump(names, out)
         del X
         _send(meta)
         if sys.stdin.buffer.readline().strip() != b"write":
@@ -498,7 +534,17 @@ def _child(config: dict[str, Any]) -> int:
         write_annotations(adata, ann, info)
         from cellexplain.service.anndata_io import write_h5ad
 
-        write_h5ad(adata, folder / "out.h5ad")
+        out_path = folder / "out.h5ad"
+        write_h5ad(adata, out_path)
+        allowed = limits.max_bytes + _annotation_bytes(ann) + (1 << 20)
+        if out_path.stat().st_size > allowed:  # content that reads far larger than it declares
+            size = out_path.stat().st_size
+            out_path.unlink()
+            raise TooLargeError(
+                f"the annotated file would be {size} bytes: the upload holds more once read than "
+                f"CELLEXPLAIN_MAX_H5AD_BYTES ({limits.max_bytes}) allows",
+                "file",
+            )
         _send({"ok": True})
     except BaseException as e:  # every failure becomes a message; the worker maps it
         _fail(e)

@@ -130,6 +130,24 @@ class Settings(BaseModel):
         ge=1,
         description="uploads read at once per worker (each in its own process); more wait",
     )
+    max_inflight_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="request bodies a worker holds at once (declared sizes, uploads aside: they "
+        "go to disk); beyond it 503 with Retry-After, a request alone always admitted; 0: twice "
+        "max_body_bytes",
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a connection's request head must arrive within this, from the connection's "
+        "start or the head's first byte; else the connection is closed",
+    )
+    http_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="longest pause between two pieces of a request body; then 408",
+    )
     max_batch_cells: int = Field(
         default=1024, ge=1, description="cells per onnxruntime call; larger requests are chunked"
     )
@@ -180,6 +198,12 @@ class Settings(BaseModel):
         if self.workers:
             return self.workers
         return 1 if self.uses_gpu else min(usable_cpus(), MAX_AUTO_WORKERS)
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes of request bodies a worker admits at once (``max_inflight_bytes``, or twice
+        the body limit)."""
+        return self.max_inflight_bytes or 2 * self.max_body_bytes
 
     @property
     def uses_gpu(self) -> bool:

@@ -312,44 +312,54 @@ def protobuf_bytes(res: Result) -> bytes:
 _IN = pb.AnnotateRequest.DESCRIPTOR.fields_by_name
 _IN_GENES, _IN_SPARSE, _IN_CELL_IDS = (_IN[n].number for n in ("genes", "sparse", "cell_ids"))
 _IN_SPARSE_CELLS = pb.SparseCells.DESCRIPTOR.fields_by_name["cells"].number
+_IN_ALL = tuple(f.number for f in pb.AnnotateRequest.DESCRIPTOR.fields)
+#: how often a field that is not a list may occur in a message (protobuf merges repeats)
+SINGULAR_REPEATS = 4
 
 
 def check_annotate_wire(data: bytes, max_cells: int, max_genes: int) -> None:
-    """Count an ``AnnotateRequest``'s genes, cell ids and sparse cells in its wire bytes,
-    before protobuf makes an object of each: four million empty sparse cells are 8 MB on the
-    wire and ~2.6 GB once parsed. Stops counting at the limits, so the walk is bounded by
-    them, not by the message.
+    """Count an ``AnnotateRequest``'s fields in its wire bytes, before protobuf makes an object
+    of each: genes, cell ids and sparse cells within the request limits, at most
+    :data:`SINGULAR_REPEATS` of each other field, at most 64 fields the message does not
+    define. Four million empty sparse cells are 8 MB on the wire and ~2.6 GB once parsed. The
+    walk stops at the first bound passed, so it costs what the limits allow, not what the
+    message holds.
 
     Raises:
         TooLargeError: more genes, cells or cell ids than a request may have.
-        InvalidInputError: bytes that are not a message (parsing would fail too).
+        InvalidInputError: other fields repeated or unknown beyond their bounds, or bytes that
+            are not a message (parsing would fail too).
     """
-    genes = ids = 0
+    bounds = {n: SINGULAR_REPEATS for n in _IN_ALL}
+    bounds.update({_IN_GENES: max_genes, _IN_CELL_IDS: max_cells})
     try:
-        for number, wire, start, end in protowire.fields(data):
-            if number == _IN_GENES:
-                genes += 1
-                if genes > max_genes:
-                    raise TooLargeError(
-                        f"more than {max_genes} genes in one request; the limit is {max_genes}",
-                        "genes",
-                    )
-            elif number == _IN_CELL_IDS:
-                ids += 1
-                if ids > max_cells:
-                    raise TooLargeError(
-                        f"more than {max_cells} cell_ids in one request; the limit is "
-                        f"{max_cells} cells",
-                        "cell_ids",
-                    )
-            elif number == _IN_SPARSE and wire == protowire.LEN:
-                view = memoryview(data)[start:end]
-                if protowire.count_field(view, _IN_SPARSE_CELLS, max_cells) > max_cells:
+        for number, wire, start, end in protowire.bounded_fields(data, bounds):
+            if number == _IN_SPARSE and wire == protowire.LEN:
+                cells = memoryview(data)[start:end]
+                try:
+                    for _ in protowire.bounded_fields(cells, {_IN_SPARSE_CELLS: max_cells}):
+                        pass
+                except protowire.TooManyFieldsError as e:
+                    if e.number is None:
+                        raise InvalidInputError(
+                            f"sparse repeats fields it does not define more than {e.bound} times",
+                            "sparse",
+                        ) from None
                     raise TooLargeError(
                         f"more than {max_cells} cells in one request; the limit is {max_cells} "
                         "(split the request, or stream chunks with AnnotateStream)",
                         "sparse",
-                    )
+                    ) from None
+    except protowire.TooManyFieldsError as e:
+        if e.number in (_IN_GENES, _IN_CELL_IDS):
+            what = "genes" if e.number == _IN_GENES else "cell_ids"
+            raise TooLargeError(
+                f"more than {e.bound} {what} in one request; the limit is {e.bound}", what
+            ) from None
+        field = "fields it does not define" if e.number is None else f"field {e.number}"
+        raise InvalidInputError(
+            f"the request message repeats {field} more than {e.bound} times", "request"
+        ) from None
     except ValueError as e:
         raise InvalidInputError(
             f"the request message is not a valid protobuf for this method ({e})", "request"

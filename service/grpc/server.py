@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from cellexplain.api.errors import InvalidInputError, ServiceError, brief
 from cellexplain.service import auth, metrics, v1
 from cellexplain.service.core import Annotator
+from cellexplain.service.grpc.oip_converters import check_infer_wire
 from cellexplain.service.grpc.servicers import (
     CellExplainServicer,
     InferenceServicer,
@@ -42,7 +44,6 @@ SERVICE_NAMES = (
     oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
 _OWN_SERVICES = tuple(f"/{name}/" for name in SERVICE_NAMES)
-_ANNOTATE_METHODS = {f"/{SERVICE_NAMES[0]}/Annotate", f"/{SERVICE_NAMES[0]}/AnnotateStream"}
 
 
 def build_server(
@@ -192,18 +193,45 @@ class _Refused:
         self.error = error
 
 
+class _Deferred:
+    """A large request's bytes, parsed off the event loop by the handler (see below)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+#: messages from this size on are checked and parsed on a thread, one at a time per worker, so
+#: that the gRPC loop (health included) never waits on a parse and parser peaks do not add up
+LARGE_MESSAGE = 1 << 20
+
+
 class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
-    """Malformed protobuf bytes get ``INVALID_ARGUMENT`` naming the problem: gRPC's own answer
-    to a request its deserializer cannot parse is ``INTERNAL``, a server error. Applies to the
-    typed API, the Open Inference Protocol and health checking (reflection keeps gRPC's
-    handling). Typed ``Annotate``/``AnnotateStream`` messages are first counted in their wire
-    bytes (:func:`~cellexplain.service.v1.check_annotate_wire`), so one too large
-    once parsed is refused before it is. Responses a servicer already serialised (bytes) go out
-    as they are."""
+    """Every request message of the typed API, the Open Inference Protocol and health checking
+    (reflection keeps gRPC's handling) is decoded here:
+
+    * first counted in its wire bytes where a method has such a check
+      (:func:`~cellexplain.service.v1.check_annotate_wire`,
+      :func:`~cellexplain.service.grpc.oip_converters.check_infer_wire`), so a message too
+      large once parsed is refused before it is;
+    * from :data:`LARGE_MESSAGE` on, checked and parsed on a thread, one at a time;
+    * malformed protobuf bytes get ``INVALID_ARGUMENT`` naming the problem (gRPC's own answer
+      to a request its deserializer cannot parse is ``INTERNAL``, a server error).
+
+    Responses a servicer already serialised (bytes) go out as they are."""
 
     def __init__(self, settings: Settings) -> None:
-        self.max_cells = settings.max_cells_per_request
-        self.max_genes = settings.max_genes_per_request
+        annotate = functools.partial(
+            v1.check_annotate_wire,
+            max_cells=settings.max_cells_per_request,
+            max_genes=settings.max_genes_per_request,
+        )
+        typed, oip_service = SERVICE_NAMES
+        self.wire_checks: dict[str, Callable[[bytes], None]] = {
+            f"/{typed}/Annotate": annotate,
+            f"/{typed}/AnnotateStream": annotate,
+            f"/{oip_service}/ModelInfer": check_infer_wire,
+        }
+        self._large: asyncio.Semaphore | None = None
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
@@ -211,12 +239,12 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith((*_OWN_SERVICES, *auth.OPEN_GRPC_PREFIXES)):
             return handler
         parse = handler.request_deserializer
-        counted = method in _ANNOTATE_METHODS
+        wire_check = self.wire_checks.get(method)
 
-        def safe(data: bytes) -> Any:
+        def decode(data: bytes) -> Any:
             try:
-                if counted:
-                    v1.check_annotate_wire(data, self.max_cells, self.max_genes)
+                if wire_check is not None:
+                    wire_check(data)
                 return parse(data) if parse is not None else data
             except ServiceError as e:
                 return _Refused(e)
@@ -228,19 +256,35 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
                     )
                 )
 
+        def safe(data: bytes) -> Any:  # runs on the gRPC loop: only small messages here
+            return _Deferred(data) if len(data) >= LARGE_MESSAGE else decode(data)
+
+        async def decoded(request: Any) -> Any:
+            if not isinstance(request, _Deferred):
+                return request
+            if self._large is None:
+                self._large = asyncio.Semaphore(1)
+            async with self._large:
+                return await asyncio.to_thread(decode, request.data)
+
         serialise = handler.response_serializer
 
         def passing_bytes(message: Any) -> bytes:  # service/v1.py answers with ready bytes
             return message if isinstance(message, bytes) else serialise(message)
 
         kw = {"request_deserializer": safe, "response_serializer": passing_bytes}
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            metrics.ERRORS.labels(door=_door(details), type=request.error.kind).inc()
+            await abort_with(context, request.error)
+
         if handler.unary_unary is not None:
             unary_behaviour = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                request = await decoded(request)
                 if isinstance(request, _Refused):
-                    metrics.ERRORS.labels(door=_door(details), type=request.error.kind).inc()
-                    await abort_with(context, request.error)
+                    await refuse(request, context)
                 return await unary_behaviour(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **kw)
@@ -249,6 +293,7 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
 
             async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
                 async for r in requests:
+                    r = await decoded(r)
                     if isinstance(r, _Refused):
                         raise r.error
                     yield r
@@ -263,9 +308,9 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             watch_behaviour = handler.unary_stream
 
             async def watch(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                request = await decoded(request)
                 if isinstance(request, _Refused):
-                    metrics.ERRORS.labels(door=_door(details), type=request.error.kind).inc()
-                    await abort_with(context, request.error)
+                    await refuse(request, context)
                 return await watch_behaviour(request, context)
 
             return grpc.unary_stream_rpc_method_handler(watch, **kw)

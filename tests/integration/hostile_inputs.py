@@ -283,3 +283,20 @@ def many_scalars(base: ad.AnnData, path: Path, n: int) -> Path:
             d.attrs.update({"encoding-type": "numeric-scalar", "encoding-version": "0.2.0"})
 
     return _variant(base, path, edit)
+
+
+def shared_heap_names(base: ad.AnnData, path: Path, length: int) -> Path:
+    """Every ``obs`` name pointing at one heap string of ``length`` characters (the first
+    name's): a small file whose names are ``n_obs x length`` characters once read (an outside
+    tester's 1.2 MB file made a 1 GB answer and a 3.2 GB worker)."""
+    a = base.copy()
+    a.obs_names = ["x" * length] + [f"c{i}" for i in range(1, a.n_obs)]
+    a.write_h5ad(path)
+    with h5py.File(path, "r") as f:
+        offset = f["obs/_index"].id.get_offset()
+    with open(path, "r+b") as fh:  # each element is a 16-byte (length, heap, index) reference
+        fh.seek(offset)
+        first = fh.read(16)
+        fh.seek(offset)
+        fh.write(first * a.n_obs)
+    return path

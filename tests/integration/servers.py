@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,3 +128,10 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def worker_process(server: Server) -> psutil.Process:
+    """The server's one worker process (servers of the tests run one)."""
+    kids = psutil.Process(server.proc.pid).children(recursive=True)
+    (w,) = [p for p in kids if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    return w

@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -20,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import grpc
 import httpx
@@ -34,7 +36,7 @@ from cellexplain.api.codegen import load
 from cellexplain.service import metrics, protowire
 from cellexplain.service.sandbox import UPLOAD_PREFIX
 from tests.integration import hostile_inputs as hostile
-from tests.integration.servers import REPO, bentoml_server
+from tests.integration.servers import REPO, bentoml_server, worker_process
 
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
@@ -52,6 +54,9 @@ ENV = {
     "CELLEXPLAIN_MAX_H5AD_BYTES": str(32 * 1024**2),
     "CELLEXPLAIN_UPLOAD_TIMEOUT_S": str(UPLOAD_TIMEOUT_S),
     "CELLEXPLAIN_UPLOAD_MEMORY_BYTES": str(UPLOAD_MEMORY),
+    "CELLEXPLAIN_HTTP_HEADER_TIMEOUT_S": "2",
+    "CELLEXPLAIN_HTTP_BODY_TIMEOUT_S": "2",
+    "CELLEXPLAIN_MAX_INFLIGHT_BYTES": str(4 * 1024**2),
 }
 
 
@@ -89,10 +94,18 @@ def genes(programs_model) -> list[str]:
     return list(programs_model[0].genes)
 
 
-def _worker(server) -> psutil.Process:
-    kids = psutil.Process(server.proc.pid).children(recursive=True)
-    (w,) = [p for p in kids if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
-    return w
+@contextlib.contextmanager
+def peak_growth(server) -> Iterator[list[float]]:
+    """Yields a list that receives the worker's peak RSS growth over the block (bytes): the
+    peak (VmHWM) is reset first, so only this block's allocations count."""
+    w = worker_process(server)
+    Path(f"/proc/{w.pid}/clear_refs").write_text("5")
+    before = w.memory_info().rss
+    out: list[float] = []
+    yield out
+    status = Path(f"/proc/{w.pid}/status").read_text().splitlines()
+    peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    out.append(peak_kb * 1024 - before)
 
 
 def _sandboxes(server) -> list[psutil.Process]:
@@ -180,18 +193,11 @@ def test_a_decompression_bomb_is_a_413_and_the_worker_does_not_grow(
     child's address-space limit stops it; the worker never holds it."""
     path = hostile.double_deflate(hostile.small_adata(genes), tmp_path / "bomb.h5ad", 1 << 30)
     assert path.stat().st_size < 1 << 20
-    w = _worker(server)
-    Path(f"/proc/{w.pid}/clear_refs").write_text("5")
-    before = w.memory_info().rss
-    r = _upload(client, path)
-    assert r.status_code == 413, r.text[:400]
-    assert "CELLEXPLAIN_UPLOAD_MEMORY_BYTES" in r.json()["error"]["message"]
-    peak_kb = next(
-        int(line.split()[1])
-        for line in Path(f"/proc/{w.pid}/status").read_text().splitlines()
-        if line.startswith("VmHWM:")
-    )
-    assert peak_kb * 1024 - before < 64 * 1024**2
+    with peak_growth(server) as growth:
+        r = _upload(client, path)
+        assert r.status_code == 413, r.text[:400]
+        assert "CELLEXPLAIN_UPLOAD_MEMORY_BYTES" in r.json()["error"]["message"]
+    assert growth[0] < 64 * 1024**2
     assert _uploads_left(tmpdir) == []
 
 
@@ -225,6 +231,71 @@ def test_a_valid_upload_still_gives_the_same_answer_as_the_json_door(
     assert annotated.n_obs == source.n_obs and "bulk_labels" in annotated.obs
 
 
+def test_names_sharing_one_heap_string_are_refused(client, server, genes, tmp_path, tmpdir):
+    path = hostile.shared_heap_names(
+        hostile.small_adata(genes, n_cells=2000), tmp_path / "heap.h5ad", 100_000
+    )
+    assert path.stat().st_size < 4 << 20  # ...and 200 MB of names once read
+    with peak_growth(server) as growth:
+        r = _upload(client, path)
+        assert r.status_code == 400, r.text[:300]
+        assert "100000 characters" in r.json()["error"]["message"]
+    assert growth[0] < 64 * 1024**2
+    assert _uploads_left(tmpdir) == []
+
+
+def test_a_client_that_leaves_mid_upload_frees_its_slot_at_once(server, client, tmpdir):
+    """The reader of an upload whose client went away is killed then, not at its timeout: the
+    next upload does not wait for it."""
+    host, port = urlparse(server.url).hostname, urlparse(server.url).port
+    data = HANGING[0].read_bytes()
+    head = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.h5ad"\r\n\r\n'
+    body = head + data + b"\r\n--xyz--\r\n"
+    with socket.create_connection((host, port)) as s:
+        s.sendall(
+            b"POST /v1/annotate/h5ad HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=xyz\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 10
+        while not _sandboxes(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _sandboxes(server), "the upload's reader never started"
+    t0 = time.monotonic()  # the client is gone
+    while _sandboxes(server) and time.monotonic() - t0 < UPLOAD_TIMEOUT_S:
+        time.sleep(0.1)
+    assert time.monotonic() - t0 < 2, "the reader outlived its client"
+    time.sleep(0.5)
+    assert _uploads_left(tmpdir) == []
+
+
+def test_grpc_messages_of_millions_of_tiny_fields_are_refused_before_parsing(server):
+    """Counted in the wire bytes: empty OIP inputs, parameters, unknown fields of a typed
+    request. Each used to take gigabytes and seconds of the gRPC loop (health waited)."""
+    empty_inputs = protowire.length_prefix(5, 0) * 5_000_000  # ModelInferRequest.inputs
+    unknown = (protowire.key(111, protowire.VARINT) + b"\x00") * 2_000_000
+    cases = [
+        ("/inference.GRPCInferenceService/ModelInfer", empty_inputs, "more than 8 inputs"),
+        ("/cellexplain.v1.CellExplain/Annotate", unknown, "fields it does not define"),
+    ]
+    options = [("grpc.max_send_message_length", -1)]
+    for method, message, expected in cases:
+        with peak_growth(server) as growth:
+            with probes_watched(server) as worst, grpc.insecure_channel(server.grpc, options) as ch:
+                call = ch.unary_unary(
+                    method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+                )
+                t0 = time.monotonic()
+                with pytest.raises(grpc.RpcError) as e:
+                    call(message, timeout=60)
+                took = time.monotonic() - t0
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert expected in (e.value.details() or ""), e.value.details()
+            assert took < 2 and worst[0] < 1, (method, took, worst)
+        assert growth[0] < 20 * len(message), (method, growth[0] / 2**20)
+
+
 # -- metric labels a client cannot choose -------------------------------------------------------
 def test_twenty_thousand_random_paths_cost_what_a_fixed_path_costs(client, server):
     """Random paths (and random model names) share one label each: 20,000 of them cost the
@@ -236,7 +307,7 @@ def test_twenty_thousand_random_paths_cost_what_a_fixed_path_costs(client, serve
     docs/security.md; not ours to fix in this test.)"""
 
     def hit(n: int, random_paths: bool) -> float:
-        w = _worker(server)
+        w = worker_process(server)
         before = w.memory_info().rss
         for i in range(n):
             name = uuid.uuid4().hex if random_paths else "no-such-thing"
@@ -280,7 +351,7 @@ def test_two_million_requested_outputs_are_refused_at_once(server, genes):
             oip_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
         took = time.monotonic() - t0
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "2000000 outputs" in (e.value.details() or "")
+    assert "more than 64 outputs" in (e.value.details() or "")
     assert took < 1.0, took
     assert worst[0] < 2
 
@@ -298,19 +369,12 @@ def test_oip_grpc_declared_shapes_and_types_are_checked_before_the_values(server
         field = "int64_contents" if case == "int64-x" else "uint64_contents"
         getattr(x.contents, field).extend(range(1_000_000))
         expected = f"must be FP32, got '{datatype}'"
-    w = _worker(server)
-    Path(f"/proc/{w.pid}/clear_refs").write_text("5")
-    before = w.memory_info().rss
-    with grpc.insecure_channel(server.grpc) as ch, pytest.raises(grpc.RpcError) as e:
-        oip_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    assert expected in (e.value.details() or "")
-    peak = next(
-        int(line.split()[1]) * 1024
-        for line in Path(f"/proc/{w.pid}/status").read_text().splitlines()
-        if line.startswith("VmHWM:")
-    )
-    assert peak - before < 64 * 1024**2  # the message is 8 MB; its values were never listed
+    with peak_growth(server) as growth:
+        with grpc.insecure_channel(server.grpc) as ch, pytest.raises(grpc.RpcError) as e:
+            oip_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert expected in (e.value.details() or "")
+    assert growth[0] < 64 * 1024**2  # the message is 8 MB; its values were never listed
 
 
 def test_garbage_to_grpc_health_is_invalid_argument(server):
@@ -332,29 +396,22 @@ def test_a_message_of_millions_of_empty_cells_is_refused_before_it_is_parsed(ser
     sparse = cell * 4_000_000
     message = protowire.length_prefix(4, len(sparse)) + sparse  # AnnotateRequest.sparse
     assert len(message) < 9 * 1024**2
-    w = _worker(server)
-    Path(f"/proc/{w.pid}/clear_refs").write_text("5")
-    before = w.memory_info().rss
-    options = [("grpc.max_send_message_length", -1)]
-    with grpc.insecure_channel(server.grpc, options) as ch:
-        call = ch.unary_unary(
-            "/cellexplain.v1.CellExplain/Annotate",
-            request_serializer=lambda b: b,
-            response_deserializer=lambda b: b,
-        )
-        t0 = time.monotonic()
-        with pytest.raises(grpc.RpcError) as e:
-            call(message, timeout=60)
-        took = time.monotonic() - t0
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
-    assert "more than 2000 cells" in (e.value.details() or "")
-    assert took < 2, took
-    peak = next(
-        int(line.split()[1]) * 1024
-        for line in Path(f"/proc/{w.pid}/status").read_text().splitlines()
-        if line.startswith("VmHWM:")
-    )
-    assert peak - before < 20 * len(message)
+    with peak_growth(server) as growth:
+        options = [("grpc.max_send_message_length", -1)]
+        with grpc.insecure_channel(server.grpc, options) as ch:
+            call = ch.unary_unary(
+                "/cellexplain.v1.CellExplain/Annotate",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                call(message, timeout=60)
+            took = time.monotonic() - t0
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+        assert "more than 2000 cells" in (e.value.details() or "")
+        assert took < 2, took
+    assert growth[0] < 20 * len(message)
 
 
 def test_cancelled_streams_leave_nothing_behind(server, genes):
@@ -381,7 +438,7 @@ def test_cancelled_streams_leave_nothing_behind(server, genes):
                 next(call)
                 call.cancel()
 
-    w = _worker(server)
+    w = worker_process(server)
     sizes = []
     for _ in range(4):  # the first 25 bring the worker to its working size
         cancel_after_first(25)
@@ -389,8 +446,86 @@ def test_cancelled_streams_leave_nothing_behind(server, genes):
         sizes.append(w.memory_info().rss / 2**20)
     print("RSS after each 25 cancelled streams (MiB):", [round(x) for x in sizes])
     # one stream's working set (4 chunks of 2,000 cells in flight, IG's intermediate tensors in
-    # onnxruntime's arena) is a few hundred MB; 75 more cancelled streams add nothing to it
-    assert max(sizes[1:]) < sizes[0] + 96, sizes
+    # onnxruntime's arena) is ~250 MB. Measured: a sawtooth within it (335, 394, 431, 518, 339,
+    # 386, 460, 491 MiB over 200 streams: cancelled tasks' frames are freed by Python's cycle
+    # collector in batches), no growth beyond it
+    assert max(sizes[1:]) < sizes[0] + 256, sizes
+
+
+# -- connections that hold a worker without finishing a request ----------------------------------
+def _closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass  # an answer (408/400) is fine too; what matters is that it ends
+        return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_and_slow_header_connections_are_closed(server, client):
+    host, port = urlparse(server.url).hostname, urlparse(server.url).port
+    idle = [socket.create_connection((host, port)) for _ in range(100)]
+    slow = [socket.create_connection((host, port)) for _ in range(50)]
+    for s in slow:
+        s.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+    t0 = time.monotonic()
+    for _ in range(6):  # a header line every 0.5 s: never a complete head
+        time.sleep(0.5)
+        for s in slow:
+            with contextlib.suppress(OSError):
+                s.sendall(b"X-Slow: 1\r\n")
+    assert all(_closed_by_server(s, 5) for s in idle + slow)
+    assert time.monotonic() - t0 < 10
+    assert client.get("/livez").status_code == 200
+    for s in idle + slow:
+        s.close()
+
+
+def test_a_body_that_stops_arriving_is_a_408(server):
+    host, port = urlparse(server.url).hostname, urlparse(server.url).port
+    with socket.create_connection((host, port)) as s:
+        s.sendall(
+            b"POST /v1/annotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"genes": ['
+        )
+        s.settimeout(10)
+        t0 = time.monotonic()
+        answer = s.recv(65536)
+        took = time.monotonic() - t0
+        with contextlib.suppress(OSError):
+            while b"}}" not in answer and (more := s.recv(65536)):
+                answer += more
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"CELLEXPLAIN_HTTP_BODY_TIMEOUT_S" in answer
+    assert 1.5 < took < 6
+
+
+def test_bodies_past_the_worker_budget_wait_their_turn_with_a_503(server, client):
+    """CELLEXPLAIN_MAX_INFLIGHT_BYTES is 4 MiB here: a 3 MiB body still arriving holds 3 MiB;
+    a 2 MiB one beside it gets 503 + Retry-After at once, a small GET still answers."""
+    host, port = urlparse(server.url).hostname, urlparse(server.url).port
+    with socket.create_connection((host, port)) as held:
+        held.sendall(
+            b"POST /v1/annotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {3 << 20}\r\n\r\n".encode()
+            + b"{"
+        )
+        time.sleep(0.3)
+        r = client.post(
+            "/v1/annotate",
+            content=b" " * (2 << 20),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 503, r.text[:300]
+        assert r.headers["retry-after"] == "1"
+        assert "CELLEXPLAIN_MAX_INFLIGHT_BYTES" in r.json()["error"]["message"]
+        assert client.get("/v1/models").status_code == 200
+    time.sleep(2.5)  # the held body times out (408) and releases its share
+    r = client.post("/v1/annotate", content=b"{}", headers={"content-type": "application/json"})
+    assert r.status_code == 400  # admitted (and refused for what it is)
 
 
 # -- SIGTERM in the middle of a hanging upload --------------------------------------------------
@@ -428,7 +563,9 @@ def test_sigterm_during_a_hanging_upload_ends_every_process(programs_home, tmp_p
         t.join(timeout=30)
         assert alive == [], f"still alive {took:.0f} s after SIGTERM: {alive}"
         assert list(tmp_path.glob(f"{UPLOAD_PREFIX}*")) == []
-        assert answers and answers[0] != 200
+        # the server's own stop: a 503 (send it again elsewhere), or the connection closed;
+        # never a 400 that blames the file
+        assert answers and (answers[0] == 503 or isinstance(answers[0], httpx.HTTPError)), answers
 
 
 # -- a full temporary disk ----------------------------------------------------------------------

@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from cellexplain.api.codegen import load
 from tests.integration import hostile_inputs as hostile
-from tests.integration.servers import bentoml_server, import_into_store
+from tests.integration.servers import bentoml_server, import_into_store, worker_process
 
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
@@ -69,12 +69,6 @@ def genes(programs_model) -> list[str]:
     return list(card.genes)
 
 
-def _worker(server) -> psutil.Process:
-    kids = psutil.Process(server.proc.pid).children(recursive=True)
-    (w,) = [p for p in kids if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
-    return w
-
-
 def _status_kb(p: psutil.Process, key: str) -> int:
     for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -86,7 +80,7 @@ def _status_kb(p: psutil.Process, key: str) -> int:
 def peak_growth(server) -> Iterator[list[float]]:
     """Yields a list that receives the worker's peak RSS growth (MiB) over the block: the peak
     is reset first (``/proc/PID/clear_refs``), so only this block's allocations count."""
-    w = _worker(server)
+    w = worker_process(server)
     Path(f"/proc/{w.pid}/clear_refs").write_text("5")
     before = _status_kb(w, "VmRSS")
     out: list[float] = []

@@ -11,7 +11,8 @@
 8. ``benchmarks.file_to_file``: ``cellexplain annotate --local`` vs CellTypist 1.7.1 (in its own
    venv, ``.venv-celltypist``, made on first use), file to file on 55,900 cells x 32,786 genes;
 9. ``benchmarks.accuracy``: our architectures beside CellTypist 1.7.1 (its own venv) on 5 repeated
-   70/30 splits, accuracy and macro-F1 (mean +/- sd).
+   70/30 splits, accuracy and macro-F1 (mean +/- sd);
+10. ``benchmarks.upload``: the upload door (read in a child process) vs the same work in-process.
 
 Each runs in its own process; their tables go to stdout and to
 ``benchmarks/results/latest.md`` (with the machine), from which docs/benchmarks.md is updated.
@@ -45,6 +46,7 @@ FULL: dict[str, list[str]] = {
     "renamed_genes": ["-m", "benchmarks.renamed_genes"],
     "file_to_file": ["-m", "benchmarks.file_to_file"],
     "accuracy": ["-m", "benchmarks.accuracy", "--seeds", "5"],
+    "upload": ["-m", "benchmarks.upload"],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "attribution": ["--min-seconds", "0.3", "--repeat", "2"],
@@ -56,6 +58,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "renamed_genes": [],
     "file_to_file": ["--cells", "5000", "--repeat", "1"],
     "accuracy": ["--seeds", "2"],
+    "upload": ["--cells", "700", "--repeat", "2"],
 }
 
 

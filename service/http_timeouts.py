@@ -8,7 +8,8 @@ each holding a socket and its buffers. Two bounds close them:
 
 * **head** (:func:`install`): from a connection's start, or from the first byte of a request
   after the previous answer, the whole head must arrive within ``head_timeout_s``; otherwise
-  the connection is closed (nothing is answered: there is no request yet to answer). This
+  the connection is closed (nothing is answered: there is no request yet to answer). The same
+  deadline closes a connection still sending the body of a request already answered. This
   patches uvicorn's ``H11Protocol`` (BentoML builds uvicorn's config itself; a test fails if an
   upgrade moves what is patched);
 * **body** (:func:`receive_with_timeout`, used by the gate in ``service/rest.py``): each piece
@@ -58,10 +59,19 @@ def install(head_timeout_s: float) -> bool:
             timer.cancel()
             self._cx_head_timer = None
 
+    def unanswerable(self: Any) -> bool:
+        """A head still incomplete, or a body still arriving that nobody reads (its request
+        was answered: uvicorn cancels its keep-alive timer on data, and sets none again)."""
+        if self.transport.is_closing():
+            return False
+        state = self.conn.their_state
+        answered = self.cycle is not None and self.cycle.response_complete
+        return state is h11.IDLE or (answered and state is h11.SEND_BODY)
+
     def expired(self: Any) -> None:
         self._cx_head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info("closing a connection whose request head did not arrive in time")
+        if unanswerable(self):
+            log.info("closing a connection whose request did not arrive in time")
             self.transport.close()
 
     def connection_made(self: Any, transport: Any) -> None:
@@ -70,8 +80,8 @@ def install(head_timeout_s: float) -> bool:
 
     def data_received(self: Any, data: bytes) -> None:
         received(self, data)
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            arm(self)  # a head still incomplete: from its first byte (or the connection's start)
+        if unanswerable(self):
+            arm(self)  # from the head's first byte (or the connection's start)
         else:
             disarm(self)
 
@@ -90,7 +100,8 @@ async def receive_with_timeout(receive: Any, timeout_s: float) -> Any:
     """The next ASGI message of a request; a body piece that takes longer than ``timeout_s``
     is a :class:`~cellexplain.api.errors.RequestTimeoutError` (408)."""
     try:
-        return await asyncio.wait_for(receive(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # no task per message, as wait_for makes
+            return await receive()
     except TimeoutError:
         raise RequestTimeoutError(
             f"the request body stopped arriving for {timeout_s:g} s "

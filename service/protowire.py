@@ -11,6 +11,8 @@ append), which lets a small message be built the usual way and large fields be a
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 #: wire types
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
@@ -107,6 +109,7 @@ class TooManyFieldsError(ValueError):
         super().__init__(f"field {number} occurs more than {bound} times")
         self.number = number
         self.bound = bound
+        self.path: str  # set by Bounds.check: the field's place in the message
 
 
 def bounded_fields(
@@ -130,3 +133,59 @@ def bounded_fields(
             if n > bound:
                 raise TooManyFieldsError(number, bound)
         yield item
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How often each field of a message may occur (``limits``), the bounds of the messages
+    its fields hold (``children``), and how many fields it does not define may occur."""
+
+    limits: Mapping[int, int]
+    children: Mapping[int, Bounds]
+    names: Mapping[int, str]
+    others: int = 64
+
+    @classmethod
+    def of(
+        cls,
+        descriptor: Any,
+        overrides: Mapping[str, int] | None = None,
+        repeated: int = 64,
+        singular: int = 4,
+    ) -> Bounds:
+        """Bounds for a message type from its descriptor: a list field (map entries included)
+        ``repeated`` times, any other ``singular`` times (protobuf merges repeats of those),
+        ``overrides`` by field name (``"inputs"``, or ``"InferInputTensor.shape"``); every
+        message-typed field bounded the same way, all the way down."""
+        overrides = overrides or {}
+        limits: dict[int, int] = {}
+        children: dict[int, Bounds] = {}
+        for f in descriptor.fields:
+            is_list = getattr(f, "is_repeated", None)  # protobuf >= 6.31; label() before
+            if is_list is None:
+                is_list = f.label == f.LABEL_REPEATED
+            default = repeated if is_list else singular
+            limit = overrides.get(f"{descriptor.name}.{f.name}", overrides.get(f.name, default))
+            limits[f.number] = limit
+            if f.message_type is not None:
+                children[f.number] = cls.of(f.message_type, overrides, repeated, singular)
+        names = {f.number: f.name for f in descriptor.fields}
+        return cls(limits, children, names)
+
+    def check(self, data: bytes | memoryview, path: str = "") -> None:
+        """Walk ``data`` within these bounds.
+
+        Raises:
+            TooManyFieldsError: with ``path`` (``inputs.contents.bytes_contents``) set.
+            ValueError: bytes that are not the wire format.
+        """
+        try:
+            for number, wire, start, end in bounded_fields(data, self.limits, self.others):
+                child = self.children.get(number)
+                if child is not None and wire == LEN:
+                    child.check(memoryview(data)[start:end], f"{path}{self.names[number]}.")
+        except TooManyFieldsError as e:
+            if not hasattr(e, "path"):
+                name = self.names.get(e.number, "") if e.number is not None else ""
+                e.path = f"{path}{name}" if name else (path.rstrip(".") or "the message")
+            raise

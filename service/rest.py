@@ -150,45 +150,56 @@ class Gate:
                 else (self.max_bytes, "CELLEXPLAIN_MAX_BODY_BYTES")
             )
             declared = headers.get("content-length", "")
-            known = declared.isascii() and declared.isdigit() and len(declared) <= 18
-            if known and int(declared) > limit:
-                raise _too_large(int(declared), limit, setting)
+            known = declared.isascii() and declared.isdigit()
+            # leading zeros are allowed (h11 takes 20 digits); more than 18 significant digits
+            # is more than any limit, without asking int() to read them
+            size = int(declared) if known and len(declared.lstrip("0")) <= 18 else 1 << 62
+            if known and size > limit:
+                raise _too_large(size, limit, setting)
             # what the body may hold in memory while it is parsed and answered; uploads are
             # spooled to disk. A request alone is always admitted, so any body within the
             # limit can be served
             chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-            body = int(declared) if known else (limit if chunked else 0)
-            held = 0 if h5ad else body
-            if held and self.inflight and self.inflight + held > self.inflight_limit:
-                raise NotReadyError(
-                    f"this worker holds {self.inflight} bytes of requests; {held} more would "
-                    f"pass CELLEXPLAIN_MAX_INFLIGHT_BYTES ({self.inflight_limit}): retry shortly",
-                    "body",
-                )
+            body = 0 if h5ad else (size if known else (limit if chunked else 0))
+            if body and self.inflight and self.inflight + body > self.inflight_limit:
+                raise self._busy(body)
         except ServiceError as e:
             await _reject(scope, receive, send, e, oip_path)
             return
-        received = 0
+        received = held = 0
         more_body = True
 
         async def limited() -> Message:
-            nonlocal received, more_body
+            nonlocal received, more_body, held
             if more_body:  # each piece of the body within the timeout of the one before
                 message = await http_timeouts.receive_with_timeout(receive, self.body_timeout_s)
             else:  # after the body: a wait for the client to go away, not timed
                 message = await receive()
             if message["type"] == "http.request":
                 more_body = bool(message.get("more_body", False))
-                received += len(message.get("body", b""))
+                piece = len(message.get("body", b""))
+                received += piece
                 if received > limit:
                     raise _too_large(received, limit, setting)
+                if not h5ad and piece:  # held bytes are counted as they arrive
+                    others = self.inflight - held  # a request alone is always admitted
+                    if others and self.inflight + piece > self.inflight_limit:
+                        raise self._busy(piece)
+                    held += piece
+                    self.inflight += piece
             return message
 
-        self.inflight += held
         try:
             await self.app(scope, limited, send)
         finally:
             self.inflight -= held
+
+    def _busy(self, more: int) -> NotReadyError:
+        return NotReadyError(
+            f"this worker holds {self.inflight} bytes of request bodies; {more} more would pass "
+            f"CELLEXPLAIN_MAX_INFLIGHT_BYTES ({self.inflight_limit}): retry shortly",
+            "body",
+        )
 
 
 #: a request head's bounds: h11 bounds only a head that is still incomplete, so ~128 KiB in
@@ -668,8 +679,11 @@ def _check_form_fields(form: Any) -> None:
 def _save_upload(file: UploadFile, path: Path) -> None:
     """Copy an upload (spooled to disk by the multipart parser) to ``path`` in 1 MiB pieces."""
     file.file.seek(0)
-    with path.open("wb") as out:
-        shutil.copyfileobj(file.file, out, 1 << 20)
+    try:
+        with path.open("wb") as out:
+            shutil.copyfileobj(file.file, out, 1 << 20)
+    except OSError as e:  # a full disk is a 507, answered (not re-raised by Starlette)
+        raise from_exception(e) if disk_full(e) else e from e
     if path.stat().st_size == 0:
         raise InvalidInputError("the uploaded file is empty", "file")
 

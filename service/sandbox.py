@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -62,6 +63,8 @@ from cellexplain.service.h5ad_check import Limits
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: free space in TMPDIR under which a reader that crashed is taken to have run out of it
+LOW_DISK_BYTES = 64 * 1024**2
 #: the longest cell or gene name an upload may hold (barcodes and gene IDs are < 100)
 MAX_NAME_CHARS = 1024
 #: longest line the child may send (its messages are small JSON objects)
@@ -166,6 +169,8 @@ class SandboxedUpload:
         self.layer = layer
         self.proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
+        self._closed = False
+        self._write_limit = 0  # the annotated file's bound, once known
 
     def __enter__(self) -> SandboxedUpload:
         return self
@@ -176,6 +181,7 @@ class SandboxedUpload:
     def close(self) -> None:
         """Kill the child (if still running) and reap it. Its pipes close with this object: a
         thread of :meth:`read_async` may still be reading one, until it sees the child gone."""
+        self._closed = True
         proc = self.proc
         if proc is not None:
             if proc.poll() is None:
@@ -232,6 +238,9 @@ class SandboxedUpload:
             env=env,
             close_fds=True,
         )
+        if self._closed:  # the request ended while the child was being started
+            self.close()
+            raise NotReadyError("the upload was abandoned before it was read", "file")
         meta = self._receive("reading the uploaded file")
         X = _load_matrix(self.folder, meta, self.limits)
         genes = _load_strings(self.folder / "genes.json", int(meta["n_genes"]))
@@ -247,6 +256,7 @@ class SandboxedUpload:
             what the upload holds.
         """
         assert self.proc is not None and self.proc.stdin is not None
+        self._write_limit = self.limits.max_bytes + _annotation_bytes(ann) + (1 << 20)
         _save_annotations(self.folder, ann, info)
         try:
             self.proc.stdin.write(b"write\n")
@@ -310,6 +320,18 @@ class SandboxedUpload:
                 f"the server is shutting down: the upload was not finished {doing}; send it "
                 "again (another replica answers)",
                 "file",
+            )
+        out = self.folder / "out.h5ad"
+        if self._write_limit and out.exists() and out.stat().st_size >= self._write_limit - 4096:
+            return TooLargeError(  # HDF5 can crash when a write fails (RLIMIT_FSIZE's EFBIG)
+                f"the annotated file would pass {self._write_limit} bytes: the upload holds more "
+                f"once read than CELLEXPLAIN_MAX_H5AD_BYTES ({self.limits.max_bytes}) allows",
+                "file",
+            )
+        if shutil.disk_usage(self.folder).free < LOW_DISK_BYTES:  # HDF5 can crash on ENOSPC
+            return InsufficientStorageError(
+                f"the server's temporary space is full (its TMPDIR) {doing}: the request was "
+                "not processed and nothing of it was kept; retry later or on another replica"
             )
         what = f"signal {-code}" if code < 0 else f"exit status {code}"
         return InvalidInputError(
@@ -430,6 +452,17 @@ def _confine(memory_bytes: int, cpu_s: float, parent: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     cpu = max(1, math.ceil(cpu_s))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
+    # files past RLIMIT_FSIZE fail with EFBIG (not the signal): see _limit_files
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _limit_files(max_bytes: int) -> None:
+    """No file this child writes may pass ``max_bytes`` (``RLIMIT_FSIZE``): what it writes
+    for the worker and the annotated file are bounded by the request's limits, so content that
+    reads far larger than it declares (strings sharing one heap object) fails while written,
+    not after filling the disk."""
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)  # soft only: the write phase raises it
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
 
 
 def _mapped_bytes() -> int:
@@ -444,6 +477,19 @@ def _mapped_bytes() -> int:
 #: the child's message channel: the stdout it was started with (fd 1 itself is pointed at
 #: /dev/null, so that nothing a library prints can corrupt a message)
 _channel: Any = None
+
+
+def _chain_has_errno(e: BaseException, number: int) -> bool:
+    """Whether ``e`` or an exception it came from is an OSError of ``number`` (h5py names
+    the errno only in its message)."""
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, OSError) and (
+            cause.errno == number or f"errno = {number}," in str(cause)
+        ):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _near_memory_limit() -> bool:
@@ -470,8 +516,14 @@ def _send(message: dict[str, Any]) -> None:
 def _fail(err: BaseException) -> None:
     from cellexplain.api.errors import InternalError, from_exception
 
-    if isinstance(err, MemoryError) or _near_memory_limit():
+    if _chain_has_errno(err, errno.EFBIG):
         e: ServiceError = TooLargeError(
+            "reading the uploaded file produced more than CELLEXPLAIN_MAX_H5AD_BYTES of data: "
+            "the file declares a small size but expands far beyond it",
+            "file",
+        )
+    elif isinstance(err, MemoryError) or _near_memory_limit():
+        e = TooLargeError(
             "reading the uploaded file needs more memory than one upload may use "
             "(CELLEXPLAIN_UPLOAD_MEMORY_BYTES): the file declares a small size but expands "
             "far beyond it, or split it",
@@ -500,6 +552,7 @@ def _child(config: dict[str, Any]) -> int:
 
         folder = Path(config["folder"])
         limits = Limits(config["max_cells"], config["max_genes"], config["max_bytes"])
+        _limit_files(limits.max_bytes + (1 << 20))  # the arrays and names for the worker
         adata = read_h5ad_upload(folder / "upload.h5ad", limits)
         genes, X = expression(adata, config["gene_key"], config["layer"])
         (folder / "upload.h5ad").unlink()  # AnnData holds what it read: the disk space goes
@@ -535,16 +588,19 @@ def _child(config: dict[str, Any]) -> int:
         from cellexplain.service.anndata_io import write_h5ad
 
         out_path = folder / "out.h5ad"
-        write_h5ad(adata, out_path)
-        allowed = limits.max_bytes + _annotation_bytes(ann) + (1 << 20)
-        if out_path.stat().st_size > allowed:  # content that reads far larger than it declares
-            size = out_path.stat().st_size
-            out_path.unlink()
+        allowed = limits.max_bytes + _annotation_bytes(ann) + (1 << 20)  # as the worker has it
+        _limit_files(allowed)
+        try:
+            write_h5ad(adata, out_path)
+        except Exception as e:
+            if not _chain_has_errno(e, errno.EFBIG):
+                raise
+            out_path.unlink(missing_ok=True)
             raise TooLargeError(
-                f"the annotated file would be {size} bytes: the upload holds more once read than "
-                f"CELLEXPLAIN_MAX_H5AD_BYTES ({limits.max_bytes}) allows",
+                f"the annotated file would pass {allowed} bytes: the upload holds more once "
+                f"read than CELLEXPLAIN_MAX_H5AD_BYTES ({limits.max_bytes}) allows",
                 "file",
-            )
+            ) from e
         _send({"ok": True})
     except BaseException as e:  # every failure becomes a message; the worker maps it
         _fail(e)

@@ -100,34 +100,39 @@ def infer_response(model: str, version: str, request_id: str, outputs: list[Tens
     return b"".join(parts)
 
 
-_REQUEST_FIELDS = {f.name: f.number for f in oip_pb.ModelInferRequest.DESCRIPTOR.fields}
-#: how often each field of a ModelInferRequest may occur (a model takes 2 inputs; every
-#: singular field once, with room for protobuf's merging of repeats)
-_INFER_BOUNDS = {
-    **{number: 4 for number in _REQUEST_FIELDS.values()},
-    _REQUEST_FIELDS["parameters"]: 64,
-    _REQUEST_FIELDS["inputs"]: 8,
-    _REQUEST_FIELDS["outputs"]: oip.MAX_REQUESTED_OUTPUTS,
-    _REQUEST_FIELDS["raw_input_contents"]: 8,
-}
+#: how often each field of a ModelInferRequest may occur, all the way down (a model takes 2
+#: inputs of at most 2 dimensions, in packed contents: one field each)
+_INFER_BOUNDS = protowire.Bounds.of(
+    oip_pb.ModelInferRequest.DESCRIPTOR,
+    {
+        "inputs": 8,
+        "raw_input_contents": 8,
+        "outputs": oip.MAX_REQUESTED_OUTPUTS,
+        "InferInputTensor.shape": 8,
+        "bytes_contents": 8,
+    },
+    repeated=64,
+)
 
 
 def check_infer_wire(data: bytes) -> None:
-    """Count a ``ModelInferRequest``'s fields in its wire bytes before protobuf makes an object
-    of each (twenty million empty inputs are 40 MB, and 2.7 GB once parsed): at most 8 inputs
-    and raw contents, 64 parameters and outputs, 64 fields the message does not define.
+    """Count a ``ModelInferRequest``'s fields in its wire bytes, at every level, before
+    protobuf makes an object of each (twenty million empty inputs are 40 MB and 2.7 GB once
+    parsed; 33 million empty ``bytes_contents`` in one input, 66 MB and +1.1 GB): at most 8
+    inputs, raw contents, shape dimensions and bytes elements, 64 of any other list (outputs,
+    parameters), 4 of a field that is not a list, 64 fields a message does not define.
 
     Raises:
-        InvalidInputError: a field past its bound, or bytes that are not a message.
+        InvalidInputError: a field past its bound (named by its place in the message), or
+            bytes that are not a message.
     """
-    names = {number: name for name, number in _REQUEST_FIELDS.items()}
     try:
-        for _ in protowire.bounded_fields(data, _INFER_BOUNDS):
-            pass
+        _INFER_BOUNDS.check(data)
     except protowire.TooManyFieldsError as e:
-        what = "fields it does not define" if e.number is None else names[e.number]
+        what = e.path if e.number is not None else f"fields {e.path} does not define"
         raise InvalidInputError(
-            f"the request holds more than {e.bound} {what}; a model takes x and target", what
+            f"the request holds more than {e.bound} {what}; a model takes x and target",
+            e.path.split(".")[0] or "request",
         ) from None
     except ValueError as e:
         raise InvalidInputError(

@@ -285,18 +285,27 @@ def many_scalars(base: ad.AnnData, path: Path, n: int) -> Path:
     return _variant(base, path, edit)
 
 
-def shared_heap_names(base: ad.AnnData, path: Path, length: int) -> Path:
-    """Every ``obs`` name pointing at one heap string of ``length`` characters (the first
-    name's): a small file whose names are ``n_obs x length`` characters once read (an outside
-    tester's 1.2 MB file made a 1 GB answer and a 3.2 GB worker)."""
+def shared_heap_strings(base: ad.AnnData, path: Path, where: str, length: int) -> Path:
+    """Every element of a string array (``"obs_names"``, or ``"uns"``: an array of as many
+    strings as cells) pointing at one heap string of ``length`` characters (the first one's): a
+    small file whose strings are ``n x length`` characters once read (an outside tester's 1.2 MB
+    file made a 1 GB answer and a 3.2 GB worker; moved into ``uns``, 950 MB written to TMPDIR
+    before a refusal)."""
     a = base.copy()
-    a.obs_names = ["x" * length] + [f"c{i}" for i in range(1, a.n_obs)]
+    n = a.n_obs
+    big = "x" * length
+    if where == "obs_names":
+        a.obs_names = [big] + [f"c{i}" for i in range(1, n)]
+        dataset = "obs/_index"
+    else:
+        a.uns["notes"] = np.array([big] + [f"n{i}" for i in range(1, n)], dtype=object)
+        dataset = "uns/notes"
     a.write_h5ad(path)
     with h5py.File(path, "r") as f:
-        offset = f["obs/_index"].id.get_offset()
+        offset = f[dataset].id.get_offset()
     with open(path, "r+b") as fh:  # each element is a 16-byte (length, heap, index) reference
         fh.seek(offset)
         first = fh.read(16)
         fh.seek(offset)
-        fh.write(first * a.n_obs)
+        fh.write(first * n)
     return path

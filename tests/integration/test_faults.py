@@ -231,9 +231,24 @@ def test_a_valid_upload_still_gives_the_same_answer_as_the_json_door(
     assert annotated.n_obs == source.n_obs and "bulk_labels" in annotated.obs
 
 
+def test_strings_sharing_one_heap_string_in_uns_fail_while_written(
+    client, server, genes, tmp_path, tmpdir
+):
+    """2,000 strings of 100,000 characters once read: 200 MB to write back, 6x the 32 MiB
+    upload limit. The reader's files are bounded (RLIMIT_FSIZE): the write fails at the
+    bound, not after filling the disk."""
+    path = hostile.shared_heap_strings(
+        hostile.small_adata(genes, n_cells=2000), tmp_path / "uns-heap.h5ad", "uns", 100_000
+    )
+    r = _upload(client, path)
+    assert r.status_code == 413, r.text[:300]
+    assert "CELLEXPLAIN_MAX_H5AD_BYTES" in r.json()["error"]["message"]
+    assert _uploads_left(tmpdir) == []
+
+
 def test_names_sharing_one_heap_string_are_refused(client, server, genes, tmp_path, tmpdir):
-    path = hostile.shared_heap_names(
-        hostile.small_adata(genes, n_cells=2000), tmp_path / "heap.h5ad", 100_000
+    path = hostile.shared_heap_strings(
+        hostile.small_adata(genes, n_cells=2000), tmp_path / "heap.h5ad", "obs_names", 100_000
     )
     assert path.stat().st_size < 4 << 20  # ...and 200 MB of names once read
     with peak_growth(server) as growth:
@@ -275,9 +290,17 @@ def test_grpc_messages_of_millions_of_tiny_fields_are_refused_before_parsing(ser
     request. Each used to take gigabytes and seconds of the gRPC loop (health waited)."""
     empty_inputs = protowire.length_prefix(5, 0) * 5_000_000  # ModelInferRequest.inputs
     unknown = (protowire.key(111, protowire.VARINT) + b"\x00") * 2_000_000
+    elements = protowire.length_prefix(8, 0) * 10_000_000  # one level down: bytes_contents
+    contents = protowire.length_prefix(5, len(elements)) + elements
+    one_input = protowire.length_prefix(5, len(contents)) + contents
     cases = [
         ("/inference.GRPCInferenceService/ModelInfer", empty_inputs, "more than 8 inputs"),
         ("/cellexplain.v1.CellExplain/Annotate", unknown, "fields it does not define"),
+        (
+            "/inference.GRPCInferenceService/ModelInfer",
+            one_input,
+            "more than 8 inputs.contents.bytes_contents",
+        ),
     ]
     options = [("grpc.max_send_message_length", -1)]
     for method, message, expected in cases:
@@ -477,10 +500,13 @@ def test_idle_and_slow_header_connections_are_closed(server, client):
         for s in slow:
             with contextlib.suppress(OSError):
                 s.sendall(b"X-Slow: 1\r\n")
-    assert all(_closed_by_server(s, 5) for s in idle + slow)
+    answered = [socket.create_connection((host, port)) for _ in range(20)]
+    for s in answered:  # a body declared and never sent, to a route that reads none
+        s.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nContent-Length: 60000000\r\n\r\nx")
+    assert all(_closed_by_server(s, 5) for s in idle + slow + answered)
     assert time.monotonic() - t0 < 10
     assert client.get("/livez").status_code == 200
-    for s in idle + slow:
+    for s in idle + slow + answered:
         s.close()
 
 
@@ -504,14 +530,28 @@ def test_a_body_that_stops_arriving_is_a_408(server):
 
 
 def test_bodies_past_the_worker_budget_wait_their_turn_with_a_503(server, client):
-    """CELLEXPLAIN_MAX_INFLIGHT_BYTES is 4 MiB here: a 3 MiB body still arriving holds 3 MiB;
-    a 2 MiB one beside it gets 503 + Retry-After at once, a small GET still answers."""
+    """CELLEXPLAIN_MAX_INFLIGHT_BYTES is 4 MiB here: a body that has sent 3 MiB and pauses
+    holds 3 MiB; a 2 MiB one beside it gets 503 + Retry-After at once, a small GET still
+    answers. Bytes are counted as they arrive: connections that declare large bodies and
+    trickle them hold (and block) nothing."""
     host, port = urlparse(server.url).hostname, urlparse(server.url).port
+    tricklers = [socket.create_connection((host, port)) for _ in range(4)]
+    for t in tricklers:  # 4 x 64 MiB declared, one byte sent each
+        t.sendall(
+            b"POST /v1/annotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {64 << 20}\r\n\r\n".encode()
+            + b"{"
+        )
+    time.sleep(0.3)
+    r = client.post("/v1/annotate", content=b"{}", headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text[:300]  # admitted beside them
+    for t in tricklers:
+        t.close()
     with socket.create_connection((host, port)) as held:
         held.sendall(
             b"POST /v1/annotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {3 << 20}\r\n\r\n".encode()
-            + b"{"
+            + b" " * ((3 << 20) - 1)
         )
         time.sleep(0.3)
         r = client.post(

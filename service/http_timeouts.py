@@ -39,10 +39,11 @@ def install(head_timeout_s: float) -> bool:
     if getattr(H11Protocol, "_cellexplain_head_timeout", None) is not None:
         H11Protocol._cellexplain_head_timeout = head_timeout_s  # type: ignore[attr-defined]
         return True
-    made, received, lost = (
+    made, received, lost, complete = (
         H11Protocol.connection_made,
         H11Protocol.data_received,
         H11Protocol.connection_lost,
+        H11Protocol.on_response_complete,
     )
 
     def arm(self: Any) -> None:
@@ -85,6 +86,11 @@ def install(head_timeout_s: float) -> bool:
         else:
             disarm(self)
 
+    def on_response_complete(self: Any) -> None:
+        complete(self)
+        if unanswerable(self):  # answered while its body is still (or never) coming
+            arm(self)
+
     def connection_lost(self: Any, exc: Exception | None) -> None:
         disarm(self)
         lost(self, exc)
@@ -93,6 +99,7 @@ def install(head_timeout_s: float) -> bool:
     H11Protocol.connection_made = connection_made  # type: ignore[method-assign]
     H11Protocol.data_received = data_received  # type: ignore[method-assign]
     H11Protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+    H11Protocol.on_response_complete = on_response_complete  # type: ignore[method-assign]
     return True
 
 

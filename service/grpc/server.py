@@ -278,16 +278,17 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             metrics.ERRORS.labels(door=_door(details), type=request.error.kind).inc()
             await abort_with(context, request.error)
 
-        if handler.unary_unary is not None:
-            unary_behaviour = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def one_request(behaviour: Any) -> Any:  # unary, and health's Watch (writes its answers)
+            async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 request = await decoded(request)
                 if isinstance(request, _Refused):
                     await refuse(request, context)
-                return await unary_behaviour(request, context)
+                return await behaviour(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(unary, **kw)
+            return handle
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(one_request(handler.unary_unary), **kw)
         if handler.stream_stream is not None:
             stream_behaviour = handler.stream_stream
 
@@ -304,16 +305,8 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_stream_rpc_method_handler(streaming, **kw)
         if handler.unary_stream is not None and not inspect.isasyncgenfunction(
             handler.unary_stream
-        ):  # health's Watch: a coroutine that writes its answers
-            watch_behaviour = handler.unary_stream
-
-            async def watch(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                request = await decoded(request)
-                if isinstance(request, _Refused):
-                    await refuse(request, context)
-                return await watch_behaviour(request, context)
-
-            return grpc.unary_stream_rpc_method_handler(watch, **kw)
+        ):
+            return grpc.unary_stream_rpc_method_handler(one_request(handler.unary_stream), **kw)
         return handler
 
 

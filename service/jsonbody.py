@@ -56,7 +56,7 @@ class ParsedAnnotate:
     genes_field: str
 
 
-def count_containers(body: bytes, exact: bool = False) -> int:
+def count_containers(body: bytes | bytearray, exact: bool = False) -> int:
     """Arrays and objects in ``body``; the quick count also counts brackets inside strings
     (never fewer than the truth), ``exact`` strips strings first."""
     if exact:
@@ -75,7 +75,7 @@ def count_containers(body: bytes, exact: bool = False) -> int:
 _COUNT_BLOCK = 1 << 18
 
 
-def check_containers(body: bytes, max_cells: int) -> int:
+def check_containers(body: bytes | bytearray, max_cells: int) -> int:
     """Refuse (413) a body with more arrays and objects than ``max_cells`` cells need; returns
     the quick count."""
     limit = max_cells + CONTAINER_SLACK
@@ -90,7 +90,7 @@ def check_containers(body: bytes, max_cells: int) -> int:
     return quick
 
 
-def parse(body: bytes) -> tuple[Any, bool]:
+def parse(body: bytes | bytearray) -> tuple[Any, bool]:
     """The simdjson document of ``body`` and whether NaN/Infinity literals were read.
 
     Raises:
@@ -109,7 +109,7 @@ def parse(body: bytes) -> tuple[Any, bool]:
         raise InvalidInputError(f"request body is not valid JSON: {_reason(e)}", "body") from e
 
 
-def _replace_non_json(body: bytes) -> bytearray:
+def _replace_non_json(body: bytes | bytearray) -> bytearray:
     """``body`` with NaN/Infinity literals outside strings overwritten, in one copy, by their
     same-length sentinels (no list of pieces: a body of NaN is a million matches)."""
     fixed = bytearray(body)
@@ -185,7 +185,7 @@ def unique_keys(doc: Any, where: str) -> list[str]:
     return keys
 
 
-def parse_annotate(body: bytes, max_cells: int, max_genes: int) -> ParsedAnnotate:
+def parse_annotate(body: bytes | bytearray, max_cells: int, max_genes: int) -> ParsedAnnotate:
     """Read a ``/v1/annotate`` body (see :class:`cellexplain.api.schemas.AnnotateRequest`).
 
     Raises:
@@ -237,7 +237,7 @@ def parse_annotate(body: bytes, max_cells: int, max_genes: int) -> ParsedAnnotat
 
 
 def _dense(
-    body: bytes, containers: int, cells: Any, genes: list[str] | None, n: int, with_ids: bool
+    body: bytes | bytearray, containers: int, cells: Any, genes: list[str] | None, n: int, with_ids: bool
 ) -> np.ndarray:
     """The rows of ``cells`` as one ``[n, len(genes)]`` array; ``containers`` is the body's
     quick count of arrays and objects (:func:`check_containers`)."""

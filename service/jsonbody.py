@@ -237,7 +237,12 @@ def parse_annotate(body: bytes | bytearray, max_cells: int, max_genes: int) -> P
 
 
 def _dense(
-    body: bytes | bytearray, containers: int, cells: Any, genes: list[str] | None, n: int, with_ids: bool
+    body: bytes | bytearray,
+    containers: int,
+    cells: Any,
+    genes: list[str] | None,
+    n: int,
+    with_ids: bool,
 ) -> np.ndarray:
     """The rows of ``cells`` as one ``[n, len(genes)]`` array; ``containers`` is the body's
     quick count of arrays and objects (:func:`check_containers`)."""

@@ -94,6 +94,21 @@ WORKER_RSS = prom.Gauge(
     multiprocess_mode="livesum",
 )
 
+# the most recent report of any worker wins: a worker killed with SIGKILL leaves its last value
+# behind (prometheus_client's "live" modes only drop what a clean exit marks dead)
+WORKERS_LIVE = prom.Gauge(
+    name="cellexplain_workers_live",
+    documentation="Serving worker processes alive in this server, as last counted by a worker "
+    "(every 5 s and at every probe; service/workers.py)",
+    multiprocess_mode="mostrecent",
+)
+WORKERS_EXPECTED = prom.Gauge(
+    name="cellexplain_workers_expected",
+    documentation="Serving worker processes this server started (CELLEXPLAIN_WORKERS, or the "
+    "usable CPUs); fewer live ones: /livez and /readyz fail",
+    multiprocess_mode="mostrecent",
+)
+
 
 def resident_bytes() -> int:
     """This process's resident set size (Linux ``/proc/self/statm``; 0 elsewhere)."""

@@ -70,7 +70,9 @@ def json_size(header_length: str | None, body_size: int) -> int | None:
     return n
 
 
-def decode(body: bytes | bytearray, header_length: str | None, max_cells: int = 1 << 30) -> HttpInferRequest:
+def decode(
+    body: bytes | bytearray, header_length: str | None, max_cells: int = 1 << 30
+) -> HttpInferRequest:
     """Parse an inference request body (JSON, or JSON header + binary tensors).
 
     The JSON is read with simdjson and tensor ``data`` copied straight into arrays

@@ -77,6 +77,7 @@ from cellexplain.service.grpc.server import GrpcServer
 from cellexplain.service.h5ad_check import Limits
 from cellexplain.service.settings import Settings, SettingsError
 from cellexplain.service.shutdown import ShutdownDeadline
+from cellexplain.service.workers import WorkerWatch
 
 log = logging.getLogger(__name__)
 try:
@@ -464,6 +465,9 @@ class CellExplain:
 
         self._deadline = ShutdownDeadline(SETTINGS.shutdown_grace_s, self._drain_grpc)
         self._deadline.install()
+        # a sibling that died is not replaced inside a container: the probes say so
+        self.workers = WorkerWatch(SETTINGS.n_workers)
+        self.workers.start()
 
     def _drain_grpc(self) -> None:
         if self.grpc is not None:
@@ -471,12 +475,19 @@ class CellExplain:
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
+        self.workers.stop()
         if self.grpc is not None:
             self.grpc.stop(SETTINGS.shutdown_grace_s)
         self.annotator.close()
 
     def __is_ready__(self) -> bool:
-        return bool(self.annotator.models)
+        """``/readyz``: every model loaded and warmed up, and every worker alive."""
+        return bool(self.annotator.models) and self.workers.all_alive()
+
+    def __is_alive__(self) -> bool:
+        """``/livez``: every worker the server started is alive (a dead one is not replaced
+        inside a container: the kubelet restarts the container instead)."""
+        return self.workers.all_alive()
 
     @app.post(
         "/annotate",
@@ -658,7 +669,9 @@ async def read_body(request: Request) -> bytes | bytearray:
     return buf
 
 
-async def _parse_body(body: bytes | bytearray, parse: Callable[[], T], json_size: int | None = None) -> T:
+async def _parse_body(
+    body: bytes | bytearray, parse: Callable[[], T], json_size: int | None = None
+) -> T:
     """Run ``parse`` on a request body: small ones inline; from :data:`LARGE_BODY` of JSON on
     (``json_size``: the JSON part, default the whole body), off the event loop and one at a time
     per worker, so parsers' memory peaks do not add up. Binary tensors after a small JSON header

@@ -6,8 +6,10 @@ service reads the environment.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,6 +60,30 @@ def usable_cpus() -> int:
     if limit is not None:
         n = min(n, math.ceil(limit))
     return max(1, n)
+
+
+log = logging.getLogger(__name__)
+
+#: the variables a kubelet gives a pod for each Service of its namespace (Docker links: a
+#: Service ``cellexplain`` or ``cellexplain-x`` gives ``CELLEXPLAIN_SERVICE_HOST``,
+#: ``CELLEXPLAIN_PORT_3000_TCP_PROTO``, ``CELLEXPLAIN_X_SERVICE_PORT_HTTP``, ...): never settings
+SERVICE_LINK_RE = re.compile(
+    r"(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT"
+    r"(?:_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?)",
+    re.ASCII,
+)
+#: a Service link's ``X_PORT`` value (``tcp://10.0.0.7:3000``): a Service named
+#: ``cellexplain-http`` gives ``CELLEXPLAIN_HTTP_PORT`` this, the name of a setting
+SERVICE_LINK_VALUE_RE = re.compile(r"(?:tcp|udp|sctp)://\S+:\d+", re.ASCII)
+
+
+def is_service_link(name: str, value: str, settings: frozenset[str] | set[str]) -> bool:
+    """Whether ``CELLEXPLAIN_`` + ``name`` (upper case, prefix removed) = ``value`` is a variable
+    the kubelet injected for a Service rather than a setting: a name of the link pattern that
+    is no setting, or a setting's name holding a link's ``proto://host:port``."""
+    if not SERVICE_LINK_RE.fullmatch(name):
+        return False
+    return name.lower() not in settings or bool(SERVICE_LINK_VALUE_RE.fullmatch(value))
 
 
 class SettingsError(ValueError):
@@ -243,14 +269,19 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Settings from ``CELLEXPLAIN_*`` variables; unknown ones are an error (typos)."""
+        """Settings from ``CELLEXPLAIN_*`` variables; unknown ones are an error (typos), except
+        the Service links a kubelet injects (:func:`is_service_link`), which are skipped."""
         env = os.environ if environ is None else environ
         values: dict[str, str] = {}
         problems: list[str] = []
+        fields = set(cls.model_fields)
+        links = []
         for key, value in env.items():
             if key.startswith(ENV_PREFIX) and not key.startswith(CLIENT_PREFIX):
                 name = key[len(ENV_PREFIX) :].lower()
-                if name in cls.model_fields:
+                if is_service_link(key[len(ENV_PREFIX) :], value, fields):
+                    links.append(key)
+                elif name in cls.model_fields:
                     values[name] = value
                 else:
                     problems.append(f"{key!r} is not a setting")
@@ -267,4 +298,6 @@ class Settings(BaseModel):
             if any("is not a setting" in p for p in problems):
                 problems.append(f"known settings: {known}")
             raise SettingsError("bad setting: " + "; ".join(problems))
+        if links:
+            log.debug("skipped %d Kubernetes Service link variables: %s", len(links), links)
         return settings

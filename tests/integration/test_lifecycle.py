@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -123,6 +124,37 @@ def test_killed_worker_is_replaced(programs_home, body):
             time.sleep(0.5)
         statuses = [post(srv.url, body).status_code for _ in range(6)]
         assert statuses == [200] * 6
+        assert _worker_gauges(srv.url) == (2.0, 2.0)
+
+
+def _worker_gauges(url: str) -> tuple[float, float]:
+    """(cellexplain_workers_live, cellexplain_workers_expected) from /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    found = dict(re.findall(r"^(cellexplain_workers_\w+) (\S+)$", text, re.M))
+    return float(found["cellexplain_workers_live"]), float(found["cellexplain_workers_expected"])
+
+
+def test_a_dead_worker_in_a_container_fails_the_probes(programs_home, body):
+    """Inside a Bento image (BENTOML_CONTAINERIZED) the arbiter starts no replacement: the
+    survivor keeps answering requests, but /livez and /readyz fail (the kubelet restarts the
+    container) and the gauges say one of two."""
+    env = {
+        "CELLEXPLAIN_WORKERS": "2",
+        "CELLEXPLAIN_INTRA_OP_THREADS": "1",
+        "BENTOML_CONTAINERIZED": "true",
+    }
+    with bentoml_server(programs_home, env) as srv:
+        assert httpx.get(f"{srv.url}/livez", timeout=5).status_code == 200
+        assert _worker_gauges(srv.url) == (2.0, 2.0)
+        victim = workers(srv.proc)[0]
+        victim.kill()
+        victim.wait(timeout=10)
+        assert post(srv.url, body).status_code == 200
+        for probe in ("/livez", "/readyz") * 3:
+            assert httpx.get(f"{srv.url}{probe}", timeout=5).status_code == 503, probe
+        assert _worker_gauges(srv.url) == (1.0, 2.0)
+        time.sleep(3)
+        assert len(workers(srv.proc)) == 1  # nobody replaced it
 
 
 def test_request_timeout_gives_504_and_deadline_exceeded(programs_home, cells, body):

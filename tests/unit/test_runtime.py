@@ -248,3 +248,43 @@ def test_models_are_resolved_before_anything_loads(tmp_path, programs_model):
         resolve_models(Settings(models=[], model_dirs=[str(folder), str(folder)]))
     with pytest.raises(SettingsError, match="CELLEXPLAIN_DEFAULT_MODEL='nope' is not a served"):
         resolve_models(Settings(models=[], model_dirs=[str(folder)], default_model="nope"))
+
+
+def test_service_links_a_kubelet_injects_are_not_settings():
+    """A Service named cellexplain (or cellexplain-anything) gives every pod of its namespace
+    CELLEXPLAIN_SERVICE_HOST, CELLEXPLAIN_PORT_3000_TCP_PROTO, ...: they must never stop the
+    server (every replica crash-looped on them), while a typo still does."""
+    from cellexplain.service.settings import Settings, SettingsError
+    from tests.kubelet import service_link_env
+
+    def svc(name: str, *ports: tuple[str, int]) -> dict:
+        return {
+            "metadata": {"name": name},
+            "spec": {"ports": [{"name": n, "port": p} for n, p in ports]},
+        }
+
+    services = [
+        svc("cellexplain", ("http", 3000), ("grpc", 50051)),
+        svc("cellexplain-gpu", ("http", 3000)),
+        # a Service whose links take the names of settings: CELLEXPLAIN_HTTP_PORT=tcp://...
+        svc("cellexplain-http", ("web", 8080)),
+        svc("cellexplain-grpc", ("grpc-port", 50051)),
+        svc("cellexplain-max-body", ("metrics", 9090)),
+    ]
+    links = service_link_env(services)
+    assert links["CELLEXPLAIN_PORT_3000_TCP_PROTO"] == "tcp"
+    assert links["CELLEXPLAIN_HTTP_PORT"].startswith("tcp://")
+    assert links["CELLEXPLAIN_SERVICE_PORT_GRPC"] == "50051"
+    settings = Settings.from_env({**links, "CELLEXPLAIN_WORKERS": "2"})
+    assert (settings.http_port, settings.grpc_port, settings.workers) == (3000, 50051, 2)
+    # the settings of the same names still work, and a link does not hide a set one
+    both = Settings.from_env({**links, "CELLEXPLAIN_HTTP_PORT": "8000"})
+    assert both.http_port == 8000
+    # what only looks like a link is still checked
+    for env, expected in [
+        ({"CELLEXPLAIN_HTTP_PORT": "http://x:1"}, "CELLEXPLAIN_HTTP_PORT='http://x:1'"),
+        ({"CELLEXPLAIN_MAX_BODY_BYTE": "1"}, "'CELLEXPLAIN_MAX_BODY_BYTE' is not a setting"),
+        ({"CELLEXPLAIN_GRPC_PORTS": "1"}, "'CELLEXPLAIN_GRPC_PORTS' is not a setting"),
+    ]:
+        with pytest.raises(SettingsError, match=re.escape(expected)):
+            Settings.from_env({**links, **env})

@@ -6,6 +6,8 @@ against the card on import and again whenever a model is loaded.
 
 from __future__ import annotations
 
+import hashlib
+
 import re
 import shutil
 from dataclasses import dataclass
@@ -44,14 +46,30 @@ def verify_artifact(directory: str | Path) -> ModelCard:
     return card
 
 
+def content_version(directory: str | Path) -> str:
+    """The store version of an artifact folder: the first 16 hex digits of the sha256 of its
+    graph and card. The same files get the same version on every machine, so a deployment can
+    name the exact model it serves (``pbmc-programs:<version>``) before the store holds it."""
+    h = hashlib.sha256()
+    for f in (ONNX_FILE, CARD_FILE):
+        h.update(hashlib.sha256((Path(directory) / f).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
 def import_model(directory: str | Path, name: str | None = None) -> str:
-    """Save an artifact folder into the BentoML model store; returns the tag ``name:version``."""
+    """Save an artifact folder into the BentoML model store; returns the tag ``name:version``
+    (the version is :func:`content_version`: importing the same files again changes nothing)."""
     card = verify_artifact(directory)
     model_name = check_name(name or card.name)
     import bentoml  # the `serve` extra (checking a name needs none)
 
+    tag = f"{model_name}:{content_version(directory)}"
+    try:
+        return str(bentoml.models.get(tag).tag)  # these very files are stored already
+    except bentoml.exceptions.NotFound:
+        pass
     with bentoml.models.create(
-        model_name,
+        tag,
         labels={"framework": FRAMEWORK_LABEL, "arch": card.architecture.kind},
         metadata={
             "card_version": card.version,

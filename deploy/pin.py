@@ -1,0 +1,96 @@
+"""Pin an overlay to one Bento: its image tag and the exact model versions it carries.
+
+    python deploy/pin.py deploy/overlays/cpu cellexplain:VERSION [--image registry/lab/cellexplain]
+
+writes ``OVERLAY/release/kustomization.yaml``, a kustomize Component the overlay includes: the
+image (``images:``, tagged with the Bento's version: never ``latest``), the models the Bento
+carries named with their versions in ``CELLEXPLAIN_MODELS`` (a pod can only serve what its
+image holds, and the config says which), and an ``app.kubernetes.io/version`` label on the pods.
+``make pin`` runs it for the newest Bento; docs/deploy.md, "Roll out a new model", uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+HEADER = """\
+# Written by `make pin` (deploy/pin.py) from the Bento {bento}:
+# the image and the model versions this overlay deploys. Commit it with the release; roll back by checking out the
+# previous one and applying (docs/deploy.md, "Roll out a new model").
+"""
+#: what a committed overlay holds before its first pin: applying it fails to pull, loudly
+UNPINNED = "unpinned-run-make-pin"
+
+
+def component(base_image: str, image: str, version: str, models: list[str]) -> dict:
+    """The release Component for a Bento ``version`` serving ``models`` (``name:version``)."""
+    return {
+        "apiVersion": "kustomize.config.k8s.io/v1alpha1",
+        "kind": "Component",
+        "images": [{"name": base_image, "newName": image, "newTag": version}],
+        "labels": [
+            {
+                "pairs": {"app.kubernetes.io/version": version},
+                "includeSelectors": False,
+                "includeTemplates": True,
+            }
+        ],
+        "patches": [
+            {
+                "target": {"kind": "ConfigMap", "name": "cellexplain-config"},
+                "patch": yaml.safe_dump(
+                    [
+                        {
+                            "op": "replace",
+                            "path": "/data/CELLEXPLAIN_MODELS",
+                            "value": ",".join(models),
+                        }
+                    ],
+                    sort_keys=False,
+                ),
+            }
+        ],
+    }
+
+
+def bento_models(tag: str) -> tuple[str, str, list[str]]:
+    """A stored Bento's name, version and the ``name:version`` of every model it carries."""
+    import bentoml
+
+    bento = bentoml.get(tag)
+    return bento.tag.name, str(bento.tag.version), [str(m.tag) for m in bento.info.models]
+
+
+def write(overlay: Path, bento: str, image: str | None = None) -> Path:
+    """Write ``overlay/release/kustomization.yaml`` for the stored Bento ``bento``."""
+    name, version, models = bento_models(bento)
+    if not models:
+        raise SystemExit(f"pin: {bento} carries no model")
+    # the base's Deployment names its image `cellexplain`; the Bento's name is the image's
+    doc = component("cellexplain", image or name, version, models)
+    out = overlay / "release" / "kustomization.yaml"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(HEADER.format(bento=bento) + yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("overlay", type=Path, help="a folder under deploy/overlays")
+    p.add_argument("bento", help="the Bento's tag, e.g. cellexplain:ayfiathrf6oikax4")
+    p.add_argument("--image", help="the image's registry path (default: the Bento's name)")
+    args = p.parse_args(argv)
+    if not (args.overlay / "kustomization.yaml").is_file():
+        print(f"pin: {args.overlay} is not a kustomize overlay", file=sys.stderr)
+        return 2
+    out = write(args.overlay, args.bento, args.image)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

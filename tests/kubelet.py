@@ -9,8 +9,20 @@ securityContext, resources, volumes, ports, probes) into the flags of ``podman r
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 #: the API server's Service, which every pod gets links to whatever it sets
 KUBERNETES_SERVICE = {
@@ -112,3 +124,233 @@ def cpu_quantity(q: str | int | float) -> float:
     """A CPU quantity (``2``, ``500m``) in CPUs."""
     s = str(q)
     return int(s[:-1]) / 1000 if s.endswith("m") else float(s)
+
+
+# -- a container started from a pod spec, with podman ----------------------------------------
+def podman_base() -> list[str]:
+    """``podman`` with the runc runtime where installed (crun refuses some cgroup setups)."""
+    runc = shutil.which("runc")
+    return ["podman", *(["--runtime", runc] if runc else [])]
+
+
+def _ulimits() -> list[str]:
+    """Explicit limits: podman's defaults are not permitted on every host."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nofile = 65536 if hard in (resource.RLIM_INFINITY,) or hard > 65536 else hard
+    return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", "nproc=4096:4096"]
+
+
+@dataclass
+class ProbeResult:
+    at: float  # time.monotonic()
+    kind: str  # startup | readiness | liveness
+    ok: bool
+    detail: str
+
+
+@dataclass
+class PodContainer:
+    """One container of a rendered pod spec, run by podman as a kubelet would run it:
+    command and args, the environment it builds, the pod's user, read-only root, dropped
+    capabilities, no privilege escalation, CPU and memory limits, ``emptyDir`` volumes (as tmpfs
+    of their ``sizeLimit``), every container port published on 127.0.0.1, and the probes
+    polled with their paths, ports, periods, timeouts and thresholds."""
+
+    image: str
+    pod: dict[str, Any]
+    container: dict[str, Any]
+    env: dict[str, str]
+    workdir: Path
+    name: str = field(default_factory=lambda: f"cellexplain-pod-{os.getpid()}-{time.time_ns()}")
+    ports: dict[int, int] = field(default_factory=dict)  # containerPort -> host port
+    probes: list[ProbeResult] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    # -- the command --------------------------------------------------------------------
+    def run_args(self) -> list[str]:
+        pod_sc = self.pod.get("securityContext", {})
+        sc = self.container.get("securityContext", {})
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        gid = sc.get("runAsGroup", pod_sc.get("runAsGroup", uid))
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+            assert uid not in (None, 0), "runAsNonRoot without a non-root runAsUser"
+        args = ["run", "--detach", "--name", self.name, *_ulimits()]
+        if uid is not None:
+            args += ["--user", f"{uid}:{gid}"]
+        if "fsGroup" in pod_sc:
+            args += ["--group-add", str(pod_sc["fsGroup"])]
+        if sc.get("readOnlyRootFilesystem"):
+            # no tmpfs on /tmp, /run of podman's own: only the pod's volumes are writable
+            args += ["--read-only", "--read-only-tmpfs=false"]
+        if sc.get("allowPrivilegeEscalation") is False:
+            args += ["--security-opt", "no-new-privileges"]
+        for cap in sc.get("capabilities", {}).get("drop", []):
+            args += ["--cap-drop", cap]
+        limits = self.container.get("resources", {}).get("limits", {})
+        if "cpu" in limits:
+            args += ["--cpus", str(cpu_quantity(limits["cpu"]))]
+        if "memory" in limits:
+            args += ["--memory", str(quantity_bytes(limits["memory"]))]
+        volumes = {v["name"]: v for v in self.pod.get("volumes", [])}
+        for mount in self.container.get("volumeMounts", []):
+            vol = volumes[mount["name"]]
+            assert "emptyDir" in vol, f"only emptyDir volumes are run here: {vol}"
+            size = (vol["emptyDir"] or {}).get("sizeLimit")
+            opts = f"type=tmpfs,destination={mount['mountPath']},tmpfs-mode=1777"
+            args += ["--mount", opts + (f",tmpfs-size={quantity_bytes(size)}" if size else "")]
+        for p in self.container.get("ports", []):
+            inside = p["containerPort"]
+            self.ports[inside] = _free_port()
+            args += ["--publish", f"127.0.0.1:{self.ports[inside]}:{inside}"]
+        env_file = self.workdir / f"{self.name}.env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
+        env_file.chmod(0o600)
+        args += ["--env-file", str(env_file)]
+        if "command" in self.container:
+            args += ["--entrypoint", json.dumps(self.container["command"])]
+        return [*args, self.image, *self.container.get("args", [])]
+
+    def start(self) -> None:
+        out = subprocess.run(
+            [*podman_base(), *self.run_args()], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    # -- probes -------------------------------------------------------------------------
+    def port(self, ref: int | str) -> int:
+        """The host port of a container port given by number or by name."""
+        if isinstance(ref, str):
+            ref = next(p["containerPort"] for p in self.container["ports"] if p["name"] == ref)
+        return self.ports[ref]
+
+    def probe_once(self, kind: str) -> ProbeResult:
+        spec = self.container[f"{kind}Probe"]
+        timeout = spec.get("timeoutSeconds", 1)
+        try:
+            if "httpGet" in spec:
+                get = spec["httpGet"]
+                url = f"http://127.0.0.1:{self.port(get['port'])}{get.get('path', '/')}"
+                code = httpx.get(url, timeout=timeout).status_code
+                ok, detail = 200 <= code < 400, str(code)
+            elif "grpc" in spec:
+                ok, detail = _grpc_health(f"127.0.0.1:{self.port(spec['grpc']['port'])}", timeout)
+            else:
+                raise AssertionError(f"probe kind not run here: {spec}")
+        except (httpx.HTTPError, OSError) as e:
+            ok, detail = False, type(e).__name__
+        result = ProbeResult(time.monotonic(), kind, ok, detail)
+        self.probes.append(result)
+        return result
+
+    def wait_started(self) -> float:
+        """Poll the startup probe as the kubelet does (first after ``initialDelaySeconds``,
+        then every ``periodSeconds``, giving up after ``failureThreshold`` failures); returns the
+        seconds until it passed."""
+        spec = self.container["startupProbe"]
+        t0 = time.monotonic()
+        time.sleep(spec.get("initialDelaySeconds", 0))
+        for _ in range(spec.get("failureThreshold", 3)):
+            if self.probe_once("startup").ok:
+                return time.monotonic() - t0
+            assert self.state() == "running", f"container exited:\n{self.logs()[-4000:]}"
+            time.sleep(spec.get("periodSeconds", 10))
+        raise AssertionError(f"startup probe never passed:\n{self.logs()[-4000:]}")
+
+    def watch(self) -> None:
+        """Poll readiness and liveness in the background, each at its own period."""
+        self._stop.clear()
+
+        def run() -> None:
+            due = {"readiness": 0.0, "liveness": 0.0}
+            while not self._stop.is_set():
+                now = time.monotonic()
+                for kind, at in due.items():
+                    if now >= at:
+                        self.probe_once(kind)
+                        due[kind] = now + self.container[f"{kind}Probe"].get("periodSeconds", 10)
+                self._stop.wait(0.1)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def unwatch(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def failed_in_a_row(self, kind: str, since: float) -> int:
+        """The longest run of consecutive failures of ``kind`` probes after ``since``."""
+        best = run = 0
+        for r in self.probes:
+            if r.kind == kind and r.at >= since:
+                run = 0 if r.ok else run + 1
+                best = max(best, run)
+        return best
+
+    # -- the container ------------------------------------------------------------------
+    def podman(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*podman_base(), *args], capture_output=True, text=True, timeout=timeout
+        )
+
+    def state(self) -> str:
+        return self.podman("inspect", "--format", "{{.State.Status}}", self.name).stdout.strip()
+
+    def exit_code(self) -> int:
+        out = self.podman("inspect", "--format", "{{.State.ExitCode}}", self.name).stdout
+        return int(out.strip())
+
+    def logs(self) -> str:
+        out = self.podman("logs", self.name)
+        return out.stdout + out.stderr
+
+    def exec_python(self, code: str) -> str:
+        out = self.podman("exec", self.name, "python3", "-c", code)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    def terminate(self, before_sigterm: Callable[[], None] | None = None) -> tuple[float, float]:
+        """The kubelet's way out: the ``preStop`` hook (a sleep here), then SIGTERM, then
+        SIGKILL at ``terminationGracePeriodSeconds`` from the start; returns (seconds from the
+        start to the exit, from SIGTERM to the exit). ``before_sigterm`` runs between the hook
+        and the signal."""
+        grace = self.pod.get("terminationGracePeriodSeconds", 30)
+        t0 = time.monotonic()
+        pre_stop = self.container.get("lifecycle", {}).get("preStop", {})
+        time.sleep(pre_stop.get("sleep", {}).get("seconds", 0))
+        if before_sigterm is not None:
+            before_sigterm()
+        sigterm = time.monotonic()
+        assert self.podman("kill", "--signal", "TERM", self.name).returncode == 0
+        while self.state() == "running":
+            if time.monotonic() - t0 > grace:
+                self.podman("kill", "--signal", "KILL", self.name)
+                break
+            time.sleep(0.2)
+        end = time.monotonic()
+        return end - t0, end - sigterm
+
+    def remove(self) -> None:
+        self.unwatch()
+        self.podman("rm", "--force", "--time", "0", self.name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _grpc_health(target: str, timeout: float) -> tuple[bool, str]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(target) as ch:
+            res = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        return res.status == health_pb2.HealthCheckResponse.SERVING, str(res.status)
+    except grpc.RpcError as e:
+        return False, str(e.code())

@@ -1,0 +1,319 @@
+"""The real image, started the way a kubelet starts the rendered manifests.
+
+The Bento is built, made into an OCI image by ``deploy/image/build.sh`` (podman; a Debian base
+from Debian packages, no registry), the cpu overlay is pinned to it (``deploy/pin.py``) and
+rendered (``kubectl kustomize``), and the Deployment's container is run by podman as a kubelet
+would (``tests/kubelet.py``): its args, the environment from the ConfigMap, a Secret and the
+Service links of the namespace (given even though the pod turns them off: a pod without the
+flag gets them), the pod's user, read-only root, dropped capabilities, CPU and memory limits,
+``/tmp`` at its size limit, the probes at their periods and thresholds, the preStop hook then
+SIGTERM. Requests go through the published ports (REST, gRPC, OIP) and are compared with the
+same cells annotated in-process.
+
+Needs podman, runc and debootstrap (``.ci/run`` installs them) and root; elsewhere the module is
+skipped, saying why, except under CI, where that is a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from cellexplain.api.codegen import load
+from cellexplain.api.schemas import AnnotateOptions
+from cellexplain.models.preprocess import normalize_log1p
+from tests.integration.servers import REPO
+from tests.kubelet import PodContainer, pod_env
+
+pytestmark = pytest.mark.integration
+pb = load("cellexplain_v1_pb2")
+pb_grpc = load("cellexplain_v1_pb2_grpc")
+KEY = "pod-test-key-0123456789"
+N_CELLS = 300
+
+
+def _need(condition: bool, why: str) -> None:
+    if not condition:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the pod tests: {why} (.ci/run installs what they need)")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def image(programs_home) -> tuple[str, str]:
+    """(image, bento tag): the Bento of the repo's bentofile, made into an image."""
+    _need(sys.platform == "linux" and os.geteuid() == 0, "building the base image needs root")
+    for tool in ("podman", "debootstrap", "kubectl"):
+        _need(shutil.which(tool) is not None, f"{tool} is not installed")
+    env = {**os.environ, "BENTOML_HOME": str(programs_home), "BENTOML_DO_NOT_TRACK": "True"}
+    bin_dir = Path(sys.executable).parent
+
+    def run(*cmd: str, timeout: float = 900) -> str:
+        out = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert out.returncode == 0, f"{cmd}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+        return out.stdout
+
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", "dist", ".")
+    tag = run(str(bin_dir / "bentoml"), "build", "-f", "bentofile.yaml", "--output", "tag", ".")
+    bento = tag.strip().splitlines()[-1].removeprefix("__tag__:")
+    env |= {"BENTOML": str(bin_dir / "bentoml"), "PYTHON": sys.executable}
+    built = run("deploy/image/build.sh", bento).strip().splitlines()[-1]
+    assert built == f"localhost/{bento}"
+    return built, bento
+
+
+@pytest.fixture(scope="module")
+def manifests(image, programs_home, tmp_path_factory) -> dict[str, dict]:
+    """The cpu overlay pinned to the image (deploy/pin.py) and rendered: {kind: object}."""
+    built, bento = image
+    deploy = tmp_path_factory.mktemp("deploy") / "deploy"
+    shutil.copytree(REPO / "deploy", deploy)
+    env = {**os.environ, "BENTOML_HOME": str(programs_home)}
+    pin = [sys.executable, str(deploy / "pin.py"), str(deploy / "overlays" / "cpu"), bento]
+    subprocess.run([*pin, "--image", built.split(":")[0]], env=env, check=True, timeout=120)
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(deploy / "overlays" / "cpu")],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return {d["kind"]: d for d in docs}
+
+
+@pytest.fixture(scope="module")
+def pod(image, manifests, tmp_path_factory):
+    dep = manifests["Deployment"]
+    spec = dep["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    cm = manifests["ConfigMap"]
+    env = pod_env(
+        spec,
+        container,
+        {cm["metadata"]["name"]: cm["data"]},
+        {"cellexplain-secrets": {"CELLEXPLAIN_API_KEYS": KEY}},
+        [manifests["Service"]],
+        force_service_links=True,
+    )
+    c = PodContainer(container["image"], spec, container, env, tmp_path_factory.mktemp("pod"))
+    c.start()
+    try:
+        c.started_in = c.wait_started()  # type: ignore[attr-defined]
+        c.watch()
+        yield c
+    finally:
+        c.remove()
+
+
+@pytest.fixture(scope="module")
+def cells(pbmc):
+    raw = pbmc.raw.to_adata()
+    X = np.tile(raw.X.toarray().astype(np.float32), (2, 1))[:N_CELLS]
+    return list(raw.var_names), X
+
+
+@pytest.fixture(scope="module")
+def in_process(programs_model):
+    """The same model served in this process (the service's own core)."""
+    from cellexplain.service.core import Annotator
+    from cellexplain.service.settings import Settings
+
+    _, artifact = programs_model
+    settings = Settings(models=[], model_dirs=[str(artifact)], workers=1)
+    annotator = Annotator.from_settings(settings)
+    yield annotator
+    annotator.close()
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_the_pod_starts_under_a_kubelets_environment(pod, manifests, image):
+    # what the kubelet gave it, the Service links included
+    for var in ("CELLEXPLAIN_SERVICE_HOST", "CELLEXPLAIN_PORT_3000_TCP_PROTO", "KUBERNETES_PORT"):
+        assert var in pod.env, var
+    assert manifests["Deployment"]["spec"]["template"]["spec"]["enableServiceLinks"] is False
+    assert pod.state() == "running" and pod.started_in < 120
+    # as the pod's user, on a read-only root, with /tmp at its size limit
+    facts = json.loads(
+        pod.exec_python(
+            "import json, os, errno\n"
+            "def writable(p):\n"
+            "    try:\n"
+            "        open(p, 'w').close(); return True\n"
+            "    except OSError as e:\n"
+            "        return e.errno\n"
+            "s = os.statvfs('/tmp')\n"
+            "print(json.dumps({'uid': os.getuid(), 'home': writable('/home/bentoml/x'),"
+            " 'tmp': writable('/tmp/x'), 'tmp_bytes': s.f_blocks * s.f_frsize}))"
+        )
+    )
+    sc = manifests["Deployment"]["spec"]["template"]["spec"]["securityContext"]
+    assert facts["uid"] == sc["runAsUser"]
+    assert facts["home"] == 30 and facts["tmp"] is True  # EROFS: read-only
+    assert facts["tmp_bytes"] == 2 * 2**30
+    # the workers the ConfigMap sets, all alive; the model the pin names, at its version
+    metrics = httpx.get(f"http://127.0.0.1:{pod.port('http')}/metrics", timeout=10).text
+    workers = manifests["ConfigMap"]["data"]["CELLEXPLAIN_WORKERS"]
+    assert f"cellexplain_workers_live {float(workers)}" in metrics
+    assert f"cellexplain_workers_expected {float(workers)}" in metrics
+    models = httpx.get(
+        f"http://127.0.0.1:{pod.port('http')}/v1/models", headers=_auth(), timeout=10
+    ).json()["models"]
+    pinned = manifests["ConfigMap"]["data"]["CELLEXPLAIN_MODELS"]
+    assert [m["tag"] for m in models] == [pinned] and ":" in pinned
+    built, bento = image
+    assert manifests["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"] == built
+    assert (
+        manifests["Deployment"]["spec"]["template"]["metadata"]["labels"][
+            "app.kubernetes.io/version"
+        ]
+        == bento.split(":")[1]
+    )
+
+
+def test_every_door_answers_as_in_process(pod, cells, in_process):
+    genes, X = cells
+    url = f"http://127.0.0.1:{pod.port('http')}"
+    opts = AnnotateOptions(top_k=5, return_probabilities=True)
+    from cellexplain.service import v1
+
+    lm = in_process.get(None)
+    idx = [genes.index(g) for g in lm.model.genes]
+    x = np.asarray(normalize_log1p(X)[:, idx], dtype=np.float32)
+
+    async def both():  # one event loop: the model's batcher lives on it
+        return await in_process.annotate(genes, X, opts), await in_process.infer(lm.name, x)
+
+    annotated, inferred = asyncio.run(both())
+    ref = json.loads(v1.json_bytes(annotated))
+    ref_labels = [c["label"] for c in ref["cells"]]
+    assert len(set(ref_labels)) > 3  # real cells, several types
+    body = {"genes": genes, "cells": X.tolist(), "top_k": 5, "return_probabilities": True}
+    assert httpx.post(f"{url}/v1/annotate", json=body, timeout=60).status_code == 401
+    r = httpx.post(f"{url}/v1/annotate", json=body, headers=_auth(), timeout=120)
+    assert r.status_code == 200, r.text[:500]
+    rest = r.json()
+    assert [c["label"] for c in rest["cells"]] == ref_labels
+    for got, want in zip(rest["cells"], ref["cells"], strict=True):
+        assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)
+        assert [g["gene"] for g in got["top_genes"]][:3] == [g["gene"] for g in want["top_genes"]][
+            :3
+        ]
+    # typed gRPC, with the key as metadata
+    req = pb.AnnotateRequest(
+        options=pb.AnnotateOptions(top_k=5),
+        genes=genes,
+        dense=pb.DenseMatrix(n_cells=len(X), raw_le_float32=X.astype("<f4").tobytes()),
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{pod.port('grpc')}") as ch:
+        res = pb_grpc.CellExplainStub(ch).Annotate(
+            req, timeout=120, metadata=[("authorization", f"Bearer {KEY}")]
+        )
+    assert [c.label for c in res.cells] == ref_labels
+    conf = np.array([c.confidence for c in res.cells])
+    np.testing.assert_allclose(conf, [c["confidence"] for c in ref["cells"]], atol=1e-5)
+    # the Open Inference Protocol on the model's own input
+    want = inferred.probabilities
+    infer = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                         "data": x.ravel().tolist()}],
+             "outputs": [{"name": "probabilities"}]}  # fmt: skip
+    r = httpx.post(f"{url}/v2/models/{lm.name}/infer", json=infer, headers=_auth(), timeout=120)
+    assert r.status_code == 200, r.text[:500]
+    (out,) = r.json()["outputs"]
+    got = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_killed_worker_fails_the_probes_and_a_restart_heals(pod):
+    """kill -9 one worker inside the container (no replacement in an image): readiness fails
+    at once and liveness fails its threshold in a row, as the kubelet would see it; the
+    kubelet then restarts the container, which comes back with every worker."""
+    container = pod.container
+    top = pod.podman("top", pod.name, "pid", "args").stdout.splitlines()[1:]
+    victims = [int(line.split()[0]) for line in top if "_bentoml_impl.worker.service" in line]
+    assert len(victims) == 2, top
+    killed_at = time.monotonic()
+    pod.exec_python(f"import os, signal; os.kill({victims[0]}, signal.SIGKILL)")
+    live = container["livenessProbe"]
+    ready = container["readinessProbe"]
+    window = live["periodSeconds"] * (live["failureThreshold"] + 1) + 10
+    while pod.failed_in_a_row("liveness", killed_at) < live["failureThreshold"]:
+        assert time.monotonic() - killed_at < window, pod.probes[-6:]
+        time.sleep(0.5)
+    assert pod.failed_in_a_row("readiness", killed_at) >= ready.get("failureThreshold", 3)
+    metrics = httpx.get(f"http://127.0.0.1:{pod.port('http')}/metrics", timeout=10).text
+    assert "cellexplain_workers_live 1.0" in metrics
+    # the kubelet's restart: the container stopped within its grace and started again
+    pod.unwatch()
+    grace = pod.pod["terminationGracePeriodSeconds"]
+    restart = pod.podman("restart", "--time", str(grace), pod.name, timeout=grace + 60)
+    assert restart.returncode == 0, restart.stderr
+    pod.wait_started()
+    back = time.monotonic()
+    pod.watch()
+    time.sleep(ready["periodSeconds"] + 1)
+    assert pod.failed_in_a_row("readiness", back) == 0
+    metrics = httpx.get(f"http://127.0.0.1:{pod.port('http')}/metrics", timeout=10).text
+    assert "cellexplain_workers_live 2.0" in metrics
+
+
+def test_sigterm_after_prestop_answers_every_request_in_flight(pod, cells):
+    """The kubelet's way out: preStop, SIGTERM with REST and gRPC requests in flight, every
+    one answered in full, the container gone with exit code 0 within the grace period."""
+    genes, X = cells
+    X = np.tile(X, (10, 1))  # 3,000 cells: seconds of IG on the pod's 2 CPUs
+    url = f"http://127.0.0.1:{pod.port('http')}"
+    body = {"genes": genes, "cells": X.tolist(), "top_k": 5}
+    results: list[tuple[str, object, float]] = []
+    sent = threading.Event()
+
+    def rest() -> None:
+        sent.set()
+        r = httpx.post(f"{url}/v1/annotate", json=body, headers=_auth(), timeout=120)
+        results.append(("rest", (r.status_code, len(r.json()["cells"])), time.monotonic()))
+
+    def grpc_call() -> None:
+        req = pb.AnnotateRequest(
+            genes=genes,
+            dense=pb.DenseMatrix(n_cells=len(X), raw_le_float32=X.astype("<f4").tobytes()),
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{pod.port('grpc')}") as ch:
+            res = pb_grpc.CellExplainStub(ch).Annotate(
+                req, timeout=120, metadata=[("x-api-key", KEY)]
+            )
+        results.append(("grpc", ("OK", len(res.cells)), time.monotonic()))
+
+    threads = [threading.Thread(target=f) for f in (rest, rest, rest, grpc_call, grpc_call)]
+
+    def in_flight() -> None:
+        for t in threads:
+            t.start()
+        sent.wait(10)
+        time.sleep(0.3)  # the requests are on their way when SIGTERM comes
+
+    pod.unwatch()
+    total, after_sigterm = pod.terminate(before_sigterm=in_flight)
+    sigterm_at = time.monotonic() - after_sigterm
+    for t in threads:
+        t.join(timeout=120)
+    n = len(X)
+    answers = sorted((door, str(res)) for door, res, _ in results)
+    assert answers == [("grpc", str(("OK", n)))] * 2 + [("rest", str((200, n)))] * 3
+    assert sum(at > sigterm_at for _, _, at in results) >= 2  # the drain was real
+    assert pod.exit_code() == 0, pod.logs()[-3000:]
+    assert total < pod.pod["terminationGracePeriodSeconds"]

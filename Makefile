@@ -9,10 +9,10 @@ DEFAULT_MODEL := pbmc-programs
 DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 # what ruff checks (src/cellexplain holds the package root and links to the folders)
 SOURCES := src/cellexplain/__init__.py src/cellexplain/__main__.py setup.py models service \
-	client api tests benchmarks load_tests
+	client api tests benchmarks load_tests deploy/pin.py
 
 .PHONY: install proto serve test lint typecheck unit integration default-model compare clean \
-	bento bento-gpu manifests load-test bench install-gpu wheel
+	bento bento-gpu image pin manifests load-test bench install-gpu wheel
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,19 @@ bento: default-model wheel
 
 bento-gpu: default-model wheel
 	$(BIN)/bentoml build -f bentofile.gpu.yaml .
+
+# the OCI image of a Bento (default: the newest cellexplain), built with podman from Debian
+# packages and PyPI, no image registry needed (docs/deploy.md, section 1; needs root, podman,
+# runc, debootstrap). Prints localhost/NAME:VERSION
+BENTO ?= cellexplain:latest
+image: bento
+	BENTOML=$(BIN)/bentoml PYTHON=$(PY) deploy/image/build.sh $(BENTO)
+
+# pin an overlay to a Bento: the image tag and the model versions it carries
+# (docs/deploy.md, "Roll out a new model"): make pin OVERLAY=cpu IMAGE=registry.example.org/lab/cellexplain
+OVERLAY ?= cpu
+pin: install
+	$(PY) deploy/pin.py deploy/overlays/$(OVERLAY) $(BENTO) $(if $(IMAGE),--image $(IMAGE),)
 
 # the Kubernetes objects each overlay applies (needs kubectl or kustomize)
 manifests:

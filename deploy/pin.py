@@ -19,8 +19,8 @@ import yaml
 
 HEADER = """\
 # Written by `make pin` (deploy/pin.py) from the Bento {bento}:
-# the image and the model versions this overlay deploys. Commit it with the release; roll back by checking out the
-# previous one and applying (docs/deploy.md, "Roll out a new model").
+# the image and the model versions this overlay deploys. Commit it with the release; roll
+# back by checking out the previous one and applying (docs/deploy.md, "Roll out a new model").
 """
 #: what a committed overlay holds before its first pin: applying it fails to pull, loudly
 UNPINNED = "unpinned-run-make-pin"

@@ -87,3 +87,12 @@ def counts_h5ad(pbmc, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("h5ad") / "pbmc_counts.h5ad"
     a.write_h5ad(path)
     return path
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip a test whose system tool (podman, promtool, ...) is missing, saying why; under CI
+    (``.ci/run`` sets ``CI=true`` and installs them) a missing tool is a failure instead."""
+    if not condition:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run this test: {why} (.ci/run installs what it needs)")
+        pytest.skip(why)

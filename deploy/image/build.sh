@@ -6,7 +6,7 @@
 #
 # Prints the image's name, localhost/<bento name>:<bento version>. Needs root (debootstrap),
 # podman and debootstrap (apt-get install podman runc debootstrap). Settings, from the
-# environment: BENTOML (the bentoml command), IMAGE_CACHE (build/image: the base's rootfs
+# environment: BENTOML (the bentoml command), IMAGE_CACHE (.cache/image: the base's rootfs
 # tarball, reused), DEBIAN_MIRROR, PODMAN_RUNTIME (runc where installed: crun refuses some
 # cgroup setups), SSL_CERT_FILE (a CA bundle the build's downloads should trust).
 set -euo pipefail
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 
 BENTO=${1:-cellexplain:latest}
 BENTOML=${BENTOML:-.venv/bin/bentoml}
-CACHE=${IMAGE_CACHE:-build/image}
+CACHE=${IMAGE_CACHE:-.cache/image}
 SUITE=bookworm  # Python 3.11, the version the Bento's lock file was made for
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE=localhost/cellexplain-base:$SUITE

@@ -35,6 +35,7 @@ import yaml
 from cellexplain.api.codegen import load
 from cellexplain.api.schemas import AnnotateOptions
 from cellexplain.models.preprocess import normalize_log1p
+from tests.conftest import require
 from tests.integration.servers import REPO
 from tests.kubelet import PodContainer, pod_env
 
@@ -45,19 +46,12 @@ KEY = "pod-test-key-0123456789"
 N_CELLS = 300
 
 
-def _need(condition: bool, why: str) -> None:
-    if not condition:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the pod tests: {why} (.ci/run installs what they need)")
-        pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def image(programs_home) -> tuple[str, str]:
     """(image, bento tag): the Bento of the repo's bentofile, made into an image."""
-    _need(sys.platform == "linux" and os.geteuid() == 0, "building the base image needs root")
+    require(sys.platform == "linux" and os.geteuid() == 0, "building the base image needs root")
     for tool in ("podman", "debootstrap", "kubectl"):
-        _need(shutil.which(tool) is not None, f"{tool} is not installed")
+        require(shutil.which(tool) is not None, f"{tool} is not installed")
     env = {**os.environ, "BENTOML_HOME": str(programs_home), "BENTOML_DO_NOT_TRACK": "True"}
     bin_dir = Path(sys.executable).parent
 

@@ -60,7 +60,12 @@ def test_alert_rules_use_metrics_the_service_exports():
             declared |= {family.name, f"{family.name}_total"}
             declared |= {f"{family.name}_{s}" for s in ("sum", "count", "bucket")}
     rules = custom_resource("PrometheusRule")["spec"]["groups"][0]["rules"]
-    assert {r["alert"] for r in rules} >= {"CellexplainServerErrors", "CellexplainSlowRequests"}
+    assert {r["alert"] for r in rules} >= {
+        "CellexplainRestErrors",
+        "CellexplainGrpcErrors",
+        "CellexplainWorkersMissing",
+        "CellexplainSlowRequests",
+    }
     used = {m for r in rules for m in re.findall(r"\b(cellexplain_\w+)", r["expr"])}
     assert used and used <= declared, used - declared
     for r in rules:
@@ -104,8 +109,14 @@ def test_deployment_hardening_and_probes():
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert {p["containerPort"] for p in container["ports"]} == {3000, 50051}
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["livenessProbe"]["grpc"]["port"] == 50051
+    # liveness on HTTP: it holds with CELLEXPLAIN_GRPC_ENABLED=false (gRPC health would fail)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    for kind in ("startup", "readiness", "liveness"):  # a loaded worker answers within these
+        assert container[f"{kind}Probe"]["timeoutSeconds"] >= 5
     assert pod["terminationGracePeriodSeconds"] >= 30
+    assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
     svc = load(DEPLOY / "base" / "service.yaml")
     grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
     assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
@@ -118,10 +129,9 @@ def test_gpu_overlay_patches_the_base_deployment():
     (container,) = patch["spec"]["template"]["spec"]["containers"]
     assert container["name"] == base["spec"]["template"]["spec"]["containers"][0]["name"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    # the patch merged by hand (the one field kustomize changes) still validates
+    # the patch merged by hand still validates (the image's name is the release component's)
     merged = copy.deepcopy(base)
     target = merged["spec"]["template"]["spec"]["containers"][0]
-    target["image"] = container["image"]
     target["resources"]["limits"].update(container["resources"]["limits"])
     merged["spec"]["template"]["spec"]["tolerations"] = patch["spec"]["template"]["spec"][
         "tolerations"
@@ -157,6 +167,7 @@ def test_overlays_render_and_validate(overlay):
             "ConfigMap",
             "Deployment",
             "HorizontalPodAutoscaler",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "PrometheusRule",
             "Service",
@@ -176,3 +187,74 @@ def test_overlays_render_and_validate(overlay):
     assert cm["metadata"]["name"] in refs
     # GPUs get larger onnxruntime calls
     assert cm["data"]["CELLEXPLAIN_MAX_BATCH_CELLS"] == ("8192" if overlay == "gpu" else "1024")
+
+
+def test_sized_the_same_on_any_node():
+    """Guaranteed QoS (requests = limits), and workers x onnxruntime threads set explicitly to
+    the CPU limit: nothing follows the node's core count."""
+    from tests.kubelet import cpu_quantity, quantity_bytes
+
+    for overlay in ("cpu", "gpu"):
+        docs = render(overlay)
+        (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+        (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+        pod = dep["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        res = container["resources"]
+        for r in ("cpu", "memory"):
+            assert res["requests"][r] == res["limits"][r], (overlay, r)
+        workers = int(cm["data"]["CELLEXPLAIN_WORKERS"])
+        threads = int(cm["data"]["CELLEXPLAIN_INTRA_OP_THREADS"])
+        assert workers >= 1 and threads >= 1
+        if overlay == "cpu":
+            assert workers * threads == cpu_quantity(res["limits"]["cpu"])
+        # /tmp holds an upload and its answer: its size limit is above the upload bound
+        (tmp,) = [v for v in pod["volumes"] if v["name"] == "tmp"]
+        upload = int(cm["data"]["CELLEXPLAIN_MAX_H5AD_BYTES"])
+        assert quantity_bytes(tmp["emptyDir"]["sizeLimit"]) >= 2 * upload
+        # the image carries a tag, never `latest` (make pin writes the Bento's)
+        image = container["image"]
+        assert ":" in image and not image.endswith(":latest"), image
+
+
+def test_disruptions_one_at_a_time_and_ingress_to_the_serving_ports_only():
+    pdb = load(DEPLOY / "base" / "pdb.yaml")
+    assert pdb["spec"] == {**pdb["spec"], "maxUnavailable": 1} and "minAvailable" not in pdb["spec"]
+    policy = load(DEPLOY / "base" / "networkpolicy.yaml")["spec"]
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"] and policy["egress"] == []
+    (rule,) = policy["ingress"]
+    dep = load(DEPLOY / "base" / "deployment.yaml")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert {p["port"] for p in rule["ports"]} == {p["containerPort"] for p in container["ports"]}
+
+
+def test_pin_names_the_image_tag_and_the_model_version(tmp_path, monkeypatch):
+    """deploy/pin.py's Component: the Bento's version as the image tag and a pod label, the
+    models by name:version in CELLEXPLAIN_MODELS; rendered through the overlay."""
+    import importlib.util
+    import shutil as sh
+
+    spec = importlib.util.spec_from_file_location("pin", DEPLOY / "pin.py")
+    pin = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(pin)  # type: ignore[union-attr]
+    deploy = tmp_path / "deploy"
+    sh.copytree(DEPLOY, deploy)
+    monkeypatch.setattr(
+        pin, "bento_models", lambda tag: ("cellexplain", "v7abc", ["pbmc-programs:0123abcd"])
+    )
+    pin.write(deploy / "overlays" / "cpu", "cellexplain:v7abc", "registry.example/lab/cellexplain")
+    cmd = kustomize_command()
+    if cmd is None:
+        pytest.skip("neither kustomize nor kubectl is installed: overlays not rendered")
+    out = subprocess.run(
+        [*cmd, str(deploy / "overlays" / "cpu")], capture_output=True, text=True, check=True
+    )
+    docs = list(yaml.safe_load_all(out.stdout))
+    (dep,) = [d for d in docs if d and d["kind"] == "Deployment"]
+    (cm,) = [d for d in docs if d and d["kind"] == "ConfigMap"]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        "registry.example/lab/cellexplain:v7abc"
+    )
+    assert dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "v7abc"
+    assert "app.kubernetes.io/version" not in dep["spec"]["selector"]["matchLabels"]
+    assert cm["data"]["CELLEXPLAIN_MODELS"] == "pbmc-programs:0123abcd"

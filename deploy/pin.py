@@ -4,8 +4,9 @@
 
 writes ``OVERLAY/release/kustomization.yaml``, a kustomize Component the overlay includes: the
 image (``images:``, tagged with the Bento's version: never ``latest``), the models the Bento
-carries named with their versions in ``CELLEXPLAIN_MODELS`` (a pod can only serve what its
-image holds, and the config says which), and an ``app.kubernetes.io/version`` label on the pods.
+carries named with their versions in the container's ``CELLEXPLAIN_MODELS`` (a pod can only
+serve what its image holds, and the pod template says which, so a rollback restores both), and
+an ``app.kubernetes.io/version`` label on the pods.
 ``make pin`` runs it for the newest Bento; docs/deploy.md, "Roll out a new model", uses it.
 """
 
@@ -39,15 +40,16 @@ def component(base_image: str, image: str, version: str, models: list[str]) -> d
                 "includeTemplates": True,
             }
         ],
+        # in the pod template, beside the image: `kubectl rollout undo` restores both
         "patches": [
             {
-                "target": {"kind": "ConfigMap", "name": "cellexplain-config"},
+                "target": {"kind": "Deployment", "name": "cellexplain"},
                 "patch": yaml.safe_dump(
                     [
                         {
-                            "op": "replace",
-                            "path": "/data/CELLEXPLAIN_MODELS",
-                            "value": ",".join(models),
+                            "op": "add",
+                            "path": "/spec/template/spec/containers/0/env/-",
+                            "value": {"name": "CELLEXPLAIN_MODELS", "value": ",".join(models)},
                         }
                     ],
                     sort_keys=False,

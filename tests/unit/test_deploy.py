@@ -257,4 +257,7 @@ def test_pin_names_the_image_tag_and_the_model_version(tmp_path, monkeypatch):
     )
     assert dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == "v7abc"
     assert "app.kubernetes.io/version" not in dep["spec"]["selector"]["matchLabels"]
-    assert cm["data"]["CELLEXPLAIN_MODELS"] == "pbmc-programs:0123abcd"
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["CELLEXPLAIN_MODELS"] == "pbmc-programs:0123abcd"  # beside the image
+    assert "CELLEXPLAIN_MODELS" not in cm["data"]

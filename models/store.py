@@ -7,7 +7,6 @@ against the card on import and again whenever a model is loaded.
 from __future__ import annotations
 
 import hashlib
-
 import re
 import shutil
 from dataclasses import dataclass

@@ -14,7 +14,7 @@ client as ``RESOURCE_EXHAUSTED`` instead of the real error).
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 #: gRPC trailing-metadata key carrying an error's request field (REST has it in the body)
@@ -157,6 +157,19 @@ def validation_failure(errors: Sequence[Any]) -> ServiceError:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
     return InvalidInputError(message, field or None)
+
+
+def caused_by(exc: BaseException, test: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first of ``exc`` and the exceptions it came from (``__cause__``, else
+    ``__context__``: anndata wraps h5py's errors, h5py the system's) that passes ``test``."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if test(cause):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def disk_full(exc: BaseException) -> bool:

@@ -13,7 +13,7 @@ import anndata as ad
 import numpy as np
 
 from cellexplain.api.annotations import Annotations, annotation_info, write_annotations
-from cellexplain.api.errors import InvalidInputError, brief, disk_full, from_exception
+from cellexplain.api.errors import InvalidInputError, brief, caused_by, disk_full, from_exception
 from cellexplain.service.core import Result
 from cellexplain.service.h5ad_check import Limits, check_h5ad
 
@@ -51,11 +51,9 @@ def write_h5ad(adata: ad.AnnData, path: Path) -> None:
     try:
         adata.write_h5ad(path)
     except Exception as e:  # what came from the upload cannot be written back as it is
-        cause: BaseException | None = e
-        while cause is not None:  # anndata wraps h5py's errors, h5py the disk's
-            if disk_full(cause):
-                raise from_exception(cause) from e
-            cause = cause.__cause__ or cause.__context__
+        full = caused_by(e, disk_full)  # anndata wraps h5py's errors, h5py the disk's
+        if full is not None:
+            raise from_exception(full) from e
         raise _unwritable(e) from e
 
 

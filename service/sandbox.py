@@ -57,6 +57,7 @@ from cellexplain.api.errors import (
     TooLargeError,
     UnprocessableError,
     brief,
+    caused_by,
 )
 from cellexplain.service.h5ad_check import Limits
 
@@ -482,14 +483,11 @@ _channel: Any = None
 def _chain_has_errno(e: BaseException, number: int) -> bool:
     """Whether ``e`` or an exception it came from is an OSError of ``number`` (h5py names
     the errno only in its message)."""
-    cause: BaseException | None = e
-    while cause is not None:
-        if isinstance(cause, OSError) and (
-            cause.errno == number or f"errno = {number}," in str(cause)
-        ):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+
+    def of_number(c: BaseException) -> bool:
+        return isinstance(c, OSError) and (c.errno == number or f"errno = {number}," in str(c))
+
+    return caused_by(e, of_number) is not None
 
 
 def _near_memory_limit() -> bool:

@@ -96,3 +96,11 @@ def require(condition: bool, why: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run this test: {why} (.ci/run installs what it needs)")
         pytest.skip(why)
+
+
+def raw_cells(pbmc, n: int) -> tuple[list[str], np.ndarray]:
+    """``n`` real PBMC cells as raw counts (the bundled cells repeated as needed): the genes
+    and a dense float32 ``[n, n_genes]`` matrix."""
+    raw = pbmc.raw.to_adata()
+    reps = -(-n // raw.n_obs)
+    return list(raw.var_names), np.tile(raw.X.toarray().astype(np.float32), (reps, 1))[:n]

@@ -13,11 +13,11 @@ import time
 
 import grpc
 import httpx
-import numpy as np
 import psutil
 import pytest
 
 from cellexplain.api.codegen import load
+from tests.conftest import raw_cells
 from tests.integration.servers import bentoml_server
 
 pytestmark = pytest.mark.integration
@@ -29,9 +29,7 @@ N_CELLS = 3000  # big enough that a few requests queue up behind each other on o
 
 @pytest.fixture(scope="module")
 def cells(pbmc):
-    raw = pbmc.raw.to_adata()
-    X = np.tile(raw.X.toarray().astype(np.float32), (5, 1))[:N_CELLS]
-    return list(raw.var_names), X
+    return raw_cells(pbmc, N_CELLS)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ import yaml
 from cellexplain.api.codegen import load
 from cellexplain.api.schemas import AnnotateOptions
 from cellexplain.models.preprocess import normalize_log1p
-from tests.conftest import require
+from tests.conftest import raw_cells, require
 from tests.integration.servers import REPO
 from tests.kubelet import PodContainer, pod_env
 
@@ -114,9 +114,7 @@ def pod(image, manifests, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cells(pbmc):
-    raw = pbmc.raw.to_adata()
-    X = np.tile(raw.X.toarray().astype(np.float32), (2, 1))[:N_CELLS]
-    return list(raw.var_names), X
+    return raw_cells(pbmc, N_CELLS)
 
 
 @pytest.fixture(scope="module")

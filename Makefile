@@ -86,6 +86,7 @@ image: bento
 # pin an overlay to a Bento: the image tag and the model versions it carries
 # (docs/deploy.md, "Roll out a new model"): make pin OVERLAY=cpu IMAGE=registry.example.org/lab/cellexplain
 OVERLAY ?= cpu
+pin: BENTO = $(if $(filter gpu,$(OVERLAY)),cellexplain-gpu,cellexplain):latest
 pin: install
 	$(PY) deploy/pin.py deploy/overlays/$(OVERLAY) $(BENTO) $(if $(IMAGE),--image $(IMAGE),)
 

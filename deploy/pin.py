@@ -59,19 +59,35 @@ def component(base_image: str, image: str, version: str, models: list[str]) -> d
     }
 
 
-def bento_models(tag: str) -> tuple[str, str, list[str]]:
-    """A stored Bento's name, version and the ``name:version`` of every model it carries."""
+def bento_models(tag: str) -> tuple[str, str, list[str], bool]:
+    """A stored Bento's name, version, the ``name:version`` of every model it carries, and
+    whether it runs on GPUs (``onnxruntime-gpu`` among its requirements)."""
     import bentoml
 
     bento = bentoml.get(tag)
-    return bento.tag.name, str(bento.tag.version), [str(m.tag) for m in bento.info.models]
+    reqs = Path(bento.path) / "env" / "python" / "requirements.txt"
+    gpu = reqs.is_file() and "onnxruntime-gpu" in reqs.read_text().lower()
+    models = [str(m.tag) for m in bento.info.models]
+    return bento.tag.name, str(bento.tag.version), models, gpu
+
+
+def wants_gpu(overlay: Path) -> bool:
+    """Whether the overlay's patches give the pods a GPU (``nvidia.com/gpu``)."""
+    return any("nvidia.com/gpu" in p.read_text() for p in overlay.glob("*.yaml"))
 
 
 def write(overlay: Path, bento: str, image: str | None = None) -> Path:
     """Write ``overlay/release/kustomization.yaml`` for the stored Bento ``bento``."""
-    name, version, models = bento_models(bento)
+    name, version, models, gpu = bento_models(bento)
     if not models:
         raise SystemExit(f"pin: {bento} carries no model")
+    if gpu != wants_gpu(overlay):
+        kind, other = ("a GPU", "the gpu") if gpu else ("a CPU", "a CPU")
+        raise SystemExit(
+            f"pin: {bento} is {kind} Bento and {overlay} is not {other} overlay: pin "
+            f"cellexplain-gpu:<version> to deploy/overlays/gpu (make pin OVERLAY=gpu) and "
+            f"cellexplain:<version> to deploy/overlays/cpu"
+        )
     # the base's Deployment names its image `cellexplain`; the Bento's name is the image's
     doc = component("cellexplain", image or name, version, models)
     out = overlay / "release" / "kustomization.yaml"

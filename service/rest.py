@@ -466,7 +466,9 @@ class CellExplain:
         self._deadline = ShutdownDeadline(SETTINGS.shutdown_grace_s, self._drain_grpc)
         self._deadline.install()
         # a sibling that died is not replaced inside a container: the probes say so
-        self.workers = WorkerWatch(SETTINGS.n_workers)
+        self.workers = WorkerWatch(
+            SETTINGS.n_workers, self.grpc.set_serving if self.grpc is not None else None
+        )
         self.workers.start()
 
     def _drain_grpc(self) -> None:

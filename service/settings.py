@@ -66,24 +66,32 @@ log = logging.getLogger(__name__)
 
 #: the variables a kubelet gives a pod for each Service of its namespace (Docker links: a
 #: Service ``cellexplain`` or ``cellexplain-x`` gives ``CELLEXPLAIN_SERVICE_HOST``,
-#: ``CELLEXPLAIN_PORT_3000_TCP_PROTO``, ``CELLEXPLAIN_X_SERVICE_PORT_HTTP``, ...): never settings
-SERVICE_LINK_RE = re.compile(
-    r"(?:[A-Z0-9_]+_)?(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT"
-    r"(?:_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?)",
-    re.ASCII,
-)
-#: a Service link's ``X_PORT`` value (``tcp://10.0.0.7:3000``): a Service named
-#: ``cellexplain-http`` gives ``CELLEXPLAIN_HTTP_PORT`` this, the name of a setting
-SERVICE_LINK_VALUE_RE = re.compile(r"(?:tcp|udp|sctp)://\S+:\d+", re.ASCII)
+#: ``CELLEXPLAIN_PORT_3000_TCP_PROTO``, ``CELLEXPLAIN_X_SERVICE_PORT_HTTP``, ...), by the form of
+#: their names and of their values (a name alone would let typos such as
+#: ``CELLEXPLAIN_GRCP_PORT=50052`` pass: a link's ``X_PORT`` is always ``proto://ip:port``)
+_IP = r"[0-9A-Fa-f.:\[\]]+"
+SERVICE_LINK_FORMS = [
+    (re.compile(r"(?:[A-Z0-9_]+_)?SERVICE_HOST"), re.compile(_IP)),
+    (re.compile(r"(?:[A-Z0-9_]+_)?SERVICE_PORT(?:_[A-Z0-9_]+)?"), re.compile(r"\d+")),
+    (
+        re.compile(r"(?:[A-Z0-9_]+_)?PORT(?:_\d+_(?:TCP|UDP|SCTP))?"),
+        re.compile(r"(?:tcp|udp|sctp)://" + _IP + r":\d+"),
+    ),
+    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_\d+_(?:TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
+    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_\d+_(?:TCP|UDP|SCTP)_PORT"), re.compile(r"\d+")),
+    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_\d+_(?:TCP|UDP|SCTP)_ADDR"), re.compile(_IP)),
+]
 
 
 def is_service_link(name: str, value: str, settings: frozenset[str] | set[str]) -> bool:
     """Whether ``CELLEXPLAIN_`` + ``name`` (upper case, prefix removed) = ``value`` is a variable
-    the kubelet injected for a Service rather than a setting: a name of the link pattern that
-    is no setting, or a setting's name holding a link's ``proto://host:port``."""
-    if not SERVICE_LINK_RE.fullmatch(name):
-        return False
-    return name.lower() not in settings or bool(SERVICE_LINK_VALUE_RE.fullmatch(value))
+    the kubelet injected for a Service rather than a setting: a name and a value of one of the
+    link forms, where a setting of that name (``HTTP_PORT``, from a Service named
+    ``cellexplain-http``) only yields to a link's ``proto://ip:port``."""
+    for name_re, value_re in SERVICE_LINK_FORMS:
+        if name_re.fullmatch(name) and value_re.fullmatch(value):
+            return name.lower() not in settings or value_re.pattern.startswith("(?:tcp")
+    return False
 
 
 class SettingsError(ValueError):

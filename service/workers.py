@@ -5,17 +5,21 @@ BentoML's arbiter starts ``n_workers`` processes and, inside a container
 a pod that lost a worker to the OOM killer or a segfault kept serving at part capacity with
 green probes. Each worker counts its live siblings (children of the same arbiter running
 BentoML's worker module) from ``/proc``; ``/livez`` and ``/readyz`` fail while one is missing
-(the kubelet restarts the container), and ``cellexplain_workers_live`` /
-``cellexplain_workers_expected`` tell Prometheus.
+(the kubelet restarts the container), gRPC health says NOT_SERVING (within 5 s), and
+``cellexplain_workers_live`` / ``cellexplain_workers_expected`` tell Prometheus.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cellexplain.service import metrics
+
+log = logging.getLogger(__name__)
 
 #: the module BentoML runs each service worker as (``python -m _bentoml_impl.worker.service``)
 WORKER_MODULE = b"_bentoml_impl.worker.service"
@@ -49,11 +53,14 @@ def live_workers(parent: int | None = None, proc: Path = Path("/proc")) -> int |
 
 
 class WorkerWatch:
-    """This worker's view of its siblings: :meth:`all_alive` for the probes, and a thread that
-    keeps the gauges current (the most recent report of any live worker wins)."""
+    """This worker's view of its siblings: :meth:`all_alive` for the HTTP probes, and a thread
+    that keeps the gauges current (the most recent report of any live worker wins) and tells
+    ``on_change`` (gRPC health) when the answer changes."""
 
-    def __init__(self, expected: int) -> None:
+    def __init__(self, expected: int, on_change: Callable[[bool], None] | None = None) -> None:
         self.expected = expected
+        self.on_change = on_change
+        self._last: bool | None = True  # every worker starts SERVING
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -68,14 +75,21 @@ class WorkerWatch:
         """Whether as many workers run as were started (true where ``/proc`` cannot tell, and
         outside a BentoML server, where this process has no worker siblings)."""
         n = self.count()
-        return n is None or n == 0 or n >= self.expected
+        alive = n is None or n == 0 or n >= self.expected
+        if alive != self._last and self.on_change is not None:
+            self._last = alive
+            self.on_change(alive)
+        return alive
 
     def start(self) -> None:
         def run() -> None:
             while not self._stop.wait(REFRESH_S):
-                self.count()
+                try:
+                    self.all_alive()
+                except Exception:  # a report lost: the next one comes in 5 s
+                    log.exception("counting the workers failed")
 
-        self.count()
+        self.all_alive()
         self._thread = threading.Thread(target=run, name="cellexplain-workers", daemon=True)
         self._thread.start()
 

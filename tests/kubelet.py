@@ -9,6 +9,7 @@ securityContext, resources, volumes, ports, probes) into the flags of ``podman r
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import resource
@@ -152,9 +153,12 @@ class ProbeResult:
 class PodContainer:
     """One container of a rendered pod spec, run by podman as a kubelet would run it:
     command and args, the environment it builds, the pod's user, read-only root, dropped
-    capabilities, no privilege escalation, CPU and memory limits, ``emptyDir`` volumes (as tmpfs
-    of their ``sizeLimit``), every container port published on 127.0.0.1, and the probes
-    polled with their paths, ports, periods, timeouts and thresholds."""
+    capabilities, no privilege escalation, CPU and memory limits, ``emptyDir`` volumes (on disk
+    like a kubelet's, a folder of ``workdir``; ``medium: Memory`` ones as tmpfs of their
+    ``sizeLimit``), every container port published on 127.0.0.1, and the probes polled with
+    their paths, ports, periods, timeouts and thresholds. The kubelet evicts a pod whose
+    ``emptyDir`` outgrows its ``sizeLimit``: :attr:`volume_peak` records each disk volume's
+    largest use seen while watching, for a test to hold against the limit."""
 
     image: str
     pod: dict[str, Any]
@@ -164,6 +168,8 @@ class PodContainer:
     name: str = field(default_factory=lambda: f"cellexplain-pod-{os.getpid()}-{time.time_ns()}")
     ports: dict[int, int] = field(default_factory=dict)  # containerPort -> host port
     probes: list[ProbeResult] = field(default_factory=list)
+    volume_dirs: dict[str, Path] = field(default_factory=dict)  # disk emptyDirs: host folders
+    volume_peak: dict[str, int] = field(default_factory=dict)  # bytes, largest use seen
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -196,9 +202,17 @@ class PodContainer:
         for mount in self.container.get("volumeMounts", []):
             vol = volumes[mount["name"]]
             assert "emptyDir" in vol, f"only emptyDir volumes are run here: {vol}"
-            size = (vol["emptyDir"] or {}).get("sizeLimit")
-            opts = f"type=tmpfs,destination={mount['mountPath']},tmpfs-mode=1777"
-            args += ["--mount", opts + (f",tmpfs-size={quantity_bytes(size)}" if size else "")]
+            empty = vol["emptyDir"] or {}
+            size = empty.get("sizeLimit")
+            if empty.get("medium") == "Memory":
+                opts = f"type=tmpfs,destination={mount['mountPath']},tmpfs-mode=1777"
+                args += ["--mount", opts + (f",tmpfs-size={quantity_bytes(size)}" if size else "")]
+            else:
+                host = self.workdir / f"{self.name}-{vol['name']}"
+                host.mkdir(mode=0o777)
+                host.chmod(0o1777)
+                self.volume_dirs[vol["name"]] = host
+                args += ["--mount", f"type=bind,source={host},destination={mount['mountPath']}"]
         for p in self.container.get("ports", []):
             inside = p["containerPort"]
             self.ports[inside] = _free_port()
@@ -269,10 +283,21 @@ class PodContainer:
                     if now >= at:
                         self.probe_once(kind)
                         due[kind] = now + self.container[f"{kind}Probe"].get("periodSeconds", 10)
+                self.measure_volumes()
                 self._stop.wait(0.1)
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
+
+    def measure_volumes(self) -> None:
+        """Record each disk volume's use (allocated blocks) if it is the largest yet."""
+        for name, host in self.volume_dirs.items():
+            used = 0
+            for root, _, files in os.walk(host):
+                for f in files:
+                    with contextlib.suppress(OSError):  # removed meanwhile
+                        used += os.lstat(os.path.join(root, f)).st_blocks * 512
+            self.volume_peak[name] = max(self.volume_peak.get(name, 0), used)
 
     def unwatch(self) -> None:
         self._stop.set()
@@ -334,6 +359,8 @@ class PodContainer:
     def remove(self) -> None:
         self.unwatch()
         self.podman("rm", "--force", "--time", "0", self.name)
+        for host in self.volume_dirs.values():
+            shutil.rmtree(host, ignore_errors=True)
 
 
 def _free_port() -> int:

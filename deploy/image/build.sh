@@ -50,6 +50,9 @@ rm -rf "$CONTEXT" && mkdir -p "$CONTEXT/bento"
 "$BENTOML" export "$BENTO" "$CACHE/bento.tar" >/dev/null
 tar -C "$CONTEXT/bento" -xf "$CACHE/bento.tar"
 rm "$CACHE/bento.tar"
+# readable by any user: OpenShift runs images under an arbitrary UID (group 0), and BentoML's
+# store keeps model folders private to their owner
+chmod -R a+rX,go-w "$CONTEXT/bento"
 cp deploy/image/Containerfile "$CONTEXT/"
 read -r NAME VERSION MODELS < <("${PYTHON:-.venv/bin/python}" - "$CONTEXT/bento/bento.yaml" <<'PY'
 import sys, yaml

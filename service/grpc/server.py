@@ -106,6 +106,25 @@ class GrpcServer:
         self._server, self._health = server, health_servicer
         return port
 
+    def set_serving(self, serving: bool) -> None:
+        """Report every service SERVING or NOT_SERVING on gRPC health (a worker of the server
+        died: the HTTP probes fail at the same time); nothing once a stop has begun."""
+        with self._stop_lock:
+            if self._health is None or self._stopping is not None:
+                return
+            health_servicer = self._health
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+        async def _set() -> None:
+            for name in ("", *SERVICE_NAMES):
+                await health_servicer.set(name, status)
+
+        asyncio.run_coroutine_threadsafe(_set(), self._loop).result(timeout=10)
+
     def stop_async(self, grace_s: float) -> None:
         """Start a graceful stop (health NOT_SERVING, new calls refused, calls in flight get
         ``grace_s``) without waiting for it; called at SIGTERM, beside HTTP's drain."""

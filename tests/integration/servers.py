@@ -25,7 +25,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _grpc_serving(target: str) -> bool:
+def grpc_serving(target: str) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -103,7 +103,7 @@ def bentoml_server(
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{tail}")
             try:
                 ready = httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-                if ready and (not grpc_on or _grpc_serving(f"127.0.0.1:{grpc_port}")):
+                if ready and (not grpc_on or grpc_serving(f"127.0.0.1:{grpc_port}")):
                     break
             except httpx.HTTPError:
                 pass

@@ -17,8 +17,9 @@ import psutil
 import pytest
 
 from cellexplain.api.codegen import load
+from cellexplain.service.workers import REFRESH_S
 from tests.conftest import raw_cells
-from tests.integration.servers import bentoml_server
+from tests.integration.servers import bentoml_server, grpc_serving
 
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
@@ -151,6 +152,11 @@ def test_a_dead_worker_in_a_container_fails_the_probes(programs_home, body):
         for probe in ("/livez", "/readyz") * 3:
             assert httpx.get(f"{srv.url}{probe}", timeout=5).status_code == 503, probe
         assert _worker_gauges(srv.url) == (1.0, 2.0)
+        # gRPC health too, within the watch's period (for meshes and grpc probes)
+        deadline = time.monotonic() + 2 * REFRESH_S + 2
+        while grpc_serving(srv.grpc):
+            assert time.monotonic() < deadline, "gRPC health still SERVING"
+            time.sleep(0.5)
         time.sleep(3)
         assert len(workers(srv.proc)) == 1  # nobody replaced it
 

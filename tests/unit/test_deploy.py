@@ -33,6 +33,13 @@ def test_base_validates_strictly(path):
     kubernetes_validate.validate(load(path), K8S_VERSION, strict=True)
 
 
+def settings_env() -> dict[str, str]:
+    """deploy/base/settings.env, which the base's configMapGenerator makes the ConfigMap."""
+    lines = (DEPLOY / "base" / "settings.env").read_text().splitlines()
+    pairs = [ln.split("=", 1) for ln in lines if ln.strip() and not ln.startswith("#")]
+    return {k: v for k, v in pairs}
+
+
 def custom_resource(kind: str) -> dict:
     (doc,) = [d for d in map(load, base_resources(core=False)) if d["kind"] == kind]
     return doc
@@ -78,7 +85,7 @@ def test_drain_budget_fits_the_grace_period():
     from cellexplain.service.shutdown import EXIT_MARGIN_S
 
     pod = load(DEPLOY / "base" / "deployment.yaml")["spec"]["template"]["spec"]
-    settings = load(DEPLOY / "base" / "configmap.yaml")["data"]
+    settings = settings_env()
     (container,) = pod["containers"]
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = float(settings["CELLEXPLAIN_SHUTDOWN_GRACE_S"])
@@ -208,16 +215,25 @@ def test_sized_the_same_on_any_node():
         assert workers >= 1 and threads >= 1
         if overlay == "cpu":
             assert workers * threads == cpu_quantity(res["limits"]["cpu"])
-        # /tmp holds an upload and its answer: its size limit is above the upload bound
+        # /tmp holds every upload being read and answered: ~3x its size each (measured: a
+        # 480 MiB upload peaked at 1,441 MiB), one at a time per worker
+        data = cm["data"]
         (tmp,) = [v for v in pod["volumes"] if v["name"] == "tmp"]
-        upload = int(cm["data"]["CELLEXPLAIN_MAX_H5AD_BYTES"])
-        assert quantity_bytes(tmp["emptyDir"]["sizeLimit"]) >= 2 * upload
+        uploads = workers * int(data.get("CELLEXPLAIN_MAX_CONCURRENT_UPLOADS", "1"))
+        upload = int(data["CELLEXPLAIN_MAX_H5AD_BYTES"])
+        assert quantity_bytes(tmp["emptyDir"]["sizeLimit"]) >= uploads * 3 * upload
+        # memory: each worker (~0.4 GB with the default model) and its upload readers
+        reader = int(data.get("CELLEXPLAIN_UPLOAD_MEMORY_BYTES", str(2 * 2**30)))
+        need = workers * (0.4e9 + reader * int(data.get("CELLEXPLAIN_MAX_CONCURRENT_UPLOADS", "1")))
+        assert quantity_bytes(res["limits"]["memory"]) >= need, (overlay, need)
         # the image carries a tag, never `latest` (make pin writes the Bento's)
         image = container["image"]
         assert ":" in image and not image.endswith(":latest"), image
 
 
 def test_disruptions_one_at_a_time_and_ingress_to_the_serving_ports_only():
+    strategy = load(DEPLOY / "base" / "deployment.yaml")["spec"]["strategy"]["rollingUpdate"]
+    assert strategy == {"maxSurge": 1, "maxUnavailable": 0}  # one pod at a time, any scale
     pdb = load(DEPLOY / "base" / "pdb.yaml")
     assert pdb["spec"] == {**pdb["spec"], "maxUnavailable": 1} and "minAvailable" not in pdb["spec"]
     policy = load(DEPLOY / "base" / "networkpolicy.yaml")["spec"]
@@ -240,8 +256,15 @@ def test_pin_names_the_image_tag_and_the_model_version(tmp_path, monkeypatch):
     deploy = tmp_path / "deploy"
     sh.copytree(DEPLOY, deploy)
     monkeypatch.setattr(
-        pin, "bento_models", lambda tag: ("cellexplain", "v7abc", ["pbmc-programs:0123abcd"])
+        pin,
+        "bento_models",
+        lambda tag: ("cellexplain", "v7abc", ["pbmc-programs:0123abcd"], tag.endswith("gpu")),
     )
+    # a CPU Bento never lands in the gpu overlay, nor a GPU one in the cpu overlay
+    with pytest.raises(SystemExit, match=r"is a CPU Bento.*make pin OVERLAY=gpu"):
+        pin.write(deploy / "overlays" / "gpu", "cellexplain:v7abc")
+    with pytest.raises(SystemExit, match="is a GPU Bento"):
+        pin.write(deploy / "overlays" / "cpu", "cellexplain-gpu:v7gpu")
     pin.write(deploy / "overlays" / "cpu", "cellexplain:v7abc", "registry.example/lab/cellexplain")
     cmd = kustomize_command()
     if cmd is None:

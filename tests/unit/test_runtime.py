@@ -272,6 +272,7 @@ def test_service_links_a_kubelet_injects_are_not_settings():
         svc("cellexplain-max-body", ("metrics", 9090)),
     ]
     links = service_link_env(services)
+    links["CELLEXPLAIN_V6_PORT"] = "tcp://[fd00::a]:3000"  # an IPv6 cluster's link
     assert links["CELLEXPLAIN_PORT_3000_TCP_PROTO"] == "tcp"
     assert links["CELLEXPLAIN_HTTP_PORT"].startswith("tcp://")
     assert links["CELLEXPLAIN_SERVICE_PORT_GRPC"] == "50051"
@@ -285,6 +286,10 @@ def test_service_links_a_kubelet_injects_are_not_settings():
         ({"CELLEXPLAIN_HTTP_PORT": "http://x:1"}, "CELLEXPLAIN_HTTP_PORT='http://x:1'"),
         ({"CELLEXPLAIN_MAX_BODY_BYTE": "1"}, "'CELLEXPLAIN_MAX_BODY_BYTE' is not a setting"),
         ({"CELLEXPLAIN_GRPC_PORTS": "1"}, "'CELLEXPLAIN_GRPC_PORTS' is not a setting"),
+        # typos shaped like links, with values no kubelet writes (a link's X_PORT is a URL)
+        ({"CELLEXPLAIN_GRCP_PORT": "50052"}, "'CELLEXPLAIN_GRCP_PORT' is not a setting"),
+        ({"CELLEXPLAIN_PORT": "3000"}, "'CELLEXPLAIN_PORT' is not a setting"),
+        ({"CELLEXPLAIN_SERVICE_HOST": "localhost"}, "'CELLEXPLAIN_SERVICE_HOST' is not a"),
     ]:
         with pytest.raises(SettingsError, match=re.escape(expected)):
             Settings.from_env({**links, **env})

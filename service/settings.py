@@ -70,27 +70,33 @@ log = logging.getLogger(__name__)
 #: their names and of their values (a name alone would let typos such as
 #: ``CELLEXPLAIN_GRCP_PORT=50052`` pass: a link's ``X_PORT`` is always ``proto://ip:port``)
 _IP = r"[0-9A-Fa-f.:\[\]]+"
+#: (name form, value form, whether a setting of that name yields to it): only a link's
+#: ``proto://ip:port`` outranks a setting (``HTTP_PORT``, from a Service ``cellexplain-http``)
 SERVICE_LINK_FORMS = [
-    (re.compile(r"(?:[A-Z0-9_]+_)?SERVICE_HOST"), re.compile(_IP)),
-    (re.compile(r"(?:[A-Z0-9_]+_)?SERVICE_PORT(?:_[A-Z0-9_]+)?"), re.compile(r"\d+")),
+    (re.compile(r"(?:[A-Z0-9_]+_)?SERVICE_HOST"), re.compile(_IP), False),
+    (re.compile(r"(?:[A-Z0-9_]+_)?SERVICE_PORT(?:_[A-Z0-9_]+)?"), re.compile(r"\d+"), False),
     (
         re.compile(r"(?:[A-Z0-9_]+_)?PORT(?:_\d+_(?:TCP|UDP|SCTP))?"),
         re.compile(r"(?:tcp|udp|sctp)://" + _IP + r":\d+"),
+        True,
     ),
-    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_\d+_(?:TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
-    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_\d+_(?:TCP|UDP|SCTP)_PORT"), re.compile(r"\d+")),
-    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_\d+_(?:TCP|UDP|SCTP)_ADDR"), re.compile(_IP)),
+    (
+        re.compile(r"(?:[A-Z0-9_]+_)?PORT_\d+_(?:TCP|UDP|SCTP)_PROTO"),
+        re.compile(r"tcp|udp|sctp"),
+        False,
+    ),
+    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_\d+_(?:TCP|UDP|SCTP)_PORT"), re.compile(r"\d+"), False),
+    (re.compile(r"(?:[A-Z0-9_]+_)?PORT_\d+_(?:TCP|UDP|SCTP)_ADDR"), re.compile(_IP), False),
 ]
 
 
 def is_service_link(name: str, value: str, settings: frozenset[str] | set[str]) -> bool:
     """Whether ``CELLEXPLAIN_`` + ``name`` (upper case, prefix removed) = ``value`` is a variable
     the kubelet injected for a Service rather than a setting: a name and a value of one of the
-    link forms, where a setting of that name (``HTTP_PORT``, from a Service named
-    ``cellexplain-http``) only yields to a link's ``proto://ip:port``."""
-    for name_re, value_re in SERVICE_LINK_FORMS:
+    link forms, where a setting of that name only yields to a form that outranks settings."""
+    for name_re, value_re, outranks in SERVICE_LINK_FORMS:
         if name_re.fullmatch(name) and value_re.fullmatch(value):
-            return name.lower() not in settings or value_re.pattern.startswith("(?:tcp")
+            return outranks or name.lower() not in settings
     return False
 
 

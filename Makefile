@@ -7,9 +7,8 @@ BIN := $(VENV)/bin
 # command and `bentoml` find from any shell: make sets nothing the user's shell lacks
 DEFAULT_MODEL := pbmc-programs
 DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
-# what ruff checks (src/cellexplain holds the package root and links to the folders)
-SOURCES := src/cellexplain/__init__.py src/cellexplain/__main__.py setup.py models service \
-	client api tests benchmarks load_tests deploy/pin.py
+# what ruff checks (src/cellexplain holds the package root; pyproject.toml maps the folders)
+SOURCES := src setup.py models service client api tests benchmarks load_tests tools deploy/pin.py
 
 .PHONY: install proto serve test lint typecheck unit integration default-model compare clean \
 	bento bento-gpu image pin manifests load-test bench install-gpu wheel
@@ -52,8 +51,11 @@ lint: install
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
 
+# mypy over cellexplain.* as installed (tools/typecheck.py maps the folders), then the client's
+# modules on the oldest Python the client supports
 typecheck: install
-	$(BIN)/mypy
+	$(PY) tools/typecheck.py
+	$(PY) tools/typecheck.py --client --python-version 3.10
 
 unit: install
 	$(BIN)/pytest tests/unit -q
@@ -64,10 +66,11 @@ integration: install
 test: lint typecheck
 	$(BIN)/pytest tests -q
 
-# the project's wheel (the Bentos install it), with the gRPC modules compiled into it
+# the project's sdist, and its wheel built from the unpacked sdist (the Bentos install it), with
+# the gRPC modules compiled into both
 wheel: install
-	rm -rf build dist
-	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist .
+	rm -rf dist
+	$(PY) -m build --outdir dist . >/dev/null
 
 # Bentos (docs/deploy.md): the project's wheel, its models and the serving requirements
 bento: default-model wheel

@@ -1,26 +1,34 @@
-"""Build hook: compile the gRPC protos into the package before it is built (wheel, sdist or
-editable install). Everything else is in pyproject.toml."""
+"""Build hook: compile the gRPC protos into the package before it is built or packed (wheel,
+sdist or editable install), so that both carry ``api/_generated``. Everything else is in
+pyproject.toml."""
 
 import importlib.util
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 
-def _codegen():  # api/codegen.py, loaded by path: the package is not importable yet
+def _generate() -> None:  # api/codegen.py, loaded by path: the package is not importable yet
     spec = importlib.util.spec_from_file_location(
         "_cellexplain_codegen", Path(__file__).resolve().parent / "api" / "codegen.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    module.generate(force=True)  # with the pinned protoc, whatever was there
 
 
 class BuildWithProtos(build_py):
     def run(self):
-        _codegen().generate(force=True)  # with the pinned protoc, whatever was there
+        _generate()
         super().run()
 
 
-setup(cmdclass={"build_py": BuildWithProtos})
+class SdistWithProtos(sdist):
+    def run(self):
+        _generate()
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildWithProtos, "sdist": SdistWithProtos})

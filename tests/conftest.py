@@ -1,44 +1,21 @@
 """Shared fixtures: the real bundled PBMC data, and models trained on it once per session.
 
-The repository's folders are importable only as ``cellexplain.*``: pytest puts the repository
-root on ``sys.path`` (for ``tests.*`` and ``benchmarks``), which would also make ``models``,
-``service``, ``client`` and ``api`` importable by their bare names, as an installed package never
-is; a stray ``import service...`` (or ``resources.files("service")``) would pass here and fail
-for every user. The finder below refuses them, so the tests see what an install sees.
+The package is imported as installed (``cellexplain.*``, mapped onto the repository's folders by
+the editable install); pytest puts the repository root on ``sys.path`` only for ``tests.*``,
+``benchmarks`` and ``load_tests``. ``tests/unit/test_layout.py`` refuses an import of a folder by
+its bare name (``import service...``), which would work only from a checkout.
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 # a quiet, deterministic test run on a 2-core machine
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-BARE = ("models", "service", "client", "api")
-
-
-class _BareNameBlocker(importlib.abc.MetaPathFinder):
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> None:
-        if fullname.split(".")[0] in BARE:
-            raise ModuleNotFoundError(
-                f"import cellexplain.{fullname}, not {fullname}: the installed package has no "
-                f"top-level {fullname.split('.')[0]!r}",
-                name=fullname,
-            )
-        return None
-
-
-sys.meta_path.insert(0, _BareNameBlocker())
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """cellexplain: cell-type annotation with faithful per-gene attributions, served from ONNX graphs.
 
-One distribution, four packages, each mapped onto a folder at the top of the repository
-(``src/cellexplain/<name>`` is a link to ``<name>/``), layered so that each imports only those
+One distribution, four packages, each mapped onto a folder at the top of the repository by
+setuptools' ``package-dir`` (pyproject.toml; no links), layered so that each imports only those
 below it:
 
 * :mod:`cellexplain.client` (``client/``): the Python client, file pipeline, report and the

@@ -5,6 +5,7 @@ project's editable install), against a real server.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,17 +25,27 @@ pytestmark = pytest.mark.integration
 NOT_INSTALLED = sorted({*EXTRAS, "grpc_tools"})
 
 
+#: the Pythons the client supports (README, "Python versions"); the server needs 3.11+
+CLIENT_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+
+
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory) -> Path:
-    """A venv with the wheel and its base dependencies only (from the package index)."""
-    tmp = tmp_path_factory.mktemp("client-venv")
+def wheel(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("client-wheel")
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp),
          str(REPO)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = tmp.glob("cellexplain-*.whl")
+    (path,) = tmp.glob("cellexplain-*.whl")
+    return path
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A venv with the wheel and its base dependencies only (from the package index)."""
+    tmp = tmp_path_factory.mktemp("client-venv")
     env_dir = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=300)
     install = subprocess.run(
@@ -45,6 +56,24 @@ def venv(tmp_path_factory) -> Path:
     )  # fmt: skip
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     return env_dir
+
+
+@pytest.mark.parametrize("version", CLIENT_PYTHONS)
+def test_the_base_install_resolves_on_each_client_python(wheel, version, tmp_path):
+    """pip resolves the wheel's base dependencies from the package index for that Python
+    (binary wheels only, as a lab's pip would pick them); this machine runs the suite on its
+    own Python, so the others are checked by resolution and by mypy (`make typecheck`)."""
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+         "--only-binary=:all:", "--python-version", version, "--report", str(report),
+         str(wheel)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    chosen = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
+    assert {"cellexplain", "numpy", "anndata", "grpcio", "protobuf", "httpx"} <= chosen
+    assert not chosen & {"onnxruntime", "bentoml", "torch"}, chosen
 
 
 def clean_env(venv: Path, home: Path) -> dict[str, str]:

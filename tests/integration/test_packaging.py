@@ -62,12 +62,16 @@ def bentoml(home: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def built(programs_home):
     """Both Bentos built from the repo's bentofiles, with the wheel they install built first
-    (as `make bento` does): {"cpu"|"gpu": bento folder}."""
+    as `make bento` does: `python -m build`, an sdist and a wheel built from the unpacked sdist
+    (so the Bento test below serves from what an sdist install gives). {"cpu"|"gpu": folder}."""
+    for old in (REPO / "dist").glob("cellexplain-*"):
+        old.unlink()
     wheel = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", "dist", "."],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "build", "--outdir", "dist", "."],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    assert wheel.returncode == 0, wheel.stderr[-3000:]
+    assert wheel.returncode == 0, wheel.stdout[-3000:] + wheel.stderr[-3000:]
+    assert "Successfully built cellexplain-" in wheel.stdout and ".tar.gz" in wheel.stdout
     folders = {}
     for variant, bentofile in (("cpu", "bentofile.yaml"), ("gpu", "bentofile.gpu.yaml")):
         out = bentoml(programs_home, "build", "-f", bentofile, "--output", "tag", ".")

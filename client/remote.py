@@ -50,6 +50,11 @@ T = TypeVar("T")
 RETRY_HTTP = {502, 503, 504}
 
 
+#: the status grpcio's asyncio client gives a streaming call whose write failed because the
+#: server had already ended it, in place of the server's own status (grpc/grpc#36066)
+CORE_OVERWRITE = "Internal error from Core"
+
+
 class ClientError(RuntimeError):
     """The service refused a request; ``status`` is the HTTP status or gRPC code name."""
 
@@ -357,10 +362,34 @@ class AsyncClient:
                 return
             except grpc.aio.AioRpcError as e:
                 code = e.code()
+                if code == grpc.StatusCode.INTERNAL and e.details() == CORE_OVERWRITE:
+                    # the server ended the call (a bad chunk) while the library was writing the
+                    # next one, and the library put its own INTERNAL in place of the server's
+                    # status (grpc/grpc#36066): the chunks still unanswered go again as unary
+                    # calls, which give the server's own answer
+                    for ch in list(pending):
+                        yield ch, await self._grpc_unary(stub, pb, ch, options)
+                        pending.popleft()
+                    async for ch in source:
+                        yield ch, await self._grpc_unary(stub, pb, ch, options)
+                    if failed:
+                        raise failed[0] from None
+                    return
                 if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
                     raise ClientError(e.details() or str(code), code.name, _field(e)) from e
                 await asyncio.sleep(self.backoff * 2**attempt)
                 attempt += 1
+
+    async def _grpc_unary(
+        self, stub: Any, pb: Any, ch: Chunk, options: AnnotateOptions
+    ) -> AnnotateResponse:
+        from cellexplain.api import proto_v1 as converters
+
+        req = converters.request_to_proto(ch.genes, ch.X, options, ch.cell_ids)
+        res = await self._retrying(
+            lambda: stub.Annotate(req, timeout=self.timeout, metadata=self._metadata)
+        )
+        return converters.response_from_proto(res)
 
     async def annotate(
         self,

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from cellexplain.api.errors import InvalidInputError, ServiceError, brief
 from cellexplain.service import auth, metrics, v1
 from cellexplain.service.core import Annotator
+from cellexplain.service.failures import recorded
 from cellexplain.service.grpc.oip_converters import check_infer_wire
 from cellexplain.service.grpc.servicers import (
     CellExplainServicer,
@@ -57,6 +58,7 @@ def build_server(
             TimingInterceptor(),
             *([ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []),
             MalformedMessageInterceptor(settings),
+            ErrorInterceptor(),
         ],
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -167,7 +169,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         try:
             auth.check_metadata(self.keys, tuple(details.invocation_metadata or ()))
         except ServiceError as e:
-            metrics.ERRORS.labels(door=_door(details), type=e.kind).inc()
+            recorded(_door(details), e)
             return _denying(handler, e)
         return handler
 
@@ -294,7 +296,7 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
         kw = {"request_deserializer": safe, "response_serializer": passing_bytes}
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-            metrics.ERRORS.labels(door=_door(details), type=request.error.kind).inc()
+            recorded(_door(details), request.error)
             await abort_with(context, request.error)
 
         def one_request(behaviour: Any) -> Any:  # unary, and health's Watch (writes its answers)
@@ -326,6 +328,55 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             handler.unary_stream
         ):
             return grpc.unary_stream_rpc_method_handler(one_request(handler.unary_stream), **kw)
+        return handler
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Every error a servicer of ours raises, counted and answered in one place
+    (:func:`~cellexplain.service.failures.recorded`, then
+    :func:`~cellexplain.service.grpc.servicers.abort_with`: the status
+    :mod:`cellexplain.api.errors` gives it, its field in the trailing metadata), as the REST
+    doors' handlers do; servicers only raise."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or not str(details.method).startswith(_OWN_SERVICES):
+            return handler
+        door = _door(details)
+
+        async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+            err = recorded(door, exc)
+            if err is not None:
+                await abort_with(context, err)
+
+        kw = _handler_kwargs(handler)
+        if handler.unary_unary is not None:
+            behaviour = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behaviour(request, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await fail(context, e)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kw)
+        if handler.stream_stream is not None:
+            stream_behaviour = handler.stream_stream
+
+            async def streaming(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                try:
+                    async for res in stream_behaviour(requests, context):
+                        yield res
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await fail(context, e)
+
+            return grpc.stream_stream_rpc_method_handler(streaming, **kw)
         return handler
 
 

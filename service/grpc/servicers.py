@@ -1,10 +1,12 @@
-"""gRPC servicers: translate, call the core, translate back. Errors map to status codes in one
-place (:func:`_abort`), from the same :class:`~cellexplain.api.errors.ServiceError` family as
-REST."""
+"""gRPC servicers: translate, call the core, translate back. They only raise: every error is
+counted and answered by the error interceptor (:class:`~cellexplain.service.grpc.server.
+ErrorInterceptor`, with :func:`abort_with`), from the same
+:class:`~cellexplain.api.errors.ServiceError` family as REST."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -15,12 +17,10 @@ from cellexplain.api import proto_v1 as converters
 from cellexplain.api.codegen import load
 from cellexplain.api.errors import (
     ERROR_FIELD_KEY,
-    InternalError,
     InvalidInputError,
     ServiceError,
-    from_exception,
 )
-from cellexplain.service import metrics, oip, v1
+from cellexplain.service import oip, v1
 from cellexplain.service.core import Annotator
 from cellexplain.service.grpc import oip_converters
 
@@ -32,16 +32,6 @@ oip_grpc = load("grpc_predict_v2_pb2_grpc")
 
 #: chunks of one AnnotateStream call in flight at once (bounds the stream's memory)
 STREAM_WINDOW = 4
-
-
-async def _abort(context: grpc.aio.ServicerContext, door: str, exc: Exception) -> NoReturn:
-    """End the call with the status :mod:`cellexplain.api.errors` gives ``exc``, counted."""
-    err = from_exception(exc)
-    if isinstance(err, InternalError):
-        log.error("unexpected error in %s", door, exc_info=exc)
-    metrics.ERRORS.labels(door=door, type=err.kind).inc()
-    await abort_with(context, err)
-    raise AssertionError("unreachable")  # context.abort raises
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: ServiceError) -> NoReturn:
@@ -72,11 +62,8 @@ class CellExplainServicer(_CellExplainBase):
         return v1.protobuf_bytes(res)
 
     async def Annotate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        try:
-            opts = converters.options(request.options)
-            return await self._annotate(request, list(request.genes), opts)
-        except Exception as e:
-            await _abort(context, "grpc", e)
+        opts = converters.options(request.options)
+        return await self._annotate(request, list(request.genes), opts)
 
     async def AnnotateStream(  # noqa: N802
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -111,8 +98,12 @@ class CellExplainServicer(_CellExplainBase):
                     raise item
                 current = item
                 yield await item
-        except Exception as e:
-            await _abort(context, "grpc", e)
+        except Exception:
+            # the reader stops reading the call's messages before the call is aborted
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            raise
         finally:
             # however the call ends (an error, or the client cancelling it: then this generator
             # is closed or cancelled, which is not an Exception), nothing of it runs on: the
@@ -137,10 +128,7 @@ class CellExplainServicer(_CellExplainBase):
         return pb.ListModelsResponse(models=[pb.ModelSummary(**m.model_dump()) for m in models])
 
     async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        try:
-            detail = self.annotator.model_detail(request.name)
-        except Exception as e:
-            await _abort(context, "grpc", e)
+        detail = self.annotator.model_detail(request.name)
         return pb.GetModelResponse(
             tag=detail.tag, providers=detail.providers, card_json=detail.card.model_dump_json()
         )
@@ -159,21 +147,15 @@ class InferenceServicer(_InferenceBase):
         return oip_pb.ServerReadyResponse(ready=bool(self.annotator.models))
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        try:
-            oip.check_version(self.annotator.get(request.name), request.version)
-        except Exception as e:
-            await _abort(context, "oip-grpc", e)
+        oip.check_version(self.annotator.get(request.name), request.version)
         return oip_pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         return oip_pb.ServerMetadataResponse(**oip.server_metadata())
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        try:
-            lm = self.annotator.get(request.name)
-            oip.check_version(lm, request.version)
-        except Exception as e:
-            await _abort(context, "oip-grpc", e)
+        lm = self.annotator.get(request.name)
+        oip.check_version(lm, request.version)
         md = oip.model_metadata(lm)
         res = oip_pb.ModelMetadataResponse(
             name=md["name"], versions=md["versions"], platform=md["platform"]
@@ -184,15 +166,12 @@ class InferenceServicer(_InferenceBase):
         return res
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        try:
-            if not request.model_name:
-                raise InvalidInputError("model_name is required", "model_name")
-            oip.check_output_count(len(request.outputs))
-            inputs = oip_converters.infer_inputs(request)
-            requested = [o.name for o in request.outputs] or None
-            lm, outputs = await oip.infer(
-                self.annotator, request.model_name, request.model_version, inputs, requested
-            )
-        except Exception as e:
-            await _abort(context, "oip-grpc", e)
+        if not request.model_name:
+            raise InvalidInputError("model_name is required", "model_name")
+        oip.check_output_count(len(request.outputs))
+        inputs = oip_converters.infer_inputs(request)
+        requested = [o.name for o in request.outputs] or None
+        lm, outputs = await oip.infer(
+            self.annotator, request.model_name, request.model_version, inputs, requested
+        )
         return oip_converters.infer_response(lm.name, lm.model.card.version, request.id, outputs)

@@ -18,6 +18,8 @@ import yaml
 
 from tests.conftest import require
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[2]
 RULE = REPO / "deploy" / "base" / "prometheusrule.yaml"
 TESTS = REPO / "deploy" / "alerts" / "tests.yaml"

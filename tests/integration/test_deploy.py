@@ -12,6 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+pytestmark = pytest.mark.integration
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_VERSION = "1.30.0"
 

@@ -1,0 +1,279 @@
+"""The HTTP API as one ASGI app, built by :func:`create_app` from settings and an annotator:
+``/v1`` (the typed API: JSON and ``.h5ad`` uploads) and ``/v2`` (the Open Inference Protocol),
+behind the :class:`~cellexplain.service.gate.Gate`.
+
+Only translation lives here: HTTP in, :class:`~cellexplain.service.core.Annotator` call, HTTP
+out; every error is answered by :func:`~cellexplain.service.failures.http_response`. Importing
+this module does nothing else: the BentoML service (:mod:`cellexplain.service.rest`) builds the
+app in each worker, and tests build it in-process::
+
+    app = create_app(settings, Annotator.from_settings(settings))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        await c.get("/v1/models")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import FastAPI, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Mount
+from starlette.types import ASGIApp
+
+from cellexplain import __version__
+from cellexplain.api.errors import ServiceError, brief
+from cellexplain.api.schemas import (
+    DEFAULTS,
+    AnnotateOptions,
+    AnnotateResponse,
+    AttributionMode,
+    InputKind,
+    ModelDetail,
+    ModelList,
+)
+from cellexplain.service import jsonbody, oip, oip_http, openapi, sandbox, v1
+from cellexplain.service.anndata_io import info as result_info
+from cellexplain.service.anndata_io import open_result, to_annotations
+from cellexplain.service.core import Annotator
+from cellexplain.service.failures import http_response
+from cellexplain.service.gate import Gate, door_of
+from cellexplain.service.h5ad_check import Limits
+from cellexplain.service.offload import Offload, answer_bytes
+from cellexplain.service.settings import Settings
+from cellexplain.service.uploads import (
+    H5AD_MEDIA_TYPE,
+    check_form_fields,
+    read_body,
+    safe_filename,
+    save_upload,
+    stream_file,
+    unless_disconnected,
+)
+
+#: the upload form's fields (annotate_h5ad's parameters)
+UPLOAD_FIELDS = (
+    "file",
+    "model",
+    "gene_key",
+    "layer",
+    "input",
+    "top_k",
+    "attributions",
+    "target",
+    "unassigned_threshold",
+)
+
+
+def create_app(
+    settings: Settings,
+    annotator: Annotator,
+    ready: Callable[[], bool] | None = None,
+    gate: bool = True,
+) -> ASGIApp:
+    """The HTTP API over ``annotator``, with ``settings``' limits.
+
+    Args:
+        ready: what ``/v2/health/ready`` reports (default: the annotator has models).
+        gate: wrap the app in the :class:`~cellexplain.service.gate.Gate` (the BentoML service
+            puts the gate around its whole server instead, its own routes included).
+    """
+    is_ready = ready or (lambda: bool(annotator.models))
+    offload = Offload()
+    uploads = asyncio.Semaphore(settings.max_concurrent_uploads)  # readers at once, per worker
+    sandbox_limits = sandbox.SandboxLimits(
+        settings.upload_memory_bytes, settings.upload_cpu_s, settings.upload_timeout_s
+    )
+    upload_limits = Limits(
+        settings.max_cells_per_request, settings.max_genes_per_request, settings.max_h5ad_bytes
+    )
+
+    api = FastAPI(
+        title="cellexplain",
+        version=__version__,
+        description="Cell-type annotation with per-gene attributions computed inside the "
+        "model's ONNX graph. Errors are JSON: {error: {type, field, message}}.",
+    )
+    openapi.install(api)
+
+    @api.post(
+        "/annotate",
+        response_model=AnnotateResponse,
+        response_model_exclude_none=True,
+        openapi_extra=openapi.ANNOTATE_BODY,
+    )
+    async def annotate(request: Request) -> Response:
+        """Annotate cells: labels, confidence, and the genes that drove each call."""
+        body = await read_body(request)
+        # read straight from bytes into arrays, the limits checked before and while parsing
+        # (service/jsonbody.py)
+        parse = functools.partial(
+            jsonbody.parse_annotate,
+            body,
+            settings.max_cells_per_request,
+            settings.max_genes_per_request,
+        )
+        req = await offload.parse(len(body), parse)
+        res = await annotator.annotate(req.genes, req.X, req.options, req.cell_ids, req.genes_field)
+        answer = await offload.render(answer_bytes(res), functools.partial(v1.json_bytes, res))
+        return Response(answer, media_type="application/json")
+
+    @api.post(
+        "/annotate/h5ad",
+        response_class=Response,
+        responses={200: {"content": {H5AD_MEDIA_TYPE: {}}, "description": "annotated .h5ad"}},
+    )
+    async def annotate_h5ad(
+        request: Request,
+        file: UploadFile,
+        model: Annotated[str | None, Form()] = None,
+        gene_key: Annotated[str | None, Form(description="var column with genes")] = None,
+        layer: Annotated[str | None, Form(description="'raw', a layer, or X")] = None,
+        input: Annotated[InputKind, Form()] = DEFAULTS.input,
+        top_k: Annotated[int, Form(ge=0)] = DEFAULTS.top_k,
+        attributions: Annotated[AttributionMode, Form()] = DEFAULTS.attributions,
+        target: Annotated[str, Form()] = DEFAULTS.target,
+        unassigned_threshold: Annotated[float | None, Form(ge=0, le=1)] = None,
+    ) -> Response:
+        """Upload an .h5ad file and get it back annotated: obs label/confidence/top-gene
+        columns, attributions and probabilities in obsm, the details in uns['cellexplain'].
+
+        The upload is checked and read in a child process with memory, CPU-time and wall-clock
+        limits (service/sandbox.py), after a check that it is self-contained and within the
+        cell, gene and byte limits once decompressed (service/h5ad_check.py); it goes from the
+        request to a temporary file and back without being held in memory whole."""
+        check_form_fields(await request.form(), UPLOAD_FIELDS)
+        opts = AnnotateOptions(
+            model=model,
+            input=input,
+            top_k=top_k,
+            attributions=attributions,
+            target=target,
+            unassigned_threshold=unassigned_threshold,
+        )
+        async with uploads:
+            with (
+                sandbox.upload_folder() as tmp,
+                sandbox.SandboxedUpload(tmp, upload_limits, sandbox_limits, gene_key, layer) as job,
+            ):
+                await asyncio.to_thread(save_upload, file, tmp / "upload.h5ad")
+                # checked and read in a child process that may die, never here
+                # (service/sandbox.py); a client that goes away meanwhile ends the work (and
+                # the child) at once
+                data = await unless_disconnected(request, job.read_async())
+                names, genes = data.cells, data.genes
+
+                def where(r: int, c: int) -> tuple[str, str]:
+                    return f"cell {brief(names[r])} (row {r}), gene {brief(genes[c])}", "file"
+
+                res = await unless_disconnected(
+                    request, annotator.annotate(genes, data.X, opts, names, "var_names", where)
+                )
+                del data
+                annotations = await offload.render(
+                    answer_bytes(res), functools.partial(to_annotations, res)
+                )
+                path = await unless_disconnected(
+                    request, job.write_async(annotations, result_info(res))
+                )
+                out = open_result(path)
+        # the open result file outlives its (removed) directory until the answer is sent
+        name = safe_filename(file.filename)
+        return StreamingResponse(
+            stream_file(out),
+            media_type=H5AD_MEDIA_TYPE,
+            headers={
+                "Content-Disposition": f'attachment; filename="{name}.annotated.h5ad"',
+                "Content-Length": str(os.fstat(out.fileno()).st_size),
+            },
+        )
+
+    @api.get("/models")
+    def models() -> ModelList:
+        """The served models."""
+        return annotator.list_models()
+
+    @api.get("/models/{name}")
+    def model_detail(name: str) -> ModelDetail:
+        """A served model's card (genes, classes, metrics, attribution method)."""
+        return annotator.model_detail(name)
+
+    # -- the Open Inference Protocol (KServe V2) over HTTP ---------------------------------------
+    v2 = FastAPI(
+        title="cellexplain: Open Inference Protocol (V2)",
+        version=__version__,
+        description="KServe/Triton V2 REST protocol; errors are {error: message} as it specifies.",
+        openapi_url="/v2/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @v2.get("/v2")
+    def v2_server_metadata() -> dict[str, object]:
+        return oip.server_metadata()
+
+    @v2.get("/v2/health/live")
+    def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @v2.get("/v2/health/ready")
+    def v2_ready() -> dict[str, bool]:
+        return {"ready": is_ready()}
+
+    @v2.get("/v2/models/{name}")
+    @v2.get("/v2/models/{name}/versions/{version}")
+    def v2_model_metadata(name: str, version: str | None = None) -> dict[str, object]:
+        lm = annotator.get(name)
+        oip.check_version(lm, version)
+        return oip.model_metadata(lm)
+
+    @v2.get("/v2/models/{name}/ready")
+    @v2.get("/v2/models/{name}/versions/{version}/ready")
+    def v2_model_ready(name: str, version: str | None = None) -> JSONResponse:
+        lm = annotator.get(name)
+        oip.check_version(lm, version)
+        return JSONResponse({"name": name, "ready": True})
+
+    @v2.post("/v2/models/{name}/infer")
+    @v2.post("/v2/models/{name}/versions/{version}/infer")
+    async def v2_infer(name: str, request: Request, version: str | None = None) -> Response:
+        """Inference on the model's own input ``x`` (FP32 [n, n_genes], log1p CP10k of the
+        model's genes in card order) and optional ``target`` (INT64)."""
+        body = await read_body(request)
+        header = request.headers.get(oip_http.HEADER_LENGTH)
+        decode = functools.partial(oip_http.decode, body, header, settings.max_cells_per_request)
+        json_part = oip_http.json_size(header, len(body))
+        req = await offload.parse(len(body) if json_part is None else json_part, decode)
+        lm, outputs = await oip.infer(annotator, name, version, req.inputs, req.requested)
+        size = sum(t.data.nbytes for t in outputs)
+        encode = functools.partial(oip_http.encode, lm.name, lm.model.card.version, req, outputs)
+        answer, headers = await offload.render(size, encode)
+        return Response(answer, headers=headers)
+
+    async def answer_error(request: Request, exc: Exception) -> Response:
+        return http_response(door_of(request.scope.get("path", "")), exc)
+
+    # each kind by name: Starlette answers a handler for Exception itself only after the
+    # error has reached its server-error middleware, which then raises it again
+    for app in (api, v2):
+        for kind in (
+            Exception,
+            ServiceError,
+            RequestValidationError,
+            ValidationError,
+            ClientDisconnect,
+            StarletteHTTPException,
+        ):
+            app.add_exception_handler(kind, answer_error)
+
+    root: ASGIApp = Starlette(routes=[Mount("/v1", app=api), Mount("", app=v2)])
+    return Gate(root, settings) if gate else root

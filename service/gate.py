@@ -1,0 +1,179 @@
+"""The gate: the first thing every HTTP request meets, on the whole server (BentoML's own
+routes ``/`` and ``/docs.json`` included), before any body is read.
+
+* a head of more than :data:`MAX_HEADERS` fields or :data:`MAX_HEADER_BYTES` is refused (431),
+  a header value that is not UTF-8, a compressed body, or a header of :data:`SINGLE_HEADERS`
+  given twice (400);
+* with ``CELLEXPLAIN_API_KEYS`` set, every path but the probes and ``/metrics`` needs a key
+  (401);
+* bodies over the limit are refused with 413 before they are read into memory (``.h5ad``
+  uploads have ``max_h5ad_bytes``, everything else ``max_body_bytes``), and while they arrive;
+* a body that stops arriving for ``http_body_timeout_s`` gets 408;
+* a worker holding ``max_inflight_bytes`` of bodies answers 503 with ``Retry-After``.
+
+Errors use the body of the API the path belongs to: ``/v2`` (Open Inference Protocol) gets
+``{"error": message}``, everything else ``/v1``'s ``{"error": {type, field, message}}``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cellexplain.api.errors import (
+    HeadersTooLargeError,
+    InvalidInputError,
+    NotReadyError,
+    ServiceError,
+    TooLargeError,
+    brief,
+)
+from cellexplain.service import auth, http_timeouts
+from cellexplain.service.failures import http_response
+from cellexplain.service.settings import Settings
+
+#: a request head's bounds: h11 bounds only a head that is still incomplete, so ~128 KiB in
+#: one read (thousands of small fields, ~3 MB of Python objects) reaches the app; refused here
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024
+#: headers that must not be given twice (one would be read, silently; a proxy might read the
+#: other)
+SINGLE_HEADERS = (
+    b"inference-header-content-length",
+    b"content-encoding",
+    b"authorization",
+    b"x-api-key",
+)
+
+
+def door_of(path: str) -> str:
+    """The API a path belongs to: ``oip-rest`` under ``/v2``, otherwise ``rest``."""
+    return "oip-rest" if path == "/v2" or path.startswith("/v2/") else "rest"
+
+
+class Gate:
+    """ASGI middleware enforcing the module's rules on ``app``, with ``settings``' limits."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.keys = settings.api_keys
+        self.max_bytes = settings.max_body_bytes
+        self.max_h5ad_bytes = settings.max_h5ad_bytes
+        self.body_timeout_s = settings.http_body_timeout_s
+        self.inflight_limit = settings.inflight_bytes
+        #: bytes of request bodies admitted and not yet answered, in this worker
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = str(scope.get("path", ""))
+        try:
+            raw_headers = scope.get("headers") or []
+            check_head(raw_headers)
+            headers = decode_headers(raw_headers)
+            if self.keys and path not in auth.OPEN_PATHS:
+                auth.check(self.keys, headers.get("authorization"), headers.get("x-api-key"))
+            h5ad = path.endswith("/annotate/h5ad")
+            limit, setting = (
+                (self.max_h5ad_bytes, "CELLEXPLAIN_MAX_H5AD_BYTES")
+                if h5ad
+                else (self.max_bytes, "CELLEXPLAIN_MAX_BODY_BYTES")
+            )
+            declared = headers.get("content-length", "")
+            known = declared.isascii() and declared.isdigit()
+            # leading zeros are allowed (h11 takes 20 digits); more than 18 significant digits
+            # is more than any limit, without asking int() to read them
+            size = int(declared) if known and len(declared.lstrip("0")) <= 18 else 1 << 62
+            if known and size > limit:
+                raise too_large(size, limit, setting)
+            # what the body may hold in memory while it is parsed and answered; uploads are
+            # spooled to disk. A request alone is always admitted, so any body within the
+            # limit can be served
+            chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+            body = 0 if h5ad else (size if known else (limit if chunked else 0))
+            if body and self.inflight and self.inflight + body > self.inflight_limit:
+                raise self._busy(body)
+        except ServiceError as e:
+            await http_response(door_of(path), e)(scope, receive, send)
+            return
+        received = held = 0
+        more_body = True
+
+        async def limited() -> Message:
+            nonlocal received, more_body, held
+            if more_body:  # each piece of the body within the timeout of the one before
+                message = await http_timeouts.receive_with_timeout(receive, self.body_timeout_s)
+            else:  # after the body: a wait for the client to go away, not timed
+                message = await receive()
+            if message["type"] == "http.request":
+                more_body = bool(message.get("more_body", False))
+                piece = len(message.get("body", b""))
+                received += piece
+                if received > limit:
+                    raise too_large(received, limit, setting)
+                if not h5ad and piece:  # held bytes are counted as they arrive
+                    others = self.inflight - held  # a request alone is always admitted
+                    if others and self.inflight + piece > self.inflight_limit:
+                        raise self._busy(piece)
+                    held += piece
+                    self.inflight += piece
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        finally:
+            self.inflight -= held
+
+    def _busy(self, more: int) -> NotReadyError:
+        return NotReadyError(
+            f"this worker holds {self.inflight} bytes of request bodies; {more} more would pass "
+            f"CELLEXPLAIN_MAX_INFLIGHT_BYTES ({self.inflight_limit}): retry shortly",
+            "body",
+        )
+
+
+def check_head(raw: list[tuple[bytes, bytes]]) -> None:
+    """Refuse a head of more than :data:`MAX_HEADERS` fields or :data:`MAX_HEADER_BYTES`
+    (431), a compressed body (no Content-Encoding is supported) and a header of
+    :data:`SINGLE_HEADERS` given twice (400)."""
+    size = sum(len(k) + len(v) for k, v in raw)
+    if len(raw) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+        raise HeadersTooLargeError(
+            f"the request has {len(raw)} header fields of {size} bytes in all; the limits are "
+            f"{MAX_HEADERS} fields and {MAX_HEADER_BYTES} bytes",
+            "headers",
+        )
+    names = Counter(k.lower() for k, _ in raw)
+    for name in SINGLE_HEADERS:
+        if names[name] > 1:
+            raise InvalidInputError(f"header {name.decode()} is given more than once", "headers")
+    for k, v in raw:
+        if k.lower() == b"content-encoding" and v.strip().lower() not in (b"", b"identity"):
+            raise InvalidInputError(
+                f"Content-Encoding {brief(v.decode('latin-1'))} is not supported: send the "
+                "body uncompressed",
+                "headers",
+            )
+
+
+def decode_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Header names (lower case) to values, refusing (400) a value that is not UTF-8."""
+    headers: dict[str, str] = {}
+    for k, v in raw:
+        name = k.decode("latin-1").lower()
+        try:
+            headers[name] = v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"header {brief(name)} is not UTF-8 text", "headers") from None
+    return headers
+
+
+def too_large(n: int, limit: int, setting: str) -> TooLargeError:
+    return TooLargeError(
+        f"request body of {n} bytes exceeds the limit of {limit} bytes ({setting}); "
+        "split the request",
+        "body",
+    )

@@ -41,6 +41,10 @@ class AnnotateOptions(_Schema):
 #: the option defaults, defined once above: the REST form, the clients and the CLI take theirs
 #: from here
 DEFAULTS = AnnotateOptions()
+#: the options' names, declared once above: the upload form's fields and the CLI's flags are
+#: made from AnnotateOptions' fields; the client's arguments and the proto's fields are checked
+#: against them (tests/unit/test_options.py)
+OPTION_NAMES: tuple[str, ...] = tuple(AnnotateOptions.model_fields)
 
 
 class AnnotateRequest(AnnotateOptions):

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from cellexplain.api.schemas import DEFAULTS, AttributionMode, InputKind
 from cellexplain.models.card import ModelCard
 from cellexplain.models.errors import CellexplainError
 
@@ -294,23 +293,75 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the annotation options' flags: made from AnnotateOptions' fields (their types, choices,
+#: defaults and descriptions), named as below where the flag is not the field's name
+OPTION_FLAGS = {"unassigned_threshold": "--threshold"}
+#: options the command does not take, and why
+NOT_FLAGS = {"return_probabilities": "the annotated file always holds every class's probability"}
+#: what the file gets, said beside a flag's description
+FLAG_NOTES = {
+    "attributions": "top_k: obs['cellexplain_top_genes']; full also writes "
+    "obsm['cellexplain_attributions'] (cells x genes) and the program attributions",
+}
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per annotation option (:class:`~cellexplain.api.schemas.AnnotateOptions`), but
+    those of :data:`NOT_FLAGS`."""
+    from cellexplain.api.schemas import AnnotateOptions
+
+    for name, field in AnnotateOptions.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
+        flag = OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))
+        kind = field.annotation
+        args = get_args(kind)
+        kw: dict[str, Any] = {"dest": name, "default": field.default}
+        if args and all(isinstance(a, str) for a in args):  # a Literal: its values
+            kw["choices"] = list(args)
+        else:
+            kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+            if kind is int:
+                kw["type"] = int
+            elif float in (kind, *args):
+                kw["type"] = float
+        help_text = FLAG_NOTES.get(name, field.description or "")
+        default = "" if field.default is None else " (default: %(default)s)"
+        parser.add_argument(flag, help=help_text.replace("%", "%%") + default, **kw)
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~cellexplain.api.schemas.AnnotateOptions` the flags give (validated)."""
+    from cellexplain.api.schemas import AnnotateOptions
+
+    given = {n: getattr(args, n) for n in AnnotateOptions.model_fields if n not in NOT_FLAGS}
+    return AnnotateOptions(**given)
+
+
+def _validation_message(e: ValueError) -> str:
+    errors = getattr(e, "errors", None)
+    if not callable(errors):
+        return str(e)
+    parts = []
+    for err in errors():
+        name = str(err["loc"][0]) if err.get("loc") else ""
+        flag = OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))
+        parts.append(f"{flag}: {err['msg']}")
+    return "; ".join(parts)
+
+
 def cmd_annotate(args: argparse.Namespace) -> int:
     """Annotate an .h5ad file of any size, through a running service or in-process."""
     import asyncio
 
     from cellexplain.api.errors import ServiceError
-    from cellexplain.api.schemas import AnnotateOptions
     from cellexplain.client.pipeline import LocalBackend, annotate_file, cancel_on_sigterm
     from cellexplain.client.remote import ClientError
 
-    options = AnnotateOptions(
-        model=args.model,
-        input=args.input,
-        top_k=args.top_k,
-        attributions=args.attributions,
-        target=args.target,
-        unassigned_threshold=args.threshold,
-    )
+    try:
+        options = options_from_args(args)
+    except ValueError as e:  # pydantic's, for a value argparse could not check (a range)
+        raise CLIError(_validation_message(e)) from e
 
     async def run() -> int:
         cancel_on_sigterm()
@@ -431,21 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc", help="gRPC target host:port (default: the URL's host, 50051)")
     # the API key, when the service needs one, comes from CELLEXPLAIN_CLIENT_API_KEY (not a flag:
     # command lines end up in shell history and process lists)
-    p.add_argument("--model", help="model name (default: the service's default)")
+    add_option_flags(p)
     p.add_argument("--model-dir", help="with --local: an artifact folder instead of the store")
     p.add_argument("--chunk-size", type=int, default=1000, help="cells per request")
     p.add_argument("--concurrency", type=int, default=2, help="chunks in flight")
-    p.add_argument(
-        "--attributions",
-        choices=get_args(AttributionMode),
-        default=DEFAULTS.attributions,
-        help="top_k: obs['cellexplain_top_genes']; full also writes "
-        "obsm['cellexplain_attributions'] (cells x genes) and the program attributions",
-    )
-    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
-    p.add_argument("--target", default=DEFAULTS.target)
-    p.add_argument("--threshold", type=float, help="Unassigned below this confidence")
-    p.add_argument("--input", choices=get_args(InputKind), default=DEFAULTS.input)
     p.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs")
     p.add_argument("--layer", help="'raw', a layer name, or omit for X")
     p.add_argument("--cluster-key", help="obs column of clusters: add majority voting")

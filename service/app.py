@@ -33,11 +33,9 @@ from starlette.types import ASGIApp
 from cellexplain import __version__
 from cellexplain.api.errors import ServiceError, brief
 from cellexplain.api.schemas import (
-    DEFAULTS,
+    OPTION_NAMES,
     AnnotateOptions,
     AnnotateResponse,
-    AttributionMode,
-    InputKind,
     ModelDetail,
     ModelList,
 )
@@ -60,18 +58,9 @@ from cellexplain.service.uploads import (
     unless_disconnected,
 )
 
-#: the upload form's fields (annotate_h5ad's parameters)
-UPLOAD_FIELDS = (
-    "file",
-    "model",
-    "gene_key",
-    "layer",
-    "input",
-    "top_k",
-    "attributions",
-    "target",
-    "unassigned_threshold",
-)
+#: the upload form's fields: the file, where its genes and values are, and every annotation
+#: option (AnnotateOptions' fields, read from the form as the JSON door reads them)
+UPLOAD_FIELDS = ("file", "gene_key", "layer", *OPTION_NAMES)
 
 
 def create_app(
@@ -135,14 +124,8 @@ def create_app(
     async def annotate_h5ad(
         request: Request,
         file: UploadFile,
-        model: Annotated[str | None, Form()] = None,
         gene_key: Annotated[str | None, Form(description="var column with genes")] = None,
         layer: Annotated[str | None, Form(description="'raw', a layer, or X")] = None,
-        input: Annotated[InputKind, Form()] = DEFAULTS.input,
-        top_k: Annotated[int, Form(ge=0)] = DEFAULTS.top_k,
-        attributions: Annotated[AttributionMode, Form()] = DEFAULTS.attributions,
-        target: Annotated[str, Form()] = DEFAULTS.target,
-        unassigned_threshold: Annotated[float | None, Form(ge=0, le=1)] = None,
     ) -> Response:
         """Upload an .h5ad file and get it back annotated: obs label/confidence/top-gene
         columns, attributions and probabilities in obsm, the details in uns['cellexplain'].
@@ -151,15 +134,9 @@ def create_app(
         limits (service/sandbox.py), after a check that it is self-contained and within the
         cell, gene and byte limits once decompressed (service/h5ad_check.py); it goes from the
         request to a temporary file and back without being held in memory whole."""
-        check_form_fields(await request.form(), UPLOAD_FIELDS)
-        opts = AnnotateOptions(
-            model=model,
-            input=input,
-            top_k=top_k,
-            attributions=attributions,
-            target=target,
-            unassigned_threshold=unassigned_threshold,
-        )
+        form = await request.form()
+        check_form_fields(form, UPLOAD_FIELDS)
+        opts = AnnotateOptions.model_validate({k: form[k] for k in OPTION_NAMES if k in form})
         async with uploads:
             with (
                 sandbox.upload_folder() as tmp,

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from cellexplain.api.schemas import AnnotateRequest, ErrorResponse
+from cellexplain.api.schemas import AnnotateOptions, AnnotateRequest, ErrorResponse
 
 #: error statuses each kind of /v1 operation can answer (401 only with CELLEXPLAIN_API_KEYS)
 ERRORS_BY_METHOD = {
@@ -70,6 +70,11 @@ def document(app: FastAPI) -> dict[str, Any]:
         components[model.__name__] = definition
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
+    # the upload form reads every annotation option from its fields (service/app.py)
+    options = AnnotateOptions.model_json_schema()["properties"]
+    for name, body in components.items():
+        if name.startswith("Body_annotate_h5ad"):
+            body.setdefault("properties", {}).update(options)
     error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for path, item in schema.get("paths", {}).items():
         for method, op in item.items():

@@ -162,12 +162,22 @@ def test_h5ad_upload_comes_back_annotated(client, small_counts_h5ad, cells):
 
 
 def test_h5ad_upload_refuses_unknown_or_repeated_form_fields(client, small_counts_h5ad):
-    """A misspelt option is not silently ignored (the JSON door refuses unknown fields too)."""
-    for data in ({"topk": "3"}, {"return_probabilities": "true"}, {"top_k": ["3", "5"]}):
+    """A misspelt option is not silently ignored (the JSON door refuses unknown fields too);
+    every option the JSON door takes, the form takes, with the same checks."""
+    for data, field in (
+        ({"topk": "3"}, "topk"),
+        ({"top_k": ["3", "5"]}, "top_k"),
+        ({"top_k": "-1"}, "top_k"),
+        ({"unassigned_threshold": "1.5"}, "unassigned_threshold"),
+    ):
         with open(small_counts_h5ad, "rb") as f:
             r = client.post("/v1/annotate/h5ad", files={"file": ("x.h5ad", f)}, data=data)
         assert r.status_code == 400, r.text[:300]
-        assert r.json()["error"]["field"] in ("topk", "return_probabilities", "top_k")
+        assert r.json()["error"]["field"] == field, r.text[:300]
+    with open(small_counts_h5ad, "rb") as f:
+        data = {"return_probabilities": "true", "top_k": "2", "unassigned_threshold": "0.9"}
+        r = client.post("/v1/annotate/h5ad", files={"file": ("x.h5ad", f)}, data=data)
+    assert r.status_code == 200, r.text[:300]
 
 
 def test_h5ad_raw_layer_and_bad_files(client, pbmc, tmp_path):

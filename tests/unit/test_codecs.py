@@ -20,7 +20,7 @@ from cellexplain.api import proto_v1
 from cellexplain.api.annotations import UNASSIGNED, Annotations
 from cellexplain.api.codegen import load
 from cellexplain.api.errors import InvalidInputError
-from cellexplain.api.schemas import DEFAULTS, AnnotateOptions, AnnotateResponse
+from cellexplain.api.schemas import AnnotateOptions, AnnotateResponse
 from cellexplain.service import anndata_io, oip, oip_http, v1
 from cellexplain.service.core import Annotator, Result
 from cellexplain.service.settings import Settings
@@ -180,29 +180,6 @@ def test_oip_inference_is_the_same_result(annotator, cells):
     np.testing.assert_allclose(oip.attributions, res.attributions, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(oip.completeness_gap, res.completeness_gap, rtol=1e-3, atol=1e-6)
     assert list(oip.labels) == list(res.labels)
-
-
-def test_every_option_default_is_the_schemas():
-    """The REST form, the Python client, the CLI and the gRPC decoder take their defaults
-    from AnnotateOptions (DEFAULTS), so no door answers differently when an option is left
-    out."""
-    import inspect
-
-    from cellexplain.client.cli import build_parser
-    from cellexplain.client.remote import AsyncClient
-
-    sig = inspect.signature(AsyncClient.annotate).parameters
-    for name in ("input", "attributions", "top_k", "target"):
-        assert sig[name].default == getattr(DEFAULTS, name), name
-    args = build_parser().parse_args(["annotate", "x.h5ad", "--out", "y.h5ad"])
-    assert (args.input, args.attributions, args.top_k, args.target) == (
-        DEFAULTS.input,
-        DEFAULTS.attributions,
-        DEFAULTS.top_k,
-        DEFAULTS.target,
-    )
-    empty = proto_v1.options(pb.AnnotateOptions())
-    assert empty.model_dump() == DEFAULTS.model_dump()
 
 
 def test_grpc_options_refuse_enum_values_the_proto_does_not_define():

@@ -331,6 +331,11 @@ def test_openapi_describes_the_api(client):
     schemas = doc["components"]["schemas"]
     assert {"AnnotateRequest", "AnnotateResponse", "CellAnnotation"} <= set(schemas)
     assert "top_k" in schemas["AnnotateRequest"]["properties"]
+    # the upload form documents every option it reads
+    from cellexplain.api.schemas import OPTION_NAMES
+
+    (form,) = [v for k, v in schemas.items() if k.startswith("Body_annotate_h5ad")]
+    assert {"file", "gene_key", "layer", *OPTION_NAMES} <= set(form["properties"])
     # every error the gate can give is documented, on every operation
     for item in doc["paths"].values():
         for op in item.values():

@@ -163,6 +163,21 @@ def _require_valid(
         raise InvalidInputError(f"{text} is {what}: expression values must be {rule}", field)
 
 
+def check_cell_count(n: int, limit: int) -> None:
+    """The cell limit, the core's rule; codecs that must refuse a body before they allocate its
+    matrix (a memory pre-check) call this same function.
+
+    Raises:
+        TooLargeError: more than ``limit`` cells (413, ``RESOURCE_EXHAUSTED``).
+    """
+    if n > limit:
+        raise TooLargeError(
+            f"{n} cells in one request; the limit is {limit} (split the request, or use "
+            "the streaming gRPC API)",
+            "cells",
+        )
+
+
 def resolve_models(settings: Settings) -> list[tuple[str, Path]]:
     """``(tag, folder)`` of every model the settings name (store tags, then folders), checked
     before anything loads: each exists and is intact, their names are distinct, the default
@@ -481,13 +496,7 @@ class Annotator:
         )
 
     def _check_n_cells(self, n: int) -> None:
-        limit = self.settings.max_cells_per_request
-        if n > limit:
-            raise TooLargeError(
-                f"{n} cells in one request; the limit is {limit} (split the request, or use "
-                "the streaming gRPC API)",
-                "cells",
-            )
+        check_cell_count(n, self.settings.max_cells_per_request)
 
     @staticmethod
     def _target_index(target: str, lm: LoadedModel) -> int:

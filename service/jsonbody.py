@@ -30,6 +30,7 @@ import simdjson
 
 from cellexplain.api.errors import InvalidInputError, TooLargeError, brief
 from cellexplain.api.schemas import AnnotateOptions
+from cellexplain.service.core import check_cell_count
 
 #: arrays/objects a request may hold beside one per cell (the body, genes, cell_ids, ...)
 CONTAINER_SLACK = 8
@@ -216,14 +217,10 @@ def parse_annotate(body: bytes | bytearray, max_cells: int, max_genes: int) -> P
     if not isinstance(cells, simdjson.Array):
         raise InvalidInputError("cells must be a list of rows or of {gene: value} maps", "cells")
     n = len(cells)
-    if n == 0:
-        raise InvalidInputError("cells is empty: send at least one cell", "cells")
-    if n > max_cells:
-        raise TooLargeError(
-            f"{n} cells in one request; the limit is {max_cells} (split the request, or use "
-            "the streaming gRPC API)",
-            "cells",
-        )
+    check_cell_count(n, max_cells)  # before the matrix is allocated; the rule is the core's
+    if n == 0:  # refused by the core, with every other door's message
+        g = list(genes or [])
+        return ParsedAnnotate(options, g, np.zeros((0, len(g)), np.float32), cell_ids, "genes")
     if isinstance(cells[0], simdjson.Object):
         columns, X = _sparse(cells, genes, max_genes)
         if non_json:

@@ -1,0 +1,65 @@
+"""The upload check (:mod:`cellexplain.service.h5ad_check`) in-process, on real ``.h5ad`` files
+written by anndata and then edited with h5py as an attacker would: what passes, what is refused,
+and that each refusal names the HDF5 path inside the upload."""
+
+from __future__ import annotations
+
+import pytest
+
+from cellexplain.api.errors import InvalidInputError, TooLargeError
+from cellexplain.service.h5ad_check import Limits, check_h5ad
+from tests.integration import hostile_inputs as hostile
+
+LIMITS = Limits(max_cells=100, max_genes=50, max_bytes=10 << 20)
+GENES = [f"G{i}" for i in range(30)]
+
+
+@pytest.fixture
+def base():
+    return hostile.small_adata(GENES, n_cells=20)
+
+
+def test_a_file_anndata_wrote_passes_and_its_size_is_declared(base, tmp_path):
+    path = tmp_path / "ok.h5ad"
+    base.write_h5ad(path)
+    declared = check_h5ad(path, LIMITS)
+    assert (declared.n_cells, declared.n_genes) == (20, 30)
+    assert 0 < declared.nbytes < LIMITS.max_bytes and declared.objects > 5
+
+
+@pytest.mark.parametrize(
+    ("build", "where"),
+    [
+        (lambda b, p: hostile.external_storage(b, p, "/etc/hostname"), "/uns/leak"),
+        (lambda b, p: hostile.external_link(b, p, "/etc/hostname"), "/uns/x"),
+        (lambda b, p: hostile.soft_link(b, p), "/uns/x"),
+        (lambda b, p: hostile.virtual_dataset(b, p, "/etc/hostname"), "/uns/v"),
+        (lambda b, p: hostile.reference_dataset(b, p), "/uns/r"),
+    ],
+    ids=["external-storage", "external-link", "soft-link", "virtual", "reference"],
+)
+def test_objects_pointing_outside_the_file_are_refused_by_path(base, tmp_path, build, where):
+    path = build(base, tmp_path / "bad.h5ad")
+    with pytest.raises(InvalidInputError) as e:
+        check_h5ad(path, LIMITS)
+    assert where in e.value.message, e.value.message
+    assert "/etc/hostname" not in e.value.message  # nothing about the server's files
+
+
+def test_more_cells_or_genes_than_a_request_may_have_are_refused(tmp_path):
+    many_cells = hostile.small_adata(GENES, n_cells=101)
+    path = tmp_path / "cells.h5ad"
+    many_cells.write_h5ad(path)
+    with pytest.raises(TooLargeError, match="101"):
+        check_h5ad(path, LIMITS)
+    wide = hostile.small_adata([f"G{i}" for i in range(51)], n_cells=5)
+    wide.write_h5ad(path)
+    with pytest.raises(TooLargeError, match="51"):
+        check_h5ad(path, LIMITS)
+
+
+def test_a_file_that_is_not_hdf5_is_a_400(tmp_path):
+    path = tmp_path / "x.h5ad"
+    path.write_bytes(b"not an HDF5 file at all")
+    with pytest.raises(InvalidInputError):
+        check_h5ad(path, LIMITS)

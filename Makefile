@@ -10,7 +10,7 @@ DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 # what ruff checks (src/cellexplain holds the package root; pyproject.toml maps the folders)
 SOURCES := src setup.py models service client api tests benchmarks load_tests tools deploy/pin.py
 
-.PHONY: install proto serve test lint typecheck unit integration default-model compare clean \
+.PHONY: install proto serve test lint typecheck docs unit integration default-model compare clean \
 	bento bento-gpu image pin manifests load-test bench install-gpu wheel
 
 $(VENV)/.installed: pyproject.toml
@@ -63,7 +63,11 @@ unit: install
 integration: install
 	$(BIN)/pytest tests/integration -q
 
-test: lint typecheck
+# the manual (docs/) as a site in build/site; --strict: a broken link or anchor fails the build
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
+test: lint typecheck docs
 	$(BIN)/pytest tests -q
 
 # the project's sdist, and its wheel built from the unpacked sdist (the Bentos install it), with

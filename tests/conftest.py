@@ -81,3 +81,14 @@ def raw_cells(pbmc, n: int) -> tuple[list[str], np.ndarray]:
     raw = pbmc.raw.to_adata()
     reps = -(-n // raw.n_obs)
     return list(raw.var_names), np.tile(raw.X.toarray().astype(np.float32), (reps, 1))[:n]
+
+
+def assert_error(r, status: int, field_re: str, message_re: str) -> None:
+    """``r`` (an HTTP response of the /v1 API) is the error ``status`` whose field and message
+    match the patterns."""
+    import re
+
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert re.search(field_re, err["field"] or ""), err
+    assert re.search(message_re, err["message"]), err

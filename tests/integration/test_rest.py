@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import assert_error as _err
 from tests.conftest import train_small
 from tests.integration.servers import bentoml_server, import_into_store
 
@@ -60,13 +61,6 @@ def test_probes_and_the_api_behind_bentoml(client):
     assert r.status_code == 404 and r.json()["error"]["field"] == "model"
     # BentoML's own pages stay BentoML's
     assert client.get("/").status_code == 200 and client.get("/nope").status_code == 404
-
-
-def _err(r: httpx.Response, status: int, field_re: str, message_re: str) -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert re.search(field_re, err["field"] or ""), err
-    assert re.search(message_re, err["message"]), err
 
 
 def test_batching_merges_concurrent_requests_and_metrics_appear(server, cells):

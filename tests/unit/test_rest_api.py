@@ -7,9 +7,7 @@ one: uploads, read in a child process, the probes and metrics of ``bentoml serve
 from __future__ import annotations
 
 import json
-import re
 
-import httpx
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
@@ -19,6 +17,7 @@ from cellexplain.models.runtime import OnnxModel
 from cellexplain.service.app import create_app
 from cellexplain.service.core import Annotator
 from cellexplain.service.settings import Settings
+from tests.conftest import assert_error as _err
 from tests.conftest import train_small
 
 MAX_CELLS = 400
@@ -227,13 +226,6 @@ def test_explicit_target_class(client, cells):
     )
     assert r.status_code == 200
     assert {c["explained_class"] for c in r.json()["cells"]} == {"CD56+ NK"}
-
-
-def _err(r: httpx.Response, status: int, field_re: str, message_re: str) -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert re.search(field_re, err["field"] or ""), err
-    assert re.search(message_re, err["message"]), err
 
 
 def test_bad_inputs_get_clear_4xx(client, cells):

@@ -10,13 +10,15 @@ from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 
-def _generate() -> None:  # api/codegen.py, loaded by path: the package is not importable yet
+def _generate(force: bool = True) -> None:
+    """api/codegen.py, loaded by path (the package is not importable yet); ``force``: with the
+    pinned protoc, whatever was there."""
     spec = importlib.util.spec_from_file_location(
         "_cellexplain_codegen", Path(__file__).resolve().parent / "api" / "codegen.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.generate(force=True)  # with the pinned protoc, whatever was there
+    module.generate(force=force)
 
 
 class BuildWithProtos(build_py):
@@ -30,5 +32,11 @@ class SdistWithProtos(sdist):
         _generate()
         super().run()
 
+
+# every command (egg_info first) lists cellexplain.api._generated among the packages: on a clean
+# checkout it must exist before setuptools looks (grpcio-tools is a build requirement, so it is
+# there whenever pip builds; compiled only when missing or older than the protos)
+if importlib.util.find_spec("grpc_tools") is not None:
+    _generate(force=False)
 
 setup(cmdclass={"build_py": BuildWithProtos, "sdist": SdistWithProtos})

@@ -75,32 +75,28 @@ def open_result(path: Path) -> BinaryIO:
 
 def to_annotations(res: Result) -> Annotations:
     """A result as it lands in an AnnData (the same rule as a client's
-    :meth:`~cellexplain.api.annotations.Annotations.from_response`): top genes with
-    ``attributions='top_k'`` (or ``full``: its ``top_k`` largest), the attribution matrices with
-    ``attributions='full'`` only, probabilities always."""
-    opts = res.options
+    :meth:`~cellexplain.api.annotations.Annotations.from_response`), from its answer
+    (:attr:`~cellexplain.service.core.Result.answer`): top genes with attributions (``top_k``
+    or ``full``), the attribution matrices with ``attributions='full'`` only, probabilities
+    always."""
+    answer = res.answer
+    full = res.options.attributions == "full"
     classes = np.asarray(res.classes, dtype=object)
-    explain = opts.attributions != "none"
-    full = opts.attributions == "full"
     top = None
-    if explain and opts.top_k > 0:
+    if answer.top is not None:
         genes = np.asarray(res.card.genes, dtype=object)
-        top = np.array([";".join(genes[row]) for row in res.top_genes()], dtype=object)
+        top = np.array([";".join(genes[row]) for row in answer.top], dtype=object)
     prog = res.program_attributions
     return Annotations(
         label=res.labels,
         predicted_label=classes[res.best],
         confidence=res.confidence.astype(np.float32),
         probabilities=res.probabilities.astype(np.float32),
-        explained_class=classes[res.explained_class] if explain else None,
+        explained_class=classes[res.explained_class] if answer.explained else None,
         attributions=res.attributions.astype(np.float32) if full else None,
         top_genes=top,
         program_attributions=prog.astype(np.float32) if full and prog is not None else None,
-        completeness_gap=(
-            res.completeness_gap.astype(np.float32)
-            if explain and res.completeness_gap is not None
-            else None
-        ),
+        completeness_gap=answer.gap,
     )
 
 

@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -116,13 +116,58 @@ class Result:
     @property
     def labels(self) -> np.ndarray:
         """``[n]`` object array: the class, or ``Unassigned`` below the threshold."""
-        return np.where(
-            self.assigned, np.asarray(self.classes, dtype=object)[self.best], UNASSIGNED
-        )
+        names = np.asarray([*self.classes, UNASSIGNED], dtype=object)
+        return names[self.answer.label_code]
 
-    def top_genes(self) -> np.ndarray:
-        """``[n, top_k]`` indices into the model's genes of each cell's largest |attribution|."""
-        return top_k_indices(self.attributions, self.options.top_k)
+    @cached_property
+    def answer(self) -> Answer:
+        """What the answer holds for each cell, computed once: every codec serialises this."""
+        return Answer.of(self)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A result's answer, shaped once by the options' rules; the codecs only serialise it
+    (:mod:`~cellexplain.service.v1`: JSON and protobuf; :mod:`~cellexplain.service.anndata_io`:
+    AnnData). Arrays are ``[n]`` or ``[n, k]``, float32 values."""
+
+    #: the class index, or ``n_classes`` for Unassigned (below the threshold)
+    label_code: np.ndarray
+    #: attributions were asked for (``attributions`` is not ``none``)
+    explained: bool
+    #: gene indices of each cell's ``top_k`` largest |attribution|, and their values (when
+    #: attributions were asked for and ``top_k > 0``)
+    top: np.ndarray | None
+    top_values: np.ndarray | None
+    #: programs models: program indices by |attribution| (the ``top_k`` with
+    #: ``attributions='top_k'``, all with ``full``), their values, and the share of the free
+    #: (non-program) units
+    programs: np.ndarray | None
+    program_values: np.ndarray | None
+    free: np.ndarray | None
+    #: the completeness gap per cell (with attributions, for graphs that compute it)
+    gap: np.ndarray | None
+
+    @classmethod
+    def of(cls, res: Result) -> Answer:
+        opts = res.options
+        explained = opts.attributions != "none"
+        label_code = np.where(res.assigned, res.best, len(res.classes))
+        top = top_values = programs = program_values = free = None
+        if explained and opts.top_k > 0:
+            top = top_k_indices(res.attributions, opts.top_k)
+            top_values = np.take_along_axis(res.attributions, top, 1).astype(np.float32)
+        pa = res.program_attributions
+        gene_sets = res.card.gene_sets
+        if explained and pa is not None and gene_sets is not None and gene_sets.programs:
+            programs = np.argsort(-np.abs(pa), axis=1, kind="stable")
+            if opts.attributions == "top_k":
+                programs = programs[:, : opts.top_k]
+            program_values = np.take_along_axis(pa, programs, 1).astype(np.float32)
+            free = (res.attributions.sum(1) - pa.sum(1)).astype(np.float32)
+        gap = res.completeness_gap
+        gap = gap.astype(np.float32) if explained and gap is not None else None
+        return cls(label_code, explained, top, top_values, programs, program_values, free, gap)
 
 
 def _float64(X: np.ndarray | sp.spmatrix) -> np.ndarray | sp.csr_matrix:

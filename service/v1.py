@@ -30,7 +30,7 @@ from cellexplain.api.annotations import UNASSIGNED
 from cellexplain.api.codegen import load
 from cellexplain.api.errors import InvalidInputError, TooLargeError
 from cellexplain.service import metrics, protowire
-from cellexplain.service.core import Result
+from cellexplain.service.core import Answer, Result
 from cellexplain.service.protowire import FIXED32, LEN, key, length_prefix, string, varint
 
 pb = load("cellexplain_v1_pb2")
@@ -91,42 +91,11 @@ def _names(classes: tuple[str, ...], genes: tuple[str, ...], programs: tuple[str
     )
 
 
-@dataclass
-class _Cells:
-    """What both writers need, computed once per result with numpy."""
-
-    names: _Names
-    label_code: np.ndarray  # [n] index into label_*: the class, or n_classes = Unassigned
-    top: np.ndarray | None  # [n, k] gene indices (attributions='top_k')
-    top_values: np.ndarray | None  # [n, k] float32
-    programs: np.ndarray | None  # [n, p] program indices, by |attribution|
-    program_values: np.ndarray | None  # [n, p] float32
-    free: np.ndarray | None  # [n] float32: attribution of the free (non-program) units
-    gap: np.ndarray | None  # [n] float32: completeness gap (with attributions)
-
-
-def _cells(res: Result) -> _Cells:
-    opts = res.options
+def _cells(res: Result) -> tuple[_Names, Answer]:
+    """The answer's names (cached per model) and its shape (:attr:`Result.answer`)."""
     card = res.card
-    gene_sets = card.gene_sets
-    programs = tuple(gene_sets.programs) if gene_sets is not None else ()
-    names = _names(tuple(res.classes), tuple(card.genes), programs)
-    label_code = np.where(res.assigned, res.best, len(res.classes))
-    top = top_values = prog = prog_values = free = None
-    if opts.attributions == "top_k" and opts.top_k > 0:
-        top = res.top_genes()
-        top_values = np.take_along_axis(res.attributions, top, 1).astype(np.float32)
-    pa = res.program_attributions
-    if opts.attributions != "none" and pa is not None and programs:
-        prog = np.argsort(-np.abs(pa), axis=1, kind="stable")
-        if opts.attributions == "top_k":
-            prog = prog[:, : opts.top_k]
-        prog_values = np.take_along_axis(pa, prog, 1).astype(np.float32)
-        free = (res.attributions.sum(1) - pa.sum(1)).astype(np.float32)
-    gap = res.completeness_gap
-    if opts.attributions == "none" or gap is None:
-        gap = None
-    return _Cells(names, label_code, top, top_values, prog, prog_values, free, gap)
+    programs = tuple(card.gene_sets.programs) if card.gene_sets is not None else ()
+    return _names(tuple(res.classes), tuple(card.genes), programs), res.answer
 
 
 def _objects(items: list[bytes] | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -199,8 +168,7 @@ def json_bytes(res: Result) -> bytes:
     """The response as JSON (UTF-8)."""
     t0 = time.perf_counter()
     opts = res.options
-    c = _cells(res)
-    nm = c.names
+    nm, c = _cells(res)
     n = len(res)
     rows = _Rows(n)
     ids = _objects([orjson.dumps(i) for i in res.cell_ids], (n,))
@@ -213,7 +181,8 @@ def json_bytes(res: Result) -> bytes:
         rows.add(b',"probabilities":{')
         rows.interleave(nm.prob_json, _json_numbers(res.probabilities), b",", last=b"")
         rows.add(b"}")
-    if c.top is not None and c.top_values is not None:
+    # the /v1 contract: top genes with attributions='top_k', the whole vector with 'full'
+    if opts.attributions == "top_k" and c.top is not None and c.top_values is not None:
         rows.add(b',"top_genes":[')
         rows.interleave(nm.gene_json[c.top], _json_numbers(c.top_values), b"},", last=b"}")
         rows.add(b"]")
@@ -264,8 +233,7 @@ def protobuf_bytes(res: Result) -> bytes:
     the message with those fields: the protobuf encoding's merge rule)."""
     t0 = time.perf_counter()
     opts = res.options
-    c = _cells(res)
-    nm = c.names
+    nm, c = _cells(res)
     n = len(res)
     rows = _Rows(n)
     rows.add(_objects([string(_ID, i) if i else b"" for i in res.cell_ids], (n,)))
@@ -275,7 +243,8 @@ def protobuf_bytes(res: Result) -> bytes:
         rows.add(nm.explained_pb[res.explained_class])
     if opts.return_probabilities:
         rows.interleave(nm.prob_pb, _f32_pieces(res.probabilities))
-    if c.top is not None and c.top_values is not None:
+    # the /v1 contract: top genes with attributions='top_k', the whole vector with 'full'
+    if opts.attributions == "top_k" and c.top is not None and c.top_values is not None:
         rows.interleave(nm.gene_pb[c.top], _f32_pieces(c.top_values))
     elif opts.attributions == "full" and res.attributions.shape[1]:
         g = res.attributions.shape[1]

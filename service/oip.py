@@ -126,10 +126,9 @@ INPUT_DATATYPES = {"x": ("FP32", "FP64", "FP16"), "target": ("INT64", "INT32")}
 MAX_DIMS = 2
 
 
-def check_input(name: str, datatype: str, shape: Sequence[int], n_values: int | None) -> None:
-    """Refuse an input the model does not take, in a datatype it does not take, with more than
-    :data:`MAX_DIMS` dimensions or with a shape its ``n_values`` cannot fill: all from what
-    the request declares, before any value is read.
+def check_declared(name: str, datatype: str) -> None:
+    """Refuse an input the model does not take, or in a datatype it does not take (the rule
+    both OIP codecs apply, before they read anything else of the input).
 
     Raises:
         InvalidInputError: naming the input and the problem.
@@ -142,6 +141,17 @@ def check_input(name: str, datatype: str, shape: Sequence[int], n_values: int | 
     if datatype not in INPUT_DATATYPES[name]:
         want = "FP32" if name == "x" else "INT64"
         raise InvalidInputError(f"input {name} must be {want}, got {brief(datatype)}", name)
+
+
+def check_input(name: str, datatype: str, shape: Sequence[int], n_values: int | None) -> None:
+    """Refuse an input the model does not take, in a datatype it does not take, with more than
+    :data:`MAX_DIMS` dimensions or with a shape its ``n_values`` cannot fill: all from what
+    the request declares, before any value is read.
+
+    Raises:
+        InvalidInputError: naming the input and the problem.
+    """
+    check_declared(name, datatype)
     if len(shape) > MAX_DIMS:
         raise InvalidInputError(
             f"input {name}: shape has {len(shape)} dimensions; at most {MAX_DIMS}", name

@@ -41,8 +41,6 @@ class HttpInferRequest:
 #: dimensions an input tensor may have, and the largest dimension (OIP shapes are int64)
 MAX_DIMS = 8
 MAX_DIM = 2**31 - 1
-#: the only inputs our graphs take, and the datatypes accepted for them
-INPUT_DATATYPES = {"x": ("FP32", "FP64", "FP16"), "target": ("INT64", "INT32")}
 
 
 def json_size(header_length: str | None, body_size: int) -> int | None:
@@ -105,16 +103,7 @@ def decode(
         name, datatype = fields.get("name"), fields.get("datatype")
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise InvalidInputError(f"{where} needs a string name and datatype", where)
-        if name not in INPUT_DATATYPES:
-            raise InvalidInputError(
-                f"unknown input {brief(name)}; the model takes x (FP32) and optional "
-                "target (INT64)",
-                "inputs",
-            )
-        if datatype not in INPUT_DATATYPES[name]:
-            raise InvalidInputError(
-                f"input {name} must be {INPUT_DATATYPES[name][0]}, got {brief(datatype)}", name
-            )
+        oip.check_declared(name, datatype)  # the OIP layer's rule, before the shape is read
         shape = _shape(spec.get("shape"), name)
         size = _parameters(spec, f"{where}.parameters").get("binary_data_size")
         if size is not None:

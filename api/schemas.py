@@ -34,7 +34,11 @@ class AnnotateOptions(_Schema):
     )
     return_probabilities: bool = Field(default=False, description="include every class's prob.")
     unassigned_threshold: float | None = Field(
-        default=None, ge=0, le=1, description="override the model's confidence threshold"
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="override the model's confidence threshold",
     )
 
 

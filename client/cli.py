@@ -368,7 +368,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         backend: Any
         if args.local:
             from cellexplain.service.core import Annotator
-            from cellexplain.service.settings import Settings
+            from cellexplain.service.settings import Settings, SettingsError
 
             settings = Settings(
                 models=[] if args.model_dir else [args.model or "pbmc-programs"],
@@ -376,7 +376,11 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                 max_cells_per_request=max(args.chunk_size, 1),
                 workers=1,  # this process alone: onnxruntime gets every usable CPU
             )
-            backend = LocalBackend(Annotator.from_settings(settings))
+            try:
+                backend = LocalBackend(Annotator.from_settings(settings))
+            except SettingsError as e:  # the server's variable names, said as this command's flags
+                text = str(e).replace("CELLEXPLAIN_MODEL_DIRS:", "--model-dir:")
+                raise CLIError(text.replace("CELLEXPLAIN_MODELS:", "--model:")) from e
         else:
             from cellexplain.client.remote import AsyncClient
 

@@ -378,8 +378,10 @@ async def annotate_file(
         )
     if dst.exists() and not overwrite:
         raise InvalidInputError(f"{dst} exists; pass --force to replace it", "out")
-    if chunk_size < 1 or concurrency < 1:
-        raise InvalidInputError("--chunk-size and --concurrency must be >= 1", "chunk_size")
+    for name, value in (("chunk_size", chunk_size), ("concurrency", concurrency)):
+        if value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise InvalidInputError(f"{flag} must be at least 1, got {value}", name)
     reader = H5adReader(src, gene_key, layer, allow_external)
     if cluster_key is not None and cluster_key not in reader.obs.columns:
         reader.close()

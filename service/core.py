@@ -409,9 +409,10 @@ class Annotator:
             t = np.full(x.shape[0], -1, dtype=np.int64)
         else:
             t = np.broadcast_to(np.asarray(target, dtype=np.int64).ravel(), (x.shape[0],)).copy()
-            if np.any(t >= len(lm.classes)):
+            if np.any(t >= len(lm.classes)) or np.any(t < -1):
                 raise InvalidInputError(
-                    f"target class index out of range: the model has {len(lm.classes)} classes",
+                    f"target class index out of range: the model has {len(lm.classes)} classes "
+                    f"(0..{len(lm.classes) - 1}; -1 explains the predicted class)",
                     "target",
                 )
         pred = await lm.batcher.predict(x, t)

@@ -383,3 +383,13 @@ def test_grpc_credentials_given_twice_are_refused_before_they_are_compared():
         auth.check_metadata(["k"], [("x-api-key", "k"), ("X-API-Key", "other")])
     with pytest.raises(UnauthenticatedError):
         auth.check_metadata(["k"], [("authorization", "Bearer nope")])
+
+
+def test_an_oip_target_below_minus_one_is_refused(annotator):
+    """-1 explains the predicted class; any other negative index is not a class."""
+    x = np.zeros((2, len(annotator.get(None).model.genes)), np.float32)
+    name = annotator.get(None).name
+    with pytest.raises(InvalidInputError, match="out of range") as e:
+        asyncio.run(annotator.infer(name, x, np.array([-5], np.int64)))
+    assert e.value.field == "target"
+    asyncio.run(annotator.infer(name, x, np.array([-1], np.int64)))

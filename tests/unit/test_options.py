@@ -76,3 +76,23 @@ def test_the_upload_form_takes_every_option():
     from cellexplain.service.app import UPLOAD_FIELDS
 
     assert set(OPTION_NAMES) <= set(UPLOAD_FIELDS)
+
+
+def test_cli_errors_name_the_flag_not_the_servers_variables(tmp_path, capsys):
+    """--local with a missing model, a NaN threshold, a bad concurrency: one line, exit 2."""
+    import anndata as ad
+
+    from cellexplain.client.cli import main
+
+    src = tmp_path / "c.h5ad"
+    ad.AnnData(np.ones((3, 4), np.float32)).write_h5ad(src)
+    base = ["annotate", str(src), "--out", str(tmp_path / "o.h5ad"), "-q"]
+    cases = [
+        (["--local", "--model-dir", str(tmp_path / "nope")], "--model-dir:"),
+        (["--threshold", "nan"], "--threshold: Input should be a finite number"),
+        (["--concurrency", "-3"], "--concurrency must be at least 1"),
+    ]
+    for extra, expected in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err and "CELLEXPLAIN_" not in err, err

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
 
@@ -125,7 +125,7 @@ class Result:
         return Answer.of(self)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Answer:
     """A result's answer, shaped once by the options' rules; the codecs only serialise it
     (:mod:`~cellexplain.service.v1`: JSON and protobuf; :mod:`~cellexplain.service.anndata_io`:
@@ -135,10 +135,6 @@ class Answer:
     label_code: np.ndarray
     #: attributions were asked for (``attributions`` is not ``none``)
     explained: bool
-    #: gene indices of each cell's ``top_k`` largest |attribution|, and their values (when
-    #: attributions were asked for and ``top_k > 0``)
-    top: np.ndarray | None
-    top_values: np.ndarray | None
     #: programs models: program indices by |attribution| (the ``top_k`` with
     #: ``attributions='top_k'``, all with ``full``), their values, and the share of the free
     #: (non-program) units
@@ -147,16 +143,16 @@ class Answer:
     free: np.ndarray | None
     #: the completeness gap per cell (with attributions, for graphs that compute it)
     gap: np.ndarray | None
+    #: what the top genes are ranked from (see :attr:`top`)
+    _attributions: np.ndarray = field(repr=False)
+    _top_k: int = 0
 
     @classmethod
     def of(cls, res: Result) -> Answer:
         opts = res.options
         explained = opts.attributions != "none"
         label_code = np.where(res.assigned, res.best, len(res.classes))
-        top = top_values = programs = program_values = free = None
-        if explained and opts.top_k > 0:
-            top = top_k_indices(res.attributions, opts.top_k)
-            top_values = np.take_along_axis(res.attributions, top, 1).astype(np.float32)
+        programs = program_values = free = None
         pa = res.program_attributions
         gene_sets = res.card.gene_sets
         if explained and pa is not None and gene_sets is not None and gene_sets.programs:
@@ -167,7 +163,30 @@ class Answer:
             free = (res.attributions.sum(1) - pa.sum(1)).astype(np.float32)
         gap = res.completeness_gap
         gap = gap.astype(np.float32) if explained and gap is not None else None
-        return cls(label_code, explained, top, top_values, programs, program_values, free, gap)
+        top_k = opts.top_k if explained else 0
+        return cls(
+            label_code, explained, programs, program_values, free, gap, res.attributions, top_k
+        )
+
+    @cached_property
+    def _top(self) -> tuple[np.ndarray, np.ndarray] | None:
+        # ranked when first read: /v1 with attributions='full' sends the whole vector and never
+        # reads it (8 ms per 1024 cells of 765 genes)
+        if self._top_k <= 0:
+            return None
+        top = top_k_indices(self._attributions, self._top_k)
+        return top, np.take_along_axis(self._attributions, top, 1).astype(np.float32)
+
+    @property
+    def top(self) -> np.ndarray | None:
+        """Gene indices of each cell's ``top_k`` largest |attribution| (when attributions were
+        asked for and ``top_k > 0``)."""
+        return None if self._top is None else self._top[0]
+
+    @property
+    def top_values(self) -> np.ndarray | None:
+        """Their attributions, float32."""
+        return None if self._top is None else self._top[1]
 
 
 def _float64(X: np.ndarray | sp.spmatrix) -> np.ndarray | sp.csr_matrix:

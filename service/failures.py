@@ -30,9 +30,6 @@ from cellexplain.service import metrics
 
 log = logging.getLogger(__name__)
 
-#: the doors, as the ``door`` label of the error counter has them
-DOORS = ("rest", "oip-rest", "grpc", "oip-grpc")
-
 
 def recorded(door: str, exc: BaseException) -> ServiceError | None:
     """The error ``exc`` stands for, counted under ``door``; ``None`` (counted as

@@ -34,13 +34,8 @@ def sources(client_only: bool = False) -> list[BuildSource]:
         for path in sorted(top.rglob("*.py")):
             rel = path.relative_to(top).with_suffix("")
             if "_generated" in rel.parts or not _in_package(top, path):
-                continue
+                continue  # generated code, and folders that are not packages (resources)
             parts = [p for p in rel.parts if p != "__init__"]
-            if parts and not all(
-                f"{package}.{'.'.join(parts[: i + 1])}" in cfg["packages"]
-                for i in range(len(parts) - 1)
-            ):
-                continue  # a folder that is not a package (resources' scripts)
             out.append(BuildSource(str(path), ".".join([package, *parts])))
     if client_only:
         keep = _closure({s.module: s for s in out})

@@ -130,8 +130,22 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def running_children(pid: int, marker: str) -> list[psutil.Process]:
+    """The live processes under ``pid`` whose command line holds ``marker``. A child that has
+    died but is not yet reaped (a zombie) or is gone already is not running: psutil refuses to
+    read a zombie's command line, which made the lookup itself fail in the window between a
+    kill and its reaping."""
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if marker in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return found
+
+
 def worker_process(server: Server) -> psutil.Process:
     """The server's one worker process (servers of the tests run one)."""
-    kids = psutil.Process(server.proc.pid).children(recursive=True)
-    (w,) = [p for p in kids if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    (w,) = running_children(server.proc.pid, "_bentoml_impl.worker.service")
     return w

@@ -36,7 +36,7 @@ from cellexplain.api.codegen import load
 from cellexplain.service import metrics, protowire
 from cellexplain.service.sandbox import UPLOAD_PREFIX
 from tests.integration import hostile_inputs as hostile
-from tests.integration.servers import REPO, bentoml_server, worker_process
+from tests.integration.servers import REPO, bentoml_server, running_children, worker_process
 
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
@@ -109,8 +109,7 @@ def peak_growth(server) -> Iterator[list[float]]:
 
 
 def _sandboxes(server) -> list[psutil.Process]:
-    kids = psutil.Process(server.proc.pid).children(recursive=True)
-    return [p for p in kids if "cellexplain.service.sandbox" in " ".join(p.cmdline())]
+    return running_children(server.proc.pid, "cellexplain.service.sandbox")
 
 
 def _upload(client, path: Path, **data) -> httpx.Response:

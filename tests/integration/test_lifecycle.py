@@ -19,7 +19,7 @@ import pytest
 from cellexplain.api.codegen import load
 from cellexplain.service.workers import REFRESH_S
 from tests.conftest import raw_cells
-from tests.integration.servers import bentoml_server, grpc_serving
+from tests.integration.servers import bentoml_server, grpc_serving, running_children
 
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
@@ -41,8 +41,7 @@ def body(cells) -> bytes:
 
 def workers(proc) -> list[psutil.Process]:
     """The BentoML worker processes under the `bentoml serve` arbiter."""
-    kids = psutil.Process(proc.pid).children(recursive=True)
-    return [p for p in kids if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    return running_children(proc.pid, "_bentoml_impl.worker.service")
 
 
 def post(url: str, body: bytes, timeout: float = 120) -> httpx.Response:

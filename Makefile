@@ -67,8 +67,11 @@ integration: install
 docs: install
 	$(BIN)/mkdocs build --strict --quiet
 
+# the suite on TEST_WORKERS processes, each test file on one of them (its servers started once):
+# on 2 cores 3 keep both busy, since most of an integration test waits on a server or a process
+TEST_WORKERS ?= 3
 test: lint typecheck docs
-	$(BIN)/pytest tests -q
+	$(BIN)/pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 # the project's sdist, and its wheel built from the unpacked sdist (the Bentos install it), with
 # the gRPC modules compiled into both

@@ -59,8 +59,9 @@ CPU_BATCHES = [1024, 8192]
 Row = tuple[str, str, int, float]
 
 
-def prepare(folder: Path) -> None:
-    """Train the default programs model once and export every graph :func:`run` measures."""
+def prepare(folder: Path, max_epochs: int | None = None) -> None:
+    """Train the default programs model once and export every graph :func:`run` measures
+    (``max_epochs``: fewer than the default's, for a quick check of the pipeline)."""
     import onnx
 
     from cellexplain.models.attribution import AttributionSpec
@@ -69,7 +70,8 @@ def prepare(folder: Path) -> None:
     from cellexplain.models.train import TrainConfig, fit
 
     folder.mkdir(parents=True, exist_ok=True)
-    fitted = fit(load_labelled(), TrainConfig(), progress=False)
+    cfg = TrainConfig() if max_epochs is None else TrainConfig(max_epochs=max_epochs)
+    fitted = fit(load_labelled(), cfg, progress=False)
     for name, method, steps in GRAPHS:
         spec = AttributionSpec(method=method, n_steps=steps or 32)  # type: ignore[arg-type]
         for precision in ("float32", "float16"):
@@ -400,6 +402,9 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("prepare", help="train and export the graphs (needs the training extras)")
     sp.add_argument("folder", type=Path)
+    sp.add_argument(
+        "--max-epochs", type=int, help="train for at most this many epochs (a quick check)"
+    )
     rp = sub.add_parser("run", help="check and time the graphs on the GPU")
     rp.add_argument("folder", type=Path)
     ap = sub.add_parser("all", help="prepare into a temporary folder, then run")
@@ -411,7 +416,7 @@ def main() -> None:
         q.add_argument("--profile", type=Path, help="also profile IG 32 steps; traces here")
     args = p.parse_args()
     if args.cmd == "prepare":
-        prepare(args.folder)
+        prepare(args.folder, args.max_epochs)
     elif args.cmd == "all":
         import tempfile
 

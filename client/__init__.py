@@ -3,8 +3,24 @@ pipeline, the HTML report and the ``cellexplain`` command.
 
 Installs with the base dependencies alone (``pip install cellexplain``); the server
 (``[serve]``) and training (``[train]``) are imported only by the commands that need them.
+The clients are imported when first named, so that the ``cellexplain`` command (this
+package's ``cli``) does not load anndata for a command that reads no file (``--version``,
+``models list``, a usage error): a second saved on each.
 """
 
-from cellexplain.client.remote import AsyncClient, Client, ClientError, annotate
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cellexplain.client.remote import AsyncClient, Client, ClientError, annotate
 
 __all__ = ["AsyncClient", "Client", "ClientError", "annotate"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from cellexplain.client import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ from cellexplain.models.card import ModelCard
 from cellexplain.models.errors import CellexplainError
 
 if TYPE_CHECKING:
+    from cellexplain.models.attribution import AttributionSpec
     from cellexplain.models.data import LabelledData
     from cellexplain.models.train import TrainConfig
 
@@ -139,15 +140,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
-    from cellexplain.models.attribution import AttributionSpec
     from cellexplain.models.train import TrainConfig
 
-    try:
-        spec = AttributionSpec(
-            method=args.attribution, n_steps=args.steps, rule=args.rule, baseline=args.baseline
-        )
-    except ValueError as e:
-        raise CLIError(str(e)) from e
+    spec = _spec(args)
     return TrainConfig(
         arch=arch,  # type: ignore[arg-type]
         name=name,
@@ -166,6 +161,18 @@ def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
     )
 
 
+def _spec(args: argparse.Namespace) -> AttributionSpec:
+    """The attribution the flags ask for (onnx, not torch); a bad value is a CLIError."""
+    from cellexplain.models.attribution import AttributionSpec
+
+    try:
+        return AttributionSpec(
+            method=args.attribution, n_steps=args.steps, rule=args.rule, baseline=args.baseline
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+
+
 def _load(args: argparse.Namespace) -> LabelledData:
     from cellexplain.models.data import load_labelled
 
@@ -176,10 +183,17 @@ def _load(args: argparse.Namespace) -> LabelledData:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cellexplain.models.store import check_name, import_model
-    from cellexplain.models.train import train
 
+    # the arguments are checked before torch is imported (seconds), so a mistake is told at once
     name = check_name(args.name or f"pbmc-{args.arch}")
     out = Path(args.out or Path("artifacts") / name)
+    if args.data is not None and args.label_key is None:
+        raise CLIError("--label-key is required with --data (the obs column holding labels)")
+    if args.data is not None and not Path(args.data).exists():
+        raise CLIError(f"data file not found: {args.data}")
+    _spec(args)
+    from cellexplain.models.train import train
+
     data = _load(args)
     print(
         f"data: {data.source}: {len(data.labels)} cells x {len(data.genes)} genes; "

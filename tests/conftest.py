@@ -9,6 +9,8 @@ its bare name (``import service...``), which would work only from a checkout.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +46,60 @@ def train_small(data, out: Path, **overrides):
     return train(data, cfg, out, progress=False)
 
 
+def shared_folder(tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """A folder that every pytest-xdist worker of this run shares (the workers' common temp
+    root; the session's own without xdist), and the lock file that guards its making."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    return root / name, root / f"{name}.lock"
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a file; made if missing) across processes."""
+    import fcntl
+
+    with open(path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
+
+
+def shared_model(request, tmp_path_factory, name: str, **settings) -> Path:
+    """A model trained once for the run with ``train_small(..., **settings)`` into a folder
+    every xdist worker shares (the first to ask trains it, the others wait on a lock)."""
+    out, lock = shared_folder(tmp_path_factory, name)
+    with locked(lock):
+        if not (out / "model.json").is_file():
+            train_small(request.getfixturevalue("pbmc_data"), out, name=name, **settings)
+    return out
+
+
 @pytest.fixture(scope="session")
-def programs_model(pbmc_data, tmp_path_factory):
-    """A programs model with 32-step IG, exported once for the session: (card, folder)."""
-    out = tmp_path_factory.mktemp("programs")
-    card = train_small(pbmc_data, out, arch="programs", name="pbmc-programs")
-    return card, out
+def linear_model(request, tmp_path_factory) -> Path:
+    """A linear model (30 epochs, IG), exported once for the run: its folder."""
+    return shared_model(request, tmp_path_factory, "pbmc-linear", arch="linear", max_epochs=30)
+
+
+@pytest.fixture(scope="session")
+def programs16_model(request, tmp_path_factory):
+    """The programs model exported with float16 arithmetic inside: (card, folder)."""
+    from cellexplain.models.card import ModelCard
+
+    out = shared_model(
+        request, tmp_path_factory, "pbmc-programs16", arch="programs", precision="float16"
+    )
+    return ModelCard.read(out), out
+
+
+@pytest.fixture(scope="session")
+def programs_model(request, tmp_path_factory):
+    """A programs model with 32-step IG, exported once for the run (the first xdist worker to
+    ask trains it, the others wait on a lock and read it): (card, folder)."""
+    from cellexplain.models.card import ModelCard
+
+    out = shared_model(request, tmp_path_factory, "pbmc-programs", arch="programs")
+    return ModelCard.read(out), out
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +142,24 @@ def assert_error(r, status: int, field_re: str, message_re: str) -> None:
     err = r.json()["error"]
     assert re.search(field_re, err["field"] or ""), err
     assert re.search(message_re, err["message"]), err
+
+
+#: the test files that take longest (an image, servers, venvs: a minute or more each), run
+#: first: pytest-xdist hands files to its workers in collection order, and a long file handed
+#: out last would run on its own while the other workers sit idle
+LONGEST_FIRST = (
+    "test_pod.py",
+    "test_pipeline.py",
+    "test_faults.py",
+    "test_client_install.py",
+    "test_lifecycle.py",
+    "test_hostile.py",
+    "test_cli.py",
+    "test_load.py",
+    "test_benchmarks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -19,16 +19,20 @@ import pytest
 
 from cellexplain.models.card import FLOAT16_RTOL, ModelCard
 from cellexplain.models.runtime import OnnxModel, available_providers
-from tests.conftest import train_small
 
 PREPARED = os.environ.get("CELLEXPLAIN_GPU_ARTIFACTS")
 
 pytestmark = pytest.mark.gpu
 
 
-def cuda_model(artifact, **kw) -> OnnxModel:
+def require_cuda() -> None:
+    """Skip (before any model is trained or loaded) where onnxruntime has no CUDA provider."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("no CUDA provider: onnxruntime-gpu is not installed (CPU-only machine)")
+
+
+def cuda_model(artifact, **kw) -> OnnxModel:
+    require_cuda()
     m = OnnxModel(artifact, providers=available_providers(prefer_gpu=True), **kw)
     if m.providers[0] != "CUDAExecutionProvider":
         pytest.skip("onnxruntime-gpu is installed but no GPU is visible")
@@ -48,20 +52,20 @@ def cells(request):
 @pytest.fixture(scope="module")
 def artifact(request) -> Path:
     """A float32 programs model with 32-step IG."""
+    require_cuda()
     if PREPARED:
         return Path(PREPARED) / "ig32-float32"
     return request.getfixturevalue("programs_model")[1]
 
 
 @pytest.fixture(scope="module")
-def artifact16(request, tmp_path_factory) -> tuple[ModelCard, Path]:
+def artifact16(request) -> tuple[ModelCard, Path]:
     """Its float16 twin (card, folder)."""
+    require_cuda()
     if PREPARED:
         folder = Path(PREPARED) / "ig32-float16"
         return ModelCard.read(folder), folder
-    folder = tmp_path_factory.mktemp("float16")
-    pbmc_data = request.getfixturevalue("pbmc_data")
-    return train_small(pbmc_data, folder, arch="programs", precision="float16"), folder
+    return request.getfixturevalue("programs16_model")
 
 
 def test_cuda_matches_the_cpu_with_and_without_io_binding(artifact, cells):

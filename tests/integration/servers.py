@@ -61,7 +61,8 @@ def bentoml_server(
     """Run ``bentoml serve cellexplain.service.rest:CellExplain`` (REST and gRPC on free ports), as
     ``make serve`` does (``--timeout-graceful-shutdown`` set to the shutdown grace unless
     ``graceful_flag`` is false); yields once /readyz answers 200 and gRPC health says
-    SERVING."""
+    SERVING. One worker process unless ``env`` sets ``CELLEXPLAIN_WORKERS`` (the tests of
+    several workers do): the suite runs servers side by side on two cores."""
     port = free_port()
     grpc_port = free_port()
     full_env = {
@@ -70,6 +71,7 @@ def bentoml_server(
         "BENTOML_DO_NOT_TRACK": "True",
         "CELLEXPLAIN_GRPC_PORT": str(grpc_port),
         "CELLEXPLAIN_GRPC_HOST": "127.0.0.1",
+        "CELLEXPLAIN_WORKERS": "1",
         **env,
     }
     grace = float(full_env.get("CELLEXPLAIN_SHUTDOWN_GRACE_S", "30"))

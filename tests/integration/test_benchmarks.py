@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def prepared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gpu_bench")
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu", "prepare", str(folder)],
+        [sys.executable, "-m", "benchmarks.gpu", "prepare", str(folder), "--max-epochs", "20"],
         cwd=REPO,
         capture_output=True,
         text=True,

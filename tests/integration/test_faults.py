@@ -319,10 +319,11 @@ def test_grpc_messages_of_millions_of_tiny_fields_are_refused_before_parsing(ser
 
 
 # -- metric labels a client cannot choose -------------------------------------------------------
-def test_twenty_thousand_random_paths_cost_what_a_fixed_path_costs(client, server):
-    """Random paths (and random model names) share one label each: 20,000 of them cost the
-    worker no more memory than 20,000 requests to two fixed unknown paths (measured: 10,000,
-    doubled), and /metrics stays small and fast.
+def test_random_paths_cost_what_a_fixed_path_costs(client, server):
+    """Random paths (and random model names) share one label each: 4,000 of them cost the
+    worker no more memory than 4,000 requests to two fixed unknown paths (measured: 2,000,
+    doubled), /metrics gains no series (its size is the check that would catch a label per
+    path: each series is ~100 bytes) and stays fast.
 
     (Every request to this BentoML server, /livez included, costs its worker ~5 KB that is
     never returned, whatever the path: measured here as the fixed-path baseline, reported in
@@ -337,22 +338,26 @@ def test_twenty_thousand_random_paths_cost_what_a_fixed_path_costs(client, serve
             assert client.get(path).status_code == 404
         return (w.memory_info().rss - before) / 2**20
 
-    hit(1_000, True)  # every code path warm
-    hit(1_000, False)
+    hit(500, True)  # every code path warm
+    hit(500, False)
     size_before = len(client.get("/metrics").content)
     # interleaved rounds, so that a drift of the worker's heap over the test (its allocator's
     # arenas, the trims every second) weighs on both kinds alike: measured one after the
     # other, random paths came out at 0.96x or 1.4x the fixed ones' cost per request
     fixed = random = 0.0
-    for _ in range(4):
-        fixed += hit(2_500, False)
-        random += hit(5_000, True)
+    for _ in range(2):
+        fixed += hit(1_000, False)
+        random += hit(2_000, True)
     t0 = time.monotonic()
     scrape = client.get("/metrics")
     took = time.monotonic() - t0
     assert took < 1.0, took
     assert len(scrape.content) < size_before + 4096
-    assert random < 2.5 * fixed + 16, f"random paths: +{random:.0f} MiB; fixed: +{fixed:.0f}"
+    # RSS moves by several MiB either way over a round (the allocator's trims: fixed paths have
+    # come out at -7 MiB), so the fixed paths' cost counts as at least the ~10 MiB their
+    # requests are known to cost; a series per path cost 27 KB each (+108 MiB here)
+    bound = 2.5 * max(fixed, 10) + 16
+    assert random < bound, f"random paths: +{random:.0f} MiB; fixed: +{fixed:.0f}"
     endpoints = {
         line.split('endpoint="', 1)[1].split('"', 1)[0]
         for line in scrape.text.splitlines()
@@ -466,11 +471,11 @@ def test_cancelled_streams_leave_nothing_behind(server, genes):
 
     w = worker_process(server)
     sizes = []
-    for _ in range(4):  # the first 25 bring the worker to its working size
-        cancel_after_first(25)
+    for _ in range(3):  # the first 20 bring the worker to its working size
+        cancel_after_first(20)
         time.sleep(3)  # cancelled chunks unwind
         sizes.append(w.memory_info().rss / 2**20)
-    print("RSS after each 25 cancelled streams (MiB):", [round(x) for x in sizes])
+    print("RSS after each 20 cancelled streams (MiB):", [round(x) for x in sizes])
     # one stream's working set (4 chunks of 2,000 cells in flight, IG's intermediate tensors in
     # onnxruntime's arena) is ~250 MB. Measured: a sawtooth within it (335, 394, 431, 518, 339,
     # 386, 460, 491 MiB over 200 streams: cancelled tasks' frames are freed by Python's cycle

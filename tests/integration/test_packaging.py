@@ -1,5 +1,9 @@
 """`bentoml build` of the CPU and GPU Bentos (real builds, locked requirements), the generated
-Dockerfiles checked (no Docker engine here), and the exported Bento holding the served models."""
+Dockerfiles checked (no Docker engine here), and the exported Bento holding the served models.
+
+That the Bento installs in a fresh venv, away from the repository, and serves is tested where it
+runs: tests/integration/test_pod.py makes it into the image (its install.sh in the image's own
+venv) and serves every door from that."""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import time
 import tomllib
 import zipfile
 from pathlib import Path
@@ -60,25 +63,9 @@ def bentoml(home: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def built(programs_home):
-    """Both Bentos built from the repo's bentofiles, with the wheel they install built first
-    as `make bento` does: `python -m build`, an sdist and a wheel built from the unpacked sdist
-    (so the Bento test below serves from what an sdist install gives). {"cpu"|"gpu": folder}."""
-    for old in (REPO / "dist").glob("cellexplain-*"):
-        old.unlink()
-    wheel = subprocess.run(
-        [sys.executable, "-m", "build", "--outdir", "dist", "."],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert wheel.returncode == 0, wheel.stdout[-3000:] + wheel.stderr[-3000:]
-    assert "Successfully built cellexplain-" in wheel.stdout and ".tar.gz" in wheel.stdout
-    folders = {}
-    for variant, bentofile in (("cpu", "bentofile.yaml"), ("gpu", "bentofile.gpu.yaml")):
-        out = bentoml(programs_home, "build", "-f", bentofile, "--output", "tag", ".")
-        tag = out.strip().splitlines()[-1].removeprefix("__tag__:")
-        name, version = tag.split(":")
-        folders[variant] = programs_home / "bentos" / name / version
-    return programs_home, folders
+def built(bentos):
+    """The run's Bentos (tests/integration/conftest.py): (home, {"cpu"|"gpu": folder})."""
+    return bentos
 
 
 def test_dockerfiles(built):
@@ -152,73 +139,3 @@ def test_bento_sources_and_exported_models(built, tmp_path):
     model_files = {Path(n).name for n in names if n.startswith("./models/pbmc-programs/")}
     assert {"model.onnx", "model.json"} <= model_files
     assert not [n for n in names if n.endswith((".pkl", ".pt", ".pth", ".joblib"))]
-
-
-def test_the_bento_starts_from_itself(built, tmp_path):
-    """A clean virtual environment made only from what the Bento carries (its install.sh:
-    the locked requirements, then its wheels), the service started from the Bento, away from
-    the repository, and one request annotated: nothing may come from the dev install."""
-    import httpx
-
-    from tests.integration.servers import free_port
-
-    home, folders = built
-    bento = folders["cpu"]
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "ensurepip", "--upgrade"], check=True,
-        capture_output=True,
-    )  # fmt: skip
-    clean_env = {
-        "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": os.environ.get("HOME", str(tmp_path)),
-        "VIRTUAL_ENV": str(venv),
-        "BENTOML_DO_NOT_TRACK": "True",
-    }
-    install = subprocess.run(
-        ["bash", str(bento / "env" / "python" / "install.sh")],
-        env=clean_env, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    python = str(venv / "bin" / "python")
-    where = subprocess.run(
-        [python, "-c", "import cellexplain.service.rest as r; print(r.__file__)"],
-        env=clean_env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert where.returncode == 0, where.stderr[-3000:]
-    assert where.stdout.strip().startswith(str(venv)), where.stdout
-    port, grpc_port = free_port(), free_port()
-    env = {
-        **clean_env,
-        "BENTOML_HOME": str(home),
-        "CELLEXPLAIN_GRPC_PORT": str(grpc_port),
-        "CELLEXPLAIN_GRPC_HOST": "127.0.0.1",
-    }
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [python, "-m", "bentoml", "serve", str(bento), "--host", "127.0.0.1", "--port", str(port)],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
-        body = {"cells": [{"CD3E": 4, "CD3D": 6, "IL7R": 3}, {"LYZ": 40, "S100A8": 25}]}
-        r = httpx.post(f"{url}/v1/annotate", json=body, timeout=60)
-        assert r.status_code == 200, r.text[:500]
-        assert len(r.json()["cells"]) == 2
-    finally:
-        from tests.integration.servers import stop_group
-
-        stop_group(proc)  # type: ignore[arg-type]
-        log.close()
-    assert "Traceback" not in (tmp_path / "serve.log").read_text()

@@ -49,12 +49,13 @@ N_CELLS = 300
 
 
 @pytest.fixture(scope="module")
-def image(programs_home) -> Iterator[tuple[str, str]]:
-    """(image, bento tag): the Bento of the repo's bentofile, made into an image."""
+def image(bentos) -> Iterator[tuple[str, str]]:
+    """(image, bento tag): the run's Bento of the repo's bentofile, made into an image."""
     require(sys.platform == "linux" and os.geteuid() == 0, "building the base image needs root")
     for tool in ("podman", "debootstrap", "kubectl"):
         require(shutil.which(tool) is not None, f"{tool} is not installed")
-    env = {**os.environ, "BENTOML_HOME": str(programs_home), "BENTOML_DO_NOT_TRACK": "True"}
+    home, folders = bentos
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     bin_dir = Path(sys.executable).parent
 
     def run(*cmd: str, timeout: float = 900) -> str:
@@ -64,9 +65,7 @@ def image(programs_home) -> Iterator[tuple[str, str]]:
         assert out.returncode == 0, f"{cmd}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
         return out.stdout
 
-    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", "dist", ".")
-    tag = run(str(bin_dir / "bentoml"), "build", "-f", "bentofile.yaml", "--output", "tag", ".")
-    bento = tag.strip().splitlines()[-1].removeprefix("__tag__:")
+    bento = f"cellexplain:{folders['cpu'].name}"
     env |= {"BENTOML": str(bin_dir / "bentoml"), "PYTHON": sys.executable}
     built = run("deploy/image/build.sh", bento).strip().splitlines()[-1]
     assert built == f"localhost/{bento}"
@@ -80,12 +79,12 @@ def image(programs_home) -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def manifests(image, programs_home, tmp_path_factory) -> dict[str, dict]:
+def manifests(image, bentos, tmp_path_factory) -> dict[str, dict]:
     """The cpu overlay pinned to the image (deploy/pin.py) and rendered: {kind: object}."""
     built, bento = image
     deploy = tmp_path_factory.mktemp("deploy") / "deploy"
     shutil.copytree(REPO / "deploy", deploy)
-    env = {**os.environ, "BENTOML_HOME": str(programs_home)}
+    env = {**os.environ, "BENTOML_HOME": str(bentos[0])}
     pin = [sys.executable, str(deploy / "pin.py"), str(deploy / "overlays" / "cpu"), bento]
     subprocess.run([*pin, "--image", built.split(":")[0]], env=env, check=True, timeout=120)
     out = subprocess.run(
@@ -157,10 +156,17 @@ def test_the_pod_starts_under_a_kubelets_environment(pod, manifests, image):
             "        open(p, 'w').close(); return True\n"
             "    except OSError as e:\n"
             "        return e.errno\n"
+            "import cellexplain.service.rest as rest, importlib.metadata as md\n"
+            "dist = md.distribution('cellexplain')\n"
             "print(json.dumps({'uid': os.getuid(), 'home': writable('/home/bentoml/x'),"
-            " 'tmp': writable('/tmp/x')}))"
+            " 'tmp': writable('/tmp/x'), 'code': rest.__file__,"
+            " 'direct_url': dist.read_text('direct_url.json')}))"
         )
     )
+    # the service runs from the image's own venv, where the Bento's install.sh put the wheel
+    # the run built from its sdist (not an editable install, nothing of the repository)
+    assert facts["code"].startswith("/app/.venv/lib/python3"), facts["code"]
+    assert "editable" not in (facts["direct_url"] or ""), facts["direct_url"]
     sc = manifests["Deployment"]["spec"]["template"]["spec"]["securityContext"]
     assert facts["uid"] == sc["runAsUser"]
     assert facts["home"] == 30 and facts["tmp"] is True  # EROFS: read-only

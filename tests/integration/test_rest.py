@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import assert_error as _err
-from tests.conftest import train_small
 from tests.integration.servers import bentoml_server, import_into_store
 
 pytestmark = pytest.mark.integration
@@ -22,10 +21,8 @@ MAX_BODY = 4 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(programs_home, pbmc_data, tmp_path_factory):
-    linear = tmp_path_factory.mktemp("linear")
-    train_small(pbmc_data, linear, arch="linear", name="pbmc-linear", max_epochs=30)
-    import_into_store(linear, programs_home)
+def server(programs_home, linear_model):
+    import_into_store(linear_model, programs_home)
     env = {
         "CELLEXPLAIN_MODELS": "pbmc-programs,pbmc-linear",
         "CELLEXPLAIN_WORKERS": "2",

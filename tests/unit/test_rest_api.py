@@ -18,17 +18,9 @@ from cellexplain.service.app import create_app
 from cellexplain.service.core import Annotator
 from cellexplain.service.settings import Settings
 from tests.conftest import assert_error as _err
-from tests.conftest import train_small
 
 MAX_CELLS = 400
 MAX_BODY = 4 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def linear_model(pbmc_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("linear")
-    train_small(pbmc_data, out, arch="linear", name="pbmc-linear", max_epochs=30)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -45,9 +45,9 @@ def test_io_binding_gives_the_same_outputs(programs_model, cells):
     )
 
 
-def test_float16_export_is_checked_and_recorded(pbmc_data, programs_model, cells, tmp_path):
+def test_float16_export_is_checked_and_recorded(programs_model, programs16_model, cells):
     card32, artifact32 = programs_model
-    card16 = train_small(pbmc_data, tmp_path, arch="programs", precision="float16")
+    card16, folder16 = programs16_model
     assert card32.onnx.precision == "float32" and card32.checks.float16 is None
     assert card16.onnx.precision == "float16"
     fp16 = card16.checks.float16
@@ -55,11 +55,11 @@ def test_float16_export_is_checked_and_recorded(pbmc_data, programs_model, cells
     assert fp16.label_agreement >= 0.99 and fp16.attributions_rel_error_p99 < 2e-2
     assert 0 < fp16.attributions_rel_error_median <= fp16.attributions_rel_error_max
     # half-precision weights inside, float32 at the edges
-    graph = onnx.load(tmp_path / "model.onnx").graph
+    graph = onnx.load(folder16 / "model.onnx").graph
     weights = [i for i in graph.initializer if i.name.startswith("W")]
     assert weights and all(w.data_type == onnx.TensorProto.FLOAT16 for w in weights)
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    m16 = OnnxModel(tmp_path, providers=["CPUExecutionProvider"])
+    m16 = OnnxModel(folder16, providers=["CPUExecutionProvider"])
     m32 = OnnxModel(artifact32, providers=["CPUExecutionProvider"])
     p16, p32 = m16.predict(cells), m32.predict(cells)
     assert p16.attributions.dtype == np.float32

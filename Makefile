@@ -10,7 +10,7 @@ DEFAULT_DIR := artifacts/$(DEFAULT_MODEL)
 # what ruff checks (src/cellexplain holds the package root; pyproject.toml maps the folders)
 SOURCES := src setup.py models service client api tests benchmarks load_tests tools deploy/pin.py
 
-.PHONY: install proto serve test lint typecheck docs unit integration default-model compare clean \
+.PHONY: install proto serve test test-deploy lint typecheck docs unit integration default-model compare clean \
 	bento bento-gpu image pin manifests load-test bench install-gpu wheel
 
 $(VENV)/.installed: pyproject.toml
@@ -67,11 +67,18 @@ integration: install
 docs: install
 	$(BIN)/mkdocs build --strict --quiet
 
-# the suite on TEST_WORKERS processes, each test file on one of them (its servers started once):
-# on 2 cores 3 keep both busy, since most of an integration test waits on a server or a process
+# the suite (unit tests, and integration tests against real servers) on TEST_WORKERS processes,
+# each test file on one of them (its servers started once): on 2 cores 3 keep both busy, since
+# most of an integration test waits on a server or a process
 TEST_WORKERS ?= 3
 test: lint typecheck docs
-	$(BIN)/pytest tests -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest tests -q -n $(TEST_WORKERS) --dist loadfile -m "not deploy"
+
+# what ships, built and run as it is deployed (the image as a pod under podman: root; the
+# Bentos; the wheel in fresh venvs on each client Python) and the load tests' SLOs, one test at
+# a time (they time and measure the machine); CI runs it after `make test`
+test-deploy: install
+	$(BIN)/pytest tests -q -m deploy
 
 # the project's sdist, and its wheel built from the unpacked sdist (the Bentos install it), with
 # the gRPC modules compiled into both

@@ -148,15 +148,14 @@ def assert_error(r, status: int, field_re: str, message_re: str) -> None:
 #: first: pytest-xdist hands files to its workers in collection order, and a long file handed
 #: out last would run on its own while the other workers sit idle
 LONGEST_FIRST = (
-    "test_pod.py",
     "test_pipeline.py",
     "test_faults.py",
-    "test_client_install.py",
     "test_lifecycle.py",
     "test_hostile.py",
     "test_cli.py",
-    "test_load.py",
     "test_benchmarks.py",
+    "test_doors.py",
+    "test_rest.py",
 )
 
 

@@ -18,7 +18,7 @@ import pytest
 from cellexplain.client.cli import EXTRAS
 from tests.integration.servers import bentoml_server
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.deploy]
 
 #: what the base install must not bring: every module the CLI maps to an extra, and the
 #: build-only protobuf compiler

@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration.servers import REPO, bentoml_server
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.deploy]
 
 
 @pytest.fixture(scope="module")

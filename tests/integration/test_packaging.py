@@ -21,7 +21,7 @@ import yaml
 
 from tests.integration.servers import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.deploy]
 
 NOT_AT_SERVING_TIME = ("torch", "captum", "scanpy", "scikit-learn", "onnx")
 

@@ -41,7 +41,7 @@ from tests.conftest import raw_cells, require
 from tests.integration.servers import REPO
 from tests.kubelet import PodContainer, pod_env, podman_base, quantity_bytes
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.deploy]
 pb = load("cellexplain_v1_pb2")
 pb_grpc = load("cellexplain_v1_pb2_grpc")
 KEY = "pod-test-key-0123456789"

@@ -61,7 +61,7 @@ unit: install
 	$(BIN)/pytest tests/unit -q
 
 integration: install
-	$(BIN)/pytest tests/integration -q
+	$(BIN)/pytest tests/integration -q -n $(TEST_WORKERS) --dist loadfile -m "not deploy"
 
 # the manual (docs/) as a site in build/site; --strict: a broken link or anchor fails the build
 docs: install

@@ -18,9 +18,17 @@ if TYPE_CHECKING:
 __all__ = ["AsyncClient", "Client", "ClientError", "annotate"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from cellexplain.client import remote
+if not TYPE_CHECKING:  # type checkers see the imports above, and a misspelt name stays an error
 
-        return getattr(remote, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        if name in __all__:
+            from cellexplain.client import remote
+
+            value = getattr(remote, name)
+            globals()[name] = value  # once: later lookups are plain attributes
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

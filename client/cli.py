@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -70,6 +71,17 @@ def _at_least(low: int) -> Any:
     return parse
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1) (a dropout probability)."""
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from e
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def _hidden(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
@@ -93,11 +105,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--min-cells-per-class", type=_at_least(2), default=5)
     model = p.add_argument_group("model")
     model.add_argument("--gene-sets", help="GMT file for programs (default: bundled Hallmark)")
-    model.add_argument("--n-free", type=int, default=64, help="programs: free dense units")
+    model.add_argument("--n-free", type=_at_least(0), default=64, help="programs: free dense units")
     model.add_argument(
         "--hidden", type=_hidden, help="hidden widths after the first layer, e.g. 64"
     )
-    model.add_argument("--dropout", type=float, default=0.2)
+    model.add_argument("--dropout", type=_fraction, default=0.2)
     model.add_argument("--max-epochs", type=_at_least(1), default=300)
     model.add_argument(
         "--patience", type=_at_least(1), default=30, help="early-stopping patience (epochs)"
@@ -161,6 +173,38 @@ def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
     )
 
 
+def _check_train_args(args: argparse.Namespace, out: Path) -> None:
+    """What can be told of the training's files before any is read (and before torch loads):
+    the data file, the gene sets, and a place where ``out`` can be written."""
+    if args.data is not None:
+        if args.label_key is None:
+            raise CLIError("--label-key is required with --data (the obs column holding labels)")
+        data = Path(args.data)
+        if not data.exists():
+            raise CLIError(f"data file not found: {args.data}")
+        if not data.is_file():
+            raise CLIError(f"--data: {args.data} is a folder, not an .h5ad file")
+        import h5py
+
+        if not h5py.is_hdf5(data):
+            raise CLIError(f"--data: {args.data} is not an .h5ad file (not HDF5)")
+    if args.gene_sets is not None:
+        if args.arch != "programs":
+            raise CLIError(f"--gene-sets is for --arch programs, not {args.arch}")
+        if not Path(args.gene_sets).is_file():
+            raise CLIError(f"gene-set file not found: {args.gene_sets}")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out: {out} exists and is not a folder")
+    # the nearest folder that exists must take a file (tried: permissions say nothing to root
+    # or of a read-only or special file system)
+    where = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=where, prefix=".cellexplain-"):
+            pass
+    except OSError as e:
+        raise CLIError(f"--out: cannot write {out} ({where}: {e.strerror or e})") from e
+
+
 def _spec(args: argparse.Namespace) -> AttributionSpec:
     """The attribution the flags ask for (onnx, not torch); a bad value is a CLIError."""
     from cellexplain.models.attribution import AttributionSpec
@@ -187,10 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # the arguments are checked before torch is imported (seconds), so a mistake is told at once
     name = check_name(args.name or f"pbmc-{args.arch}")
     out = Path(args.out or Path("artifacts") / name)
-    if args.data is not None and args.label_key is None:
-        raise CLIError("--label-key is required with --data (the obs column holding labels)")
-    if args.data is not None and not Path(args.data).exists():
-        raise CLIError(f"data file not found: {args.data}")
+    _check_train_args(args, out)
     _spec(args)
     from cellexplain.models.train import train
 
@@ -229,8 +270,6 @@ def _print_card_summary(card: ModelCard, out: Path) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train every architecture on the same splits over several seeds; print a table."""
-    import tempfile
-
     from cellexplain.models.train import train
 
     data = _load(args)

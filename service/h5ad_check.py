@@ -115,6 +115,11 @@ def _walk(
     if depth > MAX_DEPTH:
         raise _refuse(path, f"is nested deeper than {MAX_DEPTH} levels")
     _check_attrs(group, path or "/", declared, limits)
+    members = len(group)  # the group's link count (one HDF5 call): refused before any is walked
+    if declared.objects + members > MAX_OBJECTS:
+        raise _refuse(
+            path, f"holds {members} objects, past the {MAX_OBJECTS} a file may: too many objects"
+        )
     for name in group:  # link names only: nothing is dereferenced yet
         child = f"{path}/{name}"
         link = group.get(name, getlink=True)

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.servers import REPO
+
 pytestmark = pytest.mark.integration
 
 
-def run_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, home: Path, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     proc = subprocess.run(
         [sys.executable, "-m", "cellexplain", *args],
@@ -21,6 +25,7 @@ def run_cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedP
         text=True,
         env=env,
         timeout=300,
+        cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -92,15 +97,40 @@ def test_tampered_store_model_is_refused(trained, store, tmp_path):
         (["train", "--patience", "-1"], "must be at least 1, got -1"),
         (["train", "--n-top-genes", "-5"], "must be at least 1, got -5"),
         (["train", "--min-cells-per-class", "1"], "must be at least 2, got 1"),
+        (["train", "--n-free", "-1"], "must be at least 0, got -1"),
+        (["train", "--dropout", "2"], "must be in [0, 1), got 2.0"),
+        (["train", "--data", "docs", "--label-key", "x"], "docs is a folder, not an .h5ad"),
+        (["train", "--data", "README.md", "--label-key", "x"], "not an .h5ad file (not HDF5)"),
+        (["train", "--gene-sets", "x.gmt"], "gene-set file not found: x.gmt"),
+        (["train", "--arch", "mlp", "--gene-sets", "x.gmt"], "--gene-sets is for --arch programs"),
+        (["train", "--out", "README.md"], "README.md exists and is not a folder"),
+        (["train", "--out", "README.md/model"], "cannot write README.md/model"),
         (["models", "import", "."], "is not a model artifact"),
         (["models", "show", "no-such-model"], "not in the BentoML store"),
     ],
 )
 def test_errors_are_clear(args, message, store):
-    proc = run_cli(*args, home=store, check=False)
+    """A mistake is one line, exit 2; those of `train` are told before torch is imported (the
+    training stack is not loaded: a second, not ten) and before any cell is read."""
+    proc = run_cli(*args, home=store, check=False, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_client_package_loads_its_clients_when_first_named():
+    """`cellexplain --version` and usage errors load no anndata; the clients are still there,
+    listed by dir()."""
+    probe = (
+        "import sys, cellexplain.client as c\n"
+        "assert 'anndata' not in sys.modules and 'httpx' not in sys.modules\n"
+        "assert {'Client', 'AsyncClient', 'ClientError', 'annotate'} <= set(dir(c))\n"
+        "from cellexplain.client import Client\n"
+        "assert Client.__module__ == 'cellexplain.client.remote' and 'anndata' in sys.modules\n"
+        "try:\n    c.NoSuch\nexcept AttributeError:\n    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_compare_prints_a_table(store):
@@ -112,8 +142,6 @@ def test_compare_prints_a_table(store):
 def test_the_newcomers_path_after_make_serve(tmp_path):
     """`make default-model` (what `make serve` runs first), then the README's commands from a
     plain shell that sets nothing: the CLI finds the model make stored."""
-    from tests.integration.servers import REPO
-
     env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
     env |= {"HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "True"}
     make = subprocess.run(

@@ -62,8 +62,8 @@ def run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
         args,
         cwd=REPO,
         # the scenario's warm-up before its memory baseline: long enough for the worker to
-        # reach its working size when the machine is busy (the suite runs on 3 processes:
-        # with 4 s, a busy run measured 66 MB of growth after warm-up against a 64 MB bound)
+        # reach its working size (with 4 s, a run beside other tests measured 66 MB of growth
+        # after warm-up against a 64 MB bound; this file now runs alone, in make test-deploy)
         env={**os.environ, "LOAD_WARMUP_S": "8", **env},
         capture_output=True,
         text=True,

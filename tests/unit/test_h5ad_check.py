@@ -63,3 +63,29 @@ def test_a_file_that_is_not_hdf5_is_a_400(tmp_path):
     path.write_bytes(b"not an HDF5 file at all")
     with pytest.raises(InvalidInputError):
         check_h5ad(path, LIMITS)
+
+
+def test_a_group_of_too_many_objects_is_refused_before_it_is_walked(base, tmp_path):
+    """12,000 scalars in one group: refused from the group's link count, naming the group."""
+    import time
+
+    path = hostile.many_scalars(base, tmp_path / "many.h5ad", 12_000)
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInputError) as e:
+        check_h5ad(path, LIMITS)
+    took = time.perf_counter() - t0
+    assert "'/uns/many' holds 12000 objects" in e.value.message, e.value.message
+    print(f"refused in {took * 1e3:.1f} ms")
+
+
+def test_objects_spread_over_groups_are_counted_as_they_are_walked(base, tmp_path, monkeypatch):
+    """No group over the cap, the file over it: refused at the first object past the cap."""
+    from cellexplain.service import h5ad_check
+
+    base.write_h5ad(tmp_path / "ok.h5ad")
+    walked = check_h5ad(tmp_path / "ok.h5ad", LIMITS).objects
+    monkeypatch.setattr(h5ad_check, "MAX_OBJECTS", walked + 5)
+    path = hostile.many_scalars(base, tmp_path / "some.h5ad", 8)  # 9 more objects, one group
+    with pytest.raises(InvalidInputError) as e:
+        check_h5ad(path, LIMITS)
+    assert f"past the {walked + 5}th object: too many objects" in e.value.message, e.value.message

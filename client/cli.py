@@ -82,6 +82,17 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from e
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
 def _hidden(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
@@ -110,7 +121,18 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
         "--hidden", type=_hidden, help="hidden widths after the first layer, e.g. 64"
     )
     model.add_argument("--dropout", type=_fraction, default=0.2)
-    model.add_argument("--max-epochs", type=_at_least(1), default=300)
+    model.add_argument(
+        "--l2",
+        type=_positive,
+        default=0.01,
+        help="linear: the L2 penalty of its convex objective (above 0)",
+    )
+    model.add_argument(
+        "--max-epochs",
+        type=_at_least(1),
+        default=300,
+        help="mlp, programs (linear is fitted to its convex optimum by L-BFGS)",
+    )
     model.add_argument(
         "--patience", type=_at_least(1), default=30, help="early-stopping patience (epochs)"
     )
@@ -163,6 +185,7 @@ def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
         n_free=args.n_free,
         gene_sets=args.gene_sets,
         dropout=args.dropout,
+        l2=args.l2,
         max_epochs=args.max_epochs,
         patience=args.patience,
         seed=args.seed,
@@ -251,10 +274,15 @@ def _print_card_summary(card: ModelCard, out: Path) -> None:
     m = card.metrics
     c = card.checks
     print(f"wrote {out / 'model.onnx'} and {out / 'model.json'}")
+    how = (
+        f"fitted to its convex optimum (L2 {card.architecture.l2:g}, "
+        f"{m.epochs_trained} L-BFGS iterations)"
+        if card.architecture.l2 is not None
+        else f"best epoch {m.best_epoch}/{m.epochs_trained}"
+    )
     print(
         f"  {card.architecture.kind}: {len(card.genes)} genes -> {len(card.classes)} classes, "
-        f"{card.architecture.n_parameters} parameters, best epoch {m.best_epoch}/"
-        f"{m.epochs_trained}"
+        f"{card.architecture.n_parameters} parameters, {how}"
     )
     print(
         f"  test accuracy {m.model.accuracy:.3f}, macro-F1 {m.model.macro_f1:.3f} "

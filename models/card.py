@@ -44,6 +44,11 @@ class Architecture(_Strict):
     n_free_units: int = 0
     dropout: float = 0.0
     n_parameters: int
+    l2: float | None = Field(
+        default=None,
+        description="linear: the L2 penalty of its convex fit (lambda/2 * |W|^2 beside the "
+        "class-weighted mean cross-entropy)",
+    )
 
 
 class Attribution(_Strict):

@@ -58,6 +58,10 @@ class TrainConfig:
     dropout: float = 0.2
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    #: linear only: the L2 penalty of its convex objective (lambda/2 * |W|^2 beside the
+    #: class-weighted mean cross-entropy). 0.01 had the lowest mean validation loss of 0.001,
+    #: 0.01 and 0.1 over 4 splits of pbmc68k_reduced (0.835, 0.781, 0.797; best in 3 of 4)
+    l2: float = 0.01
     batch_size: int = 128
     max_epochs: int = 300
     patience: int = 30
@@ -78,6 +82,8 @@ class TrainConfig:
         for name, low in (("max_epochs", 1), ("patience", 1), ("min_cells_per_class", 2)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if not self.l2 > 0:
+            raise ValueError(f"l2 must be above 0 (a unique optimum), got {self.l2}")
         if self.n_top_genes is not None and self.n_top_genes < 1:
             raise ValueError(f"n_top_genes must be at least 1, got {self.n_top_genes}")
 
@@ -275,6 +281,65 @@ def _fit(
     return (epoch + 1, best[1] + 1) if validate else (total, total)
 
 
+#: L-BFGS iterations at most per fit (a pass over the train cells each, plus line searches)
+LBFGS_MAX_ITER = 200
+
+
+def _fit_convex(
+    model: CellClassifier, X: Matrix, y: np.ndarray, rows: np.ndarray, l2: float, progress: bool
+) -> int:
+    """Fit the linear model to the unique minimum of its convex objective: class-weighted mean
+    cross-entropy over ``X[rows]`` plus ``l2 / 2 * |W|^2`` (the bias is not penalised), by
+    full-batch L-BFGS from zero weights, the gradient summed over chunks of rows (dense or CSR:
+    one chunk densified at a time, never the matrix). Nothing depends on the seed: its top
+    genes are the objective's, not a random start's. Returns the L-BFGS iterations; the model
+    ends on the CPU.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()  # no dropout in a linear model: a deterministic objective
+    (layer,) = [m for m in model.net if isinstance(m, torch.nn.Linear)]
+    n_classes = model.config.n_classes
+    counts = np.bincount(y[rows], minlength=n_classes).astype(np.float64)
+    weights = torch.as_tensor(
+        counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device
+    )
+    total = float(weights[torch.from_numpy(y[rows]).to(device)].sum())
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+    opt = torch.optim.LBFGS(
+        [layer.weight, layer.bias],
+        lr=1.0,
+        max_iter=LBFGS_MAX_ITER,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
+    bar = tqdm(desc=f"fit linear (L2 {l2:g})", unit="pass", disable=not progress)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        summed = 0.0
+        for start in range(0, len(rows), EVAL_CHUNK):
+            r = rows[start : start + EVAL_CHUNK]
+            yt = torch.from_numpy(y[r]).to(device)
+            part = torch.nn.functional.cross_entropy(
+                model(_batch(X, r, device)), yt, weight=weights, reduction="sum"
+            ) / max(total, 1e-12)
+            part.backward()
+            summed += float(part.detach())
+        reg = 0.5 * l2 * (layer.weight**2).sum()
+        reg.backward()
+        bar.update(1)
+        return torch.tensor(summed + float(reg.detach()))
+
+    opt.step(closure)
+    bar.close()
+    model.to("cpu").eval()
+    return int(opt.state[layer.weight].get("n_iter", 0))
+
+
 @dataclass
 class Fitted:
     """A trained model with what its export needs: the card's fields, model input ``[n_test,
@@ -394,7 +459,12 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
 
     built = _build(genes, X, split.train, len(classes), cfg)
     model = built.model
-    epochs, best_epoch = _fit(model, X, y, split.train, split.val, cfg, progress)
+    l2: float | None = None
+    if cfg.arch == "linear":  # convex: fitted to its unique solution, no epochs
+        l2 = cfg.l2
+        epochs = best_epoch = _fit_convex(model, X, y, split.train, l2, progress)
+    else:
+        epochs, best_epoch = _fit(model, X, y, split.train, split.val, cfg, progress)
 
     pred = predict_rows(model, X, split.test).argmax(1)
     model_scores = scores(yte, pred, classes)
@@ -407,9 +477,14 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
         lr_scores.macro_f1,
         lr_cells,
     )
+    chosen_on_val = (
+        f"to the optimum of its convex objective, L2 {l2:g}"
+        if l2 is not None
+        else f"early stopping on the {len(split.val)} validation cells"
+    )
     how = (
-        f"a model fitted on the train split ({len(split.train)} cells, early stopping on the "
-        f"{len(split.val)} validation cells), scored on the {len(split.test)} test cells"
+        f"a model fitted on the train split ({len(split.train)} cells, {chosen_on_val}), "
+        f"scored on the {len(split.test)} test cells"
     )
     refit_cells: int | None = None
     check_x = dense(X, split.test[:MAX_CHECK_CELLS])
@@ -424,13 +499,18 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
         every = np.arange(len(y))
         built = _build(genes, X, None, len(classes), cfg)
         model = built.model
-        _fit(model, X, y, every, None, cfg, progress, epochs=best_epoch)
+        if l2 is not None:
+            _fit_convex(model, X, y, every, l2, progress)
+            recipe = f"to the optimum of the same objective (L2 {l2:g})"
+        else:
+            _fit(model, X, y, every, None, cfg, progress, epochs=best_epoch)
+            recipe = f"for the {best_epoch} epochs the split chose"
         refit_cells = len(y)
         check_x = dense(X, split.test[:MAX_CHECK_CELLS])  # the checks need inputs, not unseen
         how += (
-            f"; the exported model is that recipe refit on all {len(y)} cells for the "
-            f"{best_epoch} epochs the split chose (no cell left out, so these test scores "
-            "estimate it: it has seen more cells than the scored model)"
+            f"; the exported model is that recipe refit on all {len(y)} cells {recipe} (no "
+            "cell left out, so these test scores estimate it: it has seen more cells than the "
+            "scored model)"
         )
     n_programs, arch_cfg, gene_sets_used = built.n_programs, built.arch_cfg, built.gene_sets_used
 
@@ -458,6 +538,7 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             n_free_units=arch_cfg.n_free,
             dropout=cfg.dropout,
             n_parameters=int(sum(p.numel() for p in model.parameters())),
+            l2=l2,
         ),
         gene_sets=gene_sets_used,
         training_data=TrainingData(

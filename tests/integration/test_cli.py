@@ -99,6 +99,7 @@ def test_tampered_store_model_is_refused(trained, store, tmp_path):
         (["train", "--min-cells-per-class", "1"], "must be at least 2, got 1"),
         (["train", "--n-free", "-1"], "must be at least 0, got -1"),
         (["train", "--dropout", "2"], "must be in [0, 1), got 2.0"),
+        (["train", "--arch", "linear", "--l2", "0"], "must be above 0, got 0.0"),
         (["train", "--data", "docs", "--label-key", "x"], "docs is a folder, not an .h5ad"),
         (["train", "--data", "README.md", "--label-key", "x"], "not an .h5ad file (not HDF5)"),
         (["train", "--gene-sets", "x.gmt"], "gene-set file not found: x.gmt"),

@@ -89,7 +89,7 @@ def _positive(text: str) -> float:
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from e
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value}")
     return value
 
 
@@ -124,8 +124,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--l2",
         type=_positive,
-        default=0.01,
-        help="linear: the L2 penalty of its convex objective (above 0)",
+        help="linear: the L2 penalty of its convex objective (default 0.01; above 0)",
     )
     model.add_argument(
         "--max-epochs",
@@ -185,7 +184,7 @@ def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
         n_free=args.n_free,
         gene_sets=args.gene_sets,
         dropout=args.dropout,
-        l2=args.l2,
+        **({} if getattr(args, "l2", None) is None else {"l2": args.l2}),
         max_epochs=args.max_epochs,
         patience=args.patience,
         seed=args.seed,
@@ -211,6 +210,8 @@ def _check_train_args(args: argparse.Namespace, out: Path) -> None:
 
         if not h5py.is_hdf5(data):
             raise CLIError(f"--data: {args.data} is not an .h5ad file (not HDF5)")
+    if args.l2 is not None and args.arch != "linear":
+        raise CLIError(f"--l2 is for --arch linear, not {args.arch}")
     if args.gene_sets is not None:
         if args.arch != "programs":
             raise CLIError(f"--gene-sets is for --arch programs, not {args.arch}")
@@ -274,11 +275,13 @@ def _print_card_summary(card: ModelCard, out: Path) -> None:
     m = card.metrics
     c = card.checks
     print(f"wrote {out / 'model.onnx'} and {out / 'model.json'}")
+    arch = card.architecture
     how = (
-        f"fitted to its convex optimum (L2 {card.architecture.l2:g}, "
-        f"{m.epochs_trained} L-BFGS iterations)"
-        if card.architecture.l2 is not None
-        else f"best epoch {m.best_epoch}/{m.epochs_trained}"
+        f"best epoch {m.best_epoch}/{m.epochs_trained}"
+        if arch.l2 is None
+        else f"fitted to its convex optimum (L2 {arch.l2:g})"
+        if arch.converged
+        else f"fit stopped SHORT of its convex optimum (L2 {arch.l2:g}): try a larger --l2"
     )
     print(
         f"  {card.architecture.kind}: {len(card.genes)} genes -> {len(card.classes)} classes, "

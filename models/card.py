@@ -49,6 +49,11 @@ class Architecture(_Strict):
         description="linear: the L2 penalty of its convex fit (lambda/2 * |W|^2 beside the "
         "class-weighted mean cross-entropy)",
     )
+    converged: bool | None = Field(
+        default=None,
+        description="linear: whether both of its fits (the split's and the refit) reached the "
+        "optimum (no gradient entry above 1e-5)",
+    )
 
 
 class Attribution(_Strict):
@@ -102,8 +107,10 @@ class Metrics(_Strict):
     split: Literal["test"] = "test"
     model: Scores
     logistic_regression: Scores
-    epochs_trained: int
-    best_epoch: int
+    epochs_trained: int = Field(description="epochs (mlp, programs); L-BFGS iterations of "
+                                "the split's fit (linear)")  # fmt: skip
+    best_epoch: int = Field(description="the epoch early stopping kept (mlp, programs); "
+                            "the L-BFGS iterations again (linear)")  # fmt: skip
     how_obtained: str = Field(
         default="a model fitted on the train split, scored on the test split",
         description="how these metrics relate to the exported model",

@@ -77,8 +77,9 @@ def shared_model(request, tmp_path_factory, name: str, **settings) -> Path:
 
 @pytest.fixture(scope="session")
 def linear_model(request, tmp_path_factory) -> Path:
-    """A linear model (30 epochs, IG), exported once for the run: its folder."""
-    return shared_model(request, tmp_path_factory, "pbmc-linear", arch="linear", max_epochs=30)
+    """A linear model (its convex fit; exact attributions), exported once for the run: its
+    folder."""
+    return shared_model(request, tmp_path_factory, "pbmc-linear", arch="linear")
 
 
 @pytest.fixture(scope="session")

@@ -301,7 +301,7 @@ def test_the_linear_model_is_its_objectives_unique_optimum_whatever_the_seed(pbm
 
     model = fitted[0].model  # refit on every labelled cell
     l2 = fitted[0].card_fields["architecture"].l2
-    assert l2 == TrainConfig().l2
+    assert l2 == TrainConfig().l2 and fitted[0].card_fields["architecture"].converged
     classes = fitted[0].card_fields["classes"]
     y = np.searchsorted(np.asarray(classes), pbmc_data.labels)
     with torch.no_grad():
@@ -313,3 +313,18 @@ def test_the_linear_model_is_its_objectives_unique_optimum_whatever_the_seed(pbm
     W = layer.weight.detach().numpy().astype(np.float64)
     rel = np.linalg.norm(W - ref.coef_) / np.linalg.norm(ref.coef_)
     assert rel < 2e-2, rel
+
+
+def test_a_linear_fit_stopped_short_of_its_optimum_says_so(pbmc_data, monkeypatch):
+    """Two L-BFGS iterations cannot reach the optimum: the card and its text say so, never
+    "optimum"."""
+    from cellexplain.models import train as training
+
+    monkeypatch.setattr(training, "LBFGS_MAX_ITER", 2)
+    monkeypatch.setattr(training, "LBFGS_ROUNDS", 1)
+    fitted = training.fit(pbmc_data, training.TrainConfig(arch="linear"), progress=False)
+    assert fitted.card_fields["architecture"].converged is False
+    how = fitted.card_fields["metrics"].how_obtained
+    assert "SHORT OF the optimum" in how and "SHORT OF its optimum" in how, how
+    with pytest.raises(ValueError, match="finite number above 0"):
+        training.TrainConfig(arch="linear", l2=float("inf"))

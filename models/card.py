@@ -52,7 +52,7 @@ class Architecture(_Strict):
     converged: bool | None = Field(
         default=None,
         description="linear: whether both of its fits (the split's and the refit) reached the "
-        "optimum (no gradient entry above 1e-5)",
+        "optimum (|gradient| / l2, a bound on the distance to it, within 1% of |W|)",
     )
 
 

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -71,26 +71,26 @@ def _at_least(low: int) -> Any:
     return parse
 
 
-def _fraction(text: str) -> float:
-    """An argparse type: a number in [0, 1) (a dropout probability)."""
-    try:
-        value = float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from e
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
+def _number(within: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse type: a number for which ``within`` holds (a usage error naming ``what``
+    otherwise)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from e
+        if not within(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from e
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value}")
-    return value
+#: a dropout probability
+_fraction = _number(lambda v: 0 <= v < 1, "in [0, 1)")
+#: a penalty
+_positive = _number(lambda v: 0 < v < float("inf"), "a finite number above 0")
 
 
 def _hidden(text: str) -> list[int]:

@@ -203,6 +203,15 @@ def predict_rows(
     return np.concatenate(out) if out else np.zeros((0, model.config.n_classes), np.float32)
 
 
+def class_weights(y: np.ndarray, n_classes: int, device: torch.device) -> torch.Tensor:
+    """Balanced class weights ``[n_classes]`` of the labels ``y``: cells / (classes x the
+    class's cells), as scikit-learn's ``class_weight='balanced'``."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return torch.as_tensor(
+        counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device
+    )
+
+
 def _fit(
     model: CellClassifier,
     X: Matrix,
@@ -223,12 +232,8 @@ def _fit(
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    n_classes = model.config.n_classes
     ytr = y[train_rows]
-    counts = np.bincount(ytr, minlength=n_classes).astype(np.float64)
-    weights = torch.as_tensor(
-        counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device
-    )
+    weights = class_weights(ytr, model.config.n_classes, device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
     val_loss_fn = torch.nn.CrossEntropyLoss(weight=weights, reduction="sum")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -310,11 +315,7 @@ def _fit_convex(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()  # no dropout in a linear model: a deterministic objective
     (layer,) = [m for m in model.net if isinstance(m, torch.nn.Linear)]
-    n_classes = model.config.n_classes
-    counts = np.bincount(y[rows], minlength=n_classes).astype(np.float64)
-    weights = torch.as_tensor(
-        counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device
-    )
+    weights = class_weights(y[rows], model.config.n_classes, device)
     total = float(weights[torch.from_numpy(y[rows]).to(device)].sum())
     with torch.no_grad():
         layer.weight.zero_()

@@ -117,7 +117,8 @@ async def run(args: argparse.Namespace) -> int:
     problems = scenario.check_slo(
         slo, p99, valid, valid_failed, bad_unexpected, memory.get("start"), memory.get("end")
     )
-    print(f"memory {memory.get('start')} -> {memory.get('end')} MB")
+    samples = f" (samples {sampler.describe()})" if sampler is not None else ""
+    print(f"memory {memory.get('start')} -> {memory.get('end')} MB{samples}")
     if problems:
         print("SLO MISSED:\n  " + "\n  ".join(problems))
         return 1

@@ -113,7 +113,8 @@ def _check_slo(environment: Any, **_: Any) -> None:
     print(
         f"\nSLO: {valid} valid requests ({failures} failed), p99 ms "
         + ", ".join(f"{n} cells {v:.0f}" for n, v in sorted(p99.items()))
-        + f"; memory {_memory.get('start')} -> {_memory.get('end')} MB",
+        + f"; memory {_memory.get('start')} -> {_memory.get('end')} MB"
+        + (f" (samples {_sampler[0].describe()})" if _sampler else ""),
         file=sys.stderr,
     )
     if problems:

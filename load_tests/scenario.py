@@ -128,7 +128,7 @@ class MemorySampler:
     """Samples the server's worker memory every ``interval_s`` from ``warmup_s`` on, in a
     background thread, until :meth:`stop`."""
 
-    def __init__(self, url: str, warmup_s: float, interval_s: float = 2.0) -> None:
+    def __init__(self, url: str, warmup_s: float, interval_s: float = 1.0) -> None:
         import threading
 
         self.url = url
@@ -150,6 +150,10 @@ class MemorySampler:
             if rss is not None:
                 self.samples.append(rss)
             self._stop.wait(self._interval_s)
+
+    def describe(self) -> str:
+        """The samples taken, in MB, for a verdict's message."""
+        return " ".join(f"{s:.0f}" for s in self.samples)
 
     def stop(self) -> tuple[float | None, float | None]:
         """(start, end) in MB: medians of the first and last thirds of the samples."""

@@ -79,6 +79,7 @@ def test_locust_scenario_meets_its_slo(server, tmp_path):
             *("--csv", str(tmp_path / "rest"), "--html", str(tmp_path / "rest.html")),
         ]
     )
+    print(slo_lines(out.stderr))  # shown with -s, and on a failure
     assert out.returncode == 0, slo_lines(out.stderr) + "\n" + out.stderr[-3000:]
     assert "SLO met" in out.stderr
     with open(tmp_path / "rest_stats.csv") as f:
@@ -93,6 +94,7 @@ def test_grpc_driver_meets_its_slo_and_can_miss_one(server, tmp_path):
     args = [sys.executable, "-m", "load_tests.grpc_load", "--target", server.grpc]
     args += ["--metrics-url", server.url, "--users", "4"]
     out = run([*args, "--duration", "14", "--csv", str(tmp_path / "grpc.csv")])
+    print(slo_lines(out.stdout))
     assert out.returncode == 0, (
         slo_lines(out.stdout) + "\n" + out.stdout[-3000:] + out.stderr[-2000:]
     )

@@ -5,7 +5,14 @@ What lands where (scanpy's conventions, like ``sc.tl.*`` writing into the object
 * ``obs['cellexplain_label']``: predicted cell type, or ``Unassigned`` below the threshold
 * ``obs['cellexplain_predicted_label']``: the most probable type whatever its confidence
 * ``obs['cellexplain_confidence']``: probability of the predicted type
-* ``obs['cellexplain_top_genes']``: the ``top_k`` genes by |attribution|, ``;``-separated
+* ``obs['cellexplain_unassigned_reason']``: why a cell is Unassigned (``low_confidence``,
+  ``novel``, ``low_confidence_and_novel``; empty when it is not)
+* ``obs['cellexplain_novelty']``: the share of known-type cells nearer to a known type
+* ``obs['cellexplain_top_genes']``: the evidence for the explained class: its ``top_k`` largest
+  positive attributions, ``;``-separated, largest first
+* ``obs['cellexplain_genes_against']``: the evidence against it (most negative first)
+* ``obsm['cellexplain_top_genes_attribution']``, ``obsm['cellexplain_genes_against_attribution']``:
+  ``[n_cells, top_k]`` their values (NaN where a cell has fewer)
 * ``obs['cellexplain_completeness_gap']``: with attributions, ``|sum(attributions) - (F(x) -
   F(x0))| / |F(x) - F(x0)|`` (how much of the explained logit's change they miss)
 * ``obsm['cellexplain_attributions']``: ``[n_cells, n_model_genes]`` float32 attributions
@@ -13,7 +20,7 @@ What lands where (scanpy's conventions, like ``sc.tl.*`` writing into the object
 * ``obsm['cellexplain_program_attributions']``: ``[n_cells, n_programs]`` (programs models)
 * ``obsm['cellexplain_probabilities']``: ``[n_cells, n_classes]``; class order in ``uns``
 * ``uns['cellexplain']``: model, version, attribution method, genes, classes, programs,
-  threshold, input kind, gene matching
+  thresholds, input kind, gene matching, warnings
 """
 
 from __future__ import annotations
@@ -28,15 +35,17 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellexplain.api.errors import InvalidInputError, TooLargeError, brief
-from cellexplain.api.schemas import AnnotateResponse, GeneMatching
+from cellexplain.api.schemas import AnnotateResponse, GeneAttribution, GeneMatching
 from cellexplain.models.card import ModelCard
 from cellexplain.models.data import select_matrix
 from cellexplain.models.errors import DataError
 from cellexplain.models.preprocess import sparse_structure_problem
 
 PREFIX = "cellexplain"
-#: the label of a cell whose best class is below the confidence threshold
+#: the label of a cell whose best class is below the confidence threshold, or that is novel
 UNASSIGNED = "Unassigned"
+#: why a cell is Unassigned, by code (0: it is not; 1 + 2 = both)
+UNASSIGNED_REASONS: tuple[str, ...] = ("", "low_confidence", "novel", "low_confidence_and_novel")
 
 
 def expression(
@@ -72,10 +81,27 @@ def gene_map(genes: list[str], Xc: sp.csr_matrix, i: int) -> dict[str, float]:
     return out
 
 
-def top_k_indices(attr: np.ndarray, k: int) -> np.ndarray:
-    """``[n, k]`` column indices of each row's ``k`` largest ``|attr|``, largest first."""
+def signed_top_k(
+    attr: np.ndarray, k: int, sign: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's ``k`` largest positive (``sign=1``) or most negative (``sign=-1``) values of
+    ``attr`` ``[n, G]``: ``[n, k]`` column indices, most extreme first, their values (float32),
+    and whether each is of that sign (a row with fewer has its other entries last, False)."""
     k = min(k, attr.shape[1])
-    neg = -np.abs(attr)  # numpy selects the smallest k far faster than the largest k
+    if k <= 0:
+        empty = np.zeros((attr.shape[0], 0))
+        return empty.astype(np.int64), empty.astype(np.float32), empty.astype(bool)
+    idx = top_k_indices(attr, k, signed=sign)
+    values = np.take_along_axis(attr, idx, 1).astype(np.float32)
+    return idx, values, values * sign > 0
+
+
+def top_k_indices(attr: np.ndarray, k: int, signed: int = 0) -> np.ndarray:
+    """``[n, k]`` column indices of each row's ``k`` largest ``|attr|`` (``signed=1``: largest
+    ``attr``; ``-1``: smallest), first first."""
+    k = min(k, attr.shape[1])
+    # numpy selects the smallest k far faster than the largest k
+    neg = -np.abs(attr) if signed == 0 else -attr if signed > 0 else attr
     part = np.argpartition(neg, k - 1, axis=1)[:, :k]
     order = np.argsort(np.take_along_axis(neg, part, axis=1), axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1)
@@ -152,9 +178,15 @@ class Annotations:
     probabilities: np.ndarray | None = None  # [n, n_classes]
     explained_class: np.ndarray | None = None  # [n]
     attributions: np.ndarray | None = None  # [n, n_model_genes]
-    top_genes: np.ndarray | None = None  # [n] "GENE1;GENE2;..."
+    top_genes: np.ndarray | None = None  # [n] "GENE1;GENE2;..." (for the explained class)
     program_attributions: np.ndarray | None = None  # [n, n_programs]
     completeness_gap: np.ndarray | None = None  # [n] float32
+    novelty: np.ndarray | None = None  # [n] float32
+    unassigned_reason: np.ndarray | None = None  # [n] "" or a reason
+    genes_against: np.ndarray | None = None  # [n] "GENE1;GENE2;..."
+    #: [n, top_k] float32 values of top_genes and genes_against (NaN where a cell has fewer)
+    top_genes_attribution: np.ndarray | None = None
+    genes_against_attribution: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.label)
@@ -197,12 +229,14 @@ class Annotations:
         attr = None
         if first.attributions is not None:
             attr = np.array([c.attributions for c in cells], dtype=np.float32)
-        top = None
+        top = top_values = against = against_values = None
         if first.top_genes is not None:
-            top = obj([";".join(g.gene for g in c.top_genes or []) for c in cells])
+            top, top_values = _listed([c.top_genes or [] for c in cells], top_k)
+            against, against_values = _listed([c.genes_against or [] for c in cells], top_k)
         elif attr is not None and top_k > 0 and res.attribution_genes is not None:
             genes = obj(res.attribution_genes)
-            top = obj([";".join(genes[row]) for row in top_k_indices(attr, top_k)])
+            top, top_values = evidence(genes, *signed_top_k(attr, top_k, 1))
+            against, against_values = evidence(genes, *signed_top_k(attr, top_k, -1))
         prog = None
         if first.program_attributions is not None and res.attribution_genes is not None:
             index = {p: j for j, p in enumerate(programs)}
@@ -224,14 +258,54 @@ class Annotations:
             completeness_gap=None
             if first.completeness_gap is None
             else np.array([c.completeness_gap for c in cells], dtype=np.float32),
+            novelty=None
+            if first.novelty is None
+            else np.array([c.novelty for c in cells], dtype=np.float32),
+            unassigned_reason=obj([c.unassigned_reason or "" for c in cells]),
+            genes_against=against,
+            top_genes_attribution=top_values,
+            genes_against_attribution=against_values,
         )
 
 
+def evidence(
+    genes: np.ndarray, idx: np.ndarray, values: np.ndarray, present: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Genes for (or against) a call as they land in ``obs`` and ``obsm``: ``[n]`` names
+    ``;``-joined, and ``[n, k]`` float32 values, NaN where a cell has fewer than ``k``
+    (``genes``: object array of the model's genes; the rest from :func:`signed_top_k`)."""
+    names = genes[idx]
+    joined = np.array([";".join(row[ok]) for row, ok in zip(names, present, strict=True)], object)
+    return joined, np.where(present, values, np.float32(np.nan)).astype(np.float32)
+
+
+def _listed(
+    lists: Sequence[Sequence[GeneAttribution]], top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`evidence` from a response's per-cell lists of ``{gene, attribution}``."""
+    k = max([top_k, *map(len, lists)])
+    values = np.full((len(lists), k), np.nan, dtype=np.float32)
+    for i, entries in enumerate(lists):
+        values[i, : len(entries)] = [e.attribution for e in entries]
+    names = np.array([";".join(e.gene for e in entries) for entries in lists], dtype=object)
+    return names, values
+
+
 def annotation_info(
-    card: ModelCard, threshold: float, input_kind: str, matching: GeneMatching
+    card: ModelCard,
+    threshold: float,
+    input_kind: str,
+    matching: GeneMatching,
+    novelty_threshold: float | None = None,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """What goes into ``uns['cellexplain']``."""
+    """What goes into ``uns['cellexplain']`` (``novelty_threshold``: absent for models without
+    a novelty score)."""
+    extra: dict[str, Any] = {"warnings": list(warnings)}
+    if novelty_threshold is not None:
+        extra["novelty_threshold"] = float(novelty_threshold)
     return {
+        **extra,
         "model": card.name,
         "model_version": card.version,
         "attribution_method": card.attribution.method,
@@ -253,8 +327,16 @@ def obs_columns(ann: Annotations, classes: Sequence[str]) -> dict[str, Any]:
     }
     if ann.explained_class is not None:
         cols[f"{PREFIX}_explained_class"] = pd.Categorical(ann.explained_class, categories=classes)
+    if ann.unassigned_reason is not None:
+        cols[f"{PREFIX}_unassigned_reason"] = pd.Categorical(
+            ann.unassigned_reason, categories=list(UNASSIGNED_REASONS)
+        )
+    if ann.novelty is not None:
+        cols[f"{PREFIX}_novelty"] = ann.novelty
     if ann.top_genes is not None:
         cols[f"{PREFIX}_top_genes"] = ann.top_genes  # object array of str (no fixed-width copy)
+    if ann.genes_against is not None:
+        cols[f"{PREFIX}_genes_against"] = ann.genes_against
     if ann.completeness_gap is not None:
         cols[f"{PREFIX}_completeness_gap"] = ann.completeness_gap
     return cols
@@ -266,6 +348,8 @@ def obsm_arrays(ann: Annotations) -> dict[str, np.ndarray]:
         f"{PREFIX}_probabilities": ann.probabilities,
         f"{PREFIX}_attributions": ann.attributions,
         f"{PREFIX}_program_attributions": ann.program_attributions,
+        f"{PREFIX}_top_genes_attribution": ann.top_genes_attribution,
+        f"{PREFIX}_genes_against_attribution": ann.genes_against_attribution,
     }
     return {k: v for k, v in arrays.items() if v is not None}
 

@@ -57,6 +57,9 @@ def options(msg: Any) -> AnnotateOptions:
             unassigned_threshold=(
                 decimal(msg.unassigned_threshold) if msg.HasField("unassigned_threshold") else None
             ),
+            novelty_threshold=(
+                decimal(msg.novelty_threshold) if msg.HasField("novelty_threshold") else None
+            ),
         )
     except ValidationError as e:
         err = validation_failure(e.errors())
@@ -106,8 +109,15 @@ def response_from_proto(msg: Any) -> AnnotateResponse:
         ProgramAttribution,
     )
 
+    def pairs(entries: Any, listed: bool) -> list[GeneAttribution] | None:
+        # with attributions='top_k' both lists are there, empty ones too (which protobuf
+        # cannot tell from absent): a cell with an explained class and no full vector
+        found = [GeneAttribution(gene=g.gene, attribution=g.attribution) for g in entries]
+        return found if listed or found else None
+
     cells = []
     for c in msg.cells:
+        listed = bool(c.explained_class) and not c.attributions
         cells.append(
             CellAnnotation(
                 id=c.id,
@@ -116,10 +126,8 @@ def response_from_proto(msg: Any) -> AnnotateResponse:
                 confidence=c.confidence,
                 explained_class=c.explained_class or None,
                 probabilities=dict(c.probabilities) or None,
-                top_genes=[
-                    GeneAttribution(gene=g.gene, attribution=g.attribution) for g in c.top_genes
-                ]
-                or None,
+                top_genes=pairs(c.top_genes, listed),
+                genes_against=pairs(c.genes_against, listed),
                 attributions=list(c.attributions) or None,
                 program_attributions=[
                     ProgramAttribution(program=p.program, attribution=p.attribution)
@@ -130,19 +138,28 @@ def response_from_proto(msg: Any) -> AnnotateResponse:
                     c.free_units_attribution if c.HasField("free_units_attribution") else None
                 ),
                 completeness_gap=c.completeness_gap if c.HasField("completeness_gap") else None,
+                novelty=c.novelty if c.HasField("novelty") else None,
+                unassigned_reason=c.unassigned_reason or None,
             )
         )
     gm = msg.gene_matching
     matching = {name: getattr(gm, name) for name in GeneMatching.model_fields}
     matching["missing"] = list(matching["missing"])
+    matching["missing_importance"] = (
+        gm.missing_importance if gm.HasField("missing_importance") else None
+    )
     return AnnotateResponse(
         model=msg.model,
         model_version=msg.model_version,
         input_kind=msg.input_kind,
         attribution_method=msg.attribution_method,
         unassigned_threshold=decimal(msg.unassigned_threshold),
+        novelty_threshold=(
+            decimal(msg.novelty_threshold) if msg.HasField("novelty_threshold") else None
+        ),
         gene_matching=GeneMatching(**matching),
         attribution_genes=list(msg.attribution_genes) or None,
+        warnings=list(msg.warnings),
         cells=cells,
     )
 
@@ -166,6 +183,8 @@ def request_to_proto(
     )
     if opts.unassigned_threshold is not None:
         o.unassigned_threshold = opts.unassigned_threshold
+    if opts.novelty_threshold is not None:
+        o.novelty_threshold = opts.novelty_threshold
     req = pb.AnnotateRequest(options=o, cell_ids=cell_ids or [])
     req.genes.extend(genes)
     if sp.issparse(X):

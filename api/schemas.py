@@ -25,7 +25,12 @@ class AnnotateOptions(_Schema):
         description="'counts' (raw UMI counts over all measured genes), 'log1p_cp10k', or "
         "'auto' (integers are counts, otherwise log1p)",
     )
-    top_k: int = Field(default=10, ge=0, description="top genes per cell, by |attribution|")
+    top_k: int = Field(
+        default=10,
+        ge=0,
+        description="genes per cell for the call (largest positive attributions) and as many "
+        "against it (most negative)",
+    )
     attributions: AttributionMode = Field(
         default="top_k", description="'top_k' genes, the 'full' vector, or 'none'"
     )
@@ -39,6 +44,15 @@ class AnnotateOptions(_Schema):
         le=1,
         allow_inf_nan=False,
         description="override the model's confidence threshold",
+    )
+    novelty_threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="override the model's novelty threshold: cells whose novelty is at or "
+        "above it are labelled Unassigned (1: only the furthest; models without a novelty "
+        "score ignore it)",
     )
 
 
@@ -79,12 +93,33 @@ class ProgramAttribution(_Schema):
 
 class CellAnnotation(_Schema):
     id: str
-    label: str = Field(description="predicted class, or 'Unassigned' below the threshold")
+    label: str = Field(
+        description="predicted class, or 'Unassigned' (below the confidence threshold, or at "
+        "or above the novelty threshold: see unassigned_reason)"
+    )
     predicted_label: str = Field(description="the most probable class, whatever its confidence")
     confidence: float = Field(description="probability of the predicted class")
     explained_class: str | None = Field(default=None, description="class the attributions explain")
+    unassigned_reason: Literal["low_confidence", "novel", "low_confidence_and_novel"] | None = (
+        Field(default=None, description="why the cell is Unassigned (absent when it is not)")
+    )
+    novelty: float | None = Field(
+        default=None,
+        description="share of known-type cells that lie nearer to a known type than this "
+        "cell (0.99: further from every class the model knows than 99% of them); absent for "
+        "models exported before it existed",
+    )
     probabilities: dict[str, float] | None = None
-    top_genes: list[GeneAttribution] | None = None
+    top_genes: list[GeneAttribution] | None = Field(
+        default=None,
+        description="with attributions='top_k': the evidence FOR the explained class, the "
+        "top_k largest positive attributions, largest first",
+    )
+    genes_against: list[GeneAttribution] | None = Field(
+        default=None,
+        description="with attributions='top_k': the evidence AGAINST the explained class, the "
+        "top_k most negative attributions, most negative first",
+    )
     attributions: list[float] | None = Field(
         default=None, description="full vector, in the order of `attribution_genes`"
     )
@@ -107,10 +142,18 @@ class GeneMatching(_Schema):
     n_model_genes: int
     n_found: int
     n_missing: int
-    missing: list[str] = Field(description="the first missing model genes")
+    missing: list[str] = Field(
+        description="missing model genes, the most important first (by the model card's "
+        "gene_importance; in model order for models without it)"
+    )
     n_submitted: int
     n_unused: int = Field(description="submitted genes the model does not use")
     missing_fraction: float
+    missing_importance: float | None = Field(
+        default=None,
+        description="the share of the model's gene importance (mean |attribution| per gene) "
+        "that the missing genes carry: what the answer lacks, rather than how many genes",
+    )
     n_case_insensitive: int = Field(
         default=0,
         description="model genes found only case-insensitively (or through an Ensembl ID and "
@@ -132,9 +175,17 @@ class AnnotateResponse(_Schema):
     input_kind: Literal["counts", "log1p_cp10k"] = Field(description="how the input was read")
     attribution_method: str
     unassigned_threshold: float
+    novelty_threshold: float | None = Field(
+        default=None, description="the novelty threshold applied (None: the model has no score)"
+    )
     gene_matching: GeneMatching
     attribution_genes: list[str] | None = Field(
         default=None, description="gene order of `attributions` (with attributions='full')"
+    )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what makes this answer less reliable than the model's test scores (for "
+        "example, model genes missing from the request)",
     )
     cells: list[CellAnnotation]
 

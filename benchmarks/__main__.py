@@ -12,7 +12,10 @@
    venv, ``.venv-celltypist``, made on first use), file to file on 55,900 cells x 32,786 genes;
 9. ``benchmarks.accuracy``: our architectures beside CellTypist 1.7.1 (its own venv) on 5 repeated
    70/30 splits, accuracy and macro-F1 (mean +/- sd);
-10. ``benchmarks.upload``: the upload door (read in a child process) vs the same work in-process.
+10. ``benchmarks.upload``: the upload door (read in a child process) vs the same work in-process;
+11. ``benchmarks.novelty``: cell types held out of training, told from known ones by the served
+    novelty score, by confidence, and by CellTypist 1.7.1's probability;
+12. ``benchmarks.evidence``: deletion and insertion curves of the genes the answer names.
 
 Each runs in its own process; their tables go to stdout and to
 ``benchmarks/results/latest.md`` (with the machine), from which docs/benchmarks.md is updated.
@@ -47,6 +50,8 @@ FULL: dict[str, list[str]] = {
     "file_to_file": ["-m", "benchmarks.file_to_file"],
     "accuracy": ["-m", "benchmarks.accuracy", "--seeds", "5"],
     "upload": ["-m", "benchmarks.upload"],
+    "novelty": ["-m", "benchmarks.novelty", "--seeds", "2"],
+    "evidence": ["-m", "benchmarks.evidence", "--seeds", "2"],
 }
 QUICK_ARGS: dict[str, list[str]] = {
     "attribution": ["--min-seconds", "0.3", "--repeat", "2"],
@@ -59,6 +64,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     "file_to_file": ["--cells", "5000", "--repeat", "1"],
     "accuracy": ["--seeds", "2"],
     "upload": ["--cells", "700", "--repeat", "2"],
+    "novelty": ["--seeds", "1", "--archs", "linear", "--no-celltypist"],
+    "evidence": ["--seeds", "1", "--archs", "linear", "--k", "5"],
 }
 
 

@@ -377,6 +377,9 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+#: --max-missing-fraction's default (measured: service/core.py, WARN_MISSING_SHARE)
+MAX_MISSING_FRACTION = 0.5
+
 #: the annotation options' flags: made from AnnotateOptions' fields (their types, choices,
 #: defaults and descriptions), named as below where the flag is not the field's name
 OPTION_FLAGS = {"unassigned_threshold": "--threshold"}
@@ -488,9 +491,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                 overwrite=args.force,
                 allow_external=args.allow_external_data,
                 progress=not args.quiet,
+                max_missing_fraction=args.max_missing_fraction,
             )
         finally:
             await backend.close()
+        for warning in stats.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         print(
             f"annotated {stats.n_cells} cells in {stats.seconds:.1f} s "
             f"({stats.cells_per_second:,.0f} cells/s) -> {stats.output}"
@@ -577,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs")
     p.add_argument("--layer", help="'raw', a layer name, or omit for X")
     p.add_argument("--cluster-key", help="obs column of clusters: add majority voting")
+    p.add_argument(
+        "--max-missing-fraction",
+        type=float,
+        default=MAX_MISSING_FRACTION,
+        help="stop, writing nothing, when more than this share of the model's genes is missing "
+        "from the file (default %(default)s: with half the genes missing at random, 92%% of "
+        "the default model's labels stay the same; 62%% with 80%% missing); 1 never stops",
+    )
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--allow-external-data",

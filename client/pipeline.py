@@ -233,6 +233,18 @@ class H5adReader:
         self.file.close()
 
 
+#: the per-cell values of :class:`Annotations` kept as they come (beside the labels' codes)
+_KEPT = (
+    "top_genes",
+    "genes_against",
+    "top_genes_attribution",
+    "genes_against_attribution",
+    "completeness_gap",
+    "novelty",
+    "unassigned_reason",
+)
+
+
 @dataclass
 class _Collected:
     """The small per-cell values kept until the end (categorical codes, not strings)."""
@@ -242,8 +254,7 @@ class _Collected:
     predicted: list[np.ndarray] = field(default_factory=list)
     explained: list[np.ndarray] = field(default_factory=list)
     confidence: list[np.ndarray] = field(default_factory=list)
-    top_genes: list[np.ndarray] = field(default_factory=list)
-    completeness_gap: list[np.ndarray] = field(default_factory=list)
+    kept: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     def add(self, ann: Annotations) -> None:
         codes = {c: i for i, c in enumerate([*self.classes, UNASSIGNED])}
@@ -253,10 +264,10 @@ class _Collected:
         if ann.explained_class is not None:
             self.explained.append(enc(ann.explained_class))
         self.confidence.append(ann.confidence)
-        if ann.top_genes is not None:
-            self.top_genes.append(ann.top_genes)
-        if ann.completeness_gap is not None:
-            self.completeness_gap.append(ann.completeness_gap)
+        for name in _KEPT:
+            value = getattr(ann, name)
+            if value is not None:
+                self.kept.setdefault(name, []).append(value)
 
     def annotations(self) -> Annotations:
         names = np.array([*self.classes, UNASSIGNED], dtype=object)
@@ -266,10 +277,7 @@ class _Collected:
             predicted_label=names[np.concatenate(self.predicted)],
             confidence=np.concatenate(self.confidence),
             explained_class=cat(self.explained),
-            top_genes=np.concatenate(self.top_genes) if self.top_genes else None,
-            completeness_gap=(
-                np.concatenate(self.completeness_gap) if self.completeness_gap else None
-            ),
+            **{name: np.concatenate(parts) for name, parts in self.kept.items()},
         )
 
 
@@ -344,6 +352,8 @@ class RunStats:
     n_cells: int
     seconds: float
     output: Path
+    #: the service's warnings about the answer (the first chunk's: every chunk has the genes)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def cells_per_second(self) -> float:
@@ -364,11 +374,14 @@ async def annotate_file(
     overwrite: bool = False,
     progress: bool = True,
     allow_external: bool = False,
+    max_missing_fraction: float = 1.0,
 ) -> RunStats:
     """Annotate every cell of ``src`` into a new file ``dst`` (see the module docstring).
 
     ``allow_external``: read a file whose objects take their data from other files (external
-    links, external storage, virtual datasets); refused by default (docs/security.md)."""
+    links, external storage, virtual datasets); refused by default (docs/security.md).
+    ``max_missing_fraction``: stop, writing nothing, when more than this share of the model's
+    genes is missing from the file (checked on the first answer)."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise InvalidInputError(f"input file not found: {src}", "input")
@@ -409,7 +422,18 @@ async def annotate_file(
         async for chunk, ann, chunk_info in backend.annotations(
             reader.chunks(chunk_size), options, concurrency
         ):
-            info = info or chunk_info
+            if info is None:
+                missing = chunk_info["gene_matching"]["missing_fraction"]
+                if missing > max_missing_fraction:
+                    raise InvalidInputError(
+                        f"{missing:.0%} of the model's genes are missing from {src} (more than "
+                        f"--max-missing-fraction {max_missing_fraction:g}): "
+                        + "; ".join(chunk_info.get("warnings", []))
+                        + " (is --gene-key the right column? does the file hold all measured "
+                        "genes, not only highly variable ones?)",
+                        "max_missing_fraction",
+                    )
+                info = chunk_info
             writer.write_obsm(chunk.start, ann)
             collected.add(ann)
             bar.update(chunk.n)
@@ -430,7 +454,7 @@ async def annotate_file(
     finally:
         bar.close()
         reader.close()
-    return RunStats(reader.n_obs, time.perf_counter() - t0, dst)
+    return RunStats(reader.n_obs, time.perf_counter() - t0, dst, list(info.get("warnings", [])))
 
 
 def cancel_on_sigterm() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -403,13 +404,16 @@ class AsyncClient:
         top_k: int = DEFAULTS.top_k,
         target: str = DEFAULTS.target,
         unassigned_threshold: float | None = None,
+        novelty_threshold: float | None = None,
         chunk_size: int = 1000,
         concurrency: int = 2,
     ) -> ad.AnnData:
         """Annotate ``adata`` in place and return it.
 
         Writes ``obs['cellexplain_label']``, ``obs['cellexplain_predicted_label']``,
-        ``obs['cellexplain_confidence']``, ``obs['cellexplain_top_genes']``,
+        ``obs['cellexplain_confidence']``, ``obs['cellexplain_unassigned_reason']``,
+        ``obs['cellexplain_novelty']``, ``obs['cellexplain_top_genes']`` and
+        ``obs['cellexplain_genes_against']`` (values in ``obsm``),
         ``obsm['cellexplain_attributions']`` (cells x model genes, with
         ``attributions='full'``), ``obsm['cellexplain_probabilities']``,
         ``obsm['cellexplain_program_attributions']`` (programs models) and
@@ -423,6 +427,7 @@ class AsyncClient:
             target=target,
             return_probabilities=True,
             unassigned_threshold=unassigned_threshold,
+            novelty_threshold=novelty_threshold,
         )
         genes, X = expression(adata, gene_key, layer)
         chunks = [Chunk(s, genes, X[s : s + chunk_size]) for s in range(0, adata.n_obs, chunk_size)]
@@ -432,7 +437,13 @@ class AsyncClient:
             parts.append(ann)
             info = info or chunk_info
         write_annotations(adata, Annotations.concat(parts), info)
+        for text in info.get("warnings", []):  # on stderr, where Python shows warnings
+            warnings.warn(text, AnswerWarning, stacklevel=2)
         return adata
+
+
+class AnswerWarning(UserWarning):
+    """The service's warning about an answer (for example, model genes missing)."""
 
 
 def _field(e: Any) -> str | None:
@@ -449,7 +460,14 @@ class _RetryableError(Exception):
 
 def response_info(detail: ModelDetail, res: AnnotateResponse) -> dict[str, Any]:
     """``uns['cellexplain']`` from the model card and a response."""
-    return annotation_info(detail.card, res.unassigned_threshold, res.input_kind, res.gene_matching)
+    return annotation_info(
+        detail.card,
+        res.unassigned_threshold,
+        res.input_kind,
+        res.gene_matching,
+        res.novelty_threshold,
+        res.warnings,
+    )
 
 
 class Client:

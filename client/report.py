@@ -199,11 +199,15 @@ def write_report(src: str | Path, out: str | Path, top: int = 10) -> Path:
         ("attribution method", str(info.get("attribution_method"))),
         ("input read as", str(info.get("input_kind"))),
         ("unassigned threshold", str(info.get("unassigned_threshold"))),
+        ("novelty threshold", str(info.get("novelty_threshold", "none (model without a score)"))),
         ("model genes found", f"{gm.get('n_found')} of {gm.get('n_model_genes')}"),
         ("unassigned cells", f"{(s.labels == UNASSIGNED).mean():.1%}"),
     ]
+    # what makes the answer less reliable comes first, before any number or picture
+    warned = [str(w) for w in info.get("warnings", [])]
     captions = {
-        "composition": "Label composition (Unassigned: below the confidence threshold).",
+        "composition": "Label composition (Unassigned: below the confidence threshold, or "
+        "further from every known type than the novelty threshold allows).",
         "confidence": "How confident the calls are, overall and by label.",
         "genes": "Per cell type, the genes that most drove its calls (red: for the type, blue: "
         "against), averaged over the cells called that type.",
@@ -214,7 +218,12 @@ def write_report(src: str | Path, out: str | Path, top: int = 10) -> Path:
         "<!doctype html><html><head><meta charset='utf-8'><title>cellexplain report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "td{padding:2px 12px}img{max-width:100%}figcaption{color:#555;margin-bottom:2em}"
-        "</style></head><body><h1>cellexplain report</h1><table>",
+        "</style></head><body><h1>cellexplain report</h1>",
+        *(
+            f"<p style='background:#fde8e8;padding:8px'><b>Warning:</b> {html.escape(w)}</p>"
+            for w in warned
+        ),
+        "<table>",
         *(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows),
         "</table>",
     ]

@@ -36,6 +36,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from cellexplain.models.novelty import NoveltyReference
+from cellexplain.models.novelty import add_to_graph as add_novelty
+
 Method = Literal["integrated_gradients", "deeplift", "gradient_x_input"]
 METHODS: tuple[Method, ...] = ("integrated_gradients", "deeplift", "gradient_x_input")
 Rule = Literal[
@@ -225,6 +228,7 @@ def build_graph(
     n_programs: int = 0,
     name: str = "cellexplain",
     dtype: type[np.floating[Any]] = np.float32,
+    novelty: NoveltyReference | None = None,
 ) -> onnx.ModelProto:
     """Write the prediction + attribution graph of a dense ReLU network.
 
@@ -238,6 +242,8 @@ def build_graph(
             float32 inputs and outputs, float16 weights and arithmetic inside) or
             ``np.float64`` (used by the export checks to verify the graph's arithmetic against
             Captum without float32 rounding; its inputs and outputs are float64).
+        novelty: the constants of the novelty score (:mod:`~cellexplain.models.novelty`);
+            with them the graph also returns ``novelty`` ``[n]``.
 
     Returns:
         An ONNX model with inputs ``x`` float32 ``[n, n_genes]`` and ``target`` int64 ``[m]``
@@ -245,7 +251,8 @@ def build_graph(
         negative value means the predicted class) and outputs ``logits`` ``[n, C]``,
         ``probabilities`` ``[n, C]``, ``attributions`` ``[n, n_genes]``, ``explained_class``
         int64 ``[n]``, ``completeness_gap`` ``[n]`` (see :func:`_completeness_gap`) and, when
-        ``n_programs > 0``, ``program_attributions`` ``[n, n_programs]``.
+        ``n_programs > 0``, ``program_attributions`` ``[n, n_programs]``, and with ``novelty``,
+        ``novelty`` ``[n]``.
     """
     if not layers:
         raise ValueError("a network needs at least one layer")
@@ -397,6 +404,9 @@ def build_graph(
     out_dtype = np.float64 if elem == TensorProto.DOUBLE else np.float32
     _completeness_gap(b, _forward(layers, x0), out_dtype)
     outputs.append(helper.make_tensor_value_info("completeness_gap", out_elem, [n]))
+    if novelty is not None:  # from the input as sent: float32 (float64 for the check graph)
+        add_novelty(b, "x", novelty, out_dtype)
+        outputs.append(helper.make_tensor_value_info("novelty", out_elem, [n]))
     graph = helper.make_graph(b.nodes, name, inputs, outputs, b.initializers)
     model = helper.make_model(
         graph,

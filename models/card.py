@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellexplain.models.errors import ArtifactError
+from cellexplain.models.novelty import DEFAULT_THRESHOLD
 
 CARD_FILE = "model.json"
 ONNX_FILE = "model.onnx"
@@ -63,6 +64,35 @@ class Attribution(_Strict):
     baseline: Literal["zero", "mean"]
     exact: bool = Field(description="true when attributions are exact (linear models)")
     completeness: str
+
+
+class Novelty(_Strict):
+    """The novelty score the graph returns (``novelty``): see :mod:`cellexplain.models.novelty`."""
+
+    method: Literal["mahalanobis_pca"] = "mahalanobis_pca"
+    n_components: int = Field(description="principal components of the standardised input")
+    reference_cells: int = Field(description="labelled cells the class means and shared "
+                                 "covariance were fitted on (those the model was fitted on, "
+                                 "or a sample of them)")  # fmt: skip
+    calibration_cells: int = Field(description="the same cells, whose distances novelty is a "
+                                   "share of: each measured to a reference fitted without it "
+                                   "(5-fold cross-fitting)")  # fmt: skip
+    calibration_flagged: float = Field(
+        description="share of the calibration cells at or above the threshold"
+    )
+    threshold: float = Field(
+        default=DEFAULT_THRESHOLD,
+        ge=0,
+        le=1,
+        description="cells whose novelty is at or above this are 'novel' (labelled Unassigned "
+        "unless a request sets novelty_threshold); 1 never flags",
+    )
+    meaning: str = Field(
+        default="the share of known-type cells (each unseen by the reference it was measured "
+        "against) that lie nearer to a known type than this cell: 0.99 = further from every "
+        "class than 99% of known cells (Mahalanobis distance to the nearest class mean, in "
+        "the reference's principal components)",
+    )
 
 
 class GeneSetsUsed(_Strict):
@@ -194,6 +224,12 @@ class ExportChecks(_Strict):
     float16: Float16Checks | None = Field(
         default=None, description="for a float16 export: its error versus float32"
     )
+    novelty_max_abs_error: float | None = Field(
+        default=None,
+        description="max |graph's novelty - the same in float64 numpy| over the cells (a share "
+        "of calibration cells: float32 may move a cell across one of them; must stay within "
+        "two calibration cells' share)",
+    )
     passed: bool
 
 
@@ -217,6 +253,12 @@ class ModelCard(_Strict):
     cellexplain_version: str
     description: str = ""
     genes: list[str]
+    gene_importance: list[float] | None = Field(
+        default=None,
+        description="per gene (in `genes` order), its mean |attribution| over the export's "
+        "check cells: how much the model's calls lean on it (a request missing genes is "
+        "warned by the share of this total it lacks)",
+    )
     classes: list[str]
     unassigned_threshold: float = Field(
         default=0.5, description="cells whose confidence is below this are labelled 'Unassigned'"
@@ -225,6 +267,9 @@ class ModelCard(_Strict):
     architecture: Architecture
     attribution: Attribution
     gene_sets: GeneSetsUsed | None = None
+    novelty: Novelty | None = Field(
+        default=None, description="the novelty score (models exported before it have none)"
+    )
     training_data: TrainingData
     split: Split
     metrics: Metrics

@@ -48,6 +48,8 @@ from cellexplain.models.card import (
     OnnxInfo,
 )
 from cellexplain.models.errors import ExportError
+from cellexplain.models.novelty import NoveltyReference
+from cellexplain.models.novelty import novelty as novelty_share
 from cellexplain.models.runtime import session_options
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ def export_model(
     check_x: np.ndarray,
     mean: np.ndarray,
     precision: Precision = "float32",
+    novelty: NoveltyReference | None = None,
 ) -> ModelCard:
     """Write ``out_dir/model.onnx`` and ``out_dir/model.json`` after checking the graph.
 
@@ -141,6 +144,8 @@ def export_model(
             traffic; float32 inputs and outputs), after checking it against the float32 graph:
             the same labels for at least :data:`FLOAT16_MIN_LABEL_AGREEMENT` of the cells and
             per-cell attribution error under :data:`FLOAT16_RTOL` for 99% of them.
+        novelty: the novelty score's constants: the graph returns ``novelty`` too, checked
+            against :func:`~cellexplain.models.novelty.novelty` (float64 numpy).
 
     Raises:
         ExportError: a check failed; nothing is written.
@@ -149,7 +154,9 @@ def export_model(
     layers = model.dense_layers()
     n_programs = model.config.n_programs
     x0 = np.zeros_like(mean) if spec.baseline == "zero" else mean.astype(np.float64)
-    onnx_model = build_graph(layers, spec, x0, n_programs=n_programs, name=card_fields["name"])
+    onnx_model = build_graph(
+        layers, spec, x0, n_programs=n_programs, name=card_fields["name"], novelty=novelty
+    )
     onnx_bytes = onnx_model.SerializeToString()
 
     # -- checks on held-out cells against the float64 torch model and Captum
@@ -201,6 +208,11 @@ def export_model(
         completeness_abs = completeness_rel = tolerance = float("nan")
         complete_ok = True
     prob_err = float(np.max(np.abs(out["probabilities"] - probs64)))
+    novelty_err: float | None = None
+    novelty_ok = True
+    if novelty is not None:
+        novelty_err = float(np.max(np.abs(out["novelty"] - novelty_share(novelty, xs))))
+        novelty_ok = novelty_err <= 2.0 / max(len(novelty.calibration), 1) + 1e-6
     # the graph's own per-cell completeness gap, against the same gap from float64 torch logits
     gap = out["completeness_gap"].astype(np.float64)
     rise = f_x - f_x0
@@ -215,6 +227,7 @@ def export_model(
         and complete_ok
         and prob_err < 1e-5
         and gap_err < GAP_CHECK_ATOL
+        and novelty_ok
     )
     checks = ExportChecks(
         n_cells=len(xs),
@@ -230,11 +243,18 @@ def export_model(
         probabilities_max_abs_error=prob_err,
         completeness_gap=GapDistribution.of(gap),
         completeness_gap_check_error=gap_err,
+        novelty_max_abs_error=novelty_err,
         passed=passed,
     )
     if passed and precision == "float16":
         onnx_model = build_graph(
-            layers, spec, x0, n_programs=n_programs, name=card_fields["name"], dtype=np.float16
+            layers,
+            spec,
+            x0,
+            n_programs=n_programs,
+            name=card_fields["name"],
+            dtype=np.float16,
+            novelty=novelty,
         )
         onnx_bytes = onnx_model.SerializeToString()
         fp16 = _float16_checks(_run(onnx_bytes, xs, t_np), out)
@@ -261,6 +281,7 @@ def export_model(
         completeness = "none: gradient x input does not sum to F(x) - F(0) for non-linear models"
     card = ModelCard(
         **card_fields,
+        gene_importance=[float(v) for v in np.abs(attr).mean(0)],
         attribution=Attribution(
             method=spec.method,
             n_steps=spec.n_steps if spec.method == "integrated_gradients" and not exact else 0,

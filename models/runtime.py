@@ -81,6 +81,9 @@ class Prediction:
     #: [n] |sum(attributions) - (F(x) - F(x0))| / |F(x) - F(x0)| (graphs exported since it was
     #: added; None for older ones)
     completeness_gap: np.ndarray | None = None
+    #: [n] the share of known-type cells nearer to a known type (graphs exported with a
+    #: novelty reference; None for older ones): :mod:`cellexplain.models.novelty`
+    novelty: np.ndarray | None = None
 
 
 def session_options() -> ort.SessionOptions:
@@ -199,6 +202,7 @@ class OnnxModel:
             explained_class=out["explained_class"],
             program_attributions=out.get("program_attributions"),
             completeness_gap=out.get("completeness_gap"),
+            novelty=out.get("novelty"),
         )
 
     def _run_bound(self, x: np.ndarray, batches: list[slice]) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from cellexplain.models.card import (
     GeneSetsUsed,
     Metrics,
     ModelCard,
+    Novelty,
     Preprocessing,
     Scores,
     Split,
@@ -36,6 +37,12 @@ from cellexplain.models.data import LabelledData
 from cellexplain.models.errors import DataError
 from cellexplain.models.export import MAX_CHECK_CELLS, export_model
 from cellexplain.models.genesets import program_mask, read_gmt
+from cellexplain.models.novelty import (
+    DEFAULT_THRESHOLD,
+    MAX_VALUES,
+    NoveltyReference,
+    fit_reference,
+)
 from cellexplain.models.preprocess import Matrix, gene_mean_var, select_variable_genes
 
 log = logging.getLogger(__name__)
@@ -71,6 +78,8 @@ class TrainConfig:
     test_fraction: float = 0.2
     min_cells_per_class: int = 5
     unassigned_threshold: float = 0.5
+    #: cells at or above this novelty are labelled Unassigned (reason: novel); 1 never flags
+    novelty_threshold: float = DEFAULT_THRESHOLD
     attribution: AttributionSpec = field(default_factory=AttributionSpec)
     precision: Literal["float32", "float16"] = "float32"  # arithmetic inside the served graph
     #: after the split has chosen the epochs (early stopping on validation) and scored the
@@ -85,6 +94,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         if not 0 < self.l2 < float("inf"):
             raise ValueError(f"l2 must be a finite number above 0, got {self.l2}")
+        if not 0 <= self.novelty_threshold <= 1:
+            raise ValueError(f"novelty_threshold must be from 0 to 1, got {self.novelty_threshold}")
         if self.n_top_genes is not None and self.n_top_genes < 1:
             raise ValueError(f"n_top_genes must be at least 1, got {self.n_top_genes}")
 
@@ -373,6 +384,7 @@ class Fitted:
     card_fields: dict[str, Any]
     test_x: np.ndarray
     mean: np.ndarray
+    novelty: NoveltyReference | None = None
 
 
 def train(
@@ -397,6 +409,7 @@ def train(
         check_x=f.test_x,
         mean=f.mean,
         precision=cfg.precision,
+        novelty=f.novelty,
     )
 
 
@@ -554,6 +567,8 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             "scored model)"
         )
     n_programs, arch_cfg, gene_sets_used = built.n_programs, built.arch_cfg, built.gene_sets_used
+    fitted_rows = np.arange(len(y)) if cfg.refit else split.train
+    reference, novelty_card = _novelty(X, y, fitted_rows, cfg)
 
     widths = [len(genes)] + [m.out_features for m in model.net if isinstance(m, torch.nn.Linear)]
     train_counts = np.bincount(y, minlength=len(classes))
@@ -583,6 +598,7 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             converged=converged,
         ),
         gene_sets=gene_sets_used,
+        novelty=novelty_card,
         training_data=TrainingData(
             source=data.source,
             sha256=data.sha256,
@@ -608,4 +624,45 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             how_obtained=how,
         ),
     )
-    return Fitted(model, base_card, check_x, built.mean)
+    return Fitted(model, base_card, check_x, built.mean, reference)
+
+
+def _sample(rows: np.ndarray, y: np.ndarray, n_max: int, rng: np.random.Generator) -> np.ndarray:
+    """At most about ``n_max`` of ``rows``, each class in proportion (at least 5 of each, or
+    all of a smaller class), sorted."""
+    if len(rows) <= n_max:
+        return rows
+    parts = []
+    for c in np.unique(y[rows]):
+        of_c = rows[y[rows] == c]
+        k = min(len(of_c), max(5, round(n_max * len(of_c) / len(rows))))
+        parts.append(rng.choice(of_c, size=k, replace=False))
+    return np.sort(np.concatenate(parts))
+
+
+def _novelty(
+    X: Matrix, y: np.ndarray, rows: np.ndarray, cfg: TrainConfig
+) -> tuple[NoveltyReference, Novelty]:
+    """The novelty score's reference, fitted on the cells the exported model was fitted on
+    (``rows``; at most :data:`~cellexplain.models.novelty.MAX_VALUES` values dense, each class
+    in proportion), with its cross-fitted calibration."""
+    rng = np.random.default_rng(cfg.seed)
+    ref_rows = _sample(rows, y, max(200, MAX_VALUES // X.shape[1]), rng)
+    x_ref = dense(X, ref_rows)
+    reference = fit_reference(x_ref, y[ref_rows], seed=cfg.seed)
+    # the calibration cells' own novelty (each a share of the others: ~1 - threshold)
+    share = np.searchsorted(reference.calibration, reference.calibration, side="left")
+    flagged = float((share / len(reference.calibration) >= cfg.novelty_threshold).mean())
+    log.info(
+        "novelty: %d principal components of %d cells; %.1f%% of them at or above %g "
+        "(cross-fitted)",
+        reference.n_components, len(ref_rows), 100 * flagged, cfg.novelty_threshold,
+    )  # fmt: skip
+    card = Novelty(
+        n_components=reference.n_components,
+        reference_cells=len(ref_rows),
+        calibration_cells=reference.n_calibration,
+        calibration_flagged=flagged,
+        threshold=cfg.novelty_threshold,
+    )
+    return reference, card

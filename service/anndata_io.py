@@ -12,7 +12,13 @@ from typing import Any, BinaryIO
 import anndata as ad
 import numpy as np
 
-from cellexplain.api.annotations import Annotations, annotation_info, write_annotations
+from cellexplain.api.annotations import (
+    UNASSIGNED_REASONS,
+    Annotations,
+    annotation_info,
+    evidence,
+    write_annotations,
+)
 from cellexplain.api.errors import InvalidInputError, brief, caused_by, disk_full, from_exception
 from cellexplain.service.core import Result
 from cellexplain.service.h5ad_check import Limits, check_h5ad
@@ -82,10 +88,11 @@ def to_annotations(res: Result) -> Annotations:
     answer = res.answer
     full = res.options.attributions == "full"
     classes = np.asarray(res.classes, dtype=object)
-    top = None
-    if answer.top is not None:
+    top = top_values = against = against_values = None
+    if answer.top is not None and answer.against is not None and res.options.top_k > 0:
         genes = np.asarray(res.card.genes, dtype=object)
-        top = np.array([";".join(genes[row]) for row in answer.top], dtype=object)
+        top, top_values = evidence(genes, *answer.top)
+        against, against_values = evidence(genes, *answer.against)
     prog = res.program_attributions
     return Annotations(
         label=res.labels,
@@ -97,13 +104,20 @@ def to_annotations(res: Result) -> Annotations:
         top_genes=top,
         program_attributions=prog.astype(np.float32) if full and prog is not None else None,
         completeness_gap=answer.gap,
+        novelty=None if res.novelty is None else res.novelty.astype(np.float32),
+        unassigned_reason=np.asarray(UNASSIGNED_REASONS, dtype=object)[res.reason_code],
+        genes_against=against,
+        top_genes_attribution=top_values,
+        genes_against_attribution=against_values,
     )
 
 
 def info(res: Result) -> dict[str, Any]:
     """``uns['cellexplain']`` for a result."""
     assert res.matching is not None
-    return annotation_info(res.card, res.threshold, res.input_kind, res.matching)
+    return annotation_info(
+        res.card, res.threshold, res.input_kind, res.matching, res.novelty_threshold, res.warnings
+    )
 
 
 def write_result(adata: ad.AnnData, res: Result) -> ad.AnnData:

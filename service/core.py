@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from cellexplain.api.annotations import UNASSIGNED, top_k_indices
+from cellexplain.api.annotations import UNASSIGNED, UNASSIGNED_REASONS, signed_top_k
 from cellexplain.api.errors import InvalidInputError, ModelNotFoundError, TooLargeError, brief
 from cellexplain.api.schemas import (
     AnnotateOptions,
@@ -47,6 +47,30 @@ from cellexplain.service.batching import Batcher
 from cellexplain.service.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
+
+#: a request missing more than this share of the model's genes, or of their importance, is
+#: answered with a warning. Measured on the default model (pbmc68k_reduced's own cells, labels
+#: against the full-gene answer): random genes missing, 10% / 30% / 50% / 80% kept 99.9% /
+#: 99.0% / 92% / 62% of the labels; the most important genes missing first, 10% / 20% / 30% of
+#: the importance kept 99.9% / 91% / 80% (docs/attributions.md, "Missing genes")
+WARN_MISSING_SHARE = 0.1
+
+
+def missing_gene_warnings(matching: GeneMatching) -> list[str]:
+    """The answer's warnings about the genes it was sent (none while under
+    :data:`WARN_MISSING_SHARE` of the model's genes and of their importance are missing)."""
+    importance = matching.missing_importance
+    if matching.missing_fraction <= WARN_MISSING_SHARE and (importance or 0) <= WARN_MISSING_SHARE:
+        return []
+    weight = "" if importance is None else f", {importance:.0%} of their importance"
+    shown = ", ".join(matching.missing[:10]) + (", ..." if matching.n_missing > 10 else "")
+    return [
+        f"{matching.n_missing} of the model's {matching.n_model_genes} genes "
+        f"({matching.missing_fraction:.0%}{weight}) are missing from the request and were "
+        f"read as zero: labels and attributions are less reliable than the model's test "
+        f"scores (most important missing: {shown})"
+    ]
+
 
 #: values per chunk of rows checked and normalised at once (8 MiB as float64, 3 working copies)
 CHUNK_VALUES = 1 << 20
@@ -89,7 +113,8 @@ class Result:
     cell_ids: list[str]
     best: np.ndarray  # [n] int: the most probable class
     confidence: np.ndarray  # [n] float32: its probability
-    assigned: np.ndarray  # [n] bool: confidence >= threshold
+    low_confidence: np.ndarray  # [n] bool: confidence < threshold
+    novel: np.ndarray  # [n] bool: novelty >= novelty threshold (all False without a score)
     logits: np.ndarray  # [n, n_classes] float32
     probabilities: np.ndarray  # [n, n_classes] float32
     explained_class: np.ndarray  # [n] int: the class the attributions explain
@@ -98,12 +123,31 @@ class Result:
     #: [n] |sum(attributions) - (F(x) - F(x0))| / |F(x) - F(x0)|: IG's quadrature error per
     #: cell (None for graphs exported before it was added)
     completeness_gap: np.ndarray | None
+    #: [n] share of known-type cells nearer to a known type (None for graphs without it)
+    novelty: np.ndarray | None
     threshold: float
+    novelty_threshold: float | None  # None: the model has no novelty score
     input_kind: str  # counts | log1p_cp10k
     matching: GeneMatching | None  # None where the input was the model's own (OIP)
 
     def __len__(self) -> int:
         return len(self.cell_ids)
+
+    @property
+    def assigned(self) -> np.ndarray:
+        """``[n]`` bool: labelled with their most probable class (confident, not novel)."""
+        return ~(self.low_confidence | self.novel)
+
+    @property
+    def reason_code(self) -> np.ndarray:
+        """``[n]`` int: why a cell is Unassigned, an index into
+        :data:`~cellexplain.api.annotations.UNASSIGNED_REASONS` (0: it is not)."""
+        return self.low_confidence.astype(np.int8) + 2 * self.novel.astype(np.int8)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What makes this answer less reliable than the model's test scores."""
+        return [] if self.matching is None else missing_gene_warnings(self.matching)
 
     @property
     def card(self) -> ModelCard:
@@ -143,9 +187,9 @@ class Answer:
     free: np.ndarray | None
     #: the completeness gap per cell (with attributions, for graphs that compute it)
     gap: np.ndarray | None
-    #: what the top genes are ranked from (see :attr:`top`)
+    #: what the genes for and against are ranked from (see :attr:`top`)
     _attributions: np.ndarray = field(repr=False)
-    _top_k: int = 0
+    _top_k: int = -1  # -1: no attributions asked for
 
     @classmethod
     def of(cls, res: Result) -> Answer:
@@ -163,30 +207,34 @@ class Answer:
             free = (res.attributions.sum(1) - pa.sum(1)).astype(np.float32)
         gap = res.completeness_gap
         gap = gap.astype(np.float32) if explained and gap is not None else None
-        top_k = opts.top_k if explained else 0
+        top_k = opts.top_k if explained else -1
         return cls(
             label_code, explained, programs, program_values, free, gap, res.attributions, top_k
         )
 
     @cached_property
-    def _top(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def _for(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         # ranked when first read: /v1 with attributions='full' sends the whole vector and never
         # reads it (8 ms per 1024 cells of 765 genes)
-        if self._top_k <= 0:
-            return None
-        top = top_k_indices(self._attributions, self._top_k)
-        return top, np.take_along_axis(self._attributions, top, 1).astype(np.float32)
+        return None if self._top_k < 0 else signed_top_k(self._attributions, self._top_k, 1)
+
+    @cached_property
+    def _against(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        return None if self._top_k < 0 else signed_top_k(self._attributions, self._top_k, -1)
 
     @property
-    def top(self) -> np.ndarray | None:
-        """Gene indices of each cell's ``top_k`` largest |attribution| (when attributions were
-        asked for and ``top_k > 0``)."""
-        return None if self._top is None else self._top[0]
+    def top(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The evidence for the explained class (when attributions were asked for; ``k``
+        is ``top_k``, 0 included): ``[n, k]`` gene indices of each cell's largest positive
+        attributions, largest first, their values (float32), and which are there (``[n, k]``
+        bool: a cell has fewer than ``k`` positive attributions; the absent ones come last)."""
+        return self._for
 
     @property
-    def top_values(self) -> np.ndarray | None:
-        """Their attributions, float32."""
-        return None if self._top is None else self._top[1]
+    def against(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The evidence against it: the most negative attributions, most negative first (as
+        :attr:`top`)."""
+        return self._against
 
 
 def _float64(X: np.ndarray | sp.spmatrix) -> np.ndarray | sp.csr_matrix:
@@ -402,7 +450,8 @@ class Annotator:
         prep = self._prepare(genes, X, opts, lm, genes_field, where)
         target = np.full(n, self._target_index(opts.target, lm), dtype=np.int64)
         pred = await lm.batcher.predict(prep.x, target)
-        return self._result(lm, opts, ids, pred, prep.input_kind, self._matching(prep))
+        matching = self._matching(prep, lm.model.card)
+        return self._result(lm, opts, ids, pred, prep.input_kind, matching)
 
     async def infer(self, model: str, x: np.ndarray, target: np.ndarray | None = None) -> Result:
         """Run a model on its own input (``x`` ``[n, n_genes]``: log1p CP10k values of the
@@ -449,28 +498,39 @@ class Annotator:
         matching: GeneMatching | None,
     ) -> Result:
         """The graph's outputs with the calls made and counted in the metrics."""
+        card = lm.model.card
         threshold = (
-            lm.model.card.unassigned_threshold
+            card.unassigned_threshold
             if opts.unassigned_threshold is None
             else opts.unassigned_threshold
         )
         probs = pred.probabilities
         best = probs.argmax(axis=1)
         conf = probs[np.arange(len(best)), best]
+        novelty_threshold: float | None = None
+        novel = np.zeros(len(best), dtype=bool)
+        if pred.novelty is not None and card.novelty is not None:
+            novelty_threshold = (
+                card.novelty.threshold if opts.novelty_threshold is None else opts.novelty_threshold
+            )
+            novel = pred.novelty >= novelty_threshold
         res = Result(
             model=lm,
             options=opts,
             cell_ids=cell_ids,
             best=best,
             confidence=conf,
-            assigned=conf >= threshold,
+            low_confidence=conf < threshold,
+            novel=novel,
             logits=pred.logits,
             probabilities=probs,
             explained_class=pred.explained_class,
             attributions=pred.attributions,
             program_attributions=pred.program_attributions,
             completeness_gap=pred.completeness_gap,
+            novelty=pred.novelty,
             threshold=float(threshold),
+            novelty_threshold=novelty_threshold,
             input_kind=input_kind,
             matching=matching,
         )
@@ -545,16 +605,24 @@ class Annotator:
         return Prepared(x=x, alignment=alignment, n_submitted=len(genes), input_kind=kind)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _matching(self, prep: Prepared) -> GeneMatching:
+    def _matching(self, prep: Prepared, card: ModelCard) -> GeneMatching:
         al = prep.alignment
+        missing, importance = al.missing, None
+        if card.gene_importance is not None and len(card.gene_importance) == len(card.genes):
+            weight = np.asarray(card.gene_importance)
+            index = {g: i for i, g in enumerate(card.genes)}
+            lost = np.array([weight[index[g]] for g in missing])
+            missing = [missing[i] for i in np.argsort(-lost, kind="stable")]
+            importance = float(lost.sum() / weight.sum()) if weight.sum() > 0 else 0.0
         return GeneMatching(
             n_model_genes=len(al.take),
             n_found=al.n_found,
             n_missing=len(al.missing),
-            missing=al.missing[: self.settings.missing_genes_listed],
+            missing=missing[: self.settings.missing_genes_listed],
             n_submitted=prep.n_submitted,
             n_unused=al.n_unused,
             missing_fraction=al.missing_fraction,
+            missing_importance=importance,
             n_case_insensitive=al.n_case_insensitive,
             n_previous_symbol=al.n_previous_symbol,
             n_duplicated=al.n_duplicated,
@@ -616,10 +684,13 @@ class Annotator:
         labels, counts = np.unique(res.labels, return_counts=True)
         for label, k in zip(labels, counts, strict=True):
             metrics.CELLS.labels(model=model, label=str(label)).inc(int(k))
-        unassigned = int((~res.assigned).sum())
-        if unassigned:
-            metrics.UNASSIGNED.labels(model=model).inc(unassigned)
+        reasons = np.bincount(res.reason_code, minlength=len(UNASSIGNED_REASONS))
+        for reason, k in zip(UNASSIGNED_REASONS[1:], reasons[1:], strict=True):
+            if k:
+                metrics.UNASSIGNED.labels(model=model, reason=reason).inc(int(k))
         metrics.observe_many(metrics.CONFIDENCE.labels(model=model), res.confidence)
+        if res.novelty is not None:
+            metrics.observe_many(metrics.NOVELTY.labels(model=model), res.novelty)
         if res.completeness_gap is not None and res.options.attributions != "none":
             metrics.observe_many(metrics.COMPLETENESS_GAP.labels(model=model), res.completeness_gap)
         if res.matching is not None:

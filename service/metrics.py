@@ -28,14 +28,22 @@ CELLS = prom.Counter(
 )
 UNASSIGNED = prom.Counter(
     name="cellexplain_cells_unassigned_total",
-    documentation="Cells below the confidence threshold, labelled Unassigned",
-    labelnames=["model"],
+    documentation="Cells labelled Unassigned, by reason: low_confidence (below the confidence "
+    "threshold), novel (at or above the novelty threshold), low_confidence_and_novel",
+    labelnames=["model", "reason"],
 )
 CONFIDENCE = prom.Histogram(
     name="cellexplain_confidence",
     documentation="Probability of the predicted class, per cell",
     labelnames=["model"],
     buckets=_FRACTION_BUCKETS,
+)
+NOVELTY = prom.Histogram(
+    name="cellexplain_novelty",
+    documentation="Per cell, the share of known-type cells nearer to a known type than it (a "
+    "rise at the top buckets: cells of a type the model was not trained on)",
+    labelnames=["model"],
+    buckets=(0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 1.0),
 )
 MISSING_GENES = prom.Histogram(
     name="cellexplain_missing_gene_fraction",

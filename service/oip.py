@@ -76,8 +76,9 @@ def output_names(lm: LoadedModel) -> list[str]:
     names = ["logits", "probabilities", "attributions", "explained_class", "labels"]
     if lm.model.card.gene_sets is not None:
         names.append("program_attributions")
-    if lm.model.has_output("completeness_gap"):
-        names.append("completeness_gap")
+    for extra in ("completeness_gap", "novelty"):  # graphs exported since each was added
+        if lm.model.has_output(extra):
+            names.append(extra)
     return names
 
 
@@ -97,6 +98,7 @@ def model_metadata(lm: LoadedModel) -> dict[str, object]:
         "labels": ("BYTES", [-1]),
         "program_attributions": ("FP32", [-1, card.architecture.n_programs]),
         "completeness_gap": ("FP32", [-1]),
+        "novelty": ("FP32", [-1]),
     }
     return {
         "name": lm.name,
@@ -316,6 +318,7 @@ async def infer(
         "labels": np.array([s.encode() for s in res.labels], dtype=object),
         "program_attributions": res.program_attributions,
         "completeness_gap": res.completeness_gap,
+        "novelty": res.novelty,
     }
     out = []
     for n in names:

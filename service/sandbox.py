@@ -70,9 +70,13 @@ LOW_DISK_BYTES = 64 * 1024**2
 MAX_NAME_CHARS = 1024
 #: longest line the child may send (its messages are small JSON objects)
 MAX_MESSAGE_BYTES = 64 * 1024
+
+
 #: the string columns of :class:`~cellexplain.api.annotations.Annotations` (JSON); the others
 #: are numeric arrays (``.npy``)
-_STRING_FIELDS = ("label", "predicted_label", "explained_class", "top_genes")
+def _is_strings(value: Any) -> bool:
+    """An :class:`Annotations` field of strings (object arrays): sent as JSON, never pickled."""
+    return isinstance(value, np.ndarray) and value.dtype == object
 
 
 #: upload folders in TMPDIR are named ``{UPLOAD_PREFIX}{worker pid}-{random}``
@@ -397,11 +401,11 @@ _SPARSE_PARTS = ("data", "indices", "indptr")
 
 
 def _save_annotations(folder: Path, ann: Annotations, info: dict[str, Any]) -> None:
-    strings: dict[str, list[str] | None] = {}
+    strings: dict[str, list[str]] = {}
     for f in fields(Annotations):
         value = getattr(ann, f.name)
-        if f.name in _STRING_FIELDS:
-            strings[f.name] = None if value is None else [str(v) for v in value]
+        if _is_strings(value):
+            strings[f.name] = [str(v) for v in value]
         elif value is not None:
             np.save(folder / f"ann_{f.name}.npy", np.asarray(value), allow_pickle=False)
     with (folder / "annotations.json").open("w") as out:
@@ -415,7 +419,7 @@ def _annotation_bytes(ann: Annotations) -> int:
         value = getattr(ann, f.name)
         if value is None:
             continue
-        if f.name in _STRING_FIELDS:
+        if _is_strings(value):
             total += sum(len(str(v).encode()) + 16 for v in value)
         else:
             total += int(np.asarray(value).nbytes)
@@ -427,9 +431,8 @@ def _load_annotations(folder: Path) -> tuple[Annotations, dict[str, Any]]:
         saved = json.load(f)
     values: dict[str, Any] = {}
     for f_ in fields(Annotations):
-        if f_.name in _STRING_FIELDS:
-            v = saved["strings"].get(f_.name)
-            values[f_.name] = None if v is None else np.array(v, dtype=object)
+        if f_.name in saved["strings"]:
+            values[f_.name] = np.array(saved["strings"][f_.name], dtype=object)
         else:
             path = folder / f"ann_{f_.name}.npy"
             values[f_.name] = np.load(path, allow_pickle=False) if path.exists() else None

@@ -8,9 +8,11 @@ cell is a join of ready-made pieces, never a dict or message object per cell and
 those cost more than running the model). The unit tests decode both with pydantic and protobuf
 and check they say the same, for every option.
 
-Fields: every cell has ``id``, ``label`` (``Unassigned`` below the threshold),
-``predicted_label`` and ``confidence``; with attributions, ``explained_class`` and ``top_genes``
-(``top_k``, by |attribution|) or ``attributions`` (``full``, in ``attribution_genes`` order),
+Fields: every cell has ``id``, ``label`` (``Unassigned`` below the confidence threshold or at
+the novelty threshold), ``predicted_label`` and ``confidence``, ``unassigned_reason`` when it is
+Unassigned, ``novelty`` (models with the score); with attributions, ``explained_class`` and
+``top_genes`` and ``genes_against`` (``top_k``: the largest positive attributions, the most
+negative) or ``attributions`` (``full``, in ``attribution_genes`` order),
 plus, for programs models, ``program_attributions`` (the ``top_k``, or all) and
 ``free_units_attribution``, and ``completeness_gap``; ``probabilities`` with
 ``return_probabilities``.
@@ -26,7 +28,7 @@ from functools import lru_cache
 import numpy as np
 import orjson
 
-from cellexplain.api.annotations import UNASSIGNED
+from cellexplain.api.annotations import UNASSIGNED, UNASSIGNED_REASONS
 from cellexplain.api.codegen import load
 from cellexplain.api.errors import InvalidInputError, TooLargeError
 from cellexplain.service import metrics, protowire
@@ -47,6 +49,7 @@ def _pair_prefix(field: int, name: str) -> bytes:
 # CellAnnotation's fields
 _ID, _LABEL, _PREDICTED, _CONFIDENCE, _EXPLAINED = 1, 2, 3, 4, 5
 _PROBABILITIES, _TOP_GENES, _ATTRIBUTIONS, _PROGRAMS, _FREE, _GAP = 6, 7, 8, 9, 10, 11
+_NOVELTY, _REASON, _AGAINST = 12, 13, 14
 _CELLS = 8  # AnnotateResponse.cells
 
 
@@ -64,6 +67,7 @@ class _Names:
     predicted_pb: np.ndarray
     explained_pb: np.ndarray
     gene_pb: np.ndarray
+    against_pb: np.ndarray
     program_pb: np.ndarray
     prob_pb: np.ndarray
 
@@ -86,6 +90,7 @@ def _names(classes: tuple[str, ...], genes: tuple[str, ...], programs: tuple[str
         predicted_pb=obj([string(_PREDICTED, c) for c in classes]),
         explained_pb=obj([string(_EXPLAINED, c) for c in classes]),
         gene_pb=obj([_pair_prefix(_TOP_GENES, g) for g in genes]),
+        against_pb=obj([_pair_prefix(_AGAINST, g) for g in genes]),
         program_pb=obj([_pair_prefix(_PROGRAMS, p) for p in programs]),
         prob_pb=obj([_pair_prefix(_PROBABILITIES, c) for c in classes]),
     )
@@ -96,6 +101,23 @@ def _cells(res: Result) -> tuple[_Names, Answer]:
     card = res.card
     programs = tuple(card.gene_sets.programs) if card.gene_sets is not None else ()
     return _names(tuple(res.classes), tuple(card.genes), programs), res.answer
+
+
+#: ``unassigned_reason`` by reason code, as JSON members and protobuf fields
+_REASON_JSON = np.array(
+    [b""] + [b',"unassigned_reason":' + orjson.dumps(r) for r in UNASSIGNED_REASONS[1:]],
+    dtype=object,
+)
+_REASON_PB = np.array([b""] + [string(_REASON, r) for r in UNASSIGNED_REASONS[1:]], dtype=object)
+
+
+def _json_entries(names: np.ndarray, values: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``[n, k]`` JSON list entries ``{"gene":..,"attribution":..}`` (``names``: their openings),
+    comma-led after the first, empty where not ``present`` (absent entries come last)."""
+    entries = names + _json_numbers(values) + b"}"
+    if entries.shape[1] > 1:
+        entries[:, 1:] = b"," + entries[:, 1:]
+    return np.where(present, entries, b"")
 
 
 def _objects(items: list[bytes] | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -175,6 +197,9 @@ def json_bytes(res: Result) -> bytes:
     rows.add(b'{"id":', ids, b',"label":', nm.label_json[c.label_code])
     rows.add(b',"predicted_label":', nm.class_json[res.best])
     rows.add(b',"confidence":', _json_numbers(res.confidence))
+    rows.add(_REASON_JSON[res.reason_code])
+    if res.novelty is not None:
+        rows.add(b',"novelty":', _json_numbers(res.novelty))
     if opts.attributions != "none":
         rows.add(b',"explained_class":', nm.class_json[res.explained_class])
     if opts.return_probabilities:
@@ -182,10 +207,13 @@ def json_bytes(res: Result) -> bytes:
         rows.interleave(nm.prob_json, _json_numbers(res.probabilities), b",", last=b"")
         rows.add(b"}")
     # the /v1 contract: top genes with attributions='top_k', the whole vector with 'full'
-    if opts.attributions == "top_k" and c.top is not None and c.top_values is not None:
-        rows.add(b',"top_genes":[')
-        rows.interleave(nm.gene_json[c.top], _json_numbers(c.top_values), b"},", last=b"}")
-        rows.add(b"]")
+    if opts.attributions == "top_k" and c.top is not None and c.against is not None:
+        for member, (idx, values, present) in (
+            (b"top_genes", c.top),
+            (b"genes_against", c.against),
+        ):
+            rows.add(b',"' + member + b'":[', _json_entries(nm.gene_json[idx], values, present))
+            rows.add(b"]")
     elif opts.attributions == "full":  # a row per orjson call: no Python object per value
         wide = res.attributions.astype(np.float64)
         full = [orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) for row in wide]
@@ -207,7 +235,9 @@ def json_bytes(res: Result) -> bytes:
         "input_kind": res.input_kind,
         "attribution_method": res.card.attribution.method,
         "unassigned_threshold": res.threshold,
+        "novelty_threshold": res.novelty_threshold,
         "gene_matching": res.matching.model_dump(),
+        "warnings": res.warnings,
     }
     if opts.attributions == "full":
         head["attribution_genes"] = list(res.card.genes)
@@ -239,13 +269,20 @@ def protobuf_bytes(res: Result) -> bytes:
     rows.add(_objects([string(_ID, i) if i else b"" for i in res.cell_ids], (n,)))
     rows.add(nm.label_pb[c.label_code], nm.predicted_pb[res.best])
     rows.add(key(_CONFIDENCE, FIXED32), _f32_pieces(res.confidence))
+    rows.add(_REASON_PB[res.reason_code])
+    if res.novelty is not None:
+        rows.add(key(_NOVELTY, FIXED32), _f32_pieces(res.novelty))
     if opts.attributions != "none":
         rows.add(nm.explained_pb[res.explained_class])
     if opts.return_probabilities:
         rows.interleave(nm.prob_pb, _f32_pieces(res.probabilities))
     # the /v1 contract: top genes with attributions='top_k', the whole vector with 'full'
-    if opts.attributions == "top_k" and c.top is not None and c.top_values is not None:
-        rows.interleave(nm.gene_pb[c.top], _f32_pieces(c.top_values))
+    if opts.attributions == "top_k" and c.top is not None and c.against is not None:
+        for names, (idx, values, present) in ((nm.gene_pb, c.top), (nm.against_pb, c.against)):
+            rows.interleave(
+                np.where(present, names[idx], b""),
+                np.where(present, _f32_pieces(values), b""),
+            )
     elif opts.attributions == "full" and res.attributions.shape[1]:
         g = res.attributions.shape[1]
         raw = np.ascontiguousarray(res.attributions, dtype="<f4")
@@ -269,8 +306,10 @@ def protobuf_bytes(res: Result) -> bytes:
         input_kind=res.input_kind,
         attribution_method=res.card.attribution.method,
         unassigned_threshold=res.threshold,
-        gene_matching=pb.GeneMatching(**res.matching.model_dump()),
+        novelty_threshold=res.novelty_threshold,
+        gene_matching=pb.GeneMatching(**res.matching.model_dump(exclude_none=True)),
         attribution_genes=list(res.card.genes) if opts.attributions == "full" else [],
+        warnings=res.warnings,
     ).SerializeToString()
     body = header + framed.joined()
     metrics.ATTRIBUTION_SECONDS.labels(model=res.model.name).observe(time.perf_counter() - t0)

@@ -84,6 +84,37 @@ def test_accuracy_benchmark_scores_ours_and_the_baseline_on_the_same_split():
     assert "| logistic regression (our baseline)" in out.stdout
 
 
+def test_novelty_benchmark_tells_held_out_types_from_known_ones():
+    """Its own path, on one split and one architecture (CellTypist left out: its venv)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.novelty", "--seeds", "1", "--archs", "linear",
+         "--no-celltypist"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = [ln for ln in out.stdout.splitlines() if ln.startswith("| linear")]
+    novelty, confidence = (float(cell.split("+-")[0]) for cell in row.split("|")[2:4])
+    assert novelty > 0.85 and novelty > confidence + 0.2, row
+
+
+def test_evidence_benchmark_deletes_the_served_genes_with_effect():
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.evidence", "--seeds", "1", "--archs", "linear",
+         "--k", "5"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    auc = {
+        cells[2].strip(): (float(cells[3]), float(cells[4]))
+        for cells in (ln.split("|") for ln in out.stdout.splitlines())
+        if len(cells) == 6 and cells[1].strip() == "linear"
+    }
+    # deleting the served evidence lowers the call's probability more than random genes do;
+    # inserting it alone raises it more
+    assert auc["served (top_genes)"][0] < auc["random"][0]
+    assert auc["served (top_genes)"][1] > auc["random"][1]
+
+
 def test_the_floor_server_reads_each_body_and_answers_the_bytes_it_is_given(tmp_path):
     """``benchmarks.bare_http`` (the serving benchmark's floor) is a real uvicorn server that
     answers whatever bytes it is given, with the OIP binary answer's headers, to bodies of any

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from cellexplain.api import proto_v1
-from cellexplain.api.annotations import UNASSIGNED, Annotations
+from cellexplain.api.annotations import UNASSIGNED, UNASSIGNED_REASONS, Annotations
 from cellexplain.api.codegen import load
 from cellexplain.api.errors import InvalidInputError
 from cellexplain.api.schemas import AnnotateOptions, AnnotateResponse
@@ -65,6 +65,7 @@ OPTIONS = [
 def test_json_and_protobuf_say_what_the_result_holds(annotator, cells, options):
     res = run(annotator, cells, **options)
     card = res.card
+    assert card.novelty is not None
     programs = card.gene_sets.programs if card.gene_sets else []
     for r in decoded(res):
         assert r.model == card.name and r.input_kind == "log1p_cp10k"
@@ -88,14 +89,23 @@ def test_json_and_protobuf_say_what_the_result_holds(annotator, cells, options):
                 )
             else:
                 assert not c.probabilities
+            reason = None if res.assigned[i] else UNASSIGNED_REASONS[res.reason_code[i]]
+            assert c.unassigned_reason == reason
+            assert res.novelty is not None and c.novelty == pytest.approx(float(res.novelty[i]))
+            assert r.novelty_threshold == pytest.approx(card.novelty.threshold)
             a = res.attributions[i]
-            if options["attributions"] == "top_k" and options["top_k"] > 0:
-                assert c.top_genes is not None and len(c.top_genes) == options["top_k"]
-                order = np.argsort(-np.abs(a), kind="stable")[: options["top_k"]]
-                assert [g.gene for g in c.top_genes] == [card.genes[j] for j in order]
-                np.testing.assert_allclose([g.attribution for g in c.top_genes], a[order])
+            if options["attributions"] == "top_k":
+                # the evidence for the call: positive attributions only, largest first; against
+                # it: negative only, most negative first
+                k = options["top_k"]
+                for listed, sign in ((c.top_genes, 1), (c.genes_against, -1)):
+                    assert listed is not None
+                    order = np.argsort(-sign * a, kind="stable")[:k]
+                    order = order[sign * a[order] > 0]
+                    assert [g.gene for g in listed] == [card.genes[j] for j in order]
+                    np.testing.assert_allclose([g.attribution for g in listed], a[order])
             else:
-                assert not c.top_genes
+                assert c.top_genes is None and c.genes_against is None
             if full:
                 np.testing.assert_array_equal(np.float32(c.attributions), a)
             else:
@@ -118,6 +128,25 @@ def test_json_and_protobuf_say_what_the_result_holds(annotator, cells, options):
                 assert c.free_units_attribution == pytest.approx(
                     float(a.sum() - pa[i].sum()), abs=1e-5
                 )
+
+
+def test_every_unassigned_reason_is_said_by_both_writers(annotator, cells):
+    first = run(annotator, cells, attributions="none")
+    assert first.novelty is not None
+    # thresholds at the medians: cells Unassigned for each reason, and assigned ones
+    conf, nov = float(np.median(first.confidence)), float(np.median(first.novelty))
+    res = run(
+        annotator, cells, attributions="none", unassigned_threshold=conf, novelty_threshold=nov
+    )
+    low, novel = res.confidence < conf, res.novelty >= nov
+    np.testing.assert_array_equal(res.reason_code, low + 2 * novel)
+    assert set(res.reason_code) == {0, 1, 2, 3}, res.reason_code
+    for r in decoded(res):
+        assert r.novelty_threshold == pytest.approx(nov)
+        for i, c in enumerate(r.cells):
+            want = {0: None, 1: "low_confidence", 2: "novel", 3: "low_confidence_and_novel"}
+            assert c.unassigned_reason == want[int(low[i]) + 2 * int(novel[i])]
+            assert (c.label == UNASSIGNED) == bool(low[i] or novel[i])
 
 
 def test_the_two_writers_agree_exactly_on_the_values(annotator, cells):
@@ -401,6 +430,7 @@ def test_top_genes_are_ranked_only_for_the_doors_that_send_them(annotator, cells
     res = run(annotator, cells, attributions="full", top_k=3)
     v1.json_bytes(res)
     v1.protobuf_bytes(res)
-    assert "_top" not in res.answer.__dict__
-    top = anndata_io.to_annotations(res).top_genes
-    assert top is not None and res.answer.top is not None and res.answer.top.shape[1] == 3
+    assert "_for" not in res.answer.__dict__ and "_against" not in res.answer.__dict__
+    ann = anndata_io.to_annotations(res)
+    assert ann.top_genes is not None and ann.genes_against is not None
+    assert res.answer.top is not None and res.answer.top[0].shape[1] == 3

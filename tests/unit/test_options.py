@@ -24,6 +24,7 @@ SOME = AnnotateOptions(
     target="CD19+ B",
     return_probabilities=True,
     unassigned_threshold=0.75,
+    novelty_threshold=0.9,
 )
 
 

@@ -90,8 +90,11 @@ def test_annotation_matches_in_process_onnx(client, cells, programs_model):
     full = np.array([c["attributions"] for c in res["cells"]])
     np.testing.assert_allclose(full, local.attributions, rtol=1e-5, atol=1e-7)
     assert res["attribution_genes"] == genes
-    for c, p in zip(res["cells"], local.probabilities, strict=True):
-        assert c["label"] == (c["predicted_label"] if c["confidence"] >= 0.5 else "Unassigned")
+    assert local.novelty is not None
+    np.testing.assert_allclose([c["novelty"] for c in res["cells"]], local.novelty, rtol=1e-6)
+    for c, p, nov in zip(res["cells"], local.probabilities, local.novelty, strict=True):
+        called = c["confidence"] >= 0.5 and nov < res["novelty_threshold"]
+        assert c["label"] == (c["predicted_label"] if called else "Unassigned")
         np.testing.assert_allclose([c["probabilities"][k] for k in classes], p, rtol=1e-6)
         assert len(c["program_attributions"]) > 20
         total = sum(p["attribution"] for p in c["program_attributions"])
@@ -190,8 +193,21 @@ def test_missing_genes_are_zero_filled_and_counted(client, cells):
     keep = slice(0, 700)
     r = client.post("/v1/annotate", json={"genes": genes[keep], "cells": X[:3, keep].tolist()})
     gm = r.json()["gene_matching"]
-    assert gm["n_missing"] == 65 and gm["missing"][:3] == genes[700:703]
-    assert gm["missing_fraction"] == pytest.approx(65 / 765)
+    assert gm["n_missing"] == 65 and gm["missing_fraction"] == pytest.approx(65 / 765)
+    # listed by the model's reliance on them (the card's gene importance), the most first
+    card = client.get("/v1/models/pbmc-programs").json()["card"]
+    weight = dict(zip(card["genes"], card["gene_importance"], strict=True))
+    missing = sorted(genes[700:], key=lambda g: -weight[g])
+    assert gm["missing"] == missing[: len(gm["missing"])]
+    share = sum(weight[g] for g in genes[700:]) / sum(weight.values())
+    assert gm["missing_importance"] == pytest.approx(share, rel=1e-6)
+    # under 10% of the genes and of their importance: no warning; beyond, one naming them
+    assert (r.json()["warnings"] == []) == (share <= 0.1)
+    half = slice(0, 380)
+    r = client.post("/v1/annotate", json={"genes": genes[half], "cells": X[:3, half].tolist()})
+    (warning,) = r.json()["warnings"]
+    first = max(genes[380:], key=lambda g: weight[g])
+    assert "385 of the model's 765 genes (50%" in warning and f"missing: {first}," in warning
 
 
 def test_unassigned_threshold_override(client, cells):

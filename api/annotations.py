@@ -363,16 +363,21 @@ def write_annotations(adata: ad.AnnData, ann: Annotations, info: dict[str, Any])
     adata.uns[PREFIX] = info
 
 
-def majority_vote(labels: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def majority_vote(
+    labels: np.ndarray, clusters: np.ndarray, novel: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-cell majority label of its cluster, as CellTypist's majority voting.
 
-    ``Unassigned`` cells do not vote (a cluster of only ``Unassigned`` stays so). Returns the
-    voted label per cell and the share of the cluster's cells that carry it.
+    Cells ``Unassigned`` for low confidence do not vote (a cluster of only ``Unassigned``
+    stays so); cells flagged ``novel`` (``[n]`` bool) vote ``Unassigned``: being far from every
+    known type is evidence, not doubt, and a cluster whose plurality is novel is a type the
+    model does not know. Returns the voted label per cell and the share of the cluster's cells
+    that carry it.
     """
-    frame = pd.DataFrame(
-        {"label": np.asarray(labels, dtype=object), "cluster": pd.Categorical(clusters)}
-    )
-    voting = frame[frame["label"] != UNASSIGNED]
+    label = np.asarray(labels, dtype=object)
+    is_novel = np.zeros(len(label), bool) if novel is None else np.asarray(novel, bool)
+    frame = pd.DataFrame({"label": label, "cluster": pd.Categorical(clusters)})
+    voting = frame[(frame["label"] != UNASSIGNED) | is_novel]
     counts = voting.groupby(["cluster", "label"], observed=True).size()
     sizes = frame.groupby("cluster", observed=True).size()
     winner: dict[Any, str] = {}

@@ -36,10 +36,17 @@ from sklearn.model_selection import train_test_split
 from benchmarks.file_to_file import CT_PYTHON, celltypist_venv
 from cellexplain.client.cli import score_table
 from cellexplain.models.data import load_default_adata, load_labelled
-from cellexplain.models.train import TrainConfig, dense, fit, logistic_regression_baseline
+from cellexplain.models.train import (
+    ECE_BINS,
+    TrainConfig,
+    dense,
+    expected_calibration_error,
+    fit,
+    logistic_regression_baseline,
+)
 
 #: CellTypist in its venv (argv: train.h5ad, test.h5ad, label column): trains with its defaults
-#: and prints the test cells' predicted labels as JSON
+#: and prints the test cells' predicted labels and their probabilities as JSON
 CT_FIT_PREDICT = """
 import json
 import sys
@@ -52,7 +59,8 @@ warnings.simplefilter("ignore")
 train, test = ad.read_h5ad(sys.argv[1]), ad.read_h5ad(sys.argv[2])
 model = celltypist.train(train, labels=sys.argv[3])
 pred = celltypist.annotate(test, model=model, majority_voting=False)
-print(json.dumps(pred.predicted_labels["predicted_labels"].astype(str).tolist()))
+labels = pred.predicted_labels["predicted_labels"].astype(str).tolist()
+print(json.dumps({"labels": labels, "confidence": pred.probability_matrix.max(1).tolist()}))
 """
 
 
@@ -64,7 +72,9 @@ def log1p_cp10k(counts: np.ndarray) -> sp.csr_matrix:
 
 def celltypist_predictions(
     counts: np.ndarray, labels: np.ndarray, genes: list[str], train: np.ndarray, test: np.ndarray
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
+    """CellTypist's labels for the test cells and their probabilities (its own: one-vs-rest
+    logistic, the best class's)."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for name, rows in (("train", train), ("test", test)):
@@ -79,7 +89,8 @@ def celltypist_predictions(
             text=True,
             check=True,
         )
-    return np.asarray(json.loads(out.stdout.strip().splitlines()[-1]))
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    return np.asarray(answer["labels"]), np.asarray(answer["confidence"])
 
 
 def scores(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
@@ -105,6 +116,7 @@ def main() -> None:
     X = dense(data.X)
     versions = {} if args.no_celltypist else celltypist_venv()
     results: dict[str, list[tuple[float, float]]] = {}
+    eces: dict[str, list[tuple[float, float, float]]] = {}
     t0 = time.perf_counter()
     for seed in range(args.seeds):
         idx = np.arange(len(labels))
@@ -119,7 +131,19 @@ def main() -> None:
             classes = np.asarray(fitted.card_fields["classes"])
             with torch.no_grad():
                 logits = fitted.model(torch.from_numpy(X[test][:, keep])).numpy()
-            results.setdefault(arch, []).append(scores(labels[test], classes[logits.argmax(1)]))
+            predicted = classes[logits.argmax(1)]
+            results.setdefault(arch, []).append(scores(labels[test], predicted))
+            # the exported model's logits are divided by its temperature: ECE with and without
+            cal = fitted.card_fields["calibration"]
+            t = 1.0 if cal is None else cal.temperature
+            right = predicted == labels[test]
+            eces.setdefault(arch, []).append(
+                (
+                    expected_calibration_error(softmax(logits * t).max(1), right),
+                    expected_calibration_error(softmax(logits).max(1), right),
+                    t,
+                )
+            )
         y_classes = np.unique(labels[train])
         y_train = np.searchsorted(y_classes, labels[train])
         lr = logistic_regression_baseline(X[train], y_train, X[test], seed)
@@ -127,7 +151,14 @@ def main() -> None:
             scores(labels[test], y_classes[lr])
         )
         if not args.no_celltypist:
-            ct_pred = celltypist_predictions(counts, labels, data.genes, train, test)
+            ct_pred, ct_conf = celltypist_predictions(counts, labels, data.genes, train, test)
+            eces.setdefault("CellTypist 1.7.1", []).append(
+                (
+                    expected_calibration_error(ct_conf, ct_pred == labels[test]),
+                    float("nan"),
+                    float("nan"),
+                )
+            )
             results.setdefault("CellTypist 1.7.1", []).append(scores(labels[test], ct_pred))
         line = ", ".join(f"{k} {v[-1][1]:.3f}" for k, v in results.items())
         print(f"seed {seed}: macro-F1 {line}", flush=True)
@@ -139,6 +170,27 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - t0:.0f} s{ct}"
     )
     print("\n".join(score_table(results)))
+    print(
+        f"\nexpected calibration error on the test cells ({ECE_BINS} equal-width bins of the "
+        "best class's probability; mean +- sd over the splits):\n"
+    )
+    print("| model | ECE, uncalibrated | ECE, served (temperature) | temperature |")
+    print("|---|---:|---:|---:|")
+    for name, values in eces.items():
+        v = np.asarray(values)
+        m, sd = v.mean(0), v.std(0)
+        if np.isnan(m[1]):
+            print(f"| {name} | - | {m[0]:.3f} +- {sd[0]:.3f} | - |")
+        else:
+            print(
+                f"| {name} | {m[1]:.3f} +- {sd[1]:.3f} | {m[0]:.3f} +- {sd[0]:.3f} | {m[2]:.2f} |"
+            )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
 
 
 if __name__ == "__main__":

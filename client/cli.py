@@ -137,6 +137,15 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--seed", type=int, default=0)
     model.add_argument(
+        "--ensemble",
+        type=_at_least(1),
+        default=1,
+        help="mlp, programs: average this many networks trained from seeds --seed, --seed+1, "
+        "... in one graph (3: top-10 genes agree between independent ensembles at Jaccard "
+        "0.63-0.67, against 0.46-0.53 between single networks; serving is 4.6-5.4x "
+        "slower)",
+    )
+    model.add_argument(
         "--no-refit",
         dest="refit",
         action="store_false",
@@ -192,6 +201,7 @@ def _config(args: argparse.Namespace, arch: str, name: str) -> TrainConfig:
         attribution=spec,
         precision=args.precision,
         refit=getattr(args, "refit", True),
+        ensemble=getattr(args, "ensemble", 1),
     )
 
 
@@ -212,6 +222,11 @@ def _check_train_args(args: argparse.Namespace, out: Path) -> None:
             raise CLIError(f"--data: {args.data} is not an .h5ad file (not HDF5)")
     if args.l2 is not None and args.arch != "linear":
         raise CLIError(f"--l2 is for --arch linear, not {args.arch}")
+    if args.ensemble > 1 and args.arch == "linear":
+        raise CLIError(
+            "--ensemble is for mlp and programs: the linear model is its objective's unique "
+            "optimum, the same from every seed"
+        )
     if args.gene_sets is not None:
         if args.arch != "programs":
             raise CLIError(f"--gene-sets is for --arch programs, not {args.arch}")

@@ -443,7 +443,10 @@ async def annotate_file(
         for name, col in obs_columns(ann, card.classes).items():
             obs[name] = col
         if cluster_key is not None:
-            voted, share = majority_vote(ann.label, obs[cluster_key].to_numpy())
+            novel = None
+            if ann.unassigned_reason is not None:  # cells flagged novel vote Unassigned
+                novel = np.isin(ann.unassigned_reason, ["novel", "low_confidence_and_novel"])
+            voted, share = majority_vote(ann.label, obs[cluster_key].to_numpy(), novel)
             obs[f"{PREFIX}_majority_voting"] = pd.Categorical(voted)
             obs[f"{PREFIX}_majority_fraction"] = share
         info["cluster_key"] = cluster_key or ""

@@ -14,6 +14,7 @@ Every architecture is the same shape of network, so one attribution graph serves
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Literal
@@ -38,6 +39,9 @@ class ArchConfig:
     n_programs: int = 0
     n_free: int = 0
     dropout: float = 0.2
+    #: members of a seed ensemble held side by side (:func:`ensemble`): every width is this many
+    #: times the member's; the program units come first, member after member
+    ensemble: int = 1
 
 
 class MaskedLinear(nn.Linear):
@@ -99,14 +103,15 @@ class CellClassifier(nn.Module):
             if config.arch == "programs":
                 if program_mask is None:
                     raise ValueError("programs architecture needs a program mask")
-                width = config.n_programs + config.n_free
+                k = config.ensemble
+                width = k * (config.n_programs + config.n_free)
                 full = np.ones((width, G), dtype=np.float32)
-                full[: config.n_programs] = program_mask
+                full[: k * config.n_programs] = np.tile(program_mask, (k, 1))
                 layers.append(MaskedLinear(G, width, torch.as_tensor(full)))
             else:
-                width = int(config.first_width or 256)
+                width = int(config.first_width or 256) * config.ensemble
                 layers.append(nn.Linear(G, width))
-            sizes = [width, *config.hidden]
+            sizes = [width, *(h * config.ensemble for h in config.hidden)]
             layers += [nn.ReLU(), nn.Dropout(config.dropout)]
             for a, b in itertools.pairwise(sizes):
                 layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(config.dropout)]
@@ -146,3 +151,48 @@ class CellClassifier(nn.Module):
                 b = b - W @ mean
             out.append((W.copy(), b.copy()))
         return out
+
+
+def ensemble(
+    members: list[CellClassifier], program_mask: np.ndarray | None = None
+) -> CellClassifier:
+    """One network computing the mean of the members' logits (same architecture and
+    standardisation, different weights): their units side by side, block-diagonal hidden
+    layers, the last layer's weights divided by their number. Attributions are linear in the
+    explained function, so the network's (IG, DeepLIFT) are the mean of the members'. Program
+    models keep their program units first: member 1's, member 2's, ..., then the free units."""
+    k = len(members)
+    cfg = members[0].config
+    if k == 1:
+        return members[0]
+    combined = CellClassifier(
+        dataclasses.replace(cfg, ensemble=k),
+        members[0].standardize.mean.numpy(),
+        members[0].standardize.scale.numpy(),
+        program_mask,
+    )
+    linears = [[m for m in member.net if isinstance(m, nn.Linear)] for member in members]
+    target = [m for m in combined.net if isinstance(m, nn.Linear)]
+
+    def units(layer: int, member: int) -> np.ndarray:
+        """Where member ``member``'s units of Linear ``layer`` sit in the combined layer."""
+        n = linears[0][layer].out_features
+        if layer == 0 and cfg.arch == "programs":
+            p, f = cfg.n_programs, cfg.n_free
+            return np.r_[member * p + np.arange(p), k * p + member * f + np.arange(f)]
+        return member * n + np.arange(n)
+
+    with torch.no_grad():
+        for layer, lin in enumerate(target):
+            lin.weight.zero_()
+            lin.bias.zero_()
+            last = layer == len(target) - 1
+            for i in range(k):
+                src = linears[i][layer]
+                rows = np.arange(lin.out_features) if last else units(layer, i)
+                cols = np.arange(lin.in_features) if layer == 0 else units(layer - 1, i)
+                scale = 1.0 / k if last else 1.0
+                r, c = torch.as_tensor(rows), torch.as_tensor(cols)
+                lin.weight[r[:, None], c[None, :]] += src.weight * scale
+                lin.bias[r] += src.bias * scale
+    return combined.eval()

@@ -229,6 +229,7 @@ def build_graph(
     name: str = "cellexplain",
     dtype: type[np.floating[Any]] = np.float32,
     novelty: NoveltyReference | None = None,
+    program_copies: int = 1,
 ) -> onnx.ModelProto:
     """Write the prediction + attribution graph of a dense ReLU network.
 
@@ -244,6 +245,9 @@ def build_graph(
             Captum without float32 rounding; its inputs and outputs are float64).
         novelty: the constants of the novelty score (:mod:`~cellexplain.models.novelty`);
             with them the graph also returns ``novelty`` ``[n]``.
+        program_copies: a seed ensemble's members (:func:`~cellexplain.models.architectures.
+            ensemble`): its first ``program_copies x n_programs`` units are the members'
+            programs, member after member, and a program's attribution is their sum.
 
     Returns:
         An ONNX model with inputs ``x`` float32 ``[n, n_genes]`` and ``target`` int64 ``[m]``
@@ -377,9 +381,16 @@ def build_graph(
             # layer attribution at the first layer's pre-activation: Δz1 * dF/dz1
             prog = b.op("Mul", [D1, g1])
             starts = b.const("starts", np.array([0], dtype=np.int64))
-            ends = b.const("ends", np.array([n_programs], dtype=np.int64))
+            ends = b.const("ends", np.array([n_programs * program_copies], dtype=np.int64))
             axes = b.const("axes", np.array([1], dtype=np.int64))
-            program_out = b.op("Slice", [prog, starts, ends, axes], out="program_attributions")
+            if program_copies == 1:
+                program_out = b.op("Slice", [prog, starts, ends, axes], out="program_attributions")
+            else:  # [n, copies x P] -> [n, copies, P], summed over the copies
+                shape = b.const("copies", np.array([0, program_copies, n_programs], np.int64))
+                copies = b.op("Reshape", [b.op("Slice", [prog, starts, ends, axes]), shape])
+                program_out = b.op(
+                    "ReduceSum", [copies, axes], out="program_attributions", keepdims=0
+                )
 
     n, g_dim, c_dim = "n", G, C
     inputs = [

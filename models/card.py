@@ -50,6 +50,11 @@ class Architecture(_Strict):
         description="linear: the L2 penalty of its convex fit (lambda/2 * |W|^2 beside the "
         "class-weighted mean cross-entropy)",
     )
+    ensemble: int = Field(
+        default=1,
+        description="mlp, programs: networks from consecutive seeds averaged in the graph "
+        "(layer_sizes and n_parameters are the whole graph's)",
+    )
     converged: bool | None = Field(
         default=None,
         description="linear: whether both of its fits (the split's and the refit) reached the "
@@ -131,6 +136,20 @@ class Scores(_Strict):
     accuracy: float
     macro_f1: float
     per_class_f1: dict[str, float]
+
+
+class Calibration(_Strict):
+    """The temperature the exported graph's logits are divided by (folded into its last
+    layer: probabilities and attributions are those of the calibrated logits)."""
+
+    temperature: float = Field(description="fitted on the validation split's logits (NLL)")
+    fitted_on: str
+    n_bins: int = Field(description="equal-width confidence bins of the ECE")
+    ece_test_before: float = Field(
+        description="expected calibration error of the scored model on the test split, "
+        "without the temperature"
+    )
+    ece_test_after: float = Field(description="the same with it")
 
 
 class Metrics(_Strict):
@@ -273,6 +292,9 @@ class ModelCard(_Strict):
     training_data: TrainingData
     split: Split
     metrics: Metrics
+    calibration: Calibration | None = Field(
+        default=None, description="models exported before calibration have none (T = 1)"
+    )
     checks: ExportChecks
     onnx: OnnxInfo
 

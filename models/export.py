@@ -79,8 +79,10 @@ def _captum_reference(
     x0: torch.Tensor,
     target: torch.Tensor,
     n_programs: int,
+    copies: int = 1,
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Captum's gene (and program) attributions in float64."""
+    """Captum's gene (and program) attributions in float64 (a program's: the sum over a seed
+    ensemble's ``copies`` of it)."""
     t = target.tolist()
     layer = model64.first_layer
     prog: torch.Tensor | None = None
@@ -101,7 +103,10 @@ def _captum_reference(
     else:
         ref = InputXGradient(model64).attribute(x, target=t)
         name = "InputXGradient"
-    prog_np = None if prog is None else prog.detach().numpy()[:, :n_programs]
+    prog_np = None
+    if prog is not None:
+        layer_attr = prog.detach().numpy()[:, : n_programs * copies]
+        prog_np = layer_attr.reshape(len(layer_attr), copies, n_programs).sum(1)
     return ref.detach().numpy(), prog_np, name
 
 
@@ -153,9 +158,16 @@ def export_model(
     model = model.eval()
     layers = model.dense_layers()
     n_programs = model.config.n_programs
+    copies = model.config.ensemble
     x0 = np.zeros_like(mean) if spec.baseline == "zero" else mean.astype(np.float64)
     onnx_model = build_graph(
-        layers, spec, x0, n_programs=n_programs, name=card_fields["name"], novelty=novelty
+        layers,
+        spec,
+        x0,
+        n_programs=n_programs,
+        name=card_fields["name"],
+        novelty=novelty,
+        program_copies=copies,
     )
     onnx_bytes = onnx_model.SerializeToString()
 
@@ -167,13 +179,17 @@ def export_model(
     xs = np.asarray(check_x[:n_check], dtype=np.float32)
     out = _run(onnx_bytes, xs)
     t_np = out["explained_class"]
-    graph64 = build_graph(layers, spec, x0, n_programs=n_programs, dtype=np.float64)
+    graph64 = build_graph(
+        layers, spec, x0, n_programs=n_programs, dtype=np.float64, program_copies=copies
+    )
     out64 = _run(graph64.SerializeToString(), xs.astype(np.float64), t_np)
     model64 = copy.deepcopy(model).double().eval()
     x = torch.from_numpy(xs.astype(np.float64))
     x0_t = torch.from_numpy(x0).unsqueeze(0)
     target = torch.from_numpy(t_np)
-    ref, ref_prog, captum_name = _captum_reference(model64, spec, x, x0_t, target, n_programs)
+    ref, ref_prog, captum_name = _captum_reference(
+        model64, spec, x, x0_t, target, n_programs, copies
+    )
 
     # (a) the graph's arithmetic: the float64 graph must equal Captum (float64) exactly
     f64_err = _rel_error(out64["attributions"], ref)
@@ -255,6 +271,7 @@ def export_model(
             name=card_fields["name"],
             dtype=np.float16,
             novelty=novelty,
+            program_copies=copies,
         )
         onnx_bytes = onnx_model.SerializeToString()
         fp16 = _float16_checks(_run(onnx_bytes, xs, t_np), out)

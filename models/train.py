@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -20,10 +21,11 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from cellexplain import __version__
-from cellexplain.models.architectures import Arch, ArchConfig, CellClassifier
+from cellexplain.models.architectures import Arch, ArchConfig, CellClassifier, ensemble
 from cellexplain.models.attribution import AttributionSpec
 from cellexplain.models.card import (
     Architecture,
+    Calibration,
     GeneSetsUsed,
     Metrics,
     ModelCard,
@@ -78,6 +80,9 @@ class TrainConfig:
     test_fraction: float = 0.2
     min_cells_per_class: int = 5
     unassigned_threshold: float = 0.5
+    #: divide the logits by a temperature fitted on the validation split (folded into the
+    #: graph's last layer; recorded in the card with the test split's ECE before and after)
+    calibrate: bool = True
     #: cells at or above this novelty are labelled Unassigned (reason: novel); 1 never flags
     novelty_threshold: float = DEFAULT_THRESHOLD
     attribution: AttributionSpec = field(default_factory=AttributionSpec)
@@ -86,12 +91,18 @@ class TrainConfig:
     #: model on the test cells, fit the exported model on every labelled cell for that many
     #: epochs; False exports the model fitted on the train split
     refit: bool = True
+    #: mlp, programs: networks from seeds seed, seed+1, ... averaged in one graph
+    ensemble: int = 1
     version: str = "1"
 
     def __post_init__(self) -> None:
         for name, low in (("max_epochs", 1), ("patience", 1), ("min_cells_per_class", 2)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be at least 1, got {self.ensemble}")
+        if self.ensemble > 1 and self.arch == "linear":
+            raise ValueError("ensemble is for mlp and programs (linear has a unique optimum)")
         if not 0 < self.l2 < float("inf"):
             raise ValueError(f"l2 must be a finite number above 0, got {self.l2}")
         if not 0 <= self.novelty_threshold <= 1:
@@ -420,6 +431,7 @@ class _Built:
     gene_sets_used: GeneSetsUsed | None
     n_programs: int
     mean: np.ndarray
+    mask: np.ndarray | None = None
 
 
 def _build(
@@ -472,7 +484,33 @@ def _build(
         dropout=cfg.dropout,
     )
     model = CellClassifier(arch_cfg, mean, scale, mask)
-    return _Built(model, arch_cfg, gene_sets_used, n_programs, mean)
+    return _Built(model, arch_cfg, gene_sets_used, n_programs, mean, mask)
+
+
+def _members(
+    first: CellClassifier,
+    built: _Built,
+    genes: list[str],
+    X: Matrix,
+    y: np.ndarray,
+    rows: np.ndarray | None,
+    cfg: TrainConfig,
+    epochs: int,
+    progress: bool,
+) -> CellClassifier:
+    """With ``cfg.ensemble`` > 1: the network ``first`` and ``ensemble - 1`` more, each
+    from seed ``cfg.seed + k``, fitted on ``rows`` (None: every cell) for ``epochs`` epochs,
+    held side by side in one network that averages their logits."""
+    if cfg.ensemble == 1:
+        return first
+    members = [first]
+    every = np.arange(len(y)) if rows is None else rows
+    for k in range(1, cfg.ensemble):
+        member_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        member = _build(genes, X, rows, int(y.max()) + 1, member_cfg).model
+        _fit(member, X, y, every, None, member_cfg, progress, epochs=epochs)
+        members.append(member)
+    return ensemble(members, built.mask)
 
 
 def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
@@ -510,8 +548,13 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             )  # fmt: skip
     else:
         epochs, best_epoch = _fit(model, X, y, split.train, split.val, cfg, progress)
+        model = _members(model, built, genes, X, y, split.train, cfg, best_epoch, progress)
 
-    pred = predict_rows(model, X, split.test).argmax(1)
+    test_logits = predict_rows(model, X, split.test)
+    pred = test_logits.argmax(1)
+    calibration: Calibration | None = None
+    if cfg.calibrate:
+        calibration = _calibrate(predict_rows(model, X, split.val), y[split.val], test_logits, yte)
     model_scores = scores(yte, pred, classes)
     lr_pred, lr_cells = _baseline(X, y, split.train, split.test, cfg.seed)
     lr_scores = scores(yte, lr_pred, classes)
@@ -558,6 +601,7 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             )
         else:
             _fit(model, X, y, every, None, cfg, progress, epochs=best_epoch)
+            model = _members(model, built, genes, X, y, None, cfg, best_epoch, progress)
             recipe = f"for the {best_epoch} epochs the split chose"
         refit_cells = len(y)
         check_x = dense(X, split.test[:MAX_CHECK_CELLS])  # the checks need inputs, not unseen
@@ -567,6 +611,11 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             "scored model)"
         )
     n_programs, arch_cfg, gene_sets_used = built.n_programs, built.arch_cfg, built.gene_sets_used
+    if calibration is not None:  # folded into the exported model's last layer
+        last = [m for m in model.net if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            last.weight.div_(calibration.temperature)
+            last.bias.div_(calibration.temperature)
     fitted_rows = np.arange(len(y)) if cfg.refit else split.train
     reference, novelty_card = _novelty(X, y, fitted_rows, cfg)
 
@@ -594,6 +643,7 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             n_free_units=arch_cfg.n_free,
             dropout=cfg.dropout,
             n_parameters=int(sum(p.numel() for p in model.parameters())),
+            ensemble=cfg.ensemble,
             l2=l2,
             converged=converged,
         ),
@@ -616,6 +666,7 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
             class_counts={c: int(n) for c, n in zip(classes, train_counts, strict=True)},
             refit_cells=refit_cells,
         ),
+        calibration=calibration,
         metrics=Metrics(
             model=model_scores,
             logistic_regression=lr_scores,
@@ -625,6 +676,58 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
         ),
     )
     return Fitted(model, base_card, check_x, built.mean, reference)
+
+
+#: equal-width confidence bins of the expected calibration error
+ECE_BINS = 15
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, right: np.ndarray, n_bins: int = ECE_BINS
+) -> float:
+    """ECE of the top class (``confidence``: its probability per cell; ``right``: whether it
+    is the true class): |accuracy - mean confidence| over equal-width confidence bins,
+    weighted by the bins' shares of the cells."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        inside = bins == b
+        total += inside.mean() * abs(right[inside].mean() - conf[inside].mean())
+    return float(total)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _calibrate(
+    val_logits: np.ndarray, y_val: np.ndarray, test_logits: np.ndarray, y_test: np.ndarray
+) -> Calibration:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the validation cells'
+    negative log-likelihood of softmax(logits / T); judged by the test split's ECE."""
+    from scipy.optimize import minimize_scalar
+
+    lv = val_logits.astype(np.float64)
+
+    def nll(log_t: float) -> float:
+        z = lv / np.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y_val)), y_val]))
+
+    best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    t = float(np.exp(best.x))
+    lt = test_logits.astype(np.float64)
+    return Calibration(
+        temperature=t,
+        fitted_on=f"the {len(y_val)} validation cells' logits of the model fitted on the "
+        "train split",
+        n_bins=ECE_BINS,
+        ece_test_before=expected_calibration_error(_softmax(lt).max(1), lt.argmax(1) == y_test),
+        ece_test_after=expected_calibration_error(_softmax(lt / t).max(1), lt.argmax(1) == y_test),
+    )
 
 
 def _sample(rows: np.ndarray, y: np.ndarray, n_max: int, rng: np.random.Generator) -> np.ndarray:

@@ -85,3 +85,20 @@ def test_majority_vote_matches_pandas():
         assert voted[rows[0]] in set(counts[counts == counts.max()].index)
         assert set(voted[rows]) == {voted[rows[0]]}
         np.testing.assert_allclose(share[rows], counts.max() / len(group), rtol=1e-6)
+
+
+def test_novel_cells_vote_unassigned_and_doubtful_ones_abstain():
+    from cellexplain.api.annotations import UNASSIGNED, majority_vote
+
+    # cluster a: 3 novel, 2 B, 2 low-confidence; cluster b: 3 low-confidence, 2 T
+    labels = np.array(
+        [UNASSIGNED] * 3 + ["B"] * 2 + [UNASSIGNED] * 2 + [UNASSIGNED] * 3 + ["T"] * 2
+    )
+    novel = np.array([True] * 3 + [False] * 4 + [False] * 5)
+    clusters = np.array(["a"] * 7 + ["b"] * 5)
+    voted, share = majority_vote(labels.astype(object), clusters, novel)
+    assert list(voted[:7]) == [UNASSIGNED] * 7 and share[0] == pytest.approx(3 / 7)
+    assert list(voted[7:]) == ["T"] * 5 and share[7] == pytest.approx(2 / 5)
+    # without the novelty flags, Unassigned cells abstain: cluster a goes to B
+    voted, _ = majority_vote(labels.astype(object), clusters)
+    assert list(voted[:7]) == ["B"] * 7

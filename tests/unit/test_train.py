@@ -47,7 +47,45 @@ def test_card_records_everything(programs_model, pbmc_data):
     assert card.checks.program_captum_rel_error is not None
     assert card.checks.program_captum_rel_error < 1e-4
     assert card.checks.completeness_max_abs_error <= card.checks.completeness_tolerance
+    # novelty: its reference, calibration and threshold, and the graph's check against numpy
+    assert card.novelty is not None and card.novelty.n_components == 10
+    assert card.novelty.reference_cells == card.novelty.calibration_cells == 700
+    assert abs(card.novelty.calibration_flagged - (1 - card.novelty.threshold)) < 0.01
+    assert "novelty" in card.onnx.outputs and card.checks.novelty_max_abs_error is not None
+    assert card.gene_importance is not None and len(card.gene_importance) == 765
+    assert card.calibration is not None and 0.05 < card.calibration.temperature < 20
     json.loads((out / "model.json").read_text())  # plain JSON, readable by anything
+
+
+def test_the_temperature_is_folded_into_the_exported_logits(pbmc_data):
+    import torch
+
+    from cellexplain.models.train import TrainConfig, dense, fit
+
+    cfg = dict(arch="mlp", name="t", max_epochs=8, patience=3, seed=2, refit=False)
+    plain = fit(pbmc_data, TrainConfig(**cfg, calibrate=False), progress=False)
+    scaled = fit(pbmc_data, TrainConfig(**cfg), progress=False)
+    cal = scaled.card_fields["calibration"]
+    assert plain.card_fields["calibration"] is None and cal is not None
+    x = torch.from_numpy(dense(pbmc_data.X)[:50])
+    with torch.no_grad():
+        a, b = plain.model(x).numpy(), scaled.model(x).numpy()
+    np.testing.assert_allclose(b, a / cal.temperature, rtol=1e-4, atol=1e-5)
+    assert cal.n_bins == 15 and 0 <= cal.ece_test_after <= 1
+
+
+def test_temperature_scaling_recovers_an_overconfident_scale():
+    """Labels drawn from softmax(z), logits 3z: the fitted temperature is about 3, and the
+    calibration error falls."""
+    from cellexplain.models.train import _calibrate
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6000, 5)) * 1.5
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p])
+    cal = _calibrate(3 * z[:3000], y[:3000], 3 * z[3000:], y[3000:])
+    assert cal.temperature == pytest.approx(3.0, rel=0.1)
+    assert cal.ece_test_after < cal.ece_test_before / 2
 
 
 def test_onnx_matches_captum_on_real_cells(programs_model, pbmc_data):
@@ -328,3 +366,49 @@ def test_a_linear_fit_stopped_short_of_its_optimum_says_so(pbmc_data, monkeypatc
     assert "SHORT OF the optimum" in how and "SHORT OF its optimum" in how, how
     with pytest.raises(ValueError, match="finite number above 0"):
         training.TrainConfig(arch="linear", l2=float("inf"))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "programs"])
+def test_an_ensemble_is_one_network_averaging_its_members(pbmc_data, arch):
+    """Members side by side (block-diagonal layers, program units first): the logits are the
+    mean of the members', and so are IG attributions (linear in the function), program
+    attributions summed over the members' copies of a program."""
+    import torch
+
+    from cellexplain.models.architectures import ensemble
+    from cellexplain.models.attribution import AttributionSpec, build_graph
+    from cellexplain.models.train import TrainConfig, _build, dense
+
+    X = dense(pbmc_data.X)
+    genes = list(pbmc_data.genes)
+    builts = [
+        _build(genes, X, None, 10, TrainConfig(arch=arch, hidden=[16], n_free=8, seed=s))
+        for s in range(3)
+    ]
+    members = [b.model.eval() for b in builts]
+    combined = ensemble(members, builts[0].mask)
+    assert combined.config.ensemble == 3
+    x = torch.from_numpy(X[:40])
+    with torch.no_grad():
+        want = torch.stack([m(x) for m in members]).mean(0).numpy()
+        np.testing.assert_allclose(combined(x).numpy(), want, rtol=1e-5, atol=1e-6)
+    n_programs = members[0].config.n_programs
+    spec = AttributionSpec()
+    outputs = []
+    for model, copies in [*((m, 1) for m in members), (combined, 3)]:
+        graph = build_graph(
+            model.dense_layers(), spec, np.zeros(len(genes)), n_programs=n_programs,
+            dtype=np.float64, program_copies=copies,
+        )  # fmt: skip
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(
+            graph.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        names = ["attributions"] + (["program_attributions"] if n_programs else [])
+        target = np.zeros(40, np.int64)  # the same class explained by every network
+        outputs.append(session.run(names, {"x": X[:40].astype(np.float64), "target": target}))
+    for j in range(len(outputs[0])):
+        mean = np.mean([o[j] for o in outputs[:3]], axis=0)
+        # float32 weights (the last layer divided by 3): rounding at 1e-7 of the values
+        np.testing.assert_allclose(outputs[3][j], mean, rtol=1e-5, atol=1e-8)

@@ -78,9 +78,11 @@ def test_accuracy_benchmark_scores_ours_and_the_baseline_on_the_same_split():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| linear")]
-    assert len(rows) == 1
+    assert len(rows) == 2  # the scores, then the calibration
     accuracy, macro_f1 = (float(cell.split("±")[0]) for cell in rows[0].split("|")[2:4])
     assert 0.6 < accuracy <= 1 and 0.4 < macro_f1 <= 1
+    uncalibrated, served, temperature = (float(c.split("+-")[0]) for c in rows[1].split("|")[2:5])
+    assert 0 <= served <= 0.3 and 0 <= uncalibrated <= 0.3 and 0.05 < temperature < 20
     assert "| logistic regression (our baseline)" in out.stdout
 
 

@@ -25,22 +25,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import onnxruntime as ort
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from benchmarks.accuracy import log1p_cp10k
-from benchmarks.file_to_file import CT_PYTHON, celltypist_venv
+from benchmarks.accuracy import celltypist_predictions
+from benchmarks.file_to_file import celltypist_venv
 from cellexplain.models.attribution import build_graph
 from cellexplain.models.data import load_default_adata, load_labelled
 from cellexplain.models.runtime import session_options
@@ -50,43 +45,6 @@ from cellexplain.models.train import TrainConfig, dense, fit
 SWEEP = (0.9, 0.95, 0.98, 0.99)
 #: lineages absent from the rest of pbmc68k_reduced's classes when held out
 DISTINCT = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK", "Dendritic", "CD34+"]
-
-#: CellTypist in its venv (argv: train.h5ad, test.h5ad, label column): trains with its
-#: defaults, prints each test cell's largest probability
-CT_MAX_PROBABILITY = """
-import json
-import sys
-import warnings
-
-import anndata as ad
-import celltypist
-
-warnings.simplefilter("ignore")
-train, test = ad.read_h5ad(sys.argv[1]), ad.read_h5ad(sys.argv[2])
-model = celltypist.train(train, labels=sys.argv[3])
-pred = celltypist.annotate(test, model=model, majority_voting=False)
-print(json.dumps(pred.probability_matrix.to_numpy().max(1).tolist()))
-"""
-
-
-def celltypist_max_probability(
-    counts: np.ndarray, labels: np.ndarray, genes: list[str], train: np.ndarray, test: np.ndarray
-) -> np.ndarray:
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for name, rows in (("train", train), ("test", test)):
-            a = ad.AnnData(log1p_cp10k(counts[rows]))
-            a.var_names = genes
-            a.obs["label"] = labels[rows]
-            a.write_h5ad(Path(tmp) / f"{name}.h5ad")
-            paths.append(str(Path(tmp) / f"{name}.h5ad"))
-        out = subprocess.run(
-            [str(CT_PYTHON), "-c", CT_MAX_PROBABILITY, *paths, "label"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    return np.asarray(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def separation(score: np.ndarray, unseen: np.ndarray) -> tuple[float, float]:
@@ -171,7 +129,7 @@ def main() -> None:
                 )
                 line.append(f"{arch} novelty {a_nov:.3f} / max prob {a_prob:.3f}")
             if counts is not None:
-                ct = celltypist_max_probability(counts, labels, data.genes, train, evaluate)
+                _, ct = celltypist_predictions(counts, labels, data.genes, train, evaluate)
                 a_ct, r_ct = separation(1 - ct, unseen)
                 rows.setdefault("CellTypist 1.7.1", []).append([a_ct, r_ct])
                 line.append(f"CellTypist max prob {a_ct:.3f}")

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,7 +161,9 @@ def export_model(
     n_programs = model.config.n_programs
     copies = model.config.ensemble
     x0 = np.zeros_like(mean) if spec.baseline == "zero" else mean.astype(np.float64)
-    onnx_model = build_graph(
+    # the served graph (float32, or float16 once float32 has passed its checks)
+    served = partial(
+        build_graph,
         layers,
         spec,
         x0,
@@ -169,6 +172,7 @@ def export_model(
         novelty=novelty,
         program_copies=copies,
     )
+    onnx_model = served()
     onnx_bytes = onnx_model.SerializeToString()
 
     # -- checks on held-out cells against the float64 torch model and Captum
@@ -263,16 +267,7 @@ def export_model(
         passed=passed,
     )
     if passed and precision == "float16":
-        onnx_model = build_graph(
-            layers,
-            spec,
-            x0,
-            n_programs=n_programs,
-            name=card_fields["name"],
-            dtype=np.float16,
-            novelty=novelty,
-            program_copies=copies,
-        )
+        onnx_model = served(dtype=np.float16)
         onnx_bytes = onnx_model.SerializeToString()
         fp16 = _float16_checks(_run(onnx_bytes, xs, t_np), out)
         checks.float16 = fp16

@@ -69,14 +69,19 @@ def test_dry_run_checks_times_and_compares_with_captum(prepared, tmp_path):
     assert any((tmp_path / "prof").glob("ort_profile*.json"))
 
 
-def test_accuracy_benchmark_scores_ours_and_the_baseline_on_the_same_split():
-    """The accuracy benchmark's own path (CellTypist left out: its venv needs the network)."""
+def benchmark(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` from the repository, which must succeed."""
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.accuracy", "--seeds", "1", "--archs", "linear",
-         "--no-celltypist"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_accuracy_benchmark_scores_ours_and_the_baseline_on_the_same_split():
+    """The accuracy benchmark's own path (CellTypist left out: its venv needs the network)."""
+    out = benchmark("benchmarks.accuracy", "--seeds", "1", "--archs", "linear", "--no-celltypist")
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| linear")]
     assert len(rows) == 2  # the scores, then the calibration
     accuracy, macro_f1 = (float(cell.split("±")[0]) for cell in rows[0].split("|")[2:4])
@@ -88,24 +93,14 @@ def test_accuracy_benchmark_scores_ours_and_the_baseline_on_the_same_split():
 
 def test_novelty_benchmark_tells_held_out_types_from_known_ones():
     """Its own path, on one split and one architecture (CellTypist left out: its venv)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.novelty", "--seeds", "1", "--archs", "linear",
-         "--no-celltypist"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = benchmark("benchmarks.novelty", "--seeds", "1", "--archs", "linear", "--no-celltypist")
     (row,) = [ln for ln in out.stdout.splitlines() if ln.startswith("| linear")]
     novelty, confidence = (float(cell.split("+-")[0]) for cell in row.split("|")[2:4])
     assert novelty > 0.85 and novelty > confidence + 0.2, row
 
 
 def test_evidence_benchmark_deletes_the_served_genes_with_effect():
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.evidence", "--seeds", "1", "--archs", "linear",
-         "--k", "5"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = benchmark("benchmarks.evidence", "--seeds", "1", "--archs", "linear", "--k", "5")
     auc = {
         cells[2].strip(): (float(cells[3]), float(cells[4]))
         for cells in (ln.split("|") for ln in out.stdout.splitlines())

@@ -51,8 +51,8 @@ class AnnotateOptions(_Schema):
         le=1,
         allow_inf_nan=False,
         description="override the model's novelty threshold: cells whose novelty is at or "
-        "above it are labelled Unassigned (1: only the furthest; models without a novelty "
-        "score ignore it)",
+        "above it are labelled Unassigned (1 turns it off; models without a novelty score "
+        "ignore it)",
     )
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cellexplain.client.remote import AsyncClient, Client, ClientError, annotate
+    from cellexplain.client.remote import AnswerWarning, AsyncClient, Client, ClientError, annotate
 
-__all__ = ["AsyncClient", "Client", "ClientError", "annotate"]
+__all__ = ["AnswerWarning", "AsyncClient", "Client", "ClientError", "annotate"]
 
 
 if not TYPE_CHECKING:  # type checkers see the imports above, and a misspelt name stays an error

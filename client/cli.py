@@ -600,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-key", help="obs column of clusters: add majority voting")
     p.add_argument(
         "--max-missing-fraction",
-        type=float,
+        type=_number(lambda v: 0 <= v <= 1, "from 0 to 1"),
         default=MAX_MISSING_FRACTION,
         help="stop, writing nothing, when more than this share of the model's genes is missing "
         "from the file (default %(default)s: with half the genes missing at random, 92%% of "

@@ -64,11 +64,13 @@ def missing_gene_warnings(matching: GeneMatching) -> list[str]:
         return []
     weight = "" if importance is None else f", {importance:.0%} of their importance"
     shown = ", ".join(matching.missing[:10]) + (", ..." if matching.n_missing > 10 else "")
+    # a card without gene importance (exported before it) lists them in model order
+    which = "missing" if importance is None else "most important missing"
     return [
         f"{matching.n_missing} of the model's {matching.n_model_genes} genes "
         f"({matching.missing_fraction:.0%}{weight}) are missing from the request and were "
         f"read as zero: labels and attributions are less reliable than the model's test "
-        f"scores (most important missing: {shown})"
+        f"scores ({which}: {shown})"
     ]
 
 
@@ -513,7 +515,8 @@ class Annotator:
             novelty_threshold = (
                 card.novelty.threshold if opts.novelty_threshold is None else opts.novelty_threshold
             )
-            novel = pred.novelty >= novelty_threshold
+            if novelty_threshold < 1:  # 1 turns it off (novelty reaches 1 exactly)
+                novel = pred.novelty >= novelty_threshold
         res = Result(
             model=lm,
             options=opts,

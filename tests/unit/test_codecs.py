@@ -434,3 +434,13 @@ def test_top_genes_are_ranked_only_for_the_doors_that_send_them(annotator, cells
     ann = anndata_io.to_annotations(res)
     assert ann.top_genes is not None and ann.genes_against is not None
     assert res.answer.top is not None and res.answer.top[0].shape[1] == 3
+
+
+def test_a_novelty_threshold_of_1_turns_the_flag_off(annotator, cells):
+    genes, X = cells
+    far = (genes, np.clip(3 * X, 0, 15))  # further from every type than any known cell
+    res = run(annotator, far, attributions="none")
+    assert res.novelty is not None and (res.novelty == 1).any() and res.novel.any()
+    off = run(annotator, far, attributions="none", novelty_threshold=1.0)
+    assert not off.novel.any() and off.novelty_threshold == 1.0
+    np.testing.assert_array_equal(off.novelty, res.novelty)

@@ -97,3 +97,11 @@ def test_cli_errors_name_the_flag_not_the_servers_variables(tmp_path, capsys):
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err and "CELLEXPLAIN_" not in err, err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1.5", "-0.1", "half"])
+def test_max_missing_fraction_is_a_share(value, capsys):
+    with pytest.raises(SystemExit):
+        annotate_args("--max-missing-fraction", value)
+    assert "--max-missing-fraction" in capsys.readouterr().err
+    assert annotate_args("--max-missing-fraction", "1").max_missing_fraction == 1.0

@@ -497,6 +497,8 @@ class Client:
         self._run(self._async.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():  # stopped: its resources go now, not at exit
+            self._loop.close()
 
     def __enter__(self) -> Client:
         return self

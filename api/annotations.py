@@ -3,6 +3,8 @@
 What lands where (scanpy's conventions, like ``sc.tl.*`` writing into the object):
 
 * ``obs['cellexplain_label']``: predicted cell type, or ``Unassigned`` below the threshold
+  (categoricals hold the classes that occur, in the model's order; their colours, one per
+  class in every file of a model and grey for ``Unassigned``, in ``uns['..._colors']``)
 * ``obs['cellexplain_predicted_label']``: the most probable type whatever its confidence
 * ``obs['cellexplain_confidence']``: probability of the predicted type
 * ``obs['cellexplain_unassigned_reason']``: why a cell is Unassigned (``low_confidence``,
@@ -318,15 +320,51 @@ def annotation_info(
     }
 
 
+#: a class's colour in plots: the class's place among the model's classes picks it (the same
+#: colour in every file of one model); matplotlib's tab20, then tab20b, as hex
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#279e68", "#d62728", "#aa40fc", "#8c564b", "#e377c2", "#b5bd61",
+    "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
+    "#dbdb8d", "#9edae5", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#5254a3",
+)  # fmt: skip
+#: Unassigned, in every plot: light grey
+UNASSIGNED_COLOR = "#d3d3d3"
+
+
+def _observed(values: np.ndarray, names: Sequence[str]) -> Any:
+    """A categorical over the ``names`` that occur in ``values``, in their order: scanpy's
+    plots and ``rank_genes_groups`` fail on empty categories."""
+    present = set(pd.unique(np.asarray(values, dtype=object)))
+    return pd.Categorical(values, categories=[c for c in names if c in present])
+
+
+def label_colors(obs: Mapping[str, Any], classes: Sequence[str]) -> dict[str, list[str]]:
+    """``uns['{column}_colors']`` for the label columns in ``obs`` (scanpy's convention: one
+    colour per category, in order): each class its :data:`PALETTE` colour by its place among
+    the model's classes, ``Unassigned`` grey."""
+    place = {c: i for i, c in enumerate(classes)}
+    colors = {}
+    for name in ("label", "predicted_label", "explained_class", "majority_voting"):
+        col = obs.get(f"{PREFIX}_{name}")
+        if col is None or not isinstance(getattr(col, "dtype", None), pd.CategoricalDtype):
+            continue
+        colors[f"{PREFIX}_{name}_colors"] = [
+            UNASSIGNED_COLOR if c == UNASSIGNED else PALETTE[place.get(c, 0) % len(PALETTE)]
+            for c in col.cat.categories
+        ]
+    return colors
+
+
 def obs_columns(ann: Annotations, classes: Sequence[str]) -> dict[str, Any]:
-    """The ``obs`` columns of ``ann`` (categoricals over the model's classes)."""
+    """The ``obs`` columns of ``ann`` (categoricals over the model's classes that occur, and
+    ``Unassigned`` where it does)."""
     cols: dict[str, Any] = {
-        f"{PREFIX}_label": pd.Categorical(ann.label, categories=[*classes, UNASSIGNED]),
-        f"{PREFIX}_predicted_label": pd.Categorical(ann.predicted_label, categories=classes),
+        f"{PREFIX}_label": _observed(ann.label, [*classes, UNASSIGNED]),
+        f"{PREFIX}_predicted_label": _observed(ann.predicted_label, classes),
         f"{PREFIX}_confidence": ann.confidence,
     }
     if ann.explained_class is not None:
-        cols[f"{PREFIX}_explained_class"] = pd.Categorical(ann.explained_class, categories=classes)
+        cols[f"{PREFIX}_explained_class"] = _observed(ann.explained_class, classes)
     if ann.unassigned_reason is not None:
         cols[f"{PREFIX}_unassigned_reason"] = pd.Categorical(
             ann.unassigned_reason, categories=list(UNASSIGNED_REASONS)
@@ -356,11 +394,13 @@ def obsm_arrays(ann: Annotations) -> dict[str, np.ndarray]:
 
 def write_annotations(adata: ad.AnnData, ann: Annotations, info: dict[str, Any]) -> None:
     """Write annotations into an in-memory ``adata`` (see the module docstring)."""
-    for name, col in obs_columns(ann, info["classes"]).items():
+    cols = obs_columns(ann, info["classes"])
+    for name, col in cols.items():
         adata.obs[name] = col
     for name, arr in obsm_arrays(ann).items():
         adata.obsm[name] = arr
     adata.uns[PREFIX] = info
+    adata.uns.update(label_colors(cols, info["classes"]))
 
 
 def majority_vote(

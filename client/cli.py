@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -264,11 +265,22 @@ def _load(args: argparse.Namespace) -> LabelledData:
     return load_labelled(args.data, args.label_key, args.gene_key, args.layer)
 
 
+def default_name(args: argparse.Namespace) -> str:
+    """A model's name when ``--name`` is not given: ``pbmc-ARCH`` for the bundled data, else
+    made from the data file and the label key (``lung-atlas-cell_type-programs``): a model of a
+    lab's own data never takes the demo's name, the one the default server serves."""
+    if args.data is None:
+        return f"pbmc-{args.arch}"
+    stem = f"{Path(args.data).stem}-{args.label_key}-{args.arch}".lower()
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem).strip("-._")[:63].strip("-._")
+    return name or f"model-{args.arch}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cellexplain.models.store import check_name, import_model
 
     # the arguments are checked before torch is imported (seconds), so a mistake is told at once
-    name = check_name(args.name or f"pbmc-{args.arch}")
+    name = check_name(args.name or default_name(args))
     out = Path(args.out or Path("artifacts") / name)
     _check_train_args(args, out)
     _spec(args)
@@ -282,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     card = train(data, _config(args, args.arch, name), out, progress=not args.quiet)
     _print_card_summary(card, out)
     if args.import_:
-        print(f"imported into the BentoML store as {import_model(out)}")
+        print(f"imported into the BentoML store as {import_model(out, replace=args.force)}")
     return 0
 
 
@@ -364,7 +376,7 @@ def score_table(rows: dict[str, list[tuple[float, float]]]) -> list[str]:
 def cmd_models_import(args: argparse.Namespace) -> int:
     from cellexplain.models.store import import_model
 
-    print(import_model(args.dir, args.name))
+    print(import_model(args.dir, args.name, replace=args.force))
     return 0
 
 
@@ -382,6 +394,14 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             f"{m.tag:<40} {c.architecture.kind:<9} {len(c.genes):>6} {len(c.classes):>7} "
             f"{c.metrics.model.macro_f1:>8.3f}  {c.attribution.method}"
         )
+    return 0
+
+
+def cmd_models_delete(args: argparse.Namespace) -> int:
+    from cellexplain.models.store import delete_model
+
+    for tag in delete_model(args.tag, args.all_versions):
+        print(f"deleted {tag}")
     return 0
 
 
@@ -558,13 +578,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a classifier and export it (ONNX + model card)")
     p.add_argument("--arch", choices=["linear", "mlp", "programs"], default="programs")
-    p.add_argument("--name", help="model name (default pbmc-ARCH)")
+    p.add_argument(
+        "--name",
+        help="model name (default: pbmc-ARCH for the bundled data; with --data, made from the "
+        "file's name, the label key and the architecture)",
+    )
     p.add_argument("--out", help="output folder (default artifacts/NAME)")
     p.add_argument(
         "--import",
         dest="import_",
         action="store_true",
         help="also import the result into the BentoML model store",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --import: add this model as the latest version of a name the store already "
+        "holds (refused otherwise: servers given the name serve its latest)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_training_args(p)
@@ -629,7 +659,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("import", help="save an exported model folder into the store")
     q.add_argument("dir")
     q.add_argument("--name", help="store name (default: the card's name)")
+    q.add_argument(
+        "--force",
+        action="store_true",
+        help="add it as the latest version of a name the store already holds",
+    )
     q.set_defaults(func=cmd_models_import)
+    q = msub.add_parser("delete", help="delete a stored model version (or all of a name's)")
+    q.add_argument("tag", help="NAME:VERSION, or NAME with --all-versions")
+    q.add_argument("--all-versions", action="store_true", help="every version of NAME")
+    q.set_defaults(func=cmd_models_delete)
     q = msub.add_parser("list", help="list cellexplain models in the store")
     q.set_defaults(func=cmd_models_list)
     q = msub.add_parser("show", help="print a stored model's card")

@@ -33,6 +33,7 @@ from cellexplain.api.annotations import (
     PREFIX,
     UNASSIGNED,
     Annotations,
+    label_colors,
     majority_vote,
     obs_columns,
     obsm_arrays,
@@ -334,9 +335,10 @@ class AtomicH5adWriter:
         del self.file["obs"]
         aio.write_elem(self.file, "obs", obs)
         uns = self.file.require_group("uns")
-        if PREFIX in uns:
-            del uns[PREFIX]
-        aio.write_elem(uns, PREFIX, info)
+        for key, value in {PREFIX: info, **label_colors(obs, info["classes"])}.items():
+            if key in uns:
+                del uns[key]
+            aio.write_elem(uns, key, value)
         self.file.close()
         os.replace(self.tmp, self.dst)
 

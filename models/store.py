@@ -55,9 +55,16 @@ def content_version(directory: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def import_model(directory: str | Path, name: str | None = None) -> str:
+def import_model(directory: str | Path, name: str | None = None, replace: bool = False) -> str:
     """Save an artifact folder into the BentoML model store; returns the tag ``name:version``
-    (the version is :func:`content_version`: importing the same files again changes nothing)."""
+    (the version is :func:`content_version`: importing the same files again changes nothing).
+
+    A new version of a name the store holds becomes that name's ``latest``, the tag a server
+    given ``NAME`` serves: only with ``replace`` (the other versions stay).
+
+    Raises:
+        StoreError: the name holds other versions and ``replace`` is false.
+    """
     card = verify_artifact(directory)
     model_name = check_name(name or card.name)
     import bentoml  # the `serve` extra (checking a name needs none)
@@ -67,6 +74,17 @@ def import_model(directory: str | Path, name: str | None = None) -> str:
         return str(bentoml.models.get(tag).tag)  # these very files are stored already
     except bentoml.exceptions.NotFound:
         pass
+    try:
+        held = [str(m.tag) for m in bentoml.models.list(model_name)]
+    except bentoml.exceptions.NotFound:  # a name the store has never held
+        held = []
+    if held and not replace:
+        raise StoreError(
+            f"the store already holds {model_name} ({len(held)} version(s), latest "
+            f"{bentoml.models.get(model_name).tag}): this model would become {model_name}:latest,"
+            f" the tag a server given {model_name!r} serves. Pass --force to add it as the "
+            "latest version (the others stay), or choose another --name"
+        )
     with bentoml.models.create(
         tag,
         labels={"framework": FRAMEWORK_LABEL, "arch": card.architecture.kind},
@@ -103,6 +121,37 @@ def list_models() -> list[StoredModel]:
             (m.creation_time, StoredModel(str(m.tag), Path(m.path), ModelCard.read(m.path)))
         )
     return [s for _, s in sorted(found, key=lambda p: p[0], reverse=True)]
+
+
+def delete_model(tag: str, all_versions: bool = False) -> list[str]:
+    """Delete a stored cellexplain model: ``name:version``, or every version of ``name`` with
+    ``all_versions``; returns the tags deleted.
+
+    Raises:
+        StoreError: not in the store, not a cellexplain model, or a bare name without
+            ``all_versions``.
+    """
+    import bentoml
+
+    if ":" not in tag and not all_versions:
+        raise StoreError(
+            f"{tag!r} names every version of a model: give NAME:VERSION (cellexplain models "
+            "list), or pass --all-versions"
+        )
+    try:
+        models = [bentoml.models.get(tag)] if ":" in tag else list(bentoml.models.list(tag))
+    except bentoml.exceptions.NotFound as e:
+        raise StoreError(f"model {tag!r} is not in the BentoML store") from e
+    if not models:
+        raise StoreError(f"model {tag!r} is not in the BentoML store")
+    foreign = [str(m.tag) for m in models if m.info.labels.get("framework") != FRAMEWORK_LABEL]
+    if foreign:
+        raise StoreError(f"{foreign[0]} is not a cellexplain model: not deleted")
+    deleted = []
+    for m in models:
+        bentoml.models.delete(m.tag)
+        deleted.append(str(m.tag))
+    return deleted
 
 
 def get_model(tag: str) -> StoredModel:

@@ -145,9 +145,24 @@ def _walk(
             raise _refuse(child, f"is a {type(obj).__name__}, which anndata never writes")
 
 
+def _attr_text(obj: h5py.HLObject, name: str) -> str | None:
+    """A short string attribute's value (None when absent, not a string, or long)."""
+    try:
+        value = obj.attrs.get(name)
+    except Exception:  # an attribute h5py cannot read is not a marker
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and len(value) < 64 else None
+
+
 def _check_dataset(d: h5py.Dataset, path: str, declared: Declared, limits: Limits) -> None:
     if d.shape is None:
-        raise _refuse(path, "has a null dataspace (h5py.Empty), which anndata never writes")
+        # anndata writes None (scanpy's uns['log1p']['base'] after sc.pp.log1p) as a null
+        # dataspace marked encoding-type 'null'; no other null dataspace is anndata's
+        if _attr_text(d, "encoding-type") == "null":
+            return
+        raise _refuse(path, "has a null dataspace (h5py.Empty) not marked as anndata's None")
     if d.is_virtual:
         raise _refuse(path, "is a virtual dataset (its data would come from other files)")
     plist = d.id.get_create_plist()

@@ -172,3 +172,41 @@ def test_the_newcomers_path_after_make_serve(tmp_path):
     assert ad.read_h5ad(out).obs["cellexplain_label"].notna().all()
     for stream in (run.stdout, run.stderr, listed.stderr):
         assert "Traceback" not in stream and "Warning" not in stream, stream
+
+
+def test_a_labs_model_takes_its_own_name_and_never_replaces_a_tag_unasked(store, pbmc, tmp_path):
+    """Trained on a lab's file, a model is named from the file, the label key and the
+    architecture (not the demo's pbmc-ARCH, which the default server serves); a second model
+    under a stored name is refused without --force, added as its latest with it; delete
+    removes a version, or a name's every version only when asked."""
+    data = tmp_path / "Lung Atlas.h5ad"
+    pbmc.raw.to_adata().write_h5ad(data)
+    common = ["--arch", "linear", "--data", str(data), "--import", "-q"]
+    first = run_cli("train", *common, "--label-key", "bulk_labels", "--out", str(tmp_path / "a"),
+                    home=store)  # fmt: skip
+    assert "imported into the BentoML store as lung-atlas-bulk_labels-linear:" in first.stdout
+    # another model (another L2) under the same name: refused, the store unchanged
+    again = [*common, "--label-key", "bulk_labels", "--l2", "0.1", "--out", str(tmp_path / "b")]
+    refused = run_cli("train", *again, home=store, check=False)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    assert "already holds lung-atlas-bulk_labels-linear" in refused.stderr
+    listed = run_cli("models", "list", home=store).stdout
+    assert listed.count("lung-atlas-bulk_labels-linear:") == 1
+    forced = run_cli("train", *again, "--force", home=store)
+    second = forced.stdout.split("imported into the BentoML store as ")[1].split()[0]
+    listed = run_cli("models", "list", home=store).stdout
+    assert listed.count("lung-atlas-bulk_labels-linear:") == 2
+    card = json.loads(run_cli("models", "show", "lung-atlas-bulk_labels-linear", home=store).stdout)
+    assert card["architecture"]["l2"] == 0.1  # the latest is the forced one
+    # delete: a bare name is every version, only when asked
+    bare = run_cli("models", "delete", "lung-atlas-bulk_labels-linear", home=store, check=False)
+    assert bare.returncode == 2 and "--all-versions" in bare.stderr
+    assert run_cli("models", "delete", second, home=store).stdout.strip() == f"deleted {second}"
+    listed = run_cli("models", "list", home=store).stdout
+    assert listed.count("lung-atlas-bulk_labels-linear:") == 1
+    out = run_cli("models", "delete", "lung-atlas-bulk_labels-linear", "--all-versions",
+                  home=store).stdout  # fmt: skip
+    assert out.count("deleted ") == 1
+    assert "lung-atlas-bulk_labels-linear" not in run_cli("models", "list", home=store).stdout
+    missing = run_cli("models", "delete", "nope:123", home=store, check=False)
+    assert missing.returncode == 2 and "not in the BentoML store" in missing.stderr

@@ -477,3 +477,40 @@ def test_damaged_files_end_in_one_line_not_a_traceback(files, programs_home, tmp
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
     assert not out.exists() and not list(tmp_path.glob(".o.h5ad.partial-*"))
+
+
+def test_the_annotated_file_plots_in_scanpy_as_it_is(files, programs_home, tmp_path):
+    """B and NK cells only: the label categoricals hold the types that occur (and Unassigned),
+    their colours are in uns (Unassigned grey, each class its model-wide colour), and scanpy's
+    plots and marker ranking run on the label column without any clean-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    from cellexplain.api.annotations import PALETTE, UNASSIGNED_COLOR
+
+    full = read(files["counts_sparse"])
+    subset = full[full.obs["bulk_labels"].isin(["CD19+ B", "CD56+ NK"])].copy()
+    src, out = tmp_path / "bnk.h5ad", tmp_path / "bnk.annotated.h5ad"
+    subset.write_h5ad(src)
+    cli(str(src), "--out", str(out), "--local", "--cluster-key", "louvain", home=programs_home)
+    a = read(out)
+    label = a.obs["cellexplain_label"]
+    classes = list(a.uns["cellexplain"]["classes"])
+    assert set(label.cat.categories) == set(label.astype(str))  # only what occurs
+    assert len(label.cat.categories) < len(classes)
+    colors = list(a.uns["cellexplain_label_colors"])
+    for category, color in zip(label.cat.categories, colors, strict=True):
+        want = UNASSIGNED_COLOR if category == "Unassigned" else PALETTE[classes.index(category)]
+        assert color == want
+    assert "cellexplain_majority_voting_colors" in a.uns
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    keep = label.value_counts()
+    a = a[a.obs["cellexplain_label"].isin(keep[keep >= 2].index)].copy()
+    a.obs["cellexplain_label"] = a.obs["cellexplain_label"].cat.remove_unused_categories()
+    sc.pl.dotplot(a, ["CD79A", "NKG7"], groupby="cellexplain_label", show=False)
+    sc.pl.matrixplot(a, ["CD79A", "NKG7"], groupby="cellexplain_label", show=False)
+    sc.tl.rank_genes_groups(a, "cellexplain_label", method="t-test")
+    assert "names" in a.uns["rank_genes_groups"]

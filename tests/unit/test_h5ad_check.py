@@ -89,3 +89,32 @@ def test_objects_spread_over_groups_are_counted_as_they_are_walked(base, tmp_pat
     with pytest.raises(InvalidInputError) as e:
         check_h5ad(path, LIMITS)
     assert f"past the {walked + 5}th object: too many objects" in e.value.message, e.value.message
+
+
+def test_what_scanpy_writes_after_its_preprocessing_passes(tmp_path, pbmc):
+    """A lab's file after the usual sc.pp steps (log1p writes uns['log1p']['base'] = None,
+    which anndata stores as a null dataspace marked 'null'), written by anndata, passes;
+    an unmarked null dataspace still does not."""
+    import h5py
+    import numpy as np
+    import scanpy as sc
+
+    adata = pbmc.raw.to_adata()[:200].copy()
+    adata.X = np.rint(np.expm1(adata.X.toarray()))  # counts, as a lab starts
+    adata.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    sc.pp.highly_variable_genes(adata, n_top_genes=200)
+    sc.pp.pca(adata, n_comps=20)
+    sc.pp.neighbors(adata)
+    assert adata.uns["log1p"] == {"base": None}
+    path = tmp_path / "scanpy.h5ad"
+    adata.write_h5ad(path)
+    limits = Limits(max_cells=1000, max_genes=1000, max_bytes=100 << 20)
+    declared = check_h5ad(path, limits)
+    assert (declared.n_cells, declared.n_genes) == (200, 765)
+    with h5py.File(path, "a") as f:
+        f["uns"].create_dataset("empty", data=h5py.Empty("f4"))
+    with pytest.raises(InvalidInputError, match="null dataspace") as e:
+        check_h5ad(path, limits)
+    assert "/uns/empty" in e.value.message

@@ -408,7 +408,38 @@ def cmd_models_delete(args: argparse.Namespace) -> int:
 def cmd_models_show(args: argparse.Namespace) -> int:
     from cellexplain.models.store import get_model
 
-    print(get_model(args.tag).card.model_dump_json(indent=2))
+    stored = get_model(args.tag)
+    card = stored.card
+    if args.json:
+        print(card.model_dump_json(indent=2))
+        return 0
+    m, a = card.metrics.model, card.architecture
+    baseline = card.metrics.logistic_regression.macro_f1
+    rows = [
+        ("tag", stored.tag),
+        ("description", card.description),
+        ("created", f"{card.created_at} (cellexplain {card.cellexplain_version})"),
+        ("architecture", f"{a.kind} {a.layer_sizes}" + (f", {a.ensemble} networks averaged"
+                                                         if a.ensemble > 1 else "")),
+        ("genes", f"{len(card.genes)}: {', '.join(card.genes[:8])}, ..."),
+        ("classes", f"{len(card.classes)}: {', '.join(card.classes)}"),
+        ("training data", f"{card.training_data.source} ({card.training_data.n_cells} cells, "
+                          f"labels {card.training_data.label_key})"),
+        ("held-out scores", f"accuracy {m.accuracy:.3f}, macro-F1 {m.macro_f1:.3f} "
+                            f"(logistic regression {baseline:.3f})"),
+        ("attributions", f"{card.attribution.method}, {card.attribution.n_steps} steps, "
+                         f"baseline {card.attribution.baseline}"),
+        ("thresholds", f"confidence {card.unassigned_threshold:g}"
+                       + (f", novelty {card.novelty.threshold:g}" if card.novelty else "")),
+        ("calibration", "none" if card.calibration is None
+                        else f"temperature {card.calibration.temperature:.3f}"),
+        ("export checks", "passed" if card.checks.passed else "FAILED"),
+        ("onnx", f"{card.onnx.precision}, opset {card.onnx.opset}, sha256 {card.onnx.sha256[:16]}"),
+    ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print(f"(the whole card: cellexplain models show {args.tag} --json)")
     return 0
 
 
@@ -615,7 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input_file", metavar="IN.h5ad")
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--url", default="http://localhost:3000", help="service REST URL")
+    where.add_argument(
+        "--url",
+        default=None,
+        help="service REST URL (default: $CELLEXPLAIN_URL, else http://localhost:3000)",
+    )
     where.add_argument("--local", action="store_true", help="run the ONNX graph in-process")
     p.add_argument("--transport", choices=["rest", "grpc"], default="rest")
     p.add_argument("--grpc", help="gRPC target host:port (default: the URL's host, 50051)")
@@ -671,8 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_models_delete)
     q = msub.add_parser("list", help="list cellexplain models in the store")
     q.set_defaults(func=cmd_models_list)
-    q = msub.add_parser("show", help="print a stored model's card")
+    q = msub.add_parser("show", help="a stored model's card, in brief (--json: all of it)")
     q.add_argument("tag", help="NAME or NAME:VERSION")
+    q.add_argument("--json", action="store_true", help="print the whole card as JSON")
     q.set_defaults(func=cmd_models_show)
     return parser
 

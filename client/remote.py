@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
@@ -125,12 +126,12 @@ def _json_cells(chunk: Chunk) -> tuple[list[str], list[Any]]:
 
 
 class AsyncClient:
-    """Async client. ``url`` is the REST base URL; gRPC uses ``grpc_target`` (host:port,
-    default: the URL's host on port 50051)."""
+    """Async client. ``url`` is the REST base URL (default: :func:`default_url`); gRPC uses
+    ``grpc_target`` (host:port, default: the URL's host on port 50051)."""
 
     def __init__(
         self,
-        url: str = "http://localhost:3000",
+        url: str | None = None,
         *,
         transport: Transport = "rest",
         grpc_target: str | None = None,
@@ -142,7 +143,7 @@ class AsyncClient:
     ) -> None:
         if transport not in ("rest", "grpc"):
             raise ValueError(f"transport must be 'rest' or 'grpc', got {transport!r}")
-        self.url = url.rstrip("/")
+        self.url = (url or default_url()).rstrip("/")
         self.transport = transport
         host = httpx.URL(self.url).host or "localhost"
         self.grpc_target = grpc_target or f"{host}:50051"
@@ -442,6 +443,15 @@ class AsyncClient:
         return adata
 
 
+#: the service's URL when none is given and CELLEXPLAIN_URL is not set
+DEFAULT_URL = "http://localhost:3000"
+
+
+def default_url() -> str:
+    """``CELLEXPLAIN_URL`` from the environment, else :data:`DEFAULT_URL`."""
+    return os.environ.get("CELLEXPLAIN_URL") or DEFAULT_URL
+
+
 class AnswerWarning(UserWarning):
     """The service's warning about an answer (for example, model genes missing)."""
 
@@ -474,7 +484,7 @@ class Client:
     """The synchronous client: :class:`AsyncClient` on a private event loop thread (works in
     Jupyter, where a loop is already running)."""
 
-    def __init__(self, url: str = "http://localhost:3000", **kwargs: Any) -> None:
+    def __init__(self, url: str | None = None, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -507,11 +517,11 @@ class Client:
         self.close()
 
 
-async def _make(url: str, kwargs: dict[str, Any]) -> AsyncClient:
+async def _make(url: str | None, kwargs: dict[str, Any]) -> AsyncClient:
     return AsyncClient(url, **kwargs)  # created on the client's own loop
 
 
-def annotate(adata: ad.AnnData, url: str = "http://localhost:3000", **kwargs: Any) -> ad.AnnData:
+def annotate(adata: ad.AnnData, url: str | None = None, **kwargs: Any) -> ad.AnnData:
     """Annotate ``adata`` in place with a running service (see :meth:`AsyncClient.annotate`);
     client options (``transport``, ``grpc_target``, ``timeout``, ``retries``) may be passed
     too."""

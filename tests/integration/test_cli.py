@@ -64,7 +64,9 @@ def test_train_import_list_show(trained, store):
     assert (trained / "model.onnx").is_file() and (trained / "model.json").is_file()
     listed = run_cli("models", "list", home=store).stdout
     assert "cli-linear:" in listed and "linear" in listed
-    card = json.loads(run_cli("models", "show", "cli-linear", home=store).stdout)
+    card = json.loads(run_cli("models", "show", "cli-linear", "--json", home=store).stdout)
+    brief = run_cli("models", "show", "cli-linear", home=store).stdout
+    assert len(brief.splitlines()) < 20 and "macro-F1" in brief and "--json" in brief
     assert card["name"] == "cli-linear"
     assert (
         card["onnx"]["sha256"] == json.loads((trained / "model.json").read_text())["onnx"]["sha256"]
@@ -196,7 +198,9 @@ def test_a_labs_model_takes_its_own_name_and_never_replaces_a_tag_unasked(store,
     second = forced.stdout.split("imported into the BentoML store as ")[1].split()[0]
     listed = run_cli("models", "list", home=store).stdout
     assert listed.count("lung-atlas-bulk_labels-linear:") == 2
-    card = json.loads(run_cli("models", "show", "lung-atlas-bulk_labels-linear", home=store).stdout)
+    card = json.loads(
+        run_cli("models", "show", "lung-atlas-bulk_labels-linear", "--json", home=store).stdout
+    )
     assert card["architecture"]["l2"] == 0.1  # the latest is the forced one
     # delete: a bare name is every version, only when asked
     bare = run_cli("models", "delete", "lung-atlas-bulk_labels-linear", home=store, check=False)

@@ -105,3 +105,20 @@ def test_max_missing_fraction_is_a_share(value, capsys):
         annotate_args("--max-missing-fraction", value)
     assert "--max-missing-fraction" in capsys.readouterr().err
     assert annotate_args("--max-missing-fraction", "1").max_missing_fraction == 1.0
+
+
+def test_the_service_url_comes_from_the_environment(monkeypatch):
+    import asyncio
+
+    from cellexplain.client.remote import AsyncClient
+
+    monkeypatch.setenv("CELLEXPLAIN_URL", "http://annotator.lab:8000/")
+    client = AsyncClient()
+    assert client.url == "http://annotator.lab:8000"
+    assert client.grpc_target == "annotator.lab:50051"  # gRPC on the URL's host
+    asyncio.run(client.close())
+    assert annotate_args().url is None  # the CLI passes None: the client reads the variable
+    monkeypatch.delenv("CELLEXPLAIN_URL")
+    client = AsyncClient()
+    assert client.url == "http://localhost:3000"
+    asyncio.run(client.close())

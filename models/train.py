@@ -301,6 +301,10 @@ def _fit(
             best = (val_loss, epoch, copy.deepcopy(model.state_dict()))
         bar.set_postfix(epoch=epoch + 1, val_loss=f"{val_loss:.3f}", best_epoch=best[1] + 1)
         if epoch - best[1] >= cfg.patience:
+            # stopped early: the bar ends full at the epochs run, not at a share of the most
+            bar.total = bar.n
+            bar.set_description(f"{what} (early stop at epoch {epoch + 1})")
+            bar.refresh()
             break
     bar.close()
     if validate:

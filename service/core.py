@@ -101,6 +101,8 @@ class Prepared:
     alignment: Alignment
     n_submitted: int
     input_kind: str
+    #: what the answer should say about the input (read as asked, but it looks otherwise)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +133,8 @@ class Result:
     novelty_threshold: float | None  # None: the model has no novelty score
     input_kind: str  # counts | log1p_cp10k
     matching: GeneMatching | None  # None where the input was the model's own (OIP)
+    #: warnings about the input beside the gene matching's (see :attr:`warnings`)
+    input_warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.cell_ids)
@@ -149,7 +153,8 @@ class Result:
     @property
     def warnings(self) -> list[str]:
         """What makes this answer less reliable than the model's test scores."""
-        return [] if self.matching is None else missing_gene_warnings(self.matching)
+        missing = [] if self.matching is None else missing_gene_warnings(self.matching)
+        return [*self.input_warnings, *missing]
 
     @property
     def card(self) -> ModelCard:
@@ -274,7 +279,13 @@ def _require_valid(
         row, col, what = bad
         text, field = where(row, col)
         rule = "finite and non-negative" if upper is None else f"from 0 to {upper:g}"
-        raise InvalidInputError(f"{text} is {what}: expression values must be {rule}", field)
+        hint = ""
+        if what.startswith("negative"):  # the usual cause: a scaled matrix (sc.pp.scale)
+            hint = (
+                " (scaled data? send raw counts or log1p values: from an AnnData, its .raw "
+                "(layer 'raw', --layer raw) or a counts layer)"
+            )
+        raise InvalidInputError(f"{text} is {what}: expression values must be {rule}{hint}", field)
 
 
 def check_cell_count(n: int, limit: int) -> None:
@@ -453,7 +464,9 @@ class Annotator:
         target = np.full(n, self._target_index(opts.target, lm), dtype=np.int64)
         pred = await lm.batcher.predict(prep.x, target)
         matching = self._matching(prep, lm.model.card)
-        return self._result(lm, opts, ids, pred, prep.input_kind, matching)
+        res = self._result(lm, opts, ids, pred, prep.input_kind, matching)
+        res.input_warnings = prep.warnings
+        return res
 
     async def infer(self, model: str, x: np.ndarray, target: np.ndarray | None = None) -> Result:
         """Run a model on its own input (``x`` ``[n, n_genes]``: log1p CP10k values of the
@@ -579,6 +592,7 @@ class Annotator:
         if sp.issparse(X) and X.format != "csr":  # type: ignore[union-attr]
             X = sp.csr_matrix(X)
         kind = opts.input
+        warnings: list[str] = []
         if kind == "auto":
             head = _float64(X[: min(n, 2000)])
             _require_valid(head, where)
@@ -586,6 +600,19 @@ class Annotator:
                 kind = detect_input_kind(head).kind
             except PreprocessError as e:
                 raise InvalidInputError(f"{e} (or set input explicitly)", "cells") from e
+        elif kind == "counts":  # read as asked; said when the values look like log1p
+            head = _float64(X[: min(n, 2000)])
+            _require_valid(head, where)
+            try:
+                seen = detect_input_kind(head)
+            except PreprocessError:
+                seen = None
+            if seen is not None and seen.kind == "log1p_cp10k":
+                warnings.append(
+                    f"input is 'counts', but the values look like log1p data ({seen.reason}): "
+                    "they were normalised again as counts, which changes the answer; send "
+                    "input='log1p_cp10k' (or 'auto') if they are log1p values"
+                )
         # working copies hold a chunk's stored values: a dense row's width, a CSR row's entries
         per_row = X.nnz // max(n, 1) if sp.issparse(X) else X.shape[1]  # type: ignore[union-attr]
         step = max(1, min(s.max_batch_cells, CHUNK_VALUES // max(1, per_row)))
@@ -605,7 +632,9 @@ class Annotator:
             x = np.empty((n, len(alignment.take)), dtype=np.float32)
             for a in range(0, n, step):
                 x[a : a + step] = rows(a)
-        return Prepared(x=x, alignment=alignment, n_submitted=len(genes), input_kind=kind)
+        return Prepared(
+            x=x, alignment=alignment, n_submitted=len(genes), input_kind=kind, warnings=warnings
+        )
 
     # -- helpers ---------------------------------------------------------------------------
     def _matching(self, prep: Prepared, card: ModelCard) -> GeneMatching:

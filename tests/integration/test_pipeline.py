@@ -340,6 +340,7 @@ def test_bad_files_get_clear_errors(files, programs_home, tmp_path):
         check=False,
     )  # X holds z-scores
     assert scaled.returncode == 2 and "negative" in scaled.stderr
+    assert "scaled data?" in scaled.stderr and "--layer raw" in scaled.stderr  # what to do
     assert not (tmp_path / "o.h5ad").exists()
 
 

@@ -351,3 +351,15 @@ def test_several_models_served_at_once(client, cells):
     assert all("program_attributions" in c for c in default["cells"])
     assert not any("program_attributions" in c for c in linear["cells"])
     assert linear["attribution_method"] == "integrated_gradients"
+
+
+def test_log1p_values_sent_as_counts_are_read_as_asked_and_said(client, cells):
+    genes, X, _ = cells
+    body = {"genes": genes, "cells": X[:5].tolist(), "input": "counts", "attributions": "none"}
+    r = client.post("/v1/annotate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["input_kind"] == "counts"
+    (warning,) = r.json()["warnings"]
+    assert "look like log1p" in warning and "log1p_cp10k" in warning
+    auto = client.post("/v1/annotate", json={**body, "input": "auto"}).json()
+    assert auto["input_kind"] == "log1p_cp10k" and auto["warnings"] == []

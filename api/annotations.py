@@ -348,9 +348,10 @@ def label_colors(obs: Mapping[str, Any], classes: Sequence[str]) -> dict[str, li
         col = obs.get(f"{PREFIX}_{name}")
         if col is None or not isinstance(getattr(col, "dtype", None), pd.CategoricalDtype):
             continue
+        categories = col.categories if isinstance(col, pd.Categorical) else col.cat.categories
         colors[f"{PREFIX}_{name}_colors"] = [
             UNASSIGNED_COLOR if c == UNASSIGNED else PALETTE[place.get(c, 0) % len(PALETTE)]
-            for c in col.cat.categories
+            for c in categories
         ]
     return colors
 

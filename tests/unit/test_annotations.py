@@ -102,3 +102,18 @@ def test_novel_cells_vote_unassigned_and_doubtful_ones_abstain():
     # without the novelty flags, Unassigned cells abstain: cluster a goes to B
     voted, _ = majority_vote(labels.astype(object), clusters)
     assert list(voted[:7]) == ["B"] * 7
+
+
+def test_label_colours_for_an_anndata_in_memory_and_a_file_frame():
+    """write_annotations passes categoricals, the file writer a DataFrame's columns: the same
+    colours either way, Unassigned grey, a class's colour its place among the model's."""
+    import pandas as pd
+
+    from cellexplain.api.annotations import PALETTE, UNASSIGNED, UNASSIGNED_COLOR, label_colors
+
+    classes = ["B", "NK", "T"]
+    col = pd.Categorical(["T", UNASSIGNED, "T"], categories=["T", UNASSIGNED])
+    for obs in ({"cellexplain_label": col}, pd.DataFrame({"cellexplain_label": col})):
+        assert label_colors(obs, classes) == {
+            "cellexplain_label_colors": [PALETTE[2], UNASSIGNED_COLOR]
+        }

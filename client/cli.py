@@ -596,6 +596,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _WithDefaults(argparse.HelpFormatter):
+    """Help that shows each flag's default (not the empty ones: None, False), unless its text
+    already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or not action.option_strings
+        if "%(default)" in text or quiet or action.default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """:class:`_WithDefaults` for ``parser`` and every subcommand's parser, at any depth."""
+    parser.formatter_class = _WithDefaults
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cellexplain import __version__
 
@@ -652,7 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="service REST URL (default: $CELLEXPLAIN_URL, else http://localhost:3000)",
     )
     where.add_argument("--local", action="store_true", help="run the ONNX graph in-process")
-    p.add_argument("--transport", choices=["rest", "grpc"], default="rest")
+    p.add_argument(
+        "--transport", choices=["rest", "grpc"], default="rest", help="how chunks are sent"
+    )
     p.add_argument("--grpc", help="gRPC target host:port (default: the URL's host, 50051)")
     # the API key, when the service needs one, comes from CELLEXPLAIN_CLIENT_API_KEY (not a flag:
     # command lines end up in shell history and process lists)
@@ -710,6 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("tag", help="NAME or NAME:VERSION")
     q.add_argument("--json", action="store_true", help="print the whole card as JSON")
     q.set_defaults(func=cmd_models_show)
+    _show_defaults(parser)
     return parser
 
 

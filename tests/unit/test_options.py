@@ -122,3 +122,13 @@ def test_the_service_url_comes_from_the_environment(monkeypatch):
     client = AsyncClient()
     assert client.url == "http://localhost:3000"
     asyncio.run(client.close())
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["annotate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 10)" in text and "(default: top_k)" in text  # top-k, attributions
+    assert "(default: rest)" in text and "(default: 1000)" in text  # transport, chunk size
+    assert "(default 0.5: " in text  # max missing fraction: said in its own words
+    assert "(default: None)" not in text and "(default: False)" not in text

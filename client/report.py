@@ -133,14 +133,16 @@ def figures(s: Summary, top: int = 10) -> dict[str, str]:
 
     table = s.gene_means if s.gene_means is not None else s.gene_counts
     types = [c for c in predicted if table is not None and c in table.index]
+    shares = s.gene_means is None  # top genes only: shares of cells, 0..1, not attributions
     if table is not None and types:
         out["genes"] = _bars(
             table,
             types,
             top,
-            "mean attribution"
-            if s.gene_means is not None
-            else "share of cells with the gene in its top genes",
+            "share of the type's cells with the gene among their top genes (for the call)"
+            if shares
+            else "mean attribution",
+            counts,
         )
         chosen: list[str] = []
         for c in types:
@@ -151,18 +153,24 @@ def figures(s: Summary, top: int = 10) -> dict[str, str]:
         heat = table.loc[types, chosen]
         fig, ax = plt.subplots(figsize=(0.38 * len(chosen) + 3, 0.45 * len(types) + 1.5))
         lim = float(np.abs(heat.to_numpy()).max()) or 1.0
-        im = ax.imshow(heat.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        # shares run 0..1 on a sequential scale; signed attributions on a diverging one
+        cmap, low, high = ("Blues", 0.0, 1.0) if shares else ("RdBu_r", -lim, lim)
+        im = ax.imshow(heat.to_numpy(), aspect="auto", cmap=cmap, vmin=low, vmax=high)
         ax.set_xticks(range(len(chosen)), chosen, rotation=90, fontsize=8)
-        ax.set_yticks(range(len(types)), types, fontsize=8)
-        fig.colorbar(im, ax=ax, label="mean attribution" if s.gene_means is not None else "share")
+        names = [f"{t} (n={counts[t]:,})" for t in types]
+        ax.set_yticks(range(len(types)), names, fontsize=8)
+        fig.colorbar(im, ax=ax, label="share of cells" if shares else "mean attribution")
         ax.set_title("Top genes by cell type")
         out["heatmap"] = _png(fig)
     if s.program_means is not None and types:
-        out["programs"] = _bars(s.program_means, types, min(top, 8), "mean program attribution")
+        out["programs"] = _bars(
+            s.program_means, types, min(top, 8), "mean program attribution", counts
+        )
     return out
 
 
-def _bars(table: pd.DataFrame, types: list[str], top: int, xlabel: str) -> str:
+def _bars(table: pd.DataFrame, types: list[str], top: int, xlabel: str, counts: pd.Series) -> str:
+    """A panel per type (titled with its number of cells) of its ``top`` rows by |value|."""
     import matplotlib.pyplot as plt
 
     cols = 3
@@ -175,7 +183,7 @@ def _bars(table: pd.DataFrame, types: list[str], top: int, xlabel: str) -> str:
         best = row.abs().sort_values(ascending=False).index[:top]
         values = row[best].to_numpy()[::-1]
         ax.barh(list(best)[::-1], values, color=np.where(values >= 0, "#c0392b", "#2e86c1"))
-        ax.set_title(c, fontsize=10)
+        ax.set_title(f"{c} (n={counts[c]:,})", fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
         ax.axvline(0, color="black", lw=0.5)
         ax.set_xlabel(xlabel, fontsize=8)
@@ -205,14 +213,27 @@ def write_report(src: str | Path, out: str | Path, top: int = 10) -> Path:
     ]
     # what makes the answer less reliable comes first, before any number or picture
     warned = [str(w) for w in info.get("warnings", [])]
+    shares = s.gene_means is None
     captions = {
         "composition": "Label composition (Unassigned: below the confidence threshold, or "
         "further from every known type than the novelty threshold allows).",
         "confidence": "How confident the calls are, overall and by label.",
-        "genes": "Per cell type, the genes that most drove its calls (red: for the type, blue: "
-        "against), averaged over the cells called that type.",
+        "genes": (
+            "Per cell type (n: its cells), the genes most often among its cells' evidence for "
+            "the call: the share of the type's cells that name the gene (annotate with "
+            "--attributions full for mean attributions, for and against)."
+            if shares
+            else "Per cell type (n: its cells), the genes that most drove its calls (red: for "
+            "the type, blue: against), their attributions averaged over the cells called that "
+            "type."
+        ),
         "programs": "Per cell type, the gene programs (gene sets) that most drove its calls.",
-        "heatmap": "Mean attribution of each type's top genes, across all types.",
+        "heatmap": (
+            "Share of each type's cells naming each type's top genes (0 to 1)."
+            if shares
+            else "Mean attribution of each type's top genes, across all types (red: for, "
+            "blue: against)."
+        ),
     }
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>cellexplain report</title>",

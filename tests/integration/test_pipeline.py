@@ -389,6 +389,11 @@ def test_report_pictures(files, programs_home, tmp_path):
     cli(str(files["counts_sparse"]), "--out", str(topk), "--local", home=programs_home)
     p = run(str(topk), "--out", str(tmp_path / "png2"), "--png")
     assert p.returncode == 0 and (tmp_path / "png2" / "genes.png").is_file()
+    # ... whose captions say they are shares of cells (not attributions), with n per type
+    p = run(str(topk), "--out", str(tmp_path / "topk.html"))
+    shares = (tmp_path / "topk.html").read_text()
+    assert "share of the type" in shares and "Mean attribution" not in shares
+    assert "(n: its cells)" in page and "mean attribution" in page.lower()
     p = run(str(files["counts_sparse"]), "--out", str(tmp_path / "x.html"))
     assert p.returncode == 2 and "annotate it first" in p.stderr
 

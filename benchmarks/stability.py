@@ -22,16 +22,15 @@ import onnxruntime as ort
 from cellexplain.api.annotations import signed_top_k
 from cellexplain.models.architectures import ARCHS, Arch
 from cellexplain.models.attribution import build_graph
-from cellexplain.models.data import load_labelled
+from cellexplain.models.data import LabelledData, load_labelled
 from cellexplain.models.runtime import session_options
 from cellexplain.models.train import TrainConfig, dense, fit
 
 
 def evidence(
-    arch: Arch, seed: int, ensemble: int, X: np.ndarray, labels: np.ndarray
+    data: LabelledData, arch: Arch, seed: int, ensemble: int, X: np.ndarray, labels: np.ndarray
 ) -> list[set[int]]:
     """Per cell, the set of its 10 largest positive attributions for its true class."""
-    data = load_labelled()
     fitted = fit(data, TrainConfig(arch=arch, name="s", seed=seed, ensemble=ensemble), False)
     model = fitted.model
     graph = build_graph(
@@ -62,7 +61,7 @@ def main() -> None:
     rows = []
     for arch in args.archs:
         for k in args.ensembles if arch != "linear" else [1]:
-            a, b = (evidence(arch, group * k, k, X, labels) for group in (0, 1))
+            a, b = (evidence(data, arch, group * k, k, X, labels) for group in (0, 1))
             jaccard = np.mean([len(s & t) / max(len(s | t), 1) for s, t in zip(a, b, strict=True)])
             rows.append((arch, k, float(jaccard)))
             print(f"{arch} x{k}: {jaccard:.3f}", flush=True)

@@ -464,9 +464,7 @@ class Annotator:
         target = np.full(n, self._target_index(opts.target, lm), dtype=np.int64)
         pred = await lm.batcher.predict(prep.x, target)
         matching = self._matching(prep, lm.model.card)
-        res = self._result(lm, opts, ids, pred, prep.input_kind, matching)
-        res.input_warnings = prep.warnings
-        return res
+        return self._result(lm, opts, ids, pred, prep.input_kind, matching, prep.warnings)
 
     async def infer(self, model: str, x: np.ndarray, target: np.ndarray | None = None) -> Result:
         """Run a model on its own input (``x`` ``[n, n_genes]``: log1p CP10k values of the
@@ -511,6 +509,7 @@ class Annotator:
         pred: Prediction,
         input_kind: str,
         matching: GeneMatching | None,
+        input_warnings: Sequence[str] = (),
     ) -> Result:
         """The graph's outputs with the calls made and counted in the metrics."""
         card = lm.model.card
@@ -549,6 +548,7 @@ class Annotator:
             novelty_threshold=novelty_threshold,
             input_kind=input_kind,
             matching=matching,
+            input_warnings=list(input_warnings),
         )
         self._count(res)
         return res

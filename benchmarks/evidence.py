@@ -32,8 +32,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from cellexplain.api.annotations import signed_top_k, top_k_indices
-from cellexplain.models.attribution import build_graph
 from cellexplain.models.data import load_labelled
+from cellexplain.models.export import served_graph
 from cellexplain.models.runtime import session_options
 from cellexplain.models.train import TrainConfig, dense, fit
 
@@ -79,12 +79,7 @@ def main() -> None:
             fitted = fit(part, TrainConfig(arch=arch, name=f"ev-{arch}", seed=seed), False)
             keep = [data.genes.index(g) for g in fitted.card_fields["genes"]]
             x = np.ascontiguousarray(X[test][:, keep])
-            graph = build_graph(
-                fitted.model.dense_layers(),
-                TrainConfig().attribution,
-                np.zeros(len(keep)),
-                n_programs=fitted.model.config.n_programs,
-            )
+            graph = served_graph(fitted.model, TrainConfig().attribution, fitted.mean)
             session = ort.InferenceSession(
                 graph.SerializeToString(), session_options(), ["CPUExecutionProvider"]
             )

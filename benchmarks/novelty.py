@@ -36,8 +36,8 @@ from sklearn.model_selection import train_test_split
 
 from benchmarks.accuracy import celltypist_predictions
 from benchmarks.file_to_file import celltypist_venv
-from cellexplain.models.attribution import build_graph
 from cellexplain.models.data import load_default_adata, load_labelled
+from cellexplain.models.export import served_graph
 from cellexplain.models.runtime import session_options
 from cellexplain.models.train import TrainConfig, dense, fit
 
@@ -91,12 +91,8 @@ def main() -> None:
                 keep = [data.genes.index(g) for g in fitted.card_fields["genes"]]
                 # the served graph, without the export's checks (tests/ hold those): one
                 # split's float32 IG missed their p99 bound by 8% on 85 check cells
-                graph = build_graph(
-                    fitted.model.dense_layers(),
-                    TrainConfig().attribution,
-                    np.zeros(len(keep)),
-                    n_programs=fitted.model.config.n_programs,
-                    novelty=fitted.novelty,
+                graph = served_graph(
+                    fitted.model, TrainConfig().attribution, fitted.mean, novelty=fitted.novelty
                 )
                 session = ort.InferenceSession(
                     graph.SerializeToString(), session_options(), ["CPUExecutionProvider"]

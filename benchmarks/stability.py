@@ -21,8 +21,8 @@ import onnxruntime as ort
 
 from cellexplain.api.annotations import signed_top_k
 from cellexplain.models.architectures import ARCHS, Arch
-from cellexplain.models.attribution import build_graph
 from cellexplain.models.data import LabelledData, load_labelled
+from cellexplain.models.export import served_graph
 from cellexplain.models.runtime import session_options
 from cellexplain.models.train import TrainConfig, dense, fit
 
@@ -33,13 +33,7 @@ def evidence(
     """Per cell, the set of its 10 largest positive attributions for its true class."""
     fitted = fit(data, TrainConfig(arch=arch, name="s", seed=seed, ensemble=ensemble), False)
     model = fitted.model
-    graph = build_graph(
-        model.dense_layers(),
-        TrainConfig().attribution,
-        np.zeros(X.shape[1]),
-        n_programs=model.config.n_programs,
-        program_copies=model.config.ensemble,
-    )
+    graph = served_graph(model, TrainConfig().attribution, fitted.mean)
     session = ort.InferenceSession(
         graph.SerializeToString(), session_options(), ["CPUExecutionProvider"]
     )

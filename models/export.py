@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from captum.attr import (
@@ -111,6 +112,30 @@ def _captum_reference(
     return ref.detach().numpy(), prog_np, name
 
 
+def served_graph(
+    model: CellClassifier,
+    spec: AttributionSpec,
+    mean: np.ndarray,
+    name: str = "cellexplain",
+    novelty: NoveltyReference | None = None,
+    dtype: type[np.floating[Any]] = np.float32,
+) -> onnx.ModelProto:
+    """The graph :func:`export_model` serves for ``model`` (its baseline from ``spec`` and the
+    training ``mean``; a seed ensemble's program copies summed), without the export's checks:
+    what the benchmarks run on models they fit and do not export."""
+    x0 = np.zeros_like(mean) if spec.baseline == "zero" else mean.astype(np.float64)
+    return build_graph(
+        model.dense_layers(),
+        spec,
+        x0,
+        n_programs=model.config.n_programs,
+        name=name,
+        dtype=dtype,
+        novelty=novelty,
+        program_copies=model.config.ensemble,
+    )
+
+
 def _run(
     onnx_bytes: bytes, x: np.ndarray, target: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
@@ -162,16 +187,7 @@ def export_model(
     copies = model.config.ensemble
     x0 = np.zeros_like(mean) if spec.baseline == "zero" else mean.astype(np.float64)
     # the served graph (float32, or float16 once float32 has passed its checks)
-    served = partial(
-        build_graph,
-        layers,
-        spec,
-        x0,
-        n_programs=n_programs,
-        name=card_fields["name"],
-        novelty=novelty,
-        program_copies=copies,
-    )
+    served = partial(served_graph, model, spec, mean, card_fields["name"], novelty)
     onnx_model = served()
     onnx_bytes = onnx_model.SerializeToString()
 

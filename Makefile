@@ -16,7 +16,7 @@ SOURCES := src setup.py models service client api tests benchmarks load_tests to
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[serve,report,train,dev]'
+	$(PY) -m pip install --quiet -e '.[serve,report,train,formats,dev]'
 	touch $@
 
 # recompile the gRPC protos (api/protos) into api/_generated after editing one (installing the

@@ -63,6 +63,14 @@ class InvalidInputError(ServiceError):
     """Malformed or inconsistent request content (HTTP 400, INVALID_ARGUMENT)."""
 
 
+class UnsupportedFormatError(InvalidInputError):
+    """An upload in a format the door does not read (HTTP 415, INVALID_ARGUMENT): the message
+    names the format and the command that reads it."""
+
+    http_status = 415
+    kind = "unsupported_format"
+
+
 class ModelNotFoundError(ServiceError):
     http_status = 404
     grpc_code = "NOT_FOUND"

@@ -205,10 +205,21 @@ class ModelList(_Schema):
     models: list[ModelSummary]
 
 
+class RequestLimits(_Schema):
+    """What one request may hold: clients size their chunks by it."""
+
+    max_cells_per_request: int = Field(ge=1)
+    max_genes_per_request: int = Field(ge=1)
+    max_body_bytes: int = Field(ge=1, description="JSON body and gRPC message limit, in bytes")
+
+
 class ModelDetail(_Schema):
     tag: str
     providers: list[str]
     card: ModelCard
+    limits: RequestLimits | None = Field(
+        default=None, description="the server's request limits (absent from older servers)"
+    )
 
 
 class ErrorDetail(_Schema):

@@ -526,7 +526,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             settings = Settings(
                 models=[] if args.model_dir else [args.model or "pbmc-programs"],
                 model_dirs=[args.model_dir] if args.model_dir else [],
-                max_cells_per_request=max(args.chunk_size, 1),
+                max_cells_per_request=max(args.chunk_size or 10_000, 1),
                 workers=1,  # this process alone: onnxruntime gets every usable CPU
             )
             try:
@@ -558,6 +558,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
                 allow_external=args.allow_external_data,
                 progress=not args.quiet,
                 max_missing_fraction=args.max_missing_fraction,
+                transpose=args.transpose,
+                genome=args.genome,
             )
         finally:
             await backend.close()
@@ -578,6 +580,47 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted: no output written", file=sys.stderr)
         return 130
+
+
+#: the formats a command reads, as its help says
+READABLE_HELP = (
+    ".h5ad; an AnnData .zarr store; a 10x Genomics HDF5 (.h5, Cell Ranger 2 or 3+); a 10x "
+    "Matrix Market folder or its matrix.mtx.gz; .loom; .csv/.tsv (cells x genes, .gz too). "
+    "Told from the content, not the name"
+)
+
+
+def _add_reader_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--transpose",
+        action="store_true",
+        help="a .csv/.tsv holds genes as rows and cells as columns",
+    )
+    p.add_argument("--genome", help="a 10x HDF5 file of several genomes: the one to read")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Any readable file of cells to an .h5ad (what the server's upload door takes)."""
+    from cellexplain.api.errors import ServiceError
+    from cellexplain.client.readers import read
+
+    src, dst = Path(args.input_file), Path(args.out)
+    if dst.suffix != ".h5ad":
+        raise CLIError(f"--out: write an .h5ad (got {dst.name})")
+    if dst.exists() and not args.force:
+        raise CLIError(f"{dst} exists; pass --force to replace it")
+    try:
+        adata = read(src, transpose=args.transpose, genome=args.genome)
+    except ServiceError as e:
+        raise CLIError(_with_field(e.message, e.field)) from e
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {adata.n_obs} cells x {adata.n_vars} genes -> {dst}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -663,9 +706,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("annotate", help="annotate an .h5ad file (any size) into a new file")
-    p.add_argument("input_file", metavar="IN.h5ad")
-    p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
+    p = sub.add_parser(
+        "annotate",
+        help="annotate a file of cells (.h5ad of any size, .zarr, 10x .h5 or Matrix Market, "
+        ".loom, .csv/.tsv) into a new file",
+    )
+    p.add_argument("input_file", metavar="IN", help=f"the cells: {READABLE_HELP}")
+    p.add_argument(
+        "--out",
+        help="output .h5ad (or .zarr), written atomically (default: beside IN, "
+        "IN.cellexplain.h5ad; .zarr for a .zarr input)",
+    )
+    _add_reader_args(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument(
         "--url",
@@ -681,7 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
     # command lines end up in shell history and process lists)
     add_option_flags(p)
     p.add_argument("--model-dir", help="with --local: an artifact folder instead of the store")
-    p.add_argument("--chunk-size", type=int, default=1000, help="cells per request")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        help="cells per request (default: as many as fill half the server's announced body "
+        "limit, measured on the first rows; in-process, 32 MiB of the matrix)",
+    )
     p.add_argument("--concurrency", type=int, default=2, help="chunks in flight")
     p.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs")
     p.add_argument("--layer", help="'raw', a layer name, or omit for X")
@@ -704,6 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("convert", help="convert a file of cells to .h5ad (the upload's format)")
+    p.add_argument("input_file", metavar="IN", help=f"the cells: {READABLE_HELP}")
+    p.add_argument("out", metavar="OUT.h5ad")
+    _add_reader_args(p)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("report", help="HTML report (or PNGs) of an annotated .h5ad")
     p.add_argument("input_file", metavar="ANNOTATED.h5ad")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import anndata as ad
 import anndata.io as aio
 import h5py
 import numpy as np
@@ -33,6 +34,7 @@ from cellexplain.api.annotations import (
     PREFIX,
     UNASSIGNED,
     Annotations,
+    expression,
     label_colors,
     majority_vote,
     obs_columns,
@@ -40,7 +42,15 @@ from cellexplain.api.annotations import (
 )
 from cellexplain.api.errors import InvalidInputError, ServiceError, brief
 from cellexplain.api.schemas import AnnotateOptions, ModelDetail
-from cellexplain.client.remote import Chunk, ordered_window
+from cellexplain.client import readers
+from cellexplain.client.remote import (
+    SAMPLE_ROWS,
+    Chunk,
+    ClientError,
+    chunk_rows,
+    ordered_window,
+    too_large_hint,
+)
 from cellexplain.models.preprocess import sparse_structure_problem
 
 if TYPE_CHECKING:  # the server's core, imported only by --local (the `serve` extra)
@@ -57,6 +67,8 @@ class Backend(Protocol):
 
     def annotations(self, chunks: Any, options: AnnotateOptions, concurrency: int = 2) -> Any: ...
 
+    def request_bytes(self, chunk: Chunk, options: AnnotateOptions) -> int: ...
+
     async def close(self) -> None: ...
 
 
@@ -69,6 +81,14 @@ class LocalBackend:
 
     async def model(self, name: str | None = None) -> ModelDetail:
         return self.annotator.model_detail(name or self.annotator.default)
+
+    def request_bytes(self, chunk: Chunk, options: AnnotateOptions) -> int:
+        """A chunk's bytes in memory (its values, and a sparse one's indices): in-process, the
+        body limit bounds what a chunk holds at once."""
+        X = chunk.X
+        if isinstance(X, sp.csr_matrix):
+            return int(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes)
+        return int(np.asarray(X).nbytes)
 
     async def annotations(self, chunks: Any, options: AnnotateOptions, concurrency: int = 2) -> Any:
         """The core's results rendered straight into AnnData arrays (no response objects)."""
@@ -117,7 +137,57 @@ def reaches_outside(path: str | Path) -> str | None:
     return found[0] if found else None
 
 
-class H5adReader:
+class RowReader:
+    """Row chunks of a matrix of cells: :class:`H5adReader` (from disk) or :class:`MemoryReader`.
+    Subclasses set ``path``, ``matrix`` (dense, CSR or anndata's sparse dataset), ``genes``,
+    ``obs`` and ``n_obs``."""
+
+    path: Path
+    matrix: Any
+    genes: list[str]
+    obs: pd.DataFrame
+    n_obs: int
+
+    def chunks(self, size: int) -> Iterator[Chunk]:
+        """Row chunks of at most ``size`` cells. A sparse chunk's structure is checked here,
+        before any transport turns it into a request (the gRPC one would read negative indices
+        as counted from the end), so every door refuses what the server refuses."""
+        names = self.obs.index
+        for start in range(0, self.n_obs, size):
+            try:
+                X = self.matrix[start : start + size]
+                X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+            except Exception as e:  # a damaged matrix
+                raise _unreadable(self.path, e) from e
+            problem = sparse_structure_problem(X)
+            if problem is not None:
+                raise InvalidInputError(
+                    f"{self.path}: the matrix is malformed in rows {start}-"
+                    f"{start + X.shape[0] - 1}: {problem}",
+                    "input",
+                )
+            yield Chunk(start, self.genes, X, [str(n) for n in names[start : start + size]])
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryReader(RowReader):
+    """Row chunks of an AnnData in memory (what :func:`cellexplain.client.readers.read` made of
+    a file in another format), its matrix chosen as ``expression`` chooses it."""
+
+    def __init__(
+        self, adata: ad.AnnData, path: Path, gene_key: str | None = None, layer: str | None = None
+    ) -> None:
+        self.path = path
+        self.genes, self.matrix = expression(adata, gene_key, layer)
+        if sp.issparse(self.matrix) and not sp.isspmatrix_csr(self.matrix):
+            self.matrix = sp.csr_matrix(self.matrix)
+        self.obs = adata.obs
+        self.n_obs = adata.n_obs
+
+
+class H5adReader(RowReader):
     """Row chunks of an ``.h5ad`` matrix, read with h5py without loading the file.
 
     Args:
@@ -209,26 +279,6 @@ class H5adReader:
                 f"{mpath} has {self.matrix.shape[1]} columns but {vpath} names {len(self.genes)}",
                 "input",
             )
-
-    def chunks(self, size: int) -> Iterator[Chunk]:
-        """Row chunks of at most ``size`` cells. A sparse chunk's structure is checked here,
-        before any transport turns it into a request (the gRPC one would read negative indices
-        as counted from the end), so every door refuses what the server refuses."""
-        names = self.obs.index
-        for start in range(0, self.n_obs, size):
-            try:
-                X = self.matrix[start : start + size]
-                X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-            except Exception as e:  # a damaged matrix
-                raise _unreadable(self.path, e) from e
-            problem = sparse_structure_problem(X)
-            if problem is not None:
-                raise InvalidInputError(
-                    f"{self.path}: the matrix is malformed in rows {start}-"
-                    f"{start + X.shape[0] - 1}: {problem}",
-                    "input",
-                )
-            yield Chunk(start, self.genes, X, [str(n) for n in names[start : start + size]])
 
     def close(self) -> None:
         self.file.close()
@@ -349,6 +399,49 @@ class AtomicH5adWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+class AtomicAnnDataWriter:
+    """The output of an input read into memory (:class:`MemoryReader`): the AnnData with its
+    annotations, written to a temporary path beside ``dst`` (``.h5ad``, or a ``.zarr`` store
+    when ``dst`` ends so) and renamed into place by :meth:`commit`."""
+
+    def __init__(self, adata: ad.AnnData, dst: Path) -> None:
+        self.adata = adata
+        self.dst = dst
+        self.tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+        self.obsm: dict[str, np.ndarray] = {}
+
+    def write_obsm(self, start: int, ann: Annotations) -> None:
+        for name, arr in obsm_arrays(ann).items():
+            if name not in self.obsm:
+                self.obsm[name] = np.full((self.adata.n_obs, arr.shape[1]), np.nan, np.float32)
+            self.obsm[name][start : start + arr.shape[0]] = arr
+
+    def commit(self, obs: pd.DataFrame, info: dict[str, Any]) -> None:
+        adata = self.adata
+        adata.obs = obs
+        for name, arr in self.obsm.items():
+            adata.obsm[name] = arr
+        adata.uns[PREFIX] = info
+        adata.uns.update(label_colors(obs, info["classes"]))
+        if self.dst.suffix == ".zarr":
+            adata.write_zarr(self.tmp)
+        else:
+            adata.write_h5ad(self.tmp)
+        if self.dst.is_dir():  # --force over a store: a folder is not replaced by a rename
+            old = self.dst.with_name(f".{self.dst.name}.old-{os.getpid()}")
+            os.replace(self.dst, old)
+            os.replace(self.tmp, self.dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dst)
+
+    def abort(self) -> None:
+        if self.tmp.is_dir():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
 @dataclass
 class RunStats:
     n_cells: int
@@ -365,47 +458,80 @@ class RunStats:
 async def annotate_file(
     backend: Backend,
     src: str | Path,
-    dst: str | Path,
+    dst: str | Path | None,
     options: AnnotateOptions,
     *,
     gene_key: str | None = None,
     layer: str | None = None,
-    chunk_size: int = 1000,
+    chunk_size: int | None = None,
     concurrency: int = 2,
     cluster_key: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     allow_external: bool = False,
     max_missing_fraction: float = 1.0,
+    transpose: bool = False,
+    genome: str | None = None,
 ) -> RunStats:
     """Annotate every cell of ``src`` into a new file ``dst`` (see the module docstring).
+
+    ``src`` is any file :func:`cellexplain.client.readers.read` reads: an ``.h5ad`` is read in
+    chunks; other formats are read whole by their reader (``transpose``, ``genome``: its
+    options). ``dst``: ``None`` writes beside ``src``
+    (:func:`~cellexplain.client.readers.default_output`).
 
     ``allow_external``: read a file whose objects take their data from other files (external
     links, external storage, virtual datasets); refused by default (docs/security.md).
     ``max_missing_fraction``: stop, writing nothing, when more than this share of the model's
     genes is missing from the file (checked on the first answer)."""
-    src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise InvalidInputError(f"input file not found: {src}", "input")
+    src = Path(src)
+    kind = readers.file_format(src)
+    dst = readers.default_output(src, kind) if dst is None else Path(dst)
     if dst.resolve() == src.resolve():
         raise InvalidInputError(
             "--out must differ from the input: the input is never modified", "out"
         )
     if dst.exists() and not overwrite:
         raise InvalidInputError(f"{dst} exists; pass --force to replace it", "out")
-    for name, value in (("chunk_size", chunk_size), ("concurrency", concurrency)):
+    for name, value in (("chunk_size", chunk_size or 1), ("concurrency", concurrency)):
         if value < 1:
             flag = "--" + name.replace("_", "-")
             raise InvalidInputError(f"{flag} must be at least 1, got {value}", name)
-    reader = H5adReader(src, gene_key, layer, allow_external)
+    reader: RowReader
+    if kind == "h5ad":
+        if transpose or genome is not None:
+            raise InvalidInputError(
+                f"--transpose and --genome are for text tables and 10x files; {src} is an .h5ad",
+                "transpose" if transpose else "genome",
+            )
+        reader = H5adReader(src, gene_key, layer, allow_external)
+    else:
+        adata = readers.read(src, transpose=transpose, genome=genome)
+        reader = MemoryReader(adata, src, gene_key, layer)
     if cluster_key is not None and cluster_key not in reader.obs.columns:
         reader.close()
         raise InvalidInputError(f"cluster key {brief(cluster_key)} not found in obs", "cluster_key")
     detail = await backend.model(options.model)
     card = detail.card
     options = options.model_copy(update={"model": card.name, "return_probabilities": True})
+    explicit = chunk_size is not None
+    if chunk_size is None:  # sized by the server's limits, from the first rows' encoding
+        try:
+            sample = next(reader.chunks(min(SAMPLE_ROWS, max(reader.n_obs, 1))), None)
+        except BaseException:
+            reader.close()
+            raise
+        chunk_size = (
+            1
+            if sample is None
+            else chunk_rows(lambda c: backend.request_bytes(c, options), sample, detail.limits)
+        )
+    writer: AtomicH5adWriter | AtomicAnnDataWriter
     try:
-        writer = AtomicH5adWriter(src, dst, reader.n_obs)
+        if isinstance(reader, MemoryReader):
+            writer = AtomicAnnDataWriter(adata, dst)
+        else:
+            writer = AtomicH5adWriter(src, dst, reader.n_obs)
     except BaseException:
         reader.close()
         raise
@@ -421,8 +547,11 @@ async def annotate_file(
         smoothing=0.1,
     )
     try:
-        async for chunk, ann, chunk_info in backend.annotations(
-            reader.chunks(chunk_size), options, concurrency
+        async for chunk, ann, chunk_info in _explained(
+            backend.annotations(reader.chunks(chunk_size), options, concurrency),
+            chunk_size,
+            explicit,
+            kind in ("csv", "tsv"),
         ):
             if info is None:
                 missing = chunk_info["gene_matching"]["missing_fraction"]
@@ -460,6 +589,29 @@ async def annotate_file(
         bar.close()
         reader.close()
     return RunStats(reader.n_obs, time.perf_counter() - t0, dst, list(info.get("warnings", [])))
+
+
+#: what a text table whose cells and genes are swapped is told
+TRANSPOSE_HINT = "; if the table holds genes as rows and cells as columns, pass --transpose"
+
+
+async def _explained(answers: Any, chunk_size: int, explicit: bool, table: bool) -> Any:
+    """``answers``, with the flag to change named in a refusal: ``--chunk-size`` for a chunk
+    too large, ``--transpose`` when no gene of a text ``table`` matched (its cells' names were
+    read as genes)."""
+    try:
+        async for item in answers:
+            yield item
+    except ClientError as e:
+        if e.status in (413, "RESOURCE_EXHAUSTED"):
+            raise too_large_hint(e, chunk_size, explicit) from e
+        if table and str(e).startswith("none of the"):
+            raise ClientError(str(e) + TRANSPOSE_HINT, e.status, e.field) from e
+        raise
+    except InvalidInputError as e:
+        if table and e.message.startswith("none of the"):
+            raise InvalidInputError(e.message + TRANSPOSE_HINT, e.field) from e
+        raise
 
 
 def cancel_on_sigterm() -> None:

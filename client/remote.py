@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import threading
 import warnings
@@ -44,6 +45,7 @@ from cellexplain.api.schemas import (
     InputKind,
     ModelDetail,
     ModelList,
+    RequestLimits,
 )
 from cellexplain.models.card import ModelCard
 
@@ -112,6 +114,41 @@ async def ordered_window(
     finally:
         for _, task in pending:
             task.cancel()
+
+
+#: a chunk's request fills at most this share of the server's body limit (rows differ in
+#: density: a chunk of the densest cells stays within the limit)
+BODY_SHARE = 0.5
+#: rows whose encoding sizes the chunks
+SAMPLE_ROWS = 256
+#: the limits of a server that does not announce its own (the service's defaults)
+DEFAULT_LIMITS = RequestLimits(
+    max_cells_per_request=10_000, max_genes_per_request=60_000, max_body_bytes=64 * 1024**2
+)
+
+
+def chunk_rows(measure: Callable[[Chunk], int], sample: Chunk, limits: RequestLimits | None) -> int:
+    """Cells per request, so that each request's encoding (``measure``: its bytes, as sent)
+    fills at most :data:`BODY_SHARE` of ``limits.max_body_bytes``, within
+    ``limits.max_cells_per_request``: what a row of ``sample`` costs, after what the request
+    costs without rows (the gene list)."""
+    limits = limits or DEFAULT_LIMITS
+    ids: list[str] | None = [] if sample.cell_ids is not None else None
+    fixed = measure(Chunk(0, sample.genes, sample.X[:0], ids))
+    per_row = max((measure(sample) - fixed) / max(sample.n, 1), 1.0)
+    room = limits.max_body_bytes * BODY_SHARE - fixed
+    return int(min(limits.max_cells_per_request, max(1, room // per_row)))
+
+
+def too_large_hint(e: ClientError, chunk_size: int, explicit: bool) -> ClientError:
+    """A refusal of a chunk's size, with the flag that changes it."""
+    what = (
+        "lower --chunk-size (chunk_size), or leave it out: chunks are then sized by the "
+        "server's announced limits"
+        if explicit
+        else "the server's limits changed since they were read: run again"
+    )
+    return ClientError(f"{e} (chunks of {chunk_size} cells: {what})", e.status, e.field)
 
 
 def _json_cells(chunk: Chunk) -> tuple[list[str], list[Any]]:
@@ -246,15 +283,39 @@ class AsyncClient:
                     metadata=self._metadata,
                 )
             )
+            limits = None
+            if res.HasField("limits"):
+                limits = RequestLimits(
+                    max_cells_per_request=res.limits.max_cells_per_request,
+                    max_genes_per_request=res.limits.max_genes_per_request,
+                    max_body_bytes=res.limits.max_body_bytes,
+                )
             return ModelDetail(
                 tag=res.tag,
                 providers=list(res.providers),
                 card=ModelCard.model_validate_json(res.card_json),
+                limits=limits,
             )
         if name is None:
             listed = (await self.models()).models
             name = next(m.name for m in listed if m.default)
         return ModelDetail.model_validate(await self._request("GET", f"/v1/models/{name}"))
+
+    def request_bytes(self, chunk: Chunk, options: AnnotateOptions) -> int:
+        """The size of ``chunk``'s request as this client's transport encodes it."""
+        if self.transport == "grpc":
+            from cellexplain.api import proto_v1 as converters
+
+            req = converters.request_to_proto(chunk.genes, chunk.X, options, chunk.cell_ids)
+            return int(req.ByteSize())
+        return len(json.dumps(self._json_body(chunk, options), separators=(",", ":")))
+
+    def _json_body(self, chunk: Chunk, options: AnnotateOptions) -> dict[str, Any]:
+        genes, cells = _json_cells(chunk)
+        body = {**options.model_dump(exclude_none=True), "genes": genes, "cells": cells}
+        if chunk.cell_ids is not None:
+            body["cell_ids"] = chunk.cell_ids
+        return body
 
     async def annotate_chunk(self, chunk: Chunk, options: AnnotateOptions) -> AnnotateResponse:
         """Annotate one chunk (unary REST or gRPC call, with retries)."""
@@ -267,12 +328,8 @@ class AsyncClient:
                 lambda: stub.Annotate(req, timeout=self.timeout, metadata=self._metadata)
             )
             return converters.response_from_proto(res)
-        genes, cells = _json_cells(chunk)
-        body = {**options.model_dump(exclude_none=True), "genes": genes, "cells": cells}
-        if chunk.cell_ids is not None:
-            body["cell_ids"] = chunk.cell_ids
         return AnnotateResponse.model_validate(
-            await self._request("POST", "/v1/annotate", json=body)
+            await self._request("POST", "/v1/annotate", json=self._json_body(chunk, options))
         )
 
     async def annotate_chunks(
@@ -406,7 +463,7 @@ class AsyncClient:
         target: str = DEFAULTS.target,
         unassigned_threshold: float | None = None,
         novelty_threshold: float | None = None,
-        chunk_size: int = 1000,
+        chunk_size: int | None = None,
         concurrency: int = 2,
     ) -> ad.AnnData:
         """Annotate ``adata`` in place and return it.
@@ -431,12 +488,25 @@ class AsyncClient:
             novelty_threshold=novelty_threshold,
         )
         genes, X = expression(adata, gene_key, layer)
-        chunks = [Chunk(s, genes, X[s : s + chunk_size]) for s in range(0, adata.n_obs, chunk_size)]
+        explicit = chunk_size is not None
+        if chunk_size is None:
+            detail = await self.model(model)
+            sample = Chunk(0, genes, X[:SAMPLE_ROWS])
+            chunk_size = chunk_rows(lambda c: self.request_bytes(c, opts), sample, detail.limits)
+        elif chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+        size = chunk_size
+        chunks = [Chunk(s, genes, X[s : s + size]) for s in range(0, adata.n_obs, size)]
         parts: list[Annotations] = []
         info: dict[str, Any] = {}
-        async for _, ann, chunk_info in self.annotations(chunks, opts, concurrency):
-            parts.append(ann)
-            info = info or chunk_info
+        try:
+            async for _, ann, chunk_info in self.annotations(chunks, opts, concurrency):
+                parts.append(ann)
+                info = info or chunk_info
+        except ClientError as e:
+            if e.status in (413, "RESOURCE_EXHAUSTED"):
+                raise too_large_hint(e, size, explicit) from e
+            raise
         write_annotations(adata, Annotations.concat(parts), info)
         for text in info.get("warnings", []):  # on stderr, where Python shows warnings
             warnings.warn(text, AnswerWarning, stacklevel=2)

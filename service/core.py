@@ -29,6 +29,7 @@ from cellexplain.api.schemas import (
     ModelDetail,
     ModelList,
     ModelSummary,
+    RequestLimits,
 )
 from cellexplain.models.card import ModelCard
 from cellexplain.models.errors import ArtifactError, PreprocessError, StoreError
@@ -427,7 +428,13 @@ class Annotator:
 
     def model_detail(self, name: str) -> ModelDetail:
         m = self.get(name)
-        return ModelDetail(tag=m.tag, providers=m.model.providers, card=m.model.card)
+        s = self.settings
+        limits = RequestLimits(
+            max_cells_per_request=s.max_cells_per_request,
+            max_genes_per_request=s.max_genes_per_request,
+            max_body_bytes=s.max_body_bytes,
+        )
+        return ModelDetail(tag=m.tag, providers=m.model.providers, card=m.model.card, limits=limits)
 
     # -- the data plane --------------------------------------------------------------------
     async def annotate(

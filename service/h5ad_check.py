@@ -33,7 +33,13 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cellexplain.api.errors import InvalidInputError, TooLargeError, brief
+from cellexplain.api.errors import (
+    InvalidInputError,
+    TooLargeError,
+    UnsupportedFormatError,
+    brief,
+)
+from cellexplain.api.formats import HEAD_BYTES, describe, hdf5_format, head_format
 
 #: HDF5's built-in filters (deflate, shuffle, fletcher32, szip, nbit, scale-offset) and LZF,
 #: which h5py ships; anything else would be a dynamically loaded plugin
@@ -79,6 +85,10 @@ def check_h5ad(path: str | Path, limits: Limits) -> Declared:
     try:
         f = h5py.File(path, "r")
     except Exception as e:  # not HDF5 at all, or a damaged superblock
+        with open(path, "rb") as raw:
+            kind = head_format(raw.read(HEAD_BYTES))
+        if kind is not None:
+            raise unsupported(kind) from e
         raise InvalidInputError(
             f"the uploaded file is not a readable .h5ad: not HDF5 ({type(e).__name__})", "file"
         ) from e
@@ -86,8 +96,13 @@ def check_h5ad(path: str | Path, limits: Limits) -> Declared:
     with f:
         try:
             _walk(f, "", 0, declared, set(), limits)
+            kind = hdf5_format(f)
+            if kind is None:
+                raise _refuse("", "is HDF5 but not AnnData's layout (no obs and var)")
+            if kind != "h5ad":
+                raise unsupported(kind)
             _check_shapes(f, declared, limits)
-        except (InvalidInputError, TooLargeError):
+        except (InvalidInputError, TooLargeError):  # UnsupportedFormatError among them
             raise
         except UnicodeDecodeError as e:
             raise _refuse("", "holds an object or attribute name that is not UTF-8") from e
@@ -99,6 +114,18 @@ def check_h5ad(path: str | Path, limits: Limits) -> Declared:
                 "file",
             ) from e
     return declared
+
+
+def unsupported(kind: str) -> UnsupportedFormatError:
+    """The answer to an upload of another format than ``.h5ad``: what it is, and the commands
+    that read it on the user's side (they send the cells, not the file)."""
+    return UnsupportedFormatError(
+        f"the uploaded file is {describe(kind)}, not an .h5ad: this door reads .h5ad only. "
+        "Annotate it with `cellexplain annotate FILE --url URL` (reads it on your machine and "
+        "sends its cells), or convert it with `cellexplain convert FILE FILE.h5ad` and upload "
+        "that",
+        "file",
+    )
 
 
 def _refuse(path: str, what: str) -> InvalidInputError:

@@ -25,6 +25,8 @@ ERRORS_BY_METHOD = {
         "404": "unknown model",
         "413": "too many cells or genes, or too large a body or upload (declared, or once "
         "read: CELLEXPLAIN_UPLOAD_MEMORY_BYTES)",
+        "415": "an upload in another format than .h5ad (10x HDF5, Loom, Matrix Market, CSV): "
+        "the message names it and the `cellexplain` command that reads it",
         "422": "an upload whose reading ran past CELLEXPLAIN_UPLOAD_TIMEOUT_S or "
         "CELLEXPLAIN_UPLOAD_CPU_S",
         "431": "more than 100 header fields or 32 KiB of them",

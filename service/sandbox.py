@@ -56,6 +56,7 @@ from cellexplain.api.errors import (
     ServiceError,
     TooLargeError,
     UnprocessableError,
+    UnsupportedFormatError,
     brief,
     caused_by,
 )
@@ -349,6 +350,7 @@ def _error_from(message: dict[str, Any]) -> ServiceError:
     """The error a child's failure message stands for (the classes it may name)."""
     kinds: dict[str, type[ServiceError]] = {
         "InvalidInputError": InvalidInputError,
+        "UnsupportedFormatError": UnsupportedFormatError,
         "TooLargeError": TooLargeError,
         "UnprocessableError": UnprocessableError,
         "InsufficientStorageError": InsufficientStorageError,

@@ -129,8 +129,12 @@ class CellExplainServicer(_CellExplainBase):
 
     async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         detail = self.annotator.model_detail(request.name)
+        limits = pb.RequestLimits(**detail.limits.model_dump()) if detail.limits else None
         return pb.GetModelResponse(
-            tag=detail.tag, providers=detail.providers, card_json=detail.card.model_dump_json()
+            tag=detail.tag,
+            providers=detail.providers,
+            card_json=detail.card.model_dump_json(),
+            limits=limits,
         )
 
 

@@ -129,6 +129,7 @@ def test_help_shows_the_defaults(capsys):
         build_parser().parse_args(["annotate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 10)" in text and "(default: top_k)" in text  # top-k, attributions
-    assert "(default: rest)" in text and "(default: 1000)" in text  # transport, chunk size
+    assert "(default: rest)" in text and "(default: 2)" in text  # transport, concurrency
+    assert "as many as fill half the server's announced body limit" in text  # chunk size
     assert "(default 0.5: " in text  # max missing fraction: said in its own words
     assert "(default: None)" not in text and "(default: False)" not in text

@@ -2,7 +2,8 @@
 
 Builds a 10x-like file at a real 10x density (integer counts, CSR float32, ~33k genes named by
 real symbols, ~1,840 stored values per cell as in a Cell Ranger PBMC sample, columns shuffled)
-by tiling scanpy's bundled ``pbmc68k_reduced`` to N cells, block by block, cached under ``--cache-dir`` by (cells, genes). Then times, each as a
+by tiling scanpy's bundled ``pbmc68k_reduced`` to N cells, block by block, cached under
+``--cache-dir`` by (cells, genes). Then times, each as a
 whole subprocess (reading the file, annotating, writing an .h5ad), best of ``--repeat``:
 
 * ours: ``cellexplain annotate IN --out OUT --local`` with the default model

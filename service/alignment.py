@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -44,23 +45,30 @@ PREVIOUS_TABLE = "hgnc_previous_symbols.csv.gz"
 EXACT, CASE_INSENSITIVE, PREVIOUS_SYMBOL = 0, 1, 2
 
 
+def _table(name: str, key: str, value: str, fold_key: bool) -> dict[str, str]:
+    """Two columns of a bundled gzipped CSV as ``{key: fold(value)}`` (``fold(key)`` with
+    ``fold_key``), read with csv's C reader (a dict per row took twice as long)."""
+    path = resources.files("cellexplain.service") / "resources" / name
+    with path.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows)
+        k, v = header.index(key), header.index(value)
+        if fold_key:
+            return {fold(r[k]): fold(r[v]) for r in rows}
+        return {r[k]: fold(r[v]) for r in rows}
+
+
 @lru_cache(maxsize=1)
 def ensembl_to_symbol() -> dict[str, str]:
     """Ensembl gene ID (no version) -> upper-case symbol, from the bundled GENCODE v44 table."""
-    path = resources.files("cellexplain.service") / "resources" / GENCODE_TABLE
-    with path.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
-        return {row["gene_id"]: fold(row["gene_name"]) for row in csv.DictReader(f)}
+    return _table(GENCODE_TABLE, "gene_id", "gene_name", fold_key=False)
 
 
 @lru_cache(maxsize=1)
 def previous_to_current() -> dict[str, str]:
     """Upper-case HGNC previous symbol -> upper-case current symbol (unambiguous ones only:
     each names exactly one gene and is nobody's current symbol), from the bundled table."""
-    path = resources.files("cellexplain.service") / "resources" / PREVIOUS_TABLE
-    with path.open("rb") as raw, gzip.open(raw, "rt", newline="") as f:
-        return {
-            fold(row["previous_symbol"]): fold(row["current_symbol"]) for row in csv.DictReader(f)
-        }
+    return _table(PREVIOUS_TABLE, "previous_symbol", "current_symbol", fold_key=True)
 
 
 #: a-z to A-Z and nothing else: gene symbols and IDs are ASCII, and full Unicode case mapping
@@ -128,21 +136,37 @@ class Alignment:
 
     def apply(self, x: np.ndarray | sp.csr_matrix) -> np.ndarray:
         """``[n_cells, n_submitted]`` log1p-normalised values (dense or CSR) -> dense float32
-        ``[n_cells, n_model_genes]``, missing genes zero."""
+        ``[n_cells, n_model_genes]``, missing genes zero; merged columns are summed as counts
+        (``log1p(sum(expm1))``)."""
         if self.identity and not sp.issparse(x) and x.shape[1] == len(self.take):  # as is
             return np.asarray(x, dtype=np.float32)
-        out = np.zeros((x.shape[0], len(self.take)), dtype=np.float32)
+        return self._gather(x, np.float32, log1p=True)
+
+    def gather_counts(self, x: np.ndarray | sp.csr_matrix) -> np.ndarray:
+        """``[n_cells, n_submitted]`` raw counts (dense or CSR) -> dense float64
+        ``[n_cells, n_model_genes]`` counts of the model's genes, missing genes zero, merged
+        columns summed: what normalising needs beside each cell's total, without touching the
+        genes the model does not read."""
+        return self._gather(x, np.float64, log1p=False)
+
+    def _gather(self, x: np.ndarray | sp.csr_matrix, dtype: type, log1p: bool) -> np.ndarray:
+        n, n_model = x.shape[0], len(self.take)
         found = self.take >= 0
-
-        def cols(idx: np.ndarray | list[int], dtype: type = np.float32) -> np.ndarray:
-            sub = x[:, idx]
-            dense = sub.toarray() if sp.issparse(sub) else sub  # type: ignore[union-attr]
-            return np.asarray(dense, dtype=dtype)
-
-        out[:, found] = cols(self.take[found])
+        if x.shape[1] == 0 or not found.any():
+            out: np.ndarray = np.zeros((n, n_model), dtype=dtype)
+        else:  # every model column at once (a missing one reads column 0, then zeroed)
+            out = _dense(x[:, np.where(found, self.take, 0)], dtype)
+            if not found.all():
+                out[:, ~found] = 0
         for j, merged_cols in self.merged.items():
-            out[:, j] = np.log1p(np.expm1(cols(merged_cols, np.float64)).sum(axis=1))
+            values = _dense(x[:, merged_cols], np.float64)
+            out[:, j] = np.log1p(np.expm1(values).sum(axis=1)) if log1p else values.sum(axis=1)
         return out
+
+
+def _dense(x: Any, dtype: type) -> np.ndarray:
+    """A dense or sparse block as a dense array of ``dtype``."""
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=dtype)
 
 
 #: memory the remembered alignments of one model may hold (see :meth:`GeneAligner.align`)

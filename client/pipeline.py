@@ -102,7 +102,8 @@ class LocalBackend:
             return await self.annotator.annotate(c.genes, c.X, options, c.cell_ids, where=where)
 
         async for chunk, res in ordered_window(chunks, one, concurrency):
-            yield chunk, anndata_io.to_annotations(res), anndata_io.info(res)
+            # rendered off the loop: top-k selection overlaps the next chunk's preparation
+            yield chunk, await asyncio.to_thread(anndata_io.to_annotations, res), anndata_io.info(res)
 
     async def close(self) -> None:
         self.annotator.close()

@@ -2,11 +2,16 @@
 sdist or editable install), so that both carry ``api/_generated``. Everything else is in
 pyproject.toml."""
 
+import atexit
 import importlib.util
+import shutil
+import tempfile
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build import build
 from setuptools.command.build_py import build_py
+from setuptools.command.egg_info import egg_info
 from setuptools.command.sdist import sdist
 
 
@@ -33,10 +38,37 @@ class SdistWithProtos(sdist):
         super().run()
 
 
+def _scratch() -> str:
+    """A temporary folder for what setuptools writes while building, removed at exit: a
+    ``pip install`` from a checkout leaves no ``build/`` or ``*.egg-info`` in the tree."""
+    path = tempfile.mkdtemp(prefix="cellexplain-build-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+class OutOfTreeBuild(build):
+    def initialize_options(self):
+        super().initialize_options()
+        self.build_base = _scratch()  # --build-base still wins
+
+
+class OutOfTreeEggInfo(egg_info):
+    def initialize_options(self):
+        super().initialize_options()
+        self.egg_base = _scratch()  # --egg-base still wins
+
+
 # every command (egg_info first) lists cellexplain.api._generated among the packages: on a clean
 # checkout it must exist before setuptools looks (grpcio-tools is a build requirement, so it is
 # there whenever pip builds; compiled only when missing or older than the protos)
 if importlib.util.find_spec("grpc_tools") is not None:
     _generate(force=False)
 
-setup(cmdclass={"build_py": BuildWithProtos, "sdist": SdistWithProtos})
+setup(
+    cmdclass={
+        "build": OutOfTreeBuild,
+        "build_py": BuildWithProtos,
+        "egg_info": OutOfTreeEggInfo,
+        "sdist": SdistWithProtos,
+    }
+)

@@ -381,18 +381,43 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
+    """The store's models, or with ``--url`` (or without the ``serve`` extra, which the
+    store needs) the models a running service serves."""
+    import importlib.util
+
+    header = f"{'tag':<40} {'arch':<9} {'genes':>6} {'classes':>7} {'macro-F1':>8}  attribution"
+    if args.url is not None or importlib.util.find_spec("bentoml") is None:
+        return _list_served(args.url, header)
     from cellexplain.models.store import list_models
 
     models = list_models()
     if not models:
         print("no cellexplain models in the BentoML store (cellexplain models import DIR)")
         return 0
-    print(f"{'tag':<40} {'arch':<9} {'genes':>6} {'classes':>7} {'macro-F1':>8}  attribution")
+    print(header)
     for m in models:
         c = m.card
         print(
             f"{m.tag:<40} {c.architecture.kind:<9} {len(c.genes):>6} {len(c.classes):>7} "
             f"{c.metrics.model.macro_f1:>8.3f}  {c.attribution.method}"
+        )
+    return 0
+
+
+def _list_served(url: str | None, header: str) -> int:
+    from cellexplain.client.remote import Client, ClientError, default_url
+
+    try:
+        with Client(url, retries=0) as client:
+            listed = client.models().models
+    except ClientError as e:  # unreachable too
+        raise CLIError(f"{e} (status {e.status})") from e
+    print(f"served by {url or default_url()}:")
+    print(header + "  default")
+    for m in listed:
+        print(
+            f"{m.tag:<40} {m.architecture:<9} {m.n_genes:>6} {len(m.classes):>7} "
+            f"{m.test_macro_f1:>8.3f}  {m.attribution_method:<21}  {'yes' if m.default else ''}"
         )
     return 0
 
@@ -791,7 +816,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("tag", help="NAME:VERSION, or NAME with --all-versions")
     q.add_argument("--all-versions", action="store_true", help="every version of NAME")
     q.set_defaults(func=cmd_models_delete)
-    q = msub.add_parser("list", help="list cellexplain models in the store")
+    q = msub.add_parser(
+        "list", help="list cellexplain models in the store, or those a service serves (--url)"
+    )
+    q.add_argument(
+        "--url",
+        help="list what the service at this REST URL serves (the default without the serve "
+        "extra, at $CELLEXPLAIN_URL, else http://localhost:3000)",
+    )
     q.set_defaults(func=cmd_models_list)
     q = msub.add_parser("show", help="a stored model's card, in brief (--json: all of it)")
     q.add_argument("tag", help="NAME or NAME:VERSION")

@@ -103,7 +103,8 @@ class LocalBackend:
 
         async for chunk, res in ordered_window(chunks, one, concurrency):
             # rendered off the loop: top-k selection overlaps the next chunk's preparation
-            yield chunk, await asyncio.to_thread(anndata_io.to_annotations, res), anndata_io.info(res)
+            ann = await asyncio.to_thread(anndata_io.to_annotations, res)
+            yield chunk, ann, anndata_io.info(res)
 
     async def close(self) -> None:
         self.annotator.close()

@@ -5,7 +5,7 @@ format                         reader                             install
 =============================  =================================  ==========================
 ``.h5ad``                      anndata (``annotate``: h5py        base
                                chunks, never the whole matrix)
-``.zarr`` (AnnData)            ``anndata.io.read_zarr``           ``[formats]`` (zarr)
+``.zarr`` (AnnData)            ``anndata.io.read_zarr``           base (anndata needs zarr)
 10x HDF5 (Cell Ranger 3+, 2)   ``scanpy.read_10x_h5``             ``[formats]`` (scanpy)
 10x Matrix Market folder/file  ``scanpy.read_10x_mtx``            ``[formats]`` (scanpy)
 ``.loom``                      ``anndata.io.read_loom``           ``[formats]`` (loompy)

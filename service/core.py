@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from cellexplain.api.annotations import UNASSIGNED, UNASSIGNED_REASONS, signed_top_k
+from cellexplain.api.annotations import UNASSIGNED, UNASSIGNED_REASONS
 from cellexplain.api.errors import InvalidInputError, ModelNotFoundError, TooLargeError, brief
 from cellexplain.api.schemas import (
     AnnotateOptions,
@@ -45,7 +45,7 @@ from cellexplain.models.preprocess import (
     sparse_structure_problem,
 )
 from cellexplain.models.runtime import OnnxModel, Prediction, available_providers
-from cellexplain.service import metrics
+from cellexplain.service import metrics, ranking
 from cellexplain.service.alignment import Alignment, GeneAligner
 from cellexplain.service.batching import Batcher
 from cellexplain.service.settings import Settings, SettingsError
@@ -224,14 +224,18 @@ class Answer:
         )
 
     @cached_property
-    def _for(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def _ranked(self) -> tuple[ranking.Ranked, ranking.Ranked] | None:
         # ranked when first read: /v1 with attributions='full' sends the whole vector and never
-        # reads it (8 ms per 1024 cells of 765 genes)
-        return None if self._top_k < 0 else signed_top_k(self._attributions, self._top_k, 1)
+        # reads it
+        return None if self._top_k < 0 else ranking.rank(self._attributions, self._top_k)
 
-    @cached_property
-    def _against(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        return None if self._top_k < 0 else signed_top_k(self._attributions, self._top_k, -1)
+    @property
+    def _for(self) -> ranking.Ranked | None:
+        return None if self._ranked is None else self._ranked[0]
+
+    @property
+    def _against(self) -> ranking.Ranked | None:
+        return None if self._ranked is None else self._ranked[1]
 
     @property
     def top(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

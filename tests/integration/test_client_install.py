@@ -14,9 +14,11 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from cellexplain.client.cli import EXTRAS
 from tests.integration.servers import bentoml_server
+from tests.lab_files import write_10x_h5
 
 pytestmark = [pytest.mark.integration, pytest.mark.deploy]
 
@@ -114,12 +116,17 @@ def test_the_base_install_has_no_server_or_training_stack(venv, tmp_path):
     [
         (["annotate", "x.h5ad", "--out", "y.h5ad", "--local"], "serve"),
         (["train", "--arch", "linear", "--out", "m"], "train"),
-        (["models", "list"], "serve"),
+        (["models", "show", "pbmc-programs"], "serve"),
+        # a Cell Ranger file needs scanpy's reader: said before any request is sent
+        (["annotate", "x.h5", "--url", "http://127.0.0.1:9"], "formats"),
     ],
 )
 def test_commands_of_an_extra_say_which_to_install(venv, tmp_path, args, extra, pbmc):
-    if args[0] == "annotate":
+    if args[1] == "x.h5ad":
         ad.AnnData(np.ones((2, 3), np.float32)).write_h5ad(tmp_path / "x.h5ad")
+    if args[1] == "x.h5":
+        counts = sp.csr_matrix(np.ones((2, 3), np.float32))
+        write_10x_h5(tmp_path / "x.h5", counts, ["a-1", "b-1"], ["E1", "E2", "E3"], ["A", "B", "C"])
     proc = run(venv, tmp_path, str(venv / "bin" / "cellexplain"), *args, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"pip install 'cellexplain[{extra}]'" in proc.stderr, proc.stderr
@@ -143,6 +150,7 @@ def test_the_client_annotates_through_a_real_server_on_both_transports(
             run(venv, tmp_path, cli, "annotate", str(src), "--out", str(out), "--url", srv.url,
                 "--transport", transport, "--grpc", srv.grpc, "-q")  # fmt: skip
             labels[transport] = ad.read_h5ad(out).obs["cellexplain_label"].astype(str).tolist()
+        url, listed = srv.url, run(venv, tmp_path, cli, "models", "list", "--url", srv.url).stdout
     local = tmp_path / "local.h5ad"
     env = {**os.environ, "BENTOML_HOME": str(programs_home), "BENTOML_DO_NOT_TRACK": "True"}
     subprocess.run(
@@ -152,3 +160,5 @@ def test_the_client_annotates_through_a_real_server_on_both_transports(
     )  # fmt: skip
     want = ad.read_h5ad(local).obs["cellexplain_label"].astype(str).tolist()
     assert labels["rest"] == labels["grpc"] == want
+    # no model store without the serve extra: `models list` lists what the service serves
+    assert f"served by {url}" in listed and "pbmc-programs:" in listed

@@ -45,6 +45,9 @@ from cellexplain.models.preprocess import sparse_structure_problem
 
 PREFIX = "cellexplain"
 #: the label of a cell whose best class is below the confidence threshold, or that is novel
+#: the words of the answer's warning about cells that express none of the model's genes (a
+#: file pipeline replaces the per-request warnings by one count over the file)
+NO_MODEL_GENES = "express none of the model's genes"
 UNASSIGNED = "Unassigned"
 #: why a cell is Unassigned, by code (0: it is not; 1 + 2 = both)
 UNASSIGNED_REASONS: tuple[str, ...] = ("", "low_confidence", "novel", "low_confidence_and_novel")

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from cellexplain.api.annotations import (
+    NO_MODEL_GENES,
     PREFIX,
     UNASSIGNED,
     Annotations,
@@ -46,9 +48,10 @@ from cellexplain.client import readers
 from cellexplain.client.remote import (
     SAMPLE_ROWS,
     Chunk,
+    ChunkBudget,
     ClientError,
-    chunk_rows,
     ordered_window,
+    stored_per_row,
     too_large_hint,
 )
 from cellexplain.models.preprocess import sparse_structure_problem
@@ -189,6 +192,10 @@ class MemoryReader(RowReader):
         self.n_obs = adata.n_obs
 
 
+class NotChunkableError(InvalidInputError):
+    """An ``.h5ad`` whose matrix cannot be read a chunk of rows at a time (CSC): read whole."""
+
+
 class H5adReader(RowReader):
     """Row chunks of an ``.h5ad`` matrix, read with h5py without loading the file.
 
@@ -268,6 +275,8 @@ class H5adReader(RowReader):
             self.matrix: Any = node
         else:
             encoding = node.attrs.get("encoding-type", "")
+            if encoding == "csc_matrix":  # read whole instead (column-major: no row chunks)
+                raise NotChunkableError(f"{mpath} is stored as csc_matrix", "input")
             if encoding != "csr_matrix":
                 raise InvalidInputError(
                     f"{mpath} is stored as {encoding or 'an unknown format'}; chunked reading "
@@ -426,7 +435,9 @@ class AtomicAnnDataWriter:
         adata.uns[PREFIX] = info
         adata.uns.update(label_colors(obs, info["classes"]))
         if self.dst.suffix == ".zarr":
-            adata.write_zarr(self.tmp)
+            with warnings.catch_warnings():  # anndata's notice of zarr v3 as a future default
+                warnings.filterwarnings("ignore", message="Writing zarr v2 data")
+                adata.write_zarr(self.tmp)
         else:
             adata.write_h5ad(self.tmp)
         if self.dst.is_dir():  # --force over a store: a folder is not replaced by a rename
@@ -506,7 +517,11 @@ async def annotate_file(
                 f"--transpose and --genome are for text tables and 10x files; {src} is an .h5ad",
                 "transpose" if transpose else "genome",
             )
-        reader = H5adReader(src, gene_key, layer, allow_external)
+        try:
+            reader = H5adReader(src, gene_key, layer, allow_external)
+        except NotChunkableError:
+            adata = readers.read(src)
+            reader = MemoryReader(adata, src, gene_key, layer)
     else:
         adata = readers.read(src, transpose=transpose, genome=genome)
         reader = MemoryReader(adata, src, gene_key, layer)
@@ -517,17 +532,22 @@ async def annotate_file(
     card = detail.card
     options = options.model_copy(update={"model": card.name, "return_probabilities": True})
     explicit = chunk_size is not None
+    budget = None
     if chunk_size is None:  # sized by the server's limits, from the first rows' encoding
         try:
             sample = next(reader.chunks(min(SAMPLE_ROWS, max(reader.n_obs, 1))), None)
         except BaseException:
             reader.close()
             raise
-        chunk_size = (
-            1
-            if sample is None
-            else chunk_rows(lambda c: backend.request_bytes(c, options), sample, detail.limits)
-        )
+        chunk_size = 1
+        if sample is not None:
+            budget = ChunkBudget.fit(
+                lambda c: backend.request_bytes(c, options), sample, detail.limits
+            )
+            chunk_size = budget.rows(float(stored_per_row(sample.X).mean()))
+    chunks: Any = reader.chunks(chunk_size)
+    if budget is not None:  # denser rows further on: cut before they are sent
+        chunks = (part for c in chunks for part in budget.split(c))
     writer: AtomicH5adWriter | AtomicAnnDataWriter
     try:
         if isinstance(reader, MemoryReader):
@@ -539,6 +559,7 @@ async def annotate_file(
         raise
     collected = _Collected(card.classes)
     info: dict[str, Any] | None = None
+    n_empty, first_empty = 0, ""
     t0 = time.perf_counter()
     bar = tqdm(
         total=reader.n_obs,
@@ -550,10 +571,11 @@ async def annotate_file(
     )
     try:
         async for chunk, ann, chunk_info in _explained(
-            backend.annotations(reader.chunks(chunk_size), options, concurrency),
+            backend.annotations(chunks, options, concurrency),
             chunk_size,
             explicit,
             kind in ("csv", "tsv"),
+            transpose,
         ):
             if info is None:
                 missing = chunk_info["gene_matching"]["missing_fraction"]
@@ -569,8 +591,22 @@ async def annotate_file(
                 info = chunk_info
             writer.write_obsm(chunk.start, ann)
             collected.add(ann)
+            empty = stored_per_row(chunk.X) == 0
+            if empty.any():
+                if not n_empty and chunk.cell_ids:
+                    first_empty = chunk.cell_ids[int(np.argmax(empty))]
+                n_empty += int(empty.sum())
             bar.update(chunk.n)
         assert info is not None
+        # the per-request count of cells without the model's genes covers one chunk: the file's
+        # count of cells without any count replaces it
+        said = [w for w in info.get("warnings", []) if NO_MODEL_GENES not in w]
+        if n_empty:
+            said.append(
+                f"{n_empty} of {reader.n_obs} cells have no counts at all (the first: "
+                f"{brief(first_empty)}): their answers carry no information (empty droplets?)"
+            )
+        info["warnings"] = said
         ann = collected.annotations()
         obs = reader.obs.copy()
         for name, col in obs_columns(ann, card.classes).items():
@@ -593,14 +629,22 @@ async def annotate_file(
     return RunStats(reader.n_obs, time.perf_counter() - t0, dst, list(info.get("warnings", [])))
 
 
-#: what a text table whose cells and genes are swapped is told
-TRANSPOSE_HINT = "; if the table holds genes as rows and cells as columns, pass --transpose"
+def _orientation_hint(message: str, transposed: bool) -> str:
+    """A no-overlap refusal of a text table, with the flag that may fix it."""
+    flag = (
+        "it was read with --transpose: drop it if its rows are cells"
+        if transposed
+        else "if the table holds genes as rows and cells as columns, pass --transpose"
+    )
+    return f"{message.rstrip('.')}; {flag}"
 
 
-async def _explained(answers: Any, chunk_size: int, explicit: bool, table: bool) -> Any:
+async def _explained(
+    answers: Any, chunk_size: int, explicit: bool, table: bool, transposed: bool
+) -> Any:
     """``answers``, with the flag to change named in a refusal: ``--chunk-size`` for a chunk
     too large, ``--transpose`` when no gene of a text ``table`` matched (its cells' names were
-    read as genes)."""
+    read as genes, or the other way round)."""
     try:
         async for item in answers:
             yield item
@@ -608,11 +652,11 @@ async def _explained(answers: Any, chunk_size: int, explicit: bool, table: bool)
         if e.status in (413, "RESOURCE_EXHAUSTED"):
             raise too_large_hint(e, chunk_size, explicit) from e
         if table and str(e).startswith("none of the"):
-            raise ClientError(str(e) + TRANSPOSE_HINT, e.status, e.field) from e
+            raise ClientError(_orientation_hint(str(e), transposed), e.status, e.field) from e
         raise
     except InvalidInputError as e:
         if table and e.message.startswith("none of the"):
-            raise InvalidInputError(e.message + TRANSPOSE_HINT, e.field) from e
+            raise InvalidInputError(_orientation_hint(e.message, transposed), e.field) from e
         raise
 
 

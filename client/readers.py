@@ -26,6 +26,8 @@ one gene twice.
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,9 @@ def file_format(path: str | Path) -> str:
     try:
         kind = detect(path)
     except OSError as e:
-        raise InvalidInputError(f"cannot read {path}: {e.strerror or e}", "input") from e
+        damaged = "truncated" in str(e) or "signature" in str(e) or "Unable to" in str(e)
+        hint = " (a damaged or incomplete copy? copy or download it again)" if damaged else ""
+        raise InvalidInputError(f"cannot read {path}: {e.strerror or e}{hint}", "input") from e
     except Exception as e:  # a damaged HDF5 structure: h5py raises many kinds
         raise InvalidInputError(
             f"{path} is not a readable {path.suffix or 'file'}: {type(e).__name__}: "
@@ -110,7 +114,9 @@ def read(
     if genome is not None and not kind.startswith("10x_h5"):
         raise InvalidInputError(f"--genome is for 10x HDF5 files; {path} is {describe(kind)}")
     try:
-        adata = _READERS[kind](path, transpose=transpose, genome=genome)
+        with warnings.catch_warnings():  # duplicated names: made unique below, as the docs say
+            warnings.filterwarnings("ignore", message=".*names are not unique")
+            adata = _READERS[kind](path, transpose=transpose, genome=genome)
     except ImportError as e:
         raise InvalidInputError(
             f"reading {describe(kind)} needs {FORMATS[kind].reader}, not installed ({e.name}): "
@@ -125,6 +131,12 @@ def read(
             f"{type(e).__name__}: {brief(str(e), 300)}",
             "input",
         ) from e
+    if adata.n_vars == 0:
+        what = " (a 10x file whose features are all antibody or CRISPR captures?)"
+        raise InvalidInputError(
+            f"{path} holds no genes{what if kind.startswith('10x') else ''}: nothing to annotate",
+            "input",
+        )
     if kind not in ("h5ad", "zarr") and not adata.var_names.is_unique:
         adata.var_names_make_unique()
     return adata
@@ -139,9 +151,34 @@ def _zarr(path: Path, **_: Any) -> ad.AnnData:
 
 
 def _tenx_h5(path: Path, *, genome: str | None, **_: Any) -> ad.AnnData:
+    """scanpy's reader, told the genome when the file holds several (a "barnyard" reference:
+    Cell Ranger prefixes each gene with its genome, ``GRCh38_CD3E``, which is taken off)."""
+    import h5py
     import scanpy as sc
 
-    return sc.read_10x_h5(path, genome=genome)
+    with h5py.File(path, "r") as f:
+        if "matrix" in f:
+            raw = f["matrix/features/genome"][:] if "genome" in f["matrix/features"] else []
+            genomes = sorted({g.decode() if isinstance(g, bytes) else str(g) for g in raw})
+        else:  # Cell Ranger 2: a group per genome
+            genomes = sorted(f.keys())
+    if len(genomes) > 1 and genome is None:
+        raise InvalidInputError(
+            f"{path} holds {len(genomes)} genomes ({', '.join(genomes)}): pass --genome NAME "
+            "(genome= in Python) to read one",
+            "genome",
+        )
+    if genome is not None and genomes and genome not in genomes:
+        raise InvalidInputError(
+            f"{path} has no genome {genome!r}; it holds: {', '.join(genomes)}", "genome"
+        )
+    adata = sc.read_10x_h5(path, genome=genome)
+    if genome is not None and len(genomes) > 1:
+        prefix = re.compile(rf"^{re.escape(genome)}_+")
+        adata.var_names = [prefix.sub("", str(g)) for g in adata.var_names]
+        if "gene_ids" in adata.var:
+            adata.var["gene_ids"] = [prefix.sub("", str(g)) for g in adata.var["gene_ids"]]
+    return adata
 
 
 def _tenx_mtx(path: Path, **_: Any) -> ad.AnnData:
@@ -172,12 +209,28 @@ def _table(path: Path, *, transpose: bool, sep: str, **_: Any) -> ad.AnnData:
             "rows: --transpose",
             "input",
         )
+    if not transpose and _barcodes(df.columns) and not _barcodes(df.index):
+        raise InvalidInputError(
+            f"{path}: its columns are named like cell barcodes (e.g. {brief(str(df.columns[0]))}) "
+            "and its rows are not: genes as rows and cells as columns? pass --transpose",
+            "transpose",
+        )
     X = df.to_numpy(dtype=np.float32)
     return ad.AnnData(
         sp.csr_matrix(X) if np.count_nonzero(X) < X.size / 2 else X,
         obs=pd.DataFrame(index=df.index.astype(str)),
         var=pd.DataFrame(index=df.columns.astype(str)),
     )
+
+
+#: a 10x cell barcode (16 bases, 14 for Cell Ranger 1), with an optional GEM-well suffix
+_BARCODE = re.compile(r"^[ACGTN]{12,}(-\d+)?$")
+
+
+def _barcodes(names: pd.Index) -> bool:
+    """Most of ``names`` look like 10x cell barcodes."""
+    sample = [str(n) for n in names[:200]]
+    return bool(sample) and sum(bool(_BARCODE.match(n)) for n in sample) > len(sample) / 2
 
 
 _READERS: dict[str, Any] = {
@@ -196,8 +249,8 @@ def default_output(path: str | Path, kind: str) -> Path:
     """Where ``annotate`` writes when no ``--out`` is given: beside the input, named after it,
     in its format where that is AnnData's own (``.zarr``), else ``.h5ad``:
     ``filtered_feature_bc_matrix.h5`` -> ``filtered_feature_bc_matrix.cellexplain.h5ad``."""
-    path = Path(path)
-    name = path.name.rstrip("/")
+    path = Path(path).resolve()  # "." (run from inside the folder) has no name
+    name = path.name
     for suffix in (".gz", ".h5ad", ".h5", ".zarr", ".loom", ".csv", ".tsv", ".txt", ".mtx"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]

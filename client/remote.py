@@ -20,7 +20,7 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -127,17 +127,67 @@ DEFAULT_LIMITS = RequestLimits(
 )
 
 
-def chunk_rows(measure: Callable[[Chunk], int], sample: Chunk, limits: RequestLimits | None) -> int:
-    """Cells per request, so that each request's encoding (``measure``: its bytes, as sent)
-    fills at most :data:`BODY_SHARE` of ``limits.max_body_bytes``, within
-    ``limits.max_cells_per_request``: what a row of ``sample`` costs, after what the request
-    costs without rows (the gene list)."""
-    limits = limits or DEFAULT_LIMITS
-    ids: list[str] | None = [] if sample.cell_ids is not None else None
-    fixed = measure(Chunk(0, sample.genes, sample.X[:0], ids))
-    per_row = max((measure(sample) - fixed) / max(sample.n, 1), 1.0)
-    room = limits.max_body_bytes * BODY_SHARE - fixed
-    return int(min(limits.max_cells_per_request, max(1, room // per_row)))
+def stored_per_row(X: np.ndarray | sp.csr_matrix) -> np.ndarray:
+    """Each row's non-zero values (what a request's size grows with, beside its rows)."""
+    if sp.issparse(X):
+        return np.diff(sp.csr_matrix(X).indptr)
+    return np.count_nonzero(np.asarray(X), axis=1)
+
+
+@dataclass(frozen=True)
+class ChunkBudget:
+    """What a request of a chunk costs, as the transport encodes it: ``fixed`` bytes (the gene
+    list, the options), ``per_row`` bytes per cell and ``per_value`` per non-zero value, fitted
+    on the first rows of the data; and the bytes a request may take (:data:`BODY_SHARE` of the
+    server's body limit) and its cells."""
+
+    fixed: float
+    per_row: float
+    per_value: float
+    budget: float
+    max_cells: int
+
+    @classmethod
+    def fit(
+        cls, measure: Callable[[Chunk], int], sample: Chunk, limits: RequestLimits | None
+    ) -> ChunkBudget:
+        """``measure``: a chunk's request size in bytes; ``sample``: the first rows."""
+        limits = limits or DEFAULT_LIMITS
+        ids: list[str] | None = [] if sample.cell_ids is not None else None
+        fixed = measure(Chunk(0, sample.genes, sample.X[:0], ids))
+        n = max(sample.n, 1)
+        zeros = sp.csr_matrix(sample.X.shape, dtype=np.float32) if sp.issparse(sample.X) else (
+            np.zeros(sample.X.shape, dtype=np.float32)
+        )  # fmt: skip
+        empty_rows = measure(Chunk(0, sample.genes, zeros, sample.cell_ids))
+        per_row = max((empty_rows - fixed) / n, 1.0)
+        stored = int(stored_per_row(sample.X).sum())
+        per_value = max((measure(sample) - empty_rows) / stored, 0.0) if stored else 24.0
+        return cls(fixed, per_row, per_value, limits.max_body_bytes * BODY_SHARE,
+                   limits.max_cells_per_request)  # fmt: skip
+
+    def rows(self, values_per_row: float) -> int:
+        """Cells per chunk at a density of ``values_per_row`` non-zero values per cell."""
+        room = self.budget - self.fixed
+        cost = self.per_row + self.per_value * values_per_row
+        return int(min(self.max_cells, max(1, room // max(cost, 1.0))))
+
+    def split(self, chunk: Chunk) -> Iterator[Chunk]:
+        """``chunk``, cut where its denser rows would take a request past the budget (rows
+        read later may be denser than the first ones the chunk size was measured on)."""
+        cost = np.cumsum(self.per_row + self.per_value * stored_per_row(chunk.X))
+        room = self.budget - self.fixed
+        start = 0
+        while start < chunk.n:
+            before = cost[start - 1] if start else 0.0
+            end = int(np.searchsorted(cost, before + room, side="right"))
+            end = min(max(end, start + 1), start + self.max_cells, chunk.n)
+            if start == 0 and end == chunk.n:
+                yield chunk
+                return
+            ids = chunk.cell_ids[start:end] if chunk.cell_ids is not None else None
+            yield Chunk(chunk.start + start, chunk.genes, chunk.X[start:end], ids)
+            start = end
 
 
 def too_large_hint(e: ClientError, chunk_size: int, explicit: bool) -> ClientError:
@@ -146,9 +196,10 @@ def too_large_hint(e: ClientError, chunk_size: int, explicit: bool) -> ClientErr
         "lower --chunk-size (chunk_size), or leave it out: chunks are then sized by the "
         "server's announced limits"
         if explicit
-        else "the server's limits changed since they were read: run again"
+        else "sized from the first rows, they were too large for these cells: pass a smaller "
+        "--chunk-size (chunk_size)"
     )
-    return ClientError(f"{e} (chunks of {chunk_size} cells: {what})", e.status, e.field)
+    return ClientError(f"{e} (chunks of up to {chunk_size} cells: {what})", e.status, e.field)
 
 
 def _json_cells(chunk: Chunk) -> tuple[list[str], list[Any]]:
@@ -489,14 +540,18 @@ class AsyncClient:
         )
         genes, X = expression(adata, gene_key, layer)
         explicit = chunk_size is not None
+        budget = None
         if chunk_size is None:
             detail = await self.model(model)
             sample = Chunk(0, genes, X[:SAMPLE_ROWS])
-            chunk_size = chunk_rows(lambda c: self.request_bytes(c, opts), sample, detail.limits)
+            budget = ChunkBudget.fit(lambda c: self.request_bytes(c, opts), sample, detail.limits)
+            chunk_size = budget.rows(float(stored_per_row(sample.X).mean()) if sample.n else 0.0)
         elif chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         size = chunk_size
         chunks = [Chunk(s, genes, X[s : s + size]) for s in range(0, adata.n_obs, size)]
+        if budget is not None:
+            chunks = [part for c in chunks for part in budget.split(c)]
         parts: list[Annotations] = []
         info: dict[str, Any] = {}
         try:

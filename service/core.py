@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from cellexplain.api.annotations import UNASSIGNED, UNASSIGNED_REASONS
+from cellexplain.api.annotations import NO_MODEL_GENES, UNASSIGNED, UNASSIGNED_REASONS
 from cellexplain.api.errors import InvalidInputError, ModelNotFoundError, TooLargeError, brief
 from cellexplain.api.schemas import (
     AnnotateOptions,
@@ -250,6 +250,36 @@ class Answer:
         """The evidence against it: the most negative attributions, most negative first (as
         :attr:`top`)."""
         return self._against
+
+
+def _input_warnings(
+    x: np.ndarray,
+    kind: str,
+    alignment: Alignment,
+    where: Callable[[int, int], tuple[str, str]],
+    trained_on: int,
+) -> list[str]:
+    """What the model input shows that makes answers say little: cells expressing none of the
+    model's genes (empty droplets, or cells of another panel), and counts sent over the
+    model's genes alone when its training cells' totals covered more genes (``trained_on``):
+    normalised by totals over fewer genes, the values run high."""
+    out = []
+    empty = ~x.any(axis=1)
+    if empty.any():
+        first = where(int(np.argmax(empty)), 0)[0].rsplit(", gene", 1)[0]
+        out.append(
+            f"{int(empty.sum())} of {len(x)} cells {NO_MODEL_GENES} (the first: {first}): their "
+            "answers carry no information about them (empty droplets?)"
+        )
+    subset = alignment.n_unused == 0 and alignment.n_duplicated == 0
+    if kind == "counts" and subset and trained_on > len(alignment.take):
+        out.append(
+            "every gene sent is one of the model's: if the cells were subset to them, each "
+            "cell's total (the normalisation's denominator) misses its other genes and the "
+            f"values run high (cells then look novel; the model's training cells were "
+            f"normalised over {trained_on} genes); send counts over all measured genes"
+        )
+    return out
 
 
 def _overflow(row: int) -> InvalidInputError:
@@ -657,6 +687,8 @@ class Annotator:
             x = np.empty((n, len(alignment.take)), dtype=np.float32)
             for a in range(0, n, step):
                 x[a : a + step] = rows(a)
+        trained_on = lm.model.card.preprocessing.n_genes_in_training_data
+        warnings += _input_warnings(x, kind, alignment, where, trained_on)
         return Prepared(
             x=x, alignment=alignment, n_submitted=len(genes), input_kind=kind, warnings=warnings
         )

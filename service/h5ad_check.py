@@ -39,7 +39,13 @@ from cellexplain.api.errors import (
     UnsupportedFormatError,
     brief,
 )
-from cellexplain.api.formats import HEAD_BYTES, describe, hdf5_format, head_format
+from cellexplain.api.formats import (
+    HDF5_SIGNATURE,
+    HEAD_BYTES,
+    describe,
+    hdf5_format,
+    head_format,
+)
 
 #: HDF5's built-in filters (deflate, shuffle, fletcher32, szip, nbit, scale-offset) and LZF,
 #: which h5py ships; anything else would be a dynamically loaded plugin
@@ -86,9 +92,16 @@ def check_h5ad(path: str | Path, limits: Limits) -> Declared:
         f = h5py.File(path, "r")
     except Exception as e:  # not HDF5 at all, or a damaged superblock
         with open(path, "rb") as raw:
-            kind = head_format(raw.read(HEAD_BYTES))
+            head = raw.read(HEAD_BYTES)
+        kind = head_format(head)
         if kind is not None:
             raise unsupported(kind) from e
+        if head.startswith(HDF5_SIGNATURE):
+            raise InvalidInputError(
+                "the uploaded file is HDF5 but cannot be opened: damaged or truncated (an "
+                f"incomplete upload or copy?): {brief(str(e), 160)}",
+                "file",
+            ) from e
         raise InvalidInputError(
             f"the uploaded file is not a readable .h5ad: not HDF5 ({type(e).__name__})", "file"
         ) from e

@@ -303,3 +303,60 @@ def test_models_list_asks_a_running_service(small_server):
     assert f"served by {small_server.url}" in proc.stdout
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("pbmc-programs:"))
     assert "programs" in line and line.rstrip().endswith("yes")
+
+
+def test_lab_file_pitfalls_get_one_line_each(lab, local, tmp_path, monkeypatch):
+    """What an outside tester ran into: a barnyard (two-genome) 10x file, antibody-only
+    features, a genes x cells table passed to convert, running from inside a 10x folder, and
+    empty droplets."""
+    from tests.lab_files import write_10x_h5
+
+    counts, names, ids, barcodes = lab["counts"], lab["names"], lab["ids"], lab["barcodes"]
+    # a barnyard reference: every gene twice, prefixed by its genome as Cell Ranger names them
+    both = sp.hstack([counts, counts]).tocsr()
+    barnyard = write_10x_h5(
+        tmp_path / "barnyard.h5", both, barcodes,
+        [f"GRCh38_{i}" for i in ids] + [f"mm10___{i}" for i in ids],
+        [f"GRCh38_{n}" for n in names] + [f"mm10___{n}" for n in names],
+    )  # fmt: skip
+    import h5py
+
+    with h5py.File(barnyard, "r+") as f:
+        genome = f["matrix/features/genome"]
+        values = [b"GRCh38"] * len(ids) + [b"mm10"] * len(ids) + [b"GRCh38"] * (
+            genome.shape[0] - 2 * len(ids)
+        )  # fmt: skip
+        del f["matrix/features/genome"]
+        f["matrix/features"].create_dataset("genome", data=np.array(values, dtype="S6"))
+    with pytest.raises(InvalidInputError, match=r"2 genomes \(GRCh38, mm10\): pass --genome"):
+        read(barnyard)
+    with pytest.raises(InvalidInputError, match=r"no genome 'hg19'; it holds: GRCh38, mm10"):
+        read(barnyard, genome="hg19")
+    human = read(barnyard, genome="GRCh38")
+    assert list(human.var_names) == names and list(human.var["gene_ids"]) == ids
+    # antibody capture only: no genes
+    only_ab = write_10x_h5(tmp_path / "ab.h5", sp.csr_matrix((700, 0)), barcodes, [], [])
+    with pytest.raises(InvalidInputError, match=r"holds no genes .*antibody"):
+        read(only_ab)
+    # a genes x cells table read as cells x genes: its columns are barcodes
+    with pytest.raises(InvalidInputError, match=r"named like cell barcodes.*--transpose"):
+        read(lab["files"]["csv_genes_as_rows"])
+    # run from inside a Matrix Market folder: the output goes beside the folder
+    folder = lab["files"]["10x_mtx_v2"]
+    monkeypatch.chdir(folder)
+    assert default_output(Path("."), "10x_mtx") == folder.parent / "hg19.cellexplain.h5ad"
+    assert default_output(Path("matrix.mtx"), "10x_mtx") == folder.parent / "hg19.cellexplain.h5ad"
+    # empty droplets: counted once over the file, whatever the chunks
+    X = counts.toarray()
+    X[[3, 400, 650]] = 0
+    src = tmp_path / "droplets.h5ad"
+    ad.AnnData(sp.csr_matrix(X), obs=pd.DataFrame(index=barcodes), var=pd.DataFrame(index=names)
+               ).write_h5ad(src)  # fmt: skip
+    opts = AnnotateOptions()
+    out = tmp_path / "d.h5ad"
+    stats = asyncio.run(
+        annotate_file(LocalBackend(local), src, out, opts, progress=False, chunk_size=200)
+    )
+    said = [w for w in stats.warnings if "no counts at all" in w]
+    assert len(said) == 1 and said[0].startswith("3 of 700 cells") and barcodes[3] in said[0]
+    assert not [w for w in stats.warnings if "express none" in w]

@@ -60,27 +60,36 @@ def test_sigterm_drains_in_flight_rest_and_grpc(programs_home, cells, body):
     env = {"CELLEXPLAIN_WORKERS": "1", "CELLEXPLAIN_INTRA_OP_THREADS": "1"}
     with bentoml_server(programs_home, env) as srv:
         done: list[tuple[str, object, float]] = []
+        # connected before the clock starts (under a loaded machine, a connection still being
+        # set up when SIGTERM lands is refused: that is not a request in flight)
+        clients = [httpx.Client(base_url=srv.url, timeout=120) for _ in range(4)]
+        for c in clients:
+            assert c.get("/livez").status_code == 200
+        channels = [grpc.insecure_channel(srv.grpc) for _ in range(2)]
+        for ch in channels:
+            grpc.channel_ready_future(ch).result(timeout=30)
 
-        def rest_call() -> None:
-            r = post(srv.url, body)
+        def rest_call(client: httpx.Client) -> None:
+            r = client.post(
+                "/v1/annotate", content=body, headers={"content-type": "application/json"}
+            )
             n = len(r.json()["cells"]) if r.status_code == 200 else r.text
             done.append(("rest", (r.status_code, n), time.monotonic()))
 
-        def grpc_call() -> None:
+        def grpc_call(ch: grpc.Channel) -> None:
             req = pb.AnnotateRequest(
                 genes=genes,
                 dense=pb.DenseMatrix(n_cells=len(X), raw_le_float32=X.astype("<f4").tobytes()),
                 options=pb.AnnotateOptions(top_k=5),
             )
-            with grpc.insecure_channel(srv.grpc) as ch:
-                try:
-                    res = pb_grpc.CellExplainStub(ch).Annotate(req, timeout=120)
-                    done.append(("grpc", ("OK", len(res.cells)), time.monotonic()))
-                except grpc.RpcError as e:
-                    done.append(("grpc", (e.code().name, e.details()), time.monotonic()))
+            try:
+                res = pb_grpc.CellExplainStub(ch).Annotate(req, timeout=120)
+                done.append(("grpc", ("OK", len(res.cells)), time.monotonic()))
+            except grpc.RpcError as e:
+                done.append(("grpc", (e.code().name, e.details()), time.monotonic()))
 
-        threads = [threading.Thread(target=rest_call) for _ in range(4)]
-        threads += [threading.Thread(target=grpc_call) for _ in range(2)]
+        threads = [threading.Thread(target=rest_call, args=(c,)) for c in clients]
+        threads += [threading.Thread(target=grpc_call, args=(ch,)) for ch in channels]
         for t in threads:
             t.start()
         time.sleep(0.8)  # all six are sent and queued behind each other
@@ -88,6 +97,10 @@ def test_sigterm_drains_in_flight_rest_and_grpc(programs_home, cells, body):
         os.kill(srv.proc.pid, signal.SIGTERM)
         for t in threads:
             t.join(timeout=180)
+        for c in clients:
+            c.close()
+        for ch in channels:
+            ch.close()
         assert srv.proc.wait(timeout=60) == 0
     answers = sorted((door, str(res)) for door, res, _ in done)
     assert answers == [("grpc", str(("OK", N_CELLS)))] * 2 + [("rest", str((200, N_CELLS)))] * 4

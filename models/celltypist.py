@@ -1,0 +1,258 @@
+"""Read a CellTypist model (``.pkl``) without executing anything from the file.
+
+A CellTypist model is a pickled dict: ``{"Model": LogisticRegression | SGDClassifier (with a
+``features`` attribute), "Scaler_": StandardScaler, "description": {...}}``. ``pickle.load``
+would import scikit-learn and numpy and call whatever the file names, so a hostile ``.pkl``
+runs code. Here the pickle is read by an unpickler whose ``find_class`` knows a short list of
+names, and returns for each a stand-in of this module, never the real class or function:
+
+* the scikit-learn estimators CellTypist stores become :class:`_Estimator` records of their
+  attribute dict (nothing of scikit-learn is imported or run);
+* numpy's array reconstruction (``_reconstruct``, ``ndarray``, ``dtype``, ``scalar``) becomes
+  :class:`_Array` / :class:`_DType` records, turned into arrays by ``np.frombuffer`` for numeric
+  dtypes and into lists of ``str`` for object arrays (anything else in one is refused).
+
+Any other name, or a reduce call on anything but these stand-ins, is refused with
+:class:`CellTypistModelError` naming it: the file is not a CellTypist model, nothing of it ran.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: pickles above this size are refused before reading (CellTypist's largest published model,
+#: Immune_All_High/Low, is ~10 MB; a whole-body atlas model under 100 MB)
+MAX_BYTES = 512 * 1024**2
+#: numpy dtypes an array in a CellTypist model may have: floats, integers, booleans, objects
+#: (its classes and features, as str) and fixed-width unicode
+_DTYPE_RE = re.compile(r"^[<>|=]?(f[248]|i[1248]|u[1248]|b1|O8|U\d{1,6})$")
+
+
+class CellTypistModelError(ValueError):
+    """The file is not a CellTypist model this reader accepts; nothing of it was executed."""
+
+
+class _Estimator:
+    """A scikit-learn estimator's attributes, as the pickle stores them (``kind``: its class)."""
+
+    kind = ""
+
+    def __init__(self, *args: Any) -> None:
+        if args:
+            raise CellTypistModelError(f"{self.kind} is created with arguments in this file")
+        self.state: dict[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise CellTypistModelError(f"{self.kind}'s state is not a dict of attributes")
+        self.state = dict(state)
+
+
+def _estimator(kind: str) -> type[_Estimator]:
+    return type(kind, (_Estimator,), {"kind": kind})
+
+
+class _DType:
+    """``numpy.dtype(spec, align, copy)`` and its pickled state: only the byte order is read."""
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = True) -> None:
+        if not isinstance(spec, str) or not _DTYPE_RE.match(spec):
+            raise CellTypistModelError(f"array dtype {spec!r} is not one a CellTypist model has")
+        self.spec = spec
+        self.order = "="
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) < 2 or state[1] not in "<>|=":
+            raise CellTypistModelError("an array dtype's pickled state is not numpy's")
+        self.order = state[1]
+
+    def resolve(self) -> np.dtype[Any]:
+        dtype = np.dtype(self.spec)
+        return dtype.newbyteorder(self.order) if self.order in "<>" else dtype
+
+
+class _NdarrayClass:
+    """Stands for ``numpy.ndarray`` (only ever passed to ``_reconstruct``)."""
+
+
+class _Array:
+    """``numpy._core.multiarray._reconstruct(ndarray, shape, b'b')`` and its state."""
+
+    def __init__(self) -> None:
+        self.value: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5:
+            raise CellTypistModelError("an array's pickled state is not numpy's")
+        _, shape, dtype, fortran, raw = state
+        if not isinstance(dtype, _DType) or not isinstance(shape, tuple):
+            raise CellTypistModelError("an array's shape or dtype is not numpy's")
+        if not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape):
+            raise CellTypistModelError(f"an array's shape {shape!r} is not a shape")
+        order = "F" if fortran else "C"
+        size = int(np.prod(shape, dtype=np.int64))
+        kind = dtype.resolve()
+        if kind.kind == "O":
+            if not isinstance(raw, list) or len(raw) != size:
+                raise CellTypistModelError("an object array's values are not a list")
+            if not all(isinstance(v, str) for v in raw):
+                raise CellTypistModelError("an object array holds something other than text")
+            self.value = np.array(raw, dtype=object).reshape(shape, order=order)
+            return
+        if not isinstance(raw, bytes | bytearray) or len(raw) != size * kind.itemsize:
+            raise CellTypistModelError("an array's bytes do not match its shape and dtype")
+        self.value = np.frombuffer(bytes(raw), dtype=kind).reshape(shape, order=order).copy()
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
+    if cls is not _NdarrayClass:
+        raise CellTypistModelError("numpy's _reconstruct is called on something else than ndarray")
+    return _Array()
+
+
+def _scalar(dtype: Any, raw: Any = None) -> Any:
+    if not isinstance(dtype, _DType):
+        raise CellTypistModelError("a numpy scalar's dtype is not numpy's")
+    kind = dtype.resolve()
+    if kind.kind == "O" or not isinstance(raw, bytes) or len(raw) != kind.itemsize:
+        raise CellTypistModelError("a numpy scalar is not a number")
+    return np.frombuffer(raw, dtype=kind)[0].item()
+
+
+_ESTIMATORS = {
+    "LogisticRegression": ("sklearn.linear_model._logistic", "sklearn.linear_model.logistic"),
+    "SGDClassifier": (
+        "sklearn.linear_model._stochastic_gradient",
+        "sklearn.linear_model.stochastic_gradient",
+    ),
+    "StandardScaler": ("sklearn.preprocessing._data", "sklearn.preprocessing.data"),
+}
+#: (module, name) -> the stand-in ``find_class`` returns; numpy moved ``core`` to ``_core`` in 2.0
+_ALLOWED: dict[tuple[str, str], Any] = {
+    **{(m, name): _estimator(name) for name, mods in _ESTIMATORS.items() for m in mods},
+    **{(f"numpy.{c}.multiarray", "_reconstruct"): _reconstruct for c in ("core", "_core")},
+    **{(f"numpy.{c}.multiarray", "scalar"): _scalar for c in ("core", "_core")},
+    ("numpy", "ndarray"): _NdarrayClass,
+    ("numpy", "dtype"): _DType,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        found = _ALLOWED.get((module, name))
+        if found is None:
+            raise CellTypistModelError(
+                f"the file names {module}.{name}, which a CellTypist model does not hold: "
+                "refused (nothing of the file was run)"
+            )
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CellTypistModelError("the file uses pickle's persistent ids: refused")
+
+
+@dataclass
+class CellTypistModel:
+    """What the service needs of a CellTypist model: a linear classifier over standardised
+    log1p CP10k expression.
+
+    ``decision = clip((x - mean) / scale, max=10) @ coef.T + intercept`` for ``x`` the log1p
+    CP10k values of ``features`` (CellTypist's ``annotate``), the class with the largest
+    decision is the label.
+    """
+
+    features: list[str]  # [G]
+    classes: list[str]  # [C]
+    coef: np.ndarray  # [C, G] float64 (binary models: the two rows -s and s)
+    intercept: np.ndarray  # [C]
+    mean: np.ndarray  # [G] (zeros when the scaler did not centre)
+    scale: np.ndarray  # [G]
+    estimator: str
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def _arrays(state: dict[str, Any], names: tuple[str, ...], what: str) -> list[np.ndarray]:
+    out = []
+    for name in names:
+        value = state.get(name)
+        if not isinstance(value, _Array) or value.value is None:
+            raise CellTypistModelError(f"the {what} has no {name} array")
+        out.append(value.value)
+    return out
+
+
+def read_celltypist(path: str | Path) -> CellTypistModel:
+    """Read a CellTypist ``.pkl`` (see the module docstring); nothing in it is executed.
+
+    Raises:
+        CellTypistModelError: not a CellTypist model, or a name outside the allowed ones (the
+            message names it), or arrays whose shapes do not agree.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise CellTypistModelError(f"{path} is {size} bytes, more than a CellTypist model")
+    data = path.read_bytes()
+    try:
+        obj = _Unpickler(io.BytesIO(data)).load()
+    except CellTypistModelError:
+        raise
+    except Exception as e:  # a damaged or foreign pickle
+        raise CellTypistModelError(
+            f"{path} is not a readable CellTypist model: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(obj, dict) or not {"Model", "Scaler_"} <= set(obj):
+        raise CellTypistModelError(f"{path} is a pickle, but not of a CellTypist model")
+    model, scaler = obj["Model"], obj["Scaler_"]
+    if not isinstance(model, _Estimator) or model.kind == "StandardScaler":
+        raise CellTypistModelError("its Model is not a LogisticRegression or SGDClassifier")
+    if not isinstance(scaler, _Estimator) or scaler.kind != "StandardScaler":
+        raise CellTypistModelError("its Scaler_ is not a StandardScaler")
+    coef, intercept, classes, features = _arrays(
+        model.state, ("coef_", "intercept_", "classes_", "features"), model.kind
+    )
+    (scale,) = _arrays(scaler.state, ("scale_",), "StandardScaler")
+    with_mean = scaler.state.get("with_mean", True) is not False
+    mean = _arrays(scaler.state, ("mean_",), "StandardScaler")[0] if with_mean else None
+    G = len(features)
+    coef = np.asarray(coef, dtype=np.float64)
+    intercept = np.asarray(intercept, dtype=np.float64).reshape(-1)
+    if coef.ndim != 2 or coef.shape[1] != G or len(scale) != G:
+        raise CellTypistModelError(
+            f"coef_ {coef.shape}, scale_ {scale.shape} and {G} features do not agree"
+        )
+    if coef.shape[0] == 1 and len(classes) == 2:  # binary: CellTypist scores (-s, s)
+        coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
+    if coef.shape[0] != len(classes) or len(intercept) != len(classes):
+        raise CellTypistModelError(f"coef_ {coef.shape} for {len(classes)} classes")
+    description = obj.get("description")
+    return CellTypistModel(
+        features=[str(f) for f in features],
+        classes=[str(c) for c in classes],
+        coef=coef,
+        intercept=intercept,
+        mean=np.zeros(G) if mean is None else np.asarray(mean, dtype=np.float64),
+        scale=np.asarray(scale, dtype=np.float64),
+        estimator=model.kind,
+        description=_plain(description) if isinstance(description, dict) else {},
+    )
+
+
+def _plain(value: Any) -> Any:
+    """The description as JSON-ready values (str, numbers, lists, dicts)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, _Array) and value.value is not None:
+        return _plain(value.value.tolist())
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)

@@ -1,0 +1,85 @@
+"""CellTypist models read without executing the pickle (models/celltypist.py): the arrays
+scikit-learn pickled, exactly; anything else named in a pickle is refused and never runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellexplain.models.celltypist import CellTypistModelError, read_celltypist
+
+sklearn = pytest.importorskip("sklearn", reason="the train extra (scikit-learn) is not installed")
+
+
+def write_model(path: Path, n_classes: int) -> tuple[object, object, np.ndarray]:
+    """A model pickled as CellTypist's ``Model.write`` pickles one: ``{"Model": classifier with
+    ``features``, "Scaler_": scaler, "description": {...}}``, on log1p-like data."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    X = np.log1p(rng.poisson(1.0, (300, 40))).astype(np.float64)
+    y = np.array([f"type {i % n_classes}" for i in range(300)], dtype=object)
+    X[y == "type 1", :5] += 2
+    scaler = StandardScaler().fit(X)
+    clf = LogisticRegression(max_iter=500).fit(np.clip(scaler.transform(X), None, 10), y)
+    clf.features = np.array([f"GENE{j}" for j in range(40)], dtype=object)
+    description = {"date": "2026-12-06", "details": "test", "number_celltypes": n_classes}
+    with path.open("wb") as f:
+        pickle.dump({"Model": clf, "Scaler_": scaler, "description": description}, f)
+    return clf, scaler, X
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_the_arrays_scikit_learn_pickled_come_back_exactly(tmp_path, n_classes):
+    clf, scaler, X = write_model(tmp_path / "m.pkl", n_classes)
+    m = read_celltypist(tmp_path / "m.pkl")
+    assert m.classes == list(clf.classes_) and m.features == list(clf.features)
+    np.testing.assert_array_equal(m.mean, scaler.mean_)
+    np.testing.assert_array_equal(m.scale, scaler.scale_)
+    # CellTypist's decision: clip((x - mean) / scale, max=10) @ coef.T + intercept
+    z = np.minimum((X - m.mean) / m.scale, 10)
+    want = clf.decision_function(z)
+    if n_classes == 2:  # CellTypist scores a binary model as (-s, s)
+        want = np.column_stack([-want, want])
+    np.testing.assert_allclose(z @ m.coef.T + m.intercept, want, rtol=1e-12, atol=1e-12)
+    assert m.estimator == "LogisticRegression" and m.description["details"] == "test"
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a hostile .pkl does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_naming_anything_else_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.pkl"
+    hostile.write_bytes(pickle.dumps({"Model": _Payload(marker), "Scaler_": None}))
+    with pytest.raises(CellTypistModelError, match=r"names posix\.system.*refused"):
+        read_celltypist(hostile)
+    assert not marker.exists()
+    evil = tmp_path / "eval.pkl"
+    evil.write_bytes(b"cbuiltins\neval\n(S'1+1'\ntR.")  # protocol 0: eval('1+1')
+    with pytest.raises(CellTypistModelError, match=r"names builtins\.eval"):
+        read_celltypist(evil)
+    # an allowed name used another way: numpy's _reconstruct on something else than ndarray
+    odd = tmp_path / "odd.pkl"
+    odd.write_bytes(b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\ndtype\nS'f8'\ntR(tR.")
+    with pytest.raises(CellTypistModelError):
+        read_celltypist(odd)
+    with pytest.raises(CellTypistModelError, match="not a readable CellTypist model"):
+        (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
+        read_celltypist(tmp_path / "junk.pkl")
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+    with pytest.raises(CellTypistModelError, match="not of a CellTypist model"):
+        read_celltypist(plain)

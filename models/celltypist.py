@@ -23,7 +23,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -75,7 +75,9 @@ class _DType:
 
     def resolve(self) -> np.dtype[Any]:
         dtype = np.dtype(self.spec)
-        return dtype.newbyteorder(self.order) if self.order in "<>" else dtype
+        if self.order == "<":
+            return dtype.newbyteorder("<")
+        return dtype.newbyteorder(">") if self.order == ">" else dtype
 
 
 class _NdarrayClass:
@@ -96,7 +98,8 @@ class _Array:
             raise CellTypistModelError("an array's shape or dtype is not numpy's")
         if not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape):
             raise CellTypistModelError(f"an array's shape {shape!r} is not a shape")
-        order = "F" if fortran else "C"
+        order: Literal["C", "F"] = "F" if fortran else "C"
+        dims = tuple(int(d) for d in shape)
         size = int(np.prod(shape, dtype=np.int64))
         kind = dtype.resolve()
         if kind.kind == "O":
@@ -104,11 +107,11 @@ class _Array:
                 raise CellTypistModelError("an object array's values are not a list")
             if not all(isinstance(v, str) for v in raw):
                 raise CellTypistModelError("an object array holds something other than text")
-            self.value = np.array(raw, dtype=object).reshape(shape, order=order)
+            self.value = np.array(raw, dtype=object).reshape(dims, order=order)
             return
         if not isinstance(raw, bytes | bytearray) or len(raw) != size * kind.itemsize:
             raise CellTypistModelError("an array's bytes do not match its shape and dtype")
-        self.value = np.frombuffer(bytes(raw), dtype=kind).reshape(shape, order=order).copy()
+        self.value = np.frombuffer(bytes(raw), dtype=kind).reshape(dims, order=order).copy()
 
 
 def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:

@@ -230,6 +230,7 @@ def build_graph(
     dtype: type[np.floating[Any]] = np.float32,
     novelty: NoveltyReference | None = None,
     program_copies: int = 1,
+    input_clip: tuple[np.ndarray, np.ndarray, float] | None = None,
 ) -> onnx.ModelProto:
     """Write the prediction + attribution graph of a dense ReLU network.
 
@@ -248,6 +249,11 @@ def build_graph(
         program_copies: a seed ensemble's members (:func:`~cellexplain.models.architectures.
             ensemble`): its first ``program_copies x n_programs`` units are the members'
             programs, member after member, and a program's attribution is their sum.
+        input_clip: ``(mean, scale, upper)``, linear models only: the layer reads
+            ``z = min((x - mean) / scale, upper)`` (CellTypist's standardisation, clipped above
+            at 10) instead of ``x``; its weights are ``z``'s. Attributions stay exact:
+            ``W_t * (z - z0)`` for ``z0`` the baseline's ``z`` (the path from the baseline
+            crosses the clip gene by gene, and a linear layer sums what each gene moved).
 
     Returns:
         An ONNX model with inputs ``x`` float32 ``[n, n_genes]`` and ``target`` int64 ``[m]``
@@ -269,13 +275,30 @@ def build_graph(
     G = layers[0][0].shape[1]
     C = layers[-1][0].shape[0]
     x0 = np.asarray(baseline, dtype=np.float64).reshape(G)
-    zero_baseline = not np.any(x0)
     b = _GraphBuilder()
+    inp = "x"  # what the first layer reads: x, or its clipped standardisation
+    if input_clip is not None:
+        if len(layers) != 1:
+            raise ValueError("input_clip is for linear models (one layer)")
+        mean, scale, upper = (np.asarray(v, dtype=np.float64) for v in input_clip)
+        x0 = np.minimum((x0 - mean) / scale, upper)  # the baseline, as the layer reads it
+        inp = b.op(
+            "Min",
+            [
+                b.op(
+                    "Mul",
+                    [b.op("Sub", ["x", b.const("mean", mean.astype(f32))]),
+                     b.const("inv_scale", (1.0 / scale).astype(f32))],
+                ),
+                b.const("upper", np.asarray(upper, dtype=f32)),
+            ],
+        )  # fmt: skip
+    zero_baseline = not np.any(x0)
     zero = b.const("zero", np.array(0.0, dtype=f32)) if len(layers) > 1 else ""
     Ws = [b.const(f"W{i + 1}", W.astype(f32)) for i, (W, _) in enumerate(layers)]
 
     # d = x - x0 and the first layer's pre-activation difference D1 = d @ W1^T
-    d = "x" if zero_baseline else b.op("Sub", ["x", b.const("baseline", x0.astype(f32))])
+    d = inp if zero_baseline else b.op("Sub", [inp, b.const("baseline", x0.astype(f32))])
     W1, b1 = layers[0]
     a0 = W1 @ x0 + b1  # first-layer pre-activation at the baseline (a constant)
     a0_c = b.const("a0", a0.astype(f32))

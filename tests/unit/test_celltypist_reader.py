@@ -83,3 +83,35 @@ def test_a_pickle_naming_anything_else_is_refused_and_never_runs(tmp_path):
     plain.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
     with pytest.raises(CellTypistModelError, match="not of a CellTypist model"):
         read_celltypist(plain)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_clipped_linear_graph_computes_celltypists_decision_and_exact_attributions(
+    tmp_path, dtype
+):
+    """build_graph's input_clip: CellTypist's clip((x - mean) / scale, max=10) before the
+    layer; attributions coef_t x (z - z0) for the mean baseline (z0 = 0), complete."""
+    import onnxruntime as ort
+
+    from cellexplain.models.attribution import AttributionSpec, build_graph
+
+    clf, _, X = write_model(tmp_path / "m.pkl", 4)
+    m = read_celltypist(tmp_path / "m.pkl")
+    X[:5, 0] = 40.0  # far above the clip for gene 0
+    z = np.minimum((X - m.mean) / m.scale, 10)
+    assert (z[:5, 0] == 10).all()
+    graph = build_graph(
+        [(m.coef, m.intercept)], AttributionSpec(baseline="mean"), m.mean, dtype=dtype,
+        input_clip=(m.mean, m.scale, 10.0),
+    )  # fmt: skip
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, attr, explained = sess.run(
+        ["logits", "attributions", "explained_class"], {"x": X.astype(dtype)}
+    )
+    want = clf.decision_function(z)
+    tol = 1e-9 if dtype == np.float64 else 2e-4
+    np.testing.assert_allclose(logits, want, atol=tol, rtol=0)
+    np.testing.assert_array_equal(explained, want.argmax(axis=1))
+    np.testing.assert_allclose(attr, m.coef[explained] * z, atol=tol, rtol=0)
+    rise = logits[np.arange(len(X)), explained] - m.intercept[explained]  # F(x) - F(baseline)
+    np.testing.assert_allclose(attr.sum(axis=1), rise, atol=10 * tol, rtol=0)

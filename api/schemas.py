@@ -197,7 +197,9 @@ class ModelSummary(_Schema):
     n_genes: int
     classes: list[str]
     attribution_method: str
-    test_macro_f1: float
+    test_macro_f1: float | None = Field(
+        description="held-out macro-F1 of a model trained here; null for an imported one"
+    )
     default: bool
 
 

@@ -300,6 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_card_summary(card: ModelCard, out: Path) -> None:
     m = card.metrics
+    assert m is not None  # a model trained here
     c = card.checks
     print(f"wrote {out / 'model.onnx'} and {out / 'model.json'}")
     arch = card.architecture
@@ -341,6 +342,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     data, _config(args, arch, f"cmp-{arch}"), Path(tmp) / arch, progress=False
                 )
                 m = card.metrics
+                assert m is not None  # trained here
                 rows.setdefault(arch, []).append((m.model.accuracy, m.model.macro_f1))
                 if arch == args.archs[0]:
                     rows.setdefault("logistic regression (baseline)", []).append(
@@ -380,6 +382,36 @@ def cmd_models_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_import_celltypist(args: argparse.Namespace) -> int:
+    """A CellTypist model (.pkl), read without executing it, exported and imported."""
+    from cellexplain.models.celltypist import (
+        CellTypistModelError,
+        export_celltypist,
+        read_celltypist,
+    )
+    from cellexplain.models.errors import StoreError
+    from cellexplain.models.store import check_name, import_model
+
+    src = Path(args.model)
+    if not src.is_file():
+        raise CLIError(f"no CellTypist model at {src}")
+    name = args.name or re.sub(r"[^a-z0-9._-]+", "-", src.stem.lower()).strip("-._") or "celltypist"
+    try:
+        check_name(name)
+        model = read_celltypist(src)
+    except (CellTypistModelError, StoreError) as e:
+        raise CLIError(str(e)) from e
+    out = Path(args.out or Path("artifacts") / name)
+    card = export_celltypist(model, src, name, out)
+    print(
+        f"read {src.name}: {model.estimator}, {len(card.genes)} genes, {len(card.classes)} "
+        f"cell types; wrote {out / 'model.onnx'} and {out / 'model.json'} (graph checked: "
+        f"attributions {card.checks.captum_rel_error:.1e} from numpy's float64)"
+    )
+    print(f"imported into the BentoML store as {import_model(out, replace=args.force)}")
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     """The store's models, or with ``--url`` (or without the ``serve`` extra, which the
     store needs) the models a running service serves."""
@@ -399,7 +431,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         c = m.card
         print(
             f"{m.tag:<40} {c.architecture.kind:<9} {len(c.genes):>6} {len(c.classes):>7} "
-            f"{c.metrics.model.macro_f1:>8.3f}  {c.attribution.method}"
+            f"{_macro_f1(c):>8}  {c.attribution.method}"
         )
     return 0
 
@@ -417,9 +449,15 @@ def _list_served(url: str | None, header: str) -> int:
     for m in listed:
         print(
             f"{m.tag:<40} {m.architecture:<9} {m.n_genes:>6} {len(m.classes):>7} "
-            f"{m.test_macro_f1:>8.3f}  {m.attribution_method:<21}  {'yes' if m.default else ''}"
+            f"{'-' if m.test_macro_f1 is None else f'{m.test_macro_f1:.3f}':>8}  "
+            f"{m.attribution_method:<21}  {'yes' if m.default else ''}"
         )
     return 0
+
+
+def _macro_f1(card: ModelCard) -> str:
+    """A stored model's held-out macro-F1, or ``-`` for an imported one."""
+    return "-" if card.metrics is None else f"{card.metrics.model.macro_f1:.3f}"
 
 
 def cmd_models_delete(args: argparse.Namespace) -> int:
@@ -438,8 +476,22 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     if args.json:
         print(card.model_dump_json(indent=2))
         return 0
-    m, a = card.metrics.model, card.architecture
-    baseline = card.metrics.logistic_regression.macro_f1
+    a = card.architecture
+    if card.metrics is not None and card.training_data is not None:
+        m, data = card.metrics.model, card.training_data
+        baseline = card.metrics.logistic_regression.macro_f1
+        source = [
+            ("training data", f"{data.source} ({data.n_cells} cells, labels {data.label_key})"),
+            ("held-out scores", f"accuracy {m.accuracy:.3f}, macro-F1 {m.macro_f1:.3f} "
+                                f"(logistic regression {baseline:.3f})"),
+        ]  # fmt: skip
+    elif card.origin is not None:
+        o = card.origin
+        version = o.description.get("version") or "no version"
+        source = [("imported", f"{o.kind} model {o.file} ({o.estimator}, {version}), "
+                               f"sha256 {o.sha256[:16]}; held-out scores: none")]  # fmt: skip
+    else:
+        source = []
     rows = [
         ("tag", stored.tag),
         ("description", card.description),
@@ -448,10 +500,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
                                                          if a.ensemble > 1 else "")),
         ("genes", f"{len(card.genes)}: {', '.join(card.genes[:8])}, ..."),
         ("classes", f"{len(card.classes)}: {', '.join(card.classes)}"),
-        ("training data", f"{card.training_data.source} ({card.training_data.n_cells} cells, "
-                          f"labels {card.training_data.label_key})"),
-        ("held-out scores", f"accuracy {m.accuracy:.3f}, macro-F1 {m.macro_f1:.3f} "
-                            f"(logistic regression {baseline:.3f})"),
+        *source,
         ("attributions", f"{card.attribution.method}, {card.attribution.n_steps} steps, "
                          f"baseline {card.attribution.baseline}"),
         ("thresholds", f"confidence {card.unassigned_threshold:g}"
@@ -825,6 +874,15 @@ def build_parser() -> argparse.ArgumentParser:
         "extra, at $CELLEXPLAIN_URL, else http://localhost:3000)",
     )
     q.set_defaults(func=cmd_models_list)
+    q = msub.add_parser(
+        "import-celltypist",
+        help="import a CellTypist model (.pkl, read without executing it) into the store",
+    )
+    q.add_argument("model", metavar="MODEL.pkl")
+    q.add_argument("--name", help="store name (default: from the file name)")
+    q.add_argument("--out", help="artifact folder (default artifacts/NAME)")
+    q.add_argument("--force", action="store_true", help="add a new version of an existing name")
+    q.set_defaults(func=cmd_models_import_celltypist)
     q = msub.add_parser("show", help="a stored model's card, in brief (--json: all of it)")
     q.add_argument("tag", help="NAME or NAME:VERSION")
     q.add_argument("--json", action="store_true", help="print the whole card as JSON")

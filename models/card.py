@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -69,6 +69,28 @@ class Attribution(_Strict):
     baseline: Literal["zero", "mean"]
     exact: bool = Field(description="true when attributions are exact (linear models)")
     completeness: str
+
+
+class Origin(_Strict):
+    """Where a model not trained here comes from (``cellexplain models import-celltypist``)."""
+
+    kind: Literal["celltypist"]
+    file: str = Field(description="the file it was read from (its name)")
+    sha256: str
+    estimator: str = Field(description="the scikit-learn estimator it stored")
+    description: dict[str, Any] = Field(
+        default_factory=dict, description="the model's own description (CellTypist's)"
+    )
+    standardisation: str = Field(
+        description="how the graph reads its genes: clip((x - mean) / scale, max=10), as "
+        "CellTypist's annotate does"
+    )
+    missing_genes: Literal["mean"] = Field(
+        default="mean",
+        description="a model gene a request lacks reads as its training mean (z = 0), as "
+        "CellTypist leaves it out of the score; `missing_fill` holds the values",
+    )
+    missing_fill: list[float] = Field(description="per model gene, the value a missing one reads")
 
 
 class Novelty(_Strict):
@@ -289,9 +311,14 @@ class ModelCard(_Strict):
     novelty: Novelty | None = Field(
         default=None, description="the novelty score (models exported before it have none)"
     )
-    training_data: TrainingData
-    split: Split
-    metrics: Metrics
+    training_data: TrainingData | None = Field(
+        default=None, description="models trained here; None for imported ones (see origin)"
+    )
+    split: Split | None = None
+    metrics: Metrics | None = Field(
+        default=None, description="held-out scores of models trained here; None when imported"
+    )
+    origin: Origin | None = Field(default=None, description="an imported model's source")
     calibration: Calibration | None = Field(
         default=None, description="models exported before calibration have none (T = 1)"
     )

@@ -259,3 +259,136 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)
+
+
+#: CellTypist's clip of standardised expression (``annotate``: ``X[X > 10] = 10``)
+CLIP = 10.0
+#: synthetic cells the export checks the graph on (from the scaler's own statistics)
+CHECK_CELLS = 512
+
+
+def export_celltypist(model: CellTypistModel, source: Path, name: str, out_dir: Path) -> Any:
+    """Write ``model.onnx`` and ``model.json`` for ``model`` read from ``source``: the linear
+    graph on CellTypist's clipped standardisation (``build_graph(input_clip=...)``), exact
+    attributions ``coef_t x z`` against the mean baseline, no novelty score (it needs the
+    training cells, which a CellTypist model does not carry). The graph is checked in float32
+    and float64 against numpy's float64 decision on synthetic cells drawn from the scaler's
+    statistics; returns the :class:`~cellexplain.models.card.ModelCard`.
+
+    Raises:
+        ExportError: the graph disagrees with the numpy reference.
+    """
+    import datetime
+    import hashlib
+
+    from cellexplain import __version__
+    from cellexplain.models.attribution import OPSET, AttributionSpec, build_graph
+    from cellexplain.models.card import (
+        Architecture,
+        Attribution,
+        ExportChecks,
+        ModelCard,
+        OnnxInfo,
+        Origin,
+        Preprocessing,
+    )
+    from cellexplain.models.errors import ExportError
+    from cellexplain.models.export import _atomic_write, _rel_error, _run
+
+    G, C = len(model.features), len(model.classes)
+    clip = (model.mean, model.scale, CLIP)
+    layers = [(model.coef, model.intercept)]
+    spec = AttributionSpec(baseline="mean")
+
+    def graph(dtype: type[np.floating[Any]]) -> Any:
+        return build_graph(layers, spec, model.mean, name=name, dtype=dtype, input_clip=clip)
+
+    rng = np.random.default_rng(0)
+    x = np.maximum(model.mean + model.scale * rng.standard_normal((CHECK_CELLS, G)), 0)
+    z = np.minimum((x - model.mean) / model.scale, CLIP)
+    decision = z @ model.coef.T + model.intercept  # CellTypist's, in float64
+    best = decision.argmax(axis=1)
+    attr_ref = model.coef[best] * z
+    onnx_model = graph(np.float32)
+    onnx_bytes = onnx_model.SerializeToString()
+    out32 = _run(onnx_bytes, x.astype(np.float32))
+    out64 = _run(graph(np.float64).SerializeToString(), x)
+    rise = decision[np.arange(CHECK_CELLS), best] - model.intercept[best]
+    completeness = np.abs(out32["attributions"].sum(axis=1) - rise)
+    probs = np.exp(decision - decision.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    err32 = _rel_error(out32["attributions"], attr_ref)
+    per_cell = np.abs(out32["attributions"] - attr_ref).sum(1) / np.maximum(
+        np.abs(attr_ref).sum(1), 1e-12
+    )
+    checks = ExportChecks(
+        n_cells=CHECK_CELLS,
+        captum_method="none: the exact linear reference coef_t x z, numpy float64",
+        captum_max_abs_error=float(np.abs(out32["attributions"] - attr_ref).max()),
+        captum_rel_error=err32,
+        captum_rel_error_p99=float(np.quantile(per_cell, 0.99)),
+        float64_graph_rel_error=_rel_error(out64["attributions"], attr_ref),
+        completeness_max_abs_error=float(completeness.max()),
+        completeness_rel_error=float(completeness.max() / max(np.abs(rise).mean(), 1e-12)),
+        completeness_tolerance=1e-3,
+        probabilities_max_abs_error=float(np.abs(out32["probabilities"] - probs).max()),
+        passed=False,
+    )
+    checks.passed = bool(
+        checks.float64_graph_rel_error < 1e-9
+        and err32 < 1e-4
+        and checks.completeness_rel_error < checks.completeness_tolerance
+        and checks.probabilities_max_abs_error < 1e-5
+        and (out32["explained_class"] == best).mean() > 0.999
+    )
+    if not checks.passed:
+        raise ExportError(f"the graph of {source} failed its checks: {checks.model_dump()}")
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    card = ModelCard(
+        name=name,
+        version=sha[:16],
+        created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        cellexplain_version=__version__,
+        description=f"CellTypist model {source.name}, imported",
+        genes=model.features,
+        classes=model.classes,
+        preprocessing=Preprocessing(
+            detected_training_input="log1p_cp10k",
+            detection_reason="CellTypist models read log1p CP10k expression",
+            gene_selection="all",
+            n_genes_in_training_data=G,
+        ),
+        architecture=Architecture(
+            kind="linear", layer_sizes=[G, C], n_parameters=int(model.coef.size + C)
+        ),
+        attribution=Attribution(
+            method="integrated_gradients",
+            n_steps=0,
+            rule="none",
+            baseline="mean",
+            exact=True,
+            completeness="exact: coef_t x z, z = clip((x - mean) / scale, max=10): the "
+            "attributions sum to the decision score minus the intercept",
+        ),
+        origin=Origin(
+            kind="celltypist",
+            file=source.name,
+            sha256=sha,
+            estimator=model.estimator,
+            description=model.description,
+            standardisation="clip((x - mean) / scale, max=10), as CellTypist's annotate",
+            missing_fill=[float(v) for v in model.mean],
+        ),
+        checks=checks,
+        onnx=OnnxInfo(
+            sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+            precision="float32",
+            opset=OPSET,
+            inputs=[i.name for i in onnx_model.graph.input],
+            outputs=list(out32),
+        ),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / "model.onnx", onnx_bytes)
+    _atomic_write(out_dir / "model.json", (card.model_dump_json(indent=2) + "\n").encode())
+    return card

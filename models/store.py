@@ -94,8 +94,13 @@ def import_model(directory: str | Path, name: str | None = None, replace: bool =
             "n_genes": len(card.genes),
             "n_classes": len(card.classes),
             "attribution": card.attribution.method,
-            "test_macro_f1": round(card.metrics.model.macro_f1, 4),
+            "origin": card.origin.kind if card.origin is not None else "trained",
             "onnx_sha256": card.onnx.sha256,
+            **(
+                {"test_macro_f1": round(card.metrics.model.macro_f1, 4)}
+                if card.metrics is not None
+                else {}
+            ),
         },
     ) as bento_model:
         for f in (ONNX_FILE, CARD_FILE):

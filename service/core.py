@@ -464,7 +464,9 @@ class Annotator:
                     n_genes=len(m.model.genes),
                     classes=m.classes,
                     attribution_method=m.model.card.attribution.method,
-                    test_macro_f1=m.model.card.metrics.model.macro_f1,
+                    test_macro_f1=None
+                    if m.model.card.metrics is None
+                    else m.model.card.metrics.model.macro_f1,
                     default=m.name == self.default,
                 )
                 for m in self.models.values()
@@ -687,8 +689,16 @@ class Annotator:
             x = np.empty((n, len(alignment.take)), dtype=np.float32)
             for a in range(0, n, step):
                 x[a : a + step] = rows(a)
-        trained_on = lm.model.card.preprocessing.n_genes_in_training_data
-        warnings += _input_warnings(x, kind, alignment, where, trained_on)
+        card = lm.model.card
+        warnings += _input_warnings(
+            x, kind, alignment, where, card.preprocessing.n_genes_in_training_data
+        )
+        missing = alignment.take < 0
+        if card.origin is not None and missing.any():
+            # an imported CellTypist model leaves a gene the request lacks out of its score:
+            # it reads its training mean (standardised: 0). x is a fresh array here: an
+            # alignment with missing genes always builds one
+            x[:, missing] = np.asarray(card.origin.missing_fill, dtype=x.dtype)[missing]
         return Prepared(
             x=x, alignment=alignment, n_submitted=len(genes), input_kind=kind, warnings=warnings
         )

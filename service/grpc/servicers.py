@@ -125,7 +125,12 @@ class CellExplainServicer(_CellExplainBase):
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         models = self.annotator.list_models().models
-        return pb.ListModelsResponse(models=[pb.ModelSummary(**m.model_dump()) for m in models])
+        summaries = [
+            # proto3 floats have no null: an imported model's missing score is NaN
+            pb.ModelSummary(**{**m.model_dump(), "test_macro_f1": _score(m.test_macro_f1)})
+            for m in models
+        ]
+        return pb.ListModelsResponse(models=summaries)
 
     async def GetModel(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         detail = self.annotator.model_detail(request.name)
@@ -136,6 +141,10 @@ class CellExplainServicer(_CellExplainBase):
             card_json=detail.card.model_dump_json(),
             limits=limits,
         )
+
+
+def _score(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 class InferenceServicer(_InferenceBase):

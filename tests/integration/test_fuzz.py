@@ -9,6 +9,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.errors import FailureGroup
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.integration.servers import bentoml_server
@@ -54,7 +55,16 @@ def test_rest_api_conforms(case):
     # match the document, schema-invalid input refused) except "schema-valid input accepted":
     # a request can fit the schema and still be wrong for the model (unknown genes, rows
     # of the wrong length), which the service rightly answers with a 400 naming the problem
-    case.call_and_validate(excluded_checks=[positive_data_acceptance])
+    response = case.call()
+    try:
+        case.validate_response(response, excluded_checks=[positive_data_acceptance])
+    except FailureGroup as group:
+        # a schema-invalid body past a size bound (more nested objects than the cell limit
+        # allows) is refused whole with a documented 413 before its values are read: a
+        # rejection, though not one of the statuses the negative-data check (ST201) lists
+        if response.status_code == 413 and all(f.code == "ST201" for f in group.exceptions):
+            return
+        raise
 
 
 def test_the_document_lists_every_operation(server):

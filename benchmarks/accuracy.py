@@ -11,7 +11,8 @@ training cells (log1p CP10k, as it requires) and predicts the same test cells; t
 regression baseline of our cards is scored on the same split too. Prints each seed and the mean
 +/- sd of accuracy and macro-F1 as a Markdown table. Usage:
 
-    python -m benchmarks.accuracy [--seeds 5] [--archs linear mlp programs] [--test-size 0.3]
+    python -m benchmarks.accuracy [--seeds 10] [--first-seed 0] [--archs linear mlp programs]
+        [--test-size 0.3]
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def scores(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--first-seed", type=int, default=0, help="splits first-seed.. (0: 0..9)")
     p.add_argument("--archs", nargs="+", default=["linear", "mlp", "programs"])
     p.add_argument("--test-size", type=float, default=0.3)
     p.add_argument("--no-celltypist", action="store_true", help="ours and the baseline only")
@@ -118,7 +120,8 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {}
     eces: dict[str, list[tuple[float, float, float]]] = {}
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
         idx = np.arange(len(labels))
         train, test = train_test_split(
             idx, test_size=args.test_size, stratify=labels, random_state=seed
@@ -166,10 +169,12 @@ def main() -> None:
     print(
         f"\n# accuracy: {data.source} ({data.label_key}, {len(labels)} cells), "
         f"{args.seeds} stratified {1 - args.test_size:.0%}/{args.test_size:.0%} splits (seeds "
-        f"0..{args.seeds - 1}); {platform.machine()}, {os.cpu_count()} cores, "
+        f"{seeds[0]}..{seeds[-1]}); {platform.machine()}, {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - t0:.0f} s{ct}"
     )
     print("\n".join(score_table(results)))
+    if "CellTypist 1.7.1" in results:
+        print("\n".join(["", *paired_table(results, "CellTypist 1.7.1")]))
     print(
         f"\nexpected calibration error on the test cells ({ECE_BINS} equal-width bins of the "
         "best class's probability; mean +- sd over the splits):\n"
@@ -185,6 +190,33 @@ def main() -> None:
             print(
                 f"| {name} | {m[1]:.3f} +- {sd[1]:.3f} | {m[0]:.3f} +- {sd[0]:.3f} | {m[2]:.2f} |"
             )
+
+
+def paired_table(results: dict[str, list[tuple[float, float]]], reference: str) -> list[str]:
+    """Each model's macro-F1 minus ``reference``'s on the same split: the mean and sd of the
+    differences, the splits it is ahead on, and the paired t statistic (mean / (sd / sqrt(n)))
+    with its two-sided p-value (Student's t, n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    ref = np.array([f1 for _, f1 in results[reference]])
+    rows = [
+        f"paired macro-F1 difference to {reference} (same splits; mean +- sd of the differences):",
+        "",
+        "| model | difference | ahead on | paired t | p (two-sided) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, values in results.items():
+        if name == reference:
+            continue
+        d = np.array([f1 for _, f1 in values]) - ref
+        sd = d.std(ddof=1) if len(d) > 1 else float("nan")
+        t = d.mean() / (sd / np.sqrt(len(d))) if sd and sd > 0 else float("nan")
+        p = 2 * stats.t.sf(abs(t), len(d) - 1) if np.isfinite(t) else float("nan")
+        rows.append(
+            f"| {name} | {d.mean():+.3f} +- {sd:.3f} | {int((d > 0).sum())}/{len(d)} | "
+            f"{t:.2f} | {p:.3f} |"
+        )
+    return rows
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

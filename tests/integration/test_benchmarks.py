@@ -128,3 +128,21 @@ def test_the_floor_server_reads_each_body_and_answers_the_bytes_it_is_given(tmp_
             assert r.status_code == 200
             assert r.content == answer
             assert r.headers["inference-header-content-length"] == "17"
+
+
+def test_the_paired_comparison_is_per_split():
+    """Differences are taken split by split: a model level on average but ahead on every
+    split of a varying difficulty gets a large paired t."""
+    from benchmarks.accuracy import paired_table
+
+    ref = [0.60, 0.70, 0.80, 0.65]
+    results = {
+        "CellTypist 1.7.1": [(0.0, f) for f in ref],
+        "ours": [(0.0, f + d) for f, d in zip(ref, [0.01, 0.02, 0.01, 0.02], strict=True)],
+        "shuffled": [(0.0, f) for f in reversed(ref)],
+    }
+    rows = {r.split("|")[1].strip(): r for r in paired_table(results, "CellTypist 1.7.1")[4:]}
+    ours = [c.strip() for c in rows["ours"].split("|")[2:6]]
+    assert ours[0] == "+0.015 +- 0.006" and ours[1] == "4/4" and float(ours[2]) > 5
+    shuffled = [c.strip() for c in rows["shuffled"].split("|")[2:6]]
+    assert shuffled[0].startswith("+0.000") and float(shuffled[3]) > 0.9

@@ -501,8 +501,9 @@ def cmd_models_show(args: argparse.Namespace) -> int:
         ("genes", f"{len(card.genes)}: {', '.join(card.genes[:8])}, ..."),
         ("classes", f"{len(card.classes)}: {', '.join(card.classes)}"),
         *source,
-        ("attributions", f"{card.attribution.method}, {card.attribution.n_steps} steps, "
-                         f"baseline {card.attribution.baseline}"),
+        ("attributions", card.attribution.completeness if card.attribution.exact
+                         else f"{card.attribution.method}, {card.attribution.n_steps} steps, "
+                              f"baseline {card.attribution.baseline}"),
         ("thresholds", f"confidence {card.unassigned_threshold:g}"
                        + (f", novelty {card.novelty.threshold:g}" if card.novelty else "")),
         ("calibration", "none" if card.calibration is None

@@ -60,9 +60,11 @@ log = logging.getLogger(__name__)
 WARN_MISSING_SHARE = 0.1
 
 
-def missing_gene_warnings(matching: GeneMatching) -> list[str]:
+def missing_gene_warnings(matching: GeneMatching, imported: bool = False) -> list[str]:
     """The answer's warnings about the genes it was sent (none while under
-    :data:`WARN_MISSING_SHARE` of the model's genes and of their importance are missing)."""
+    :data:`WARN_MISSING_SHARE` of the model's genes and of their importance are missing).
+    ``imported``: a CellTypist model's missing genes read as their training mean, and it has
+    no test scores of its own."""
     importance = matching.missing_importance
     if matching.missing_fraction <= WARN_MISSING_SHARE and (importance or 0) <= WARN_MISSING_SHARE:
         return []
@@ -73,8 +75,14 @@ def missing_gene_warnings(matching: GeneMatching) -> list[str]:
     return [
         f"{matching.n_missing} of the model's {matching.n_model_genes} genes "
         f"({matching.missing_fraction:.0%}{weight}) are missing from the request and were "
-        f"read as zero: labels and attributions are less reliable than the model's test "
-        f"scores ({which}: {shown})"
+        + (
+            "read as their training mean (left out of the score, as CellTypist does): labels "
+            "and attributions rest on fewer genes than the model was built on"
+            if imported
+            else "read as zero: labels and attributions are less reliable than the model's "
+            "test scores"
+        )
+        + f" ({which}: {shown})"
     ]
 
 
@@ -157,7 +165,8 @@ class Result:
     @property
     def warnings(self) -> list[str]:
         """What makes this answer less reliable than the model's test scores."""
-        missing = [] if self.matching is None else missing_gene_warnings(self.matching)
+        imported = self.card.origin is not None
+        missing = [] if self.matching is None else missing_gene_warnings(self.matching, imported)
         return [*self.input_warnings, *missing]
 
     @property

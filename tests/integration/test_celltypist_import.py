@@ -120,6 +120,7 @@ def test_the_imported_model_answers_as_celltypist_does(setting, kind):
             ad.read_h5ad(d / "test_missing.h5ad").var_names
         )
         assert set(matching["missing"]) <= dropped
+        assert "read as zero" not in " ".join(ours.uns["cellexplain"]["warnings"])
     # the evidence: coefficient x standardised expression, largest first
     values = ours.obsm["cellexplain_top_genes_attribution"]
     assert (np.nan_to_num(values[:, 0]) >= np.nan_to_num(values[:, 1])).all()

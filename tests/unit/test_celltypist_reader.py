@@ -115,3 +115,46 @@ def test_a_clipped_linear_graph_computes_celltypists_decision_and_exact_attribut
     np.testing.assert_allclose(attr, m.coef[explained] * z, atol=tol, rtol=0)
     rise = logits[np.arange(len(X)), explained] - m.intercept[explained]  # F(x) - F(baseline)
     np.testing.assert_allclose(attr.sum(axis=1), rise, atol=10 * tol, rtol=0)
+
+
+def test_an_sgd_model_and_hostile_descriptions(tmp_path):
+    """CellTypist's use_SGD / mini_batch models pickle scikit-learn's loss object: read as an
+    inert stand-in. A description nesting a list in itself, or sharing one list so that it
+    expands exponentially (a few KB that would become 2^40 values), is refused at once."""
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    X = np.log1p(rng.poisson(1.0, (200, 30))).astype(np.float64)
+    y = np.array([f"t{i % 3}" for i in range(200)], dtype=object)
+    scaler = StandardScaler().fit(X)
+    clf = SGDClassifier(loss="log_loss", random_state=0).fit(scaler.transform(X), y)
+    clf.features = np.array([f"G{j}" for j in range(30)], dtype=object)
+    path = tmp_path / "sgd.pkl"
+    path.write_bytes(pickle.dumps({"Model": clf, "Scaler_": scaler, "description": {}}))
+    m = read_celltypist(path)
+    assert m.estimator == "SGDClassifier"
+    np.testing.assert_array_equal(m.coef, clf.coef_)
+    loop: list = []
+    loop.append(loop)
+    laughs: list = ["ha"]
+    for _ in range(40):
+        laughs = [laughs, laughs]
+    for name, description in (("loop", {"loop": loop}), ("laughs", {"x": laughs})):
+        bomb = tmp_path / f"{name}.pkl"
+        obj = {"Model": clf, "Scaler_": scaler, "description": description}
+        bomb.write_bytes(pickle.dumps(obj))
+        with pytest.raises(CellTypistModelError, match="description is nested deeper"):
+            read_celltypist(bomb)
+
+
+def test_an_imported_models_missing_genes_are_said_to_read_as_the_mean():
+    from cellexplain.api.schemas import GeneMatching
+    from cellexplain.service.core import missing_gene_warnings
+
+    matching = GeneMatching(n_model_genes=100, n_found=70, n_missing=30, missing=["A", "B"],
+                            n_submitted=70, n_unused=0, missing_fraction=0.3)  # fmt: skip
+    (trained,) = missing_gene_warnings(matching)
+    (imported,) = missing_gene_warnings(matching, imported=True)
+    assert "read as zero" in trained and "test scores" in trained
+    assert "read as their training mean" in imported and "test scores" not in imported

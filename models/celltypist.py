@@ -174,10 +174,37 @@ _CY_LOSS = re.compile(r"^Cy[A-Za-z]+Loss$")
 
 
 class _Unpickler(pickle.Unpickler):
+    """Returns stand-ins made for this read alone: a pickle's BUILD may set attributes on
+    whatever ``find_class`` returned, and none of this module's own classes or functions is
+    ever handed to it."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        marker = type("ndarray", (_NdarrayClass,), {})
+
+        def reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
+            if cls is not marker:
+                raise CellTypistModelError(
+                    "numpy's _reconstruct is called on something else than ndarray"
+                )
+            return _Array()
+
+        def fresh(found: Any) -> Any:
+            if found is _NdarrayClass:
+                return marker
+            if found is _reconstruct:
+                return reconstruct
+            if isinstance(found, type):
+                return type(found.__name__, (found,), {})
+            return lambda *args: found(*args)
+
+        self._allowed = {key: fresh(found) for key, found in _ALLOWED.items()}
+        self._loss = fresh(_Loss)
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "sklearn._loss._loss" and _CY_LOSS.match(name):
-            return _Loss
-        found = _ALLOWED.get((module, name))
+            return self._loss
+        found = self._allowed.get((module, name))
         if found is None:
             raise CellTypistModelError(
                 f"the file names {module}.{name}, which a CellTypist model does not hold: "

@@ -158,3 +158,17 @@ def test_an_imported_models_missing_genes_are_said_to_read_as_the_mean():
     (imported,) = missing_gene_warnings(matching, imported=True)
     assert "read as zero" in trained and "test scores" in trained
     assert "read as their training mean" in imported and "test scores" not in imported
+
+
+def test_a_pickle_setting_attributes_on_the_readers_stand_ins_touches_only_its_own_read(tmp_path):
+    """BUILD on a class find_class returned sets attributes on it: the reader hands each read
+    its own stand-ins, so the next read is untouched."""
+    from cellexplain.models import celltypist
+
+    tamper = tmp_path / "tamper.pkl"
+    tamper.write_bytes(b"cnumpy\nndarray\n(N(dS'tampered'\nI1\nstb.")  # setattr(ndarray, ...)
+    with pytest.raises(CellTypistModelError, match="not of a CellTypist model"):
+        read_celltypist(tamper)
+    assert not hasattr(celltypist._NdarrayClass, "tampered")
+    clf, _, _ = write_model(tmp_path / "m.pkl", 3)
+    assert read_celltypist(tmp_path / "m.pkl").classes == list(clf.classes_)

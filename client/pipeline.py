@@ -520,10 +520,10 @@ async def annotate_file(
         try:
             reader = H5adReader(src, gene_key, layer, allow_external)
         except NotChunkableError:
-            adata = readers.read(src)
+            adata = readers.read(src, kind=kind)
             reader = MemoryReader(adata, src, gene_key, layer)
     else:
-        adata = readers.read(src, transpose=transpose, genome=genome)
+        adata = readers.read(src, transpose=transpose, genome=genome, kind=kind)
         reader = MemoryReader(adata, src, gene_key, layer)
     if cluster_key is not None and cluster_key not in reader.obs.columns:
         reader.close()
@@ -544,7 +544,7 @@ async def annotate_file(
             budget = ChunkBudget.fit(
                 lambda c: backend.request_bytes(c, options), sample, detail.limits
             )
-            chunk_size = budget.rows(float(stored_per_row(sample.X).mean()))
+            chunk_size = budget.rows_for(sample)
     chunks: Any = reader.chunks(chunk_size)
     if budget is not None:  # denser rows further on: cut before they are sent
         chunks = (part for c in chunks for part in budget.split(c))

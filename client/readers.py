@@ -90,6 +90,7 @@ def read(
     *,
     transpose: bool = False,
     genome: str | None = None,
+    kind: str | None = None,
 ) -> ad.AnnData:
     """The AnnData of any readable single-cell file (see the module docstring), cells x genes.
 
@@ -98,13 +99,14 @@ def read(
         transpose: a text table holds genes as rows and cells as columns (other formats say
             their orientation themselves).
         genome: for a 10x HDF5 file of several genomes, the one to read.
+        kind: its format when the caller has told it already (:func:`file_format`).
 
     Raises:
         InvalidInputError: the file is of no readable format, damaged, or needs a reader that
             is not installed (the message names the extra).
     """
     path = Path(path)
-    kind = file_format(path)
+    kind = kind or file_format(path)
     if transpose and kind not in ("csv", "tsv"):
         raise InvalidInputError(
             f"--transpose is for text tables; {path} is {describe(kind)}, whose orientation "

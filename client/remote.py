@@ -166,8 +166,9 @@ class ChunkBudget:
         return cls(fixed, per_row, per_value, limits.max_body_bytes * BODY_SHARE,
                    limits.max_cells_per_request)  # fmt: skip
 
-    def rows(self, values_per_row: float) -> int:
-        """Cells per chunk at a density of ``values_per_row`` non-zero values per cell."""
+    def rows_for(self, sample: Chunk) -> int:
+        """Cells per chunk at ``sample``'s density (its mean non-zero values per cell)."""
+        values_per_row = float(stored_per_row(sample.X).mean()) if sample.n else 0.0
         room = self.budget - self.fixed
         cost = self.per_row + self.per_value * values_per_row
         return int(min(self.max_cells, max(1, room // max(cost, 1.0))))
@@ -545,7 +546,7 @@ class AsyncClient:
             detail = await self.model(model)
             sample = Chunk(0, genes, X[:SAMPLE_ROWS])
             budget = ChunkBudget.fit(lambda c: self.request_bytes(c, opts), sample, detail.limits)
-            chunk_size = budget.rows(float(stored_per_row(sample.X).mean()) if sample.n else 0.0)
+            chunk_size = budget.rows_for(sample)
         elif chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         size = chunk_size

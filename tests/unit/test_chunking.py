@@ -35,7 +35,7 @@ def test_no_request_passes_the_limit_when_later_rows_are_denser(transport, dense
     data = cells(dense)
     sample = Chunk(0, data.genes, data.X[:SAMPLE_ROWS], data.cell_ids[:SAMPLE_ROWS])
     budget = ChunkBudget.fit(lambda c: client.request_bytes(c, opts), sample, LIMITS)
-    size = budget.rows(float((sample.X != 0).sum()) / sample.n)
+    size = budget.rows_for(sample)
     parts, wholes = [], []
     for s in range(0, data.n, size):
         whole = Chunk(s, data.genes, data.X[s : s + size], data.cell_ids[s : s + size])

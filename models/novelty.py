@@ -96,20 +96,38 @@ def _standardise(
     ref: NoveltyReference | tuple[np.ndarray, np.ndarray], x: np.ndarray
 ) -> np.ndarray:
     center, inv_scale = (ref.center, ref.inv_scale) if isinstance(ref, NoveltyReference) else ref
-    return np.clip((np.asarray(x, dtype=np.float64) - center) * inv_scale, -CLIP, CLIP)
+    z = np.subtract(x, center, dtype=np.float64)  # one array, worked on in place
+    z *= inv_scale
+    return np.clip(z, -CLIP, CLIP, out=z)
+
+
+def _top_components(z: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` leading principal directions ``[G, k]`` of centred cells ``z`` ``[n, G]``,
+    from the eigenvectors of the smaller of their two Gram matrices (``G x G`` or ``n x n``):
+    the right singular vectors of ``z`` without its left ones, which a thin SVD of 25,000
+    cells x 2,000 genes holds as 400 MB and ~10 s."""
+    if z.shape[0] >= z.shape[1]:
+        _, v = np.linalg.eigh(z.T @ z)
+        return np.ascontiguousarray(v[:, ::-1][:, :k])
+    w, u = np.linalg.eigh(z @ z.T)
+    w, u = w[::-1][:k], u[:, ::-1][:, :k]
+    return np.ascontiguousarray((z.T @ u) / np.sqrt(np.maximum(w, 1e-300)))
 
 
 def _fit(x: np.ndarray, y: np.ndarray, n_components: int) -> NoveltyReference:
     """The constants from cells ``x`` (float64) of classes ``y``, without calibration; the
     centroids of the classes present."""
     center = x.mean(0)
-    inv_scale = 1.0 / np.maximum(x.std(0), MIN_SCALE)
+    squares = np.zeros(x.shape[1])
+    for start in range(0, len(x), 4096):  # the deviations a block at a time, not a copy of x
+        squares += np.square(x[start : start + 4096] - center).sum(0)
+    inv_scale = 1.0 / np.maximum(np.sqrt(squares / max(len(x), 1)), MIN_SCALE)
     z = _standardise((center, inv_scale), x)
     z_mean = z.mean(0)
+    z -= z_mean
     k = max(1, min(n_components, min(z.shape) - 1))
-    _, _, vt = np.linalg.svd(z - z_mean, full_matrices=False)
-    pcs = vt[:k].T  # [G, k]
-    scores = (z - z_mean) @ pcs
+    pcs = _top_components(z, k)  # [G, k]
+    scores = z @ pcs
     present = np.unique(y)
     means = np.stack([scores[y == c].mean(0) for c in present])
     within = scores - means[np.searchsorted(present, y)]

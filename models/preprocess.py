@@ -302,16 +302,22 @@ def gene_mean_var(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene mean and (population) variance ``[n_genes]`` float64 over ``rows`` of ``X``
     (all rows by default), in one streaming pass over row chunks: never more than ``chunk``
-    rows in float64 at once, whatever the matrix's size."""
+    rows at once (of a matrix streamed from disk, its blocks), whatever the matrix's size."""
     idx = np.arange(X.shape[0]) if rows is None else np.asarray(rows)
-    total = np.zeros(X.shape[1])
-    squares = np.zeros(X.shape[1])
-    for start in range(0, len(idx), chunk):
-        block = X[idx[start : start + chunk]]
+    n_genes = X.shape[1]
+    total = np.zeros(n_genes)
+    squares = np.zeros(n_genes)
+    blocks = (
+        X.chunks(idx)
+        if hasattr(X, "chunks")
+        else (X[idx[start : start + chunk]] for start in range(0, len(idx), chunk))
+    )
+    for block in blocks:
         if sp.issparse(block):
-            b = sp.csr_matrix(block, dtype=np.float64)
-            total += np.asarray(b.sum(axis=0)).ravel()
-            squares += np.asarray(b.multiply(b).sum(axis=0)).ravel()
+            b = sp.csr_matrix(block)
+            v = np.asarray(b.data, dtype=np.float64)
+            total += np.bincount(b.indices, weights=v, minlength=n_genes)
+            squares += np.bincount(b.indices, weights=v * v, minlength=n_genes)
         else:
             b64 = np.asarray(block, dtype=np.float64)
             total += b64.sum(axis=0)

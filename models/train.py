@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from cellexplain import __version__
 from cellexplain.models.architectures import Arch, ArchConfig, CellClassifier, ensemble
 from cellexplain.models.attribution import AttributionSpec
+from cellexplain.models.backed import FileMatrix
 from cellexplain.models.card import (
     Architecture,
     Calibration,
@@ -35,7 +36,7 @@ from cellexplain.models.card import (
     Split,
     TrainingData,
 )
-from cellexplain.models.data import LabelledData
+from cellexplain.models.data import IN_MEMORY_VALUES, LabelledData
 from cellexplain.models.errors import DataError
 from cellexplain.models.export import MAX_CHECK_CELLS, export_model
 from cellexplain.models.genesets import program_mask, read_gmt
@@ -174,7 +175,8 @@ def _baseline(
         if n < len(train)
         else train
     )
-    chunks = [test[i : i + EVAL_CHUNK] for i in range(0, len(test), EVAL_CHUNK)]
+    step = eval_chunk(X.shape[1])
+    chunks = [test[i : i + step] for i in range(0, len(test), step)]
     predict = _logistic_regression(dense(X, rows), y[rows], seed)
     pred = [predict(dense(X, c)) for c in chunks]
     return (np.concatenate(pred) if pred else np.zeros(0, np.int64)), len(rows)
@@ -203,6 +205,13 @@ def logistic_regression_baseline(
 
 #: cells densified at once outside training (validation loss, test predictions, checks)
 EVAL_CHUNK = 8192
+#: ... and at most this many values (64 MB as float32: 488 cells of 32,786 genes)
+EVAL_VALUES = 1 << 24
+
+
+def eval_chunk(n_genes: int) -> int:
+    """Cells densified at once outside training for a model input of ``n_genes`` genes."""
+    return max(1, min(EVAL_CHUNK, EVAL_VALUES // max(n_genes, 1)))
 
 
 def _batch(X: Matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -212,12 +221,13 @@ def _batch(X: Matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def predict_rows(
-    model: CellClassifier, X: Matrix, rows: np.ndarray, chunk: int = EVAL_CHUNK
+    model: CellClassifier, X: Matrix, rows: np.ndarray, chunk: int | None = None
 ) -> np.ndarray:
     """Logits ``[len(rows), n_classes]`` of ``model`` (on its device) on rows of ``X``, in
-    chunks."""
+    chunks of ``chunk`` cells (default: :func:`eval_chunk`)."""
     device = next(model.parameters()).device
     model.eval()
+    chunk = chunk or eval_chunk(X.shape[1])
     out = []
     with torch.no_grad():
         for start in range(0, len(rows), chunk):
@@ -234,20 +244,44 @@ def class_weights(y: np.ndarray, n_classes: int, device: torch.device) -> torch.
     )
 
 
+def _epoch(
+    X: Matrix,
+    y: np.ndarray,
+    rows: np.ndarray,
+    batch_size: int,
+    gen: torch.Generator,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch's mini-batches (inputs, labels) of ``X[rows]``: the rows in a random order
+    (``gen``); of a :class:`~cellexplain.models.backed.FileMatrix`, its blocks in a random
+    order and their cells shuffled together (``rng``)."""
+    if isinstance(X, FileMatrix):
+        for r, Xb in X.shuffled_batches(rows, batch_size, rng):
+            yield torch.from_numpy(dense(Xb)).to(device), torch.from_numpy(y[r]).to(device)
+        return
+    perm = torch.randperm(len(rows), generator=gen).numpy()
+    for start in range(0, len(perm), batch_size):
+        r = rows[perm[start : start + batch_size]]
+        yield _batch(X, r, device), torch.from_numpy(y[r]).to(device)
+
+
 def _fit(
     model: CellClassifier,
     X: Matrix,
     y: np.ndarray,
     train_rows: np.ndarray,
-    val_rows: np.ndarray | None,
+    val: tuple[Matrix, np.ndarray] | None,
     cfg: TrainConfig,
     progress: bool,
     epochs: int | None = None,
 ) -> tuple[int, int]:
-    """AdamW with class-weighted cross-entropy on mini-batches of ``X[train_rows]`` (dense or
-    CSR: a batch is densified at a time, never the matrix); early stopping on the validation
-    loss, or, without validation rows, exactly ``epochs`` epochs (the refit on every cell).
-    Runs on torch's CUDA device when there is one. The progress bar counts cells (cells/s).
+    """AdamW with class-weighted cross-entropy on mini-batches of ``X[train_rows]`` (dense,
+    CSR or a :class:`~cellexplain.models.backed.FileMatrix` streamed from disk: a batch is
+    densified at a time, never the matrix); early stopping on the loss of the validation cells
+    ``val`` (their model input and labels), or, without them, exactly ``epochs`` epochs (the
+    refit on every cell). Runs on torch's CUDA device when there is one. The progress bar counts
+    cells (cells/s).
 
     Returns (epochs trained, best epoch); the model ends, on the CPU, with the best epoch's
     weights.
@@ -260,8 +294,8 @@ def _fit(
     val_loss_fn = torch.nn.CrossEntropyLoss(weight=weights, reduction="sum")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    yt = torch.from_numpy(ytr).to(device)
-    validate = val_rows is not None
+    rng = np.random.default_rng(cfg.seed)
+    validate = val is not None
     best = (float("inf"), 0, copy.deepcopy(model.state_dict()))
     epoch = 0
     total = cfg.max_epochs if validate else int(epochs or 0)
@@ -276,25 +310,24 @@ def _fit(
     )
     for epoch in range(total):
         model.train()
-        perm = torch.randperm(len(ytr), generator=gen).numpy()
-        for start in range(0, len(perm), cfg.batch_size):
-            b = perm[start : start + cfg.batch_size]
+        for xb, yb in _epoch(X, y, train_rows, cfg.batch_size, gen, rng, device):
             opt.zero_grad()
-            loss = loss_fn(model(_batch(X, train_rows[b], device)), yt[b])
+            loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
-            bar.update(len(b))
+            bar.update(len(yb))
         model.eval()
-        if not validate:
+        if val is None:
             bar.set_postfix(epoch=epoch + 1)
             continue
-        assert val_rows is not None
+        Xv, y_val = val
         summed, weight = 0.0, 0.0
         with torch.no_grad():
-            for start in range(0, len(val_rows), EVAL_CHUNK):
-                r = val_rows[start : start + EVAL_CHUNK]
-                yv = torch.from_numpy(y[r]).to(device)
-                summed += float(val_loss_fn(model(_batch(X, r, device)), yv))
+            step = eval_chunk(Xv.shape[1])
+            for start in range(0, len(y_val), step):
+                r = np.arange(start, min(start + step, len(y_val)))
+                yv = torch.from_numpy(y_val[r]).to(device)
+                summed += float(val_loss_fn(model(_batch(Xv, r, device)), yv))
                 weight += float(weights[yv].sum())
         val_loss = summed / max(weight, 1e-12)
         if val_loss < best[0] - 1e-6:
@@ -360,8 +393,9 @@ def _fit_convex(
     def closure() -> torch.Tensor:
         opt.zero_grad()
         summed = 0.0
-        for start in range(0, len(rows), EVAL_CHUNK):
-            r = rows[start : start + EVAL_CHUNK]
+        step = eval_chunk(X.shape[1])
+        for start in range(0, len(rows), step):
+            r = rows[start : start + step]
             yt = torch.from_numpy(y[r]).to(device)
             part = torch.nn.functional.cross_entropy(
                 model(_batch(X, r, device)), yt, weight=weights, reduction="sum"
@@ -517,6 +551,32 @@ def _members(
     return ensemble(members, built.mask)
 
 
+#: validation cells kept in memory when the matrix streams from disk (a stratified sample: each
+#: epoch's validation loss and the calibration's temperature are computed on them)
+STREAM_VAL_CELLS = 20_000
+
+
+def _model_input(X: Matrix, keep: np.ndarray) -> Matrix:
+    """The columns ``keep`` of the normalised matrix. A streamed
+    :class:`~cellexplain.models.backed.FileMatrix` whose selected genes store at most
+    :data:`~cellexplain.models.data.IN_MEMORY_VALUES` values is read into memory (training then
+    runs as on a matrix read whole, with the same result); a larger one stays on disk."""
+    selected = X if len(keep) == X.shape[1] else X[:, keep]
+    if not isinstance(selected, FileMatrix):
+        return selected
+    if selected.stored_values <= IN_MEMORY_VALUES:
+        log.info(
+            "the model input (%d genes, %d stored values) fits in memory: read whole",
+            selected.shape[1], selected.stored_values,
+        )  # fmt: skip
+        return selected.take(np.arange(selected.shape[0]))
+    log.info(
+        "the model input (%d genes, %d stored values) streams from disk, a block of rows at "
+        "a time", selected.shape[1], selected.stored_values,
+    )  # fmt: skip
+    return selected
+
+
 def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
     """Train and evaluate (model and baseline, on the test split), without exporting."""
     torch.manual_seed(cfg.seed)
@@ -532,8 +592,13 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
         keep = np.arange(len(data.genes))
         selection = "all"
     genes = [data.genes[i] for i in keep]
-    X = data.X if len(keep) == data.X.shape[1] else data.X[:, keep]
+    X = _model_input(data.X, keep)
     yte = y[split.test]
+    # the validation cells, in memory: all of them, or a stratified sample when X streams
+    val_rows = split.val
+    if isinstance(X, FileMatrix):
+        val_rows = _sample(split.val, y, STREAM_VAL_CELLS, np.random.default_rng(cfg.seed))
+    Xv, yv = X[val_rows], y[val_rows]
 
     built = _build(genes, X, split.train, len(classes), cfg)
     model = built.model
@@ -541,6 +606,13 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
     converged: bool | None = None
     if cfg.arch == "linear":  # convex: fitted to its unique solution, no epochs
         l2 = cfg.l2
+        if isinstance(X, FileMatrix):
+            log.warning(
+                "linear reads the streamed file once per L-BFGS iteration (up to %d): on a "
+                "matrix this size mlp or programs train in a few passes, or --n-top-genes "
+                "shrinks the model input until it fits in memory",
+                LBFGS_MAX_ITER * LBFGS_ROUNDS,
+            )
         epochs, distance = _fit_convex(model, X, y, split.train, l2, progress)
         best_epoch = epochs
         converged = distance <= CONVERGED_REL
@@ -551,14 +623,15 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
                 epochs, 100 * distance,
             )  # fmt: skip
     else:
-        epochs, best_epoch = _fit(model, X, y, split.train, split.val, cfg, progress)
+        epochs, best_epoch = _fit(model, X, y, split.train, (Xv, yv), cfg, progress)
         model = _members(model, built, genes, X, y, split.train, cfg, best_epoch, progress)
 
     test_logits = predict_rows(model, X, split.test)
     pred = test_logits.argmax(1)
     calibration: Calibration | None = None
     if cfg.calibrate:
-        calibration = _calibrate(predict_rows(model, X, split.val), y[split.val], test_logits, yte)
+        every_val = np.arange(len(yv))
+        calibration = _calibrate(predict_rows(model, Xv, every_val), yv, test_logits, yte)
     model_scores = scores(yte, pred, classes)
     lr_pred, lr_cells = _baseline(X, y, split.train, split.test, cfg.seed)
     lr_scores = scores(yte, lr_pred, classes)
@@ -577,6 +650,9 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
         "convex objective"
         if l2 is not None
         else f"early stopping on the {len(split.val)} validation cells"
+        if len(val_rows) == len(split.val)
+        else f"early stopping on {len(val_rows)} of the {len(split.val)} validation cells (a "
+        "stratified sample kept in memory: the matrix streamed from disk)"
     )
     how = (
         f"a model fitted on the train split ({len(split.train)} cells, {chosen_on_val}), "
@@ -591,7 +667,7 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
         if cfg.n_top_genes is not None:
             keep = select_variable_genes(data.X, cfg.n_top_genes)
             genes = [data.genes[i] for i in keep]
-            X = data.X if len(keep) == data.X.shape[1] else data.X[:, keep]
+            X = _model_input(data.X, keep)
         every = np.arange(len(y))
         built = _build(genes, X, None, len(classes), cfg)
         model = built.model

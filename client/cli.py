@@ -106,7 +106,11 @@ def _hidden(text: str) -> list[int]:
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
-    data.add_argument("--data", help="labelled .h5ad (default: scanpy's bundled pbmc68k_reduced)")
+    data.add_argument(
+        "--data",
+        help="labelled .h5ad or AnnData .zarr (default: scanpy's bundled pbmc68k_reduced); a "
+        "matrix too big for memory streams from disk, a block of rows at a time",
+    )
     data.add_argument("--label-key", help="obs column with cell-type labels (default bulk_labels)")
     data.add_argument("--gene-key", help="var column with gene symbols (default: var_names)")
     data.add_argument("--layer", help="'raw' for .raw, a layer name, or omit for X")
@@ -262,7 +266,13 @@ def _load(args: argparse.Namespace) -> LabelledData:
 
     if args.data is not None and args.label_key is None:
         raise CLIError("--label-key is required with --data (the obs column holding labels)")
-    return load_labelled(args.data, args.label_key, args.gene_key, args.layer)
+    return load_labelled(
+        args.data,
+        args.label_key,
+        args.gene_key,
+        args.layer,
+        progress=not getattr(args, "quiet", True),
+    )
 
 
 def default_name(args: argparse.Namespace) -> str:

@@ -32,6 +32,7 @@ from cellexplain.models.errors import DataError
 from cellexplain.models.preprocess import (
     TARGET_SUM,
     InputKind,
+    TotalOverflowError,
     _scale,
     csr_row_totals,
     first_invalid,
@@ -44,6 +45,14 @@ BLOCK_VALUES = 1 << 22
 #: blocks whose cells are shuffled together in an epoch (~35 MB of model input at most, all
 #: genes kept; the order of the groups and of the blocks is shuffled too)
 SHUFFLE_BLOCKS = 8
+
+
+def invalid_value(what: str, row: int, col: int, value: str) -> DataError:
+    """The error for a value training cannot take, naming its cell and gene."""
+    return DataError(
+        f"{what}: cell {row}, gene {col} is {value}: expected raw counts or log1p-normalised "
+        "values, which are finite and never negative"
+    )
 
 
 class FileMatrix:
@@ -72,9 +81,12 @@ class FileMatrix:
         n_rows, self.n_file_genes = (int(s) for s in matrix.shape)
         if self.sparse:
             if getattr(matrix, "format", "csr") != "csr":
+                stored = int(matrix.group["data"].shape[0])
                 raise DataError(
-                    f"{what} is stored as {matrix.format}: streaming reads rows and needs CSR "
-                    "(re-save with adata.X = adata.X.tocsr())"
+                    f"{what} is stored column by column ({matrix.format.upper()}) with "
+                    f"{stored:,} values: too many to read whole, and streaming reads rows. "
+                    "Re-save it by rows, where memory allows: adata.X = adata.X.tocsr(); "
+                    "adata.write_h5ad(...)"
                 )
             indptr = np.asarray(
                 matrix.group["indptr"][...] if _indptr is None else _indptr, dtype=np.int64
@@ -97,6 +109,9 @@ class FileMatrix:
             self._colmap = np.full(self.n_file_genes, -1, dtype=np.int64)
             self._colmap[self.columns] = np.arange(len(self.columns))
         self.column_counts = _column_counts
+        #: show a progress bar over the passes that read many blocks (:meth:`chunks`, and
+        #: :meth:`take` when given a ``what``)
+        self.progress = False
         self.shape = (n_rows, self.n_file_genes if self.columns is None else len(self.columns))
         self.ndim = 2
         self.blocks = self._block_bounds()
@@ -118,14 +133,17 @@ class FileMatrix:
                 raise TypeError("FileMatrix takes X[rows] or X[:, genes]")
             cols = np.arange(self.shape[1])[cols]
             base = cols if self.columns is None else self.columns[cols]
-            return FileMatrix(
+            view = FileMatrix(
                 self.matrix, self.kind, self.what, base, self.indptr, self.column_counts
             )
+            view.progress = self.progress
+            return view
         return self.take(np.asarray(key, dtype=np.int64))
 
-    def take(self, rows: np.ndarray) -> sp.csr_matrix:
+    def take(self, rows: np.ndarray, what: str | None = None) -> sp.csr_matrix:
         """Model input of ``rows`` (any order, repeats allowed) as float32 CSR
-        ``[len(rows), n_genes]``, reading only the blocks that hold them."""
+        ``[len(rows), n_genes]``, reading only the blocks that hold them (with :attr:`progress`
+        and ``what``, under a progress bar of that name)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=np.float32)
@@ -133,7 +151,8 @@ class FileMatrix:
             raise IndexError(f"row index out of range for {self.shape[0]} rows")
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        parts = [self._rows(a, b, sel) for a, b, sel in self._spans(sorted_rows)]
+        spans = self._bar(self._spans(sorted_rows), what)
+        parts = [self._rows(a, b, sel) for a, b, sel in spans]
         out = sp.vstack(parts, format="csr", dtype=np.float32)
         if not (order == np.arange(len(order))).all():
             back = np.empty_like(order)
@@ -141,10 +160,24 @@ class FileMatrix:
             out = out[back]
         return out
 
-    def chunks(self, rows: np.ndarray) -> Iterator[sp.csr_matrix]:
-        """Model input of ``rows`` (sorted), a block of the file at a time."""
-        for a, b, sel in self._spans(np.asarray(rows, dtype=np.int64)):
+    def chunks(self, rows: np.ndarray, what: str = "read") -> Iterator[sp.csr_matrix]:
+        """Model input of ``rows`` (sorted), a block of the file at a time (with
+        :attr:`progress`, under a progress bar named ``what``)."""
+        for a, b, sel in self._bar(self._spans(np.asarray(rows, dtype=np.int64)), what):
             yield self._rows(a, b, sel)
+
+    def _bar(
+        self, spans: Iterator[tuple[int, int, np.ndarray]], what: str | None
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        if not self.progress or what is None:
+            yield from spans
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=self.shape[0], desc=what, unit="cell", unit_scale=True) as bar:
+            for a, b, sel in spans:
+                yield a, b, sel
+                bar.update(len(sel))
 
     def shuffled_batches(
         self, rows: np.ndarray, batch_size: int, rng: np.random.Generator
@@ -199,14 +232,13 @@ class FileMatrix:
         hashes = [hashlib.sha256() for _ in range(2 if self.sparse else 1)]
         counts = np.zeros(self.n_file_genes, dtype=np.int64)
         for a, b in self.blocks:
-            raw = self._raw(a, b)
+            raw = self._raw(a, b, hashes)
             if self.sparse:
-                hashes[0].update(np.ascontiguousarray(raw.data).tobytes())
-                hashes[1].update(np.ascontiguousarray(raw.indices).tobytes())
                 counts += np.bincount(raw.indices, minlength=self.n_file_genes)
             else:
-                hashes[0].update(np.ascontiguousarray(raw).tobytes())
                 counts += np.count_nonzero(raw, axis=0)
+            if self.kind == "counts":  # a total past float64 is refused here, not mid-training
+                self._totals(sp.csr_matrix(raw), np.arange(a, b))
             if progress is not None:
                 progress(b - a)
         self.column_counts = counts
@@ -250,19 +282,26 @@ class FileMatrix:
     def _file_indptr(self) -> np.ndarray:
         return np.asarray(self.matrix.group["indptr"][...])
 
-    def _raw(self, a: int, b: int) -> Any:
+    def _raw(self, a: int, b: int, digests: list[Any] | None = None) -> Any:
         """Rows ``a...b`` as stored: CSR (its structure checked) or a dense array, values
-        checked (numeric, finite, not negative)."""
+        checked (numeric, finite, not negative; counts: each cell's total finite). With
+        ``digests``, the arrays as the file stores them are hashed into them (values and
+        indices; a dense block's bytes)."""
         try:
             if self.sparse:
                 s, e = int(self.indptr[a]), int(self.indptr[b])
                 g = self.matrix.group
+                data, indices = g["data"][s:e], g["indices"][s:e]
+                if digests is not None:  # before scipy, which may narrow the index type
+                    digests[0].update(np.ascontiguousarray(data).tobytes())
+                    digests[1].update(np.ascontiguousarray(indices).tobytes())
                 X: Any = sp.csr_matrix(
-                    (g["data"][s:e], g["indices"][s:e], self.indptr[a : b + 1] - s),
-                    shape=(b - a, self.n_file_genes),
+                    (data, indices, self.indptr[a : b + 1] - s), shape=(b - a, self.n_file_genes)
                 )
             else:
                 X = np.asarray(self.matrix[a:b])
+                if digests is not None:
+                    digests[0].update(np.ascontiguousarray(X).tobytes())
         except Exception as e:  # h5py/zarr raise many kinds for a damaged file
             raise DataError(f"{self.what}: rows {a}-{b - 1} cannot be read: {e}") from e
         values = X.data if self.sparse else X
@@ -271,15 +310,23 @@ class FileMatrix:
         if self.sparse:
             problem = sparse_structure_problem(X)
             if problem is not None:
-                raise DataError(f"{self.what} is malformed in rows {a}-{b - 1}: {problem}")
+                bad_index = (X.indices < 0) | (X.indices >= self.n_file_genes)
+                first = int(np.searchsorted(X.indptr, np.argmax(bad_index), "right")) - 1
+                where = f"at cell {a + first}" if bad_index.any() else f"in rows {a}-{b - 1}"
+                raise DataError(f"{self.what} is malformed {where}: {problem}")
         bad = first_invalid(X)
         if bad is not None:
             row, col, what = bad
-            raise DataError(
-                f"{self.what} has a {what} value at cell {a + row}, gene {col}: expected raw "
-                "counts or log1p-normalised values, which are finite and never negative"
-            )
+            raise invalid_value(self.what, a + row, col, what)
         return X
+
+    def _totals(self, raw: sp.csr_matrix, rows: np.ndarray) -> np.ndarray:
+        """Each cell's total over all its genes; a total past float64 names its cell (``rows``:
+        the file's rows of ``raw``)."""
+        try:
+            return csr_row_totals(raw)
+        except TotalOverflowError as e:
+            raise DataError(str(TotalOverflowError(int(rows[e.row])))) from e
 
     def _rows(self, a: int, b: int, sel: np.ndarray) -> sp.csr_matrix:
         """Model input of rows ``sel`` (sorted, within ``a...b``), read as one span."""
@@ -289,9 +336,9 @@ class FileMatrix:
         local = sel - a
         if len(local) != b - a:
             raw = raw[local]
-        return self._model_input(raw)
+        return self._model_input(raw, sel)
 
-    def _model_input(self, raw: sp.csr_matrix) -> sp.csr_matrix:
+    def _model_input(self, raw: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
         """Normalise (counts: over all of each cell's genes, as
         :func:`~cellexplain.models.preprocess.normalize_log1p`) and keep the selected genes."""
         if self.kind == "counts" and not raw.has_canonical_format:
@@ -310,7 +357,7 @@ class FileMatrix:
             out_indptr, out_indices, out_values = indptr, indices, values
             kept_per_row = np.diff(indptr)
         if self.kind == "counts":
-            totals = csr_row_totals(raw)
+            totals = self._totals(raw, rows)
             per_value = np.repeat(totals, kept_per_row)
             out_values = np.log1p(_scale(out_values.astype(np.float64), per_value, TARGET_SUM))
         return sp.csr_matrix(

@@ -12,12 +12,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from cellexplain.models.backed import invalid_value
 from cellexplain.models.errors import DataError, PreprocessError
 from cellexplain.models.preprocess import (
     Detection,
     Matrix,
+    _values,
     check_finite_nonnegative,
     detect_input_kind,
+    first_invalid,
+    sparse_structure_problem,
     to_model_input,
 )
 
@@ -132,9 +136,9 @@ def _location(layer: str | None) -> tuple[str, str]:
 
 
 def stored_values(path: Path, layer: str | None = None) -> int:
-    """Values stored in an ``.h5ad``/``.zarr`` file's matrix (CSR: its non-zeros; dense: all),
-    read from its metadata; 0 when it cannot tell (CSC, or not readable: the caller's reader
-    says why)."""
+    """Values stored in an ``.h5ad``/``.zarr`` file's matrix (CSR or CSC: its non-zeros; dense:
+    all), read from its metadata; 0 when it cannot tell (not readable: the caller's reader says
+    why)."""
     from cellexplain.models.backed import open_store
 
     try:
@@ -143,7 +147,7 @@ def stored_values(path: Path, layer: str | None = None) -> int:
         return 0
     try:
         node = store[_location(layer)[0]]
-        if node.attrs.get("encoding-type", "") == "csr_matrix":
+        if node.attrs.get("encoding-type", "") in ("csr_matrix", "csc_matrix"):
             return int(node["data"].shape[0])
         if hasattr(node, "shape") and len(node.shape) == 2:
             return int(np.prod(node.shape))
@@ -225,8 +229,13 @@ def load_labelled(
     layer_name = layer or "X"
     genes, X = select_matrix(adata, gene_key, layer)
     _checked_genes(genes)
+    problem = sparse_structure_problem(X)  # before scipy touches the arrays
+    if problem is not None:
+        raise DataError(f"matrix {layer or 'X'} is malformed: {problem}")
 
     X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+    if _values(X).dtype.kind in "fiu" and (bad := first_invalid(X)) is not None:
+        raise invalid_value(f"matrix {layer_name}", *bad)
     try:
         check_finite_nonnegative(X, f"matrix {layer_name}")
         detection = detect_input_kind(X)
@@ -298,6 +307,7 @@ def _load_streamed(
     except PreprocessError as e:
         raise DataError(f"matrix {layer_name}: {e}") from e
     X.kind = detection.kind
+    X.progress = progress
     log.info("input detected as %s: %s", detection.kind, detection.reason)
     with tqdm(total=X.shape[0], desc=f"check {path.name}", unit="cell", unit_scale=True,
               disable=not progress) as bar:  # fmt: skip

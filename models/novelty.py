@@ -115,12 +115,13 @@ def _top_components(z: np.ndarray, k: int) -> np.ndarray:
 
 
 def _fit(x: np.ndarray, y: np.ndarray, n_components: int) -> NoveltyReference:
-    """The constants from cells ``x`` (float64) of classes ``y``, without calibration; the
-    centroids of the classes present."""
-    center = x.mean(0)
+    """The constants from cells ``x`` (float32 or float64) of classes ``y``, without
+    calibration; the centroids of the classes present."""
+    center = x.mean(0, dtype=np.float64)
     squares = np.zeros(x.shape[1])
-    for start in range(0, len(x), 4096):  # the deviations a block at a time, not a copy of x
-        squares += np.square(x[start : start + 4096] - center).sum(0)
+    step = max(1, (1 << 22) // max(x.shape[1], 1))  # 32 MB of deviations at a time, not x's
+    for start in range(0, len(x), step):
+        squares += np.square(x[start : start + step] - center).sum(0)
     inv_scale = 1.0 / np.maximum(np.sqrt(squares / max(len(x), 1)), MIN_SCALE)
     z = _standardise((center, inv_scale), x)
     z_mean = z.mean(0)
@@ -161,7 +162,9 @@ def fit_reference(
     """
     from sklearn.model_selection import StratifiedKFold
 
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x)  # float32 stays float32: each part is standardised into float64
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
     y = np.asarray(y)
     _, counts = np.unique(y, return_counts=True)
     k_folds = max(2, min(folds, int(counts.max())))

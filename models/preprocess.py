@@ -229,7 +229,8 @@ def csr_row_totals(Xc: sp.csr_matrix) -> np.ndarray:
     totals = np.zeros(Xc.shape[0])
     stored = np.diff(indptr) > 0  # reduceat would give an empty row its next row's first value
     if stored.any():
-        totals[stored] = np.add.reduceat(Xc.data, indptr[:-1][stored], dtype=np.float64)
+        with np.errstate(over="ignore"):  # an infinite total is refused just below
+            totals[stored] = np.add.reduceat(Xc.data, indptr[:-1][stored], dtype=np.float64)
     _check_totals(totals)
     return totals
 
@@ -308,7 +309,7 @@ def gene_mean_var(
     total = np.zeros(n_genes)
     squares = np.zeros(n_genes)
     blocks = (
-        X.chunks(idx)
+        X.chunks(idx, "gene statistics")
         if hasattr(X, "chunks")
         else (X[idx[start : start + chunk]] for start in range(0, len(idx), chunk))
     )

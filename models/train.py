@@ -143,8 +143,14 @@ def stratified_split(y: np.ndarray, seed: int, val: float, test: float) -> Split
     return SplitIndices(np.sort(tr), np.sort(va), np.sort(te))
 
 
-def dense(X: Matrix, rows: np.ndarray | None = None) -> np.ndarray:
-    Xs = X if rows is None else X[rows]
+def dense(X: Matrix, rows: np.ndarray | None = None, what: str | None = None) -> np.ndarray:
+    """Rows of ``X`` (all by default) as a dense float32 array; of a streamed matrix, read
+    under a progress bar named ``what`` (when given)."""
+    Xs = (
+        X.take(rows, what)
+        if isinstance(X, FileMatrix) and rows is not None
+        else (X if rows is None else X[rows])
+    )
     return np.asarray(Xs.toarray() if sp.issparse(Xs) else Xs, dtype=np.float32)
 
 
@@ -177,8 +183,8 @@ def _baseline(
     )
     step = eval_chunk(X.shape[1])
     chunks = [test[i : i + step] for i in range(0, len(test), step)]
-    predict = _logistic_regression(dense(X, rows), y[rows], seed)
-    pred = [predict(dense(X, c)) for c in chunks]
+    predict = _logistic_regression(dense(X, rows, "baseline: read its cells"), y[rows], seed)
+    pred = [predict(dense(X, c)) for c in _bar(X, chunks, "baseline: score the test cells")]
     return (np.concatenate(pred) if pred else np.zeros(0, np.int64)), len(rows)
 
 
@@ -214,6 +220,13 @@ def eval_chunk(n_genes: int) -> int:
     return max(1, min(EVAL_CHUNK, EVAL_VALUES // max(n_genes, 1)))
 
 
+def _bar(X: Matrix, chunks: list[np.ndarray], what: str) -> Any:
+    """``chunks`` (of rows), under a progress bar when ``X`` streams and shows progress."""
+    if not (isinstance(X, FileMatrix) and X.progress):
+        return chunks
+    return tqdm(chunks, desc=what, unit="chunk")
+
+
 def _batch(X: Matrix, rows: np.ndarray, device: torch.device) -> torch.Tensor:
     """Rows of ``X`` (dense or CSR) as a dense float32 tensor on ``device``: the only place
     training densifies, a mini-batch at a time."""
@@ -229,9 +242,10 @@ def predict_rows(
     model.eval()
     chunk = chunk or eval_chunk(X.shape[1])
     out = []
+    chunks = [rows[start : start + chunk] for start in range(0, len(rows), chunk)]
     with torch.no_grad():
-        for start in range(0, len(rows), chunk):
-            out.append(model(_batch(X, rows[start : start + chunk], device)).cpu().numpy())
+        for r in _bar(X, chunks, "predict"):
+            out.append(model(_batch(X, r, device)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.n_classes), np.float32)
 
 
@@ -603,7 +617,8 @@ def fit(data: LabelledData, cfg: TrainConfig, progress: bool = True) -> Fitted:
     val_rows = split.val
     if isinstance(X, FileMatrix):
         val_rows = _sample(split.val, y, STREAM_VAL_CELLS, np.random.default_rng(cfg.seed))
-    Xv, yv = X[val_rows], y[val_rows]
+    Xv = X.take(val_rows, "validation sample") if isinstance(X, FileMatrix) else X[val_rows]
+    yv = y[val_rows]
 
     built = _build(genes, X, split.train, len(classes), cfg)
     model = built.model
@@ -816,15 +831,16 @@ def _calibrate(
 
 
 def _sample(rows: np.ndarray, y: np.ndarray, n_max: int, rng: np.random.Generator) -> np.ndarray:
-    """At most about ``n_max`` of ``rows``, each class in proportion (at least 5 of each, or
-    all of a smaller class), sorted."""
+    """At most ``n_max`` of ``rows`` (when ``n_max`` is at least 5 per class), each class in
+    proportion (at least 5 of each, or all of a smaller class), sorted."""
     if len(rows) <= n_max:
         return rows
-    parts = []
-    for c in np.unique(y[rows]):
-        of_c = rows[y[rows] == c]
-        k = min(len(of_c), max(5, round(n_max * len(of_c) / len(rows))))
-        parts.append(rng.choice(of_c, size=k, replace=False))
+    classes, sizes = np.unique(y[rows], return_counts=True)
+    take = np.minimum(sizes, np.maximum(5, np.round(n_max * sizes / len(rows)).astype(int)))
+    while take.sum() > n_max and (take > 5).any():  # rounding up: trim the largest shares
+        take[np.argmax(np.where(take > 5, take, -1))] -= 1
+    parts = [rng.choice(rows[y[rows] == c], size=int(k), replace=False)
+             for c, k in zip(classes, take, strict=True)]  # fmt: skip
     return np.sort(np.concatenate(parts))
 
 
@@ -836,7 +852,7 @@ def _novelty(
     in proportion), with its cross-fitted calibration."""
     rng = np.random.default_rng(cfg.seed)
     ref_rows = _sample(rows, y, max(200, MAX_VALUES // X.shape[1]), rng)
-    x_ref = dense(X, ref_rows)
+    x_ref = dense(X, ref_rows, "novelty reference")
     reference = fit_reference(x_ref, y[ref_rows], seed=cfg.seed)
     # the calibration cells' own novelty (each a share of the others: ~1 - threshold)
     share = np.searchsorted(reference.calibration, reference.calibration, side="left")

@@ -108,16 +108,55 @@ def _with(path, tmp_path, edit):
     ("edit", "message"),
     [
         (lambda g: g["data"].__setitem__(g["indptr"][600] + 2, np.nan),
-         r"NaN value at cell 600"),
+         r"cell 600, gene \d+ is NaN"),
         (lambda g: g["data"].__setitem__(g["indptr"][650], -3.0),
-         r"negative \(-3\) value at cell 650"),
-        (lambda g: g["indices"].__setitem__(g["indptr"][500], 5000), r"malformed in rows"),
+         r"cell 650, gene \d+ is negative \(-3\)"),
+        (lambda g: g["indices"].__setitem__(g["indptr"][500] + 1, 5000),
+         r"malformed at cell 500: indices run from 0 to 5000"),
         (lambda g: g["indptr"].__setitem__(300, g["indptr"][299] - 1), r"indptr decreases"),
+        (lambda g: g["data"].__setitem__(g["indptr"][420], 1e308),
+         r"counts of cell 420 sum to more"),
     ],
 )  # fmt: skip
 def test_bad_values_in_any_block_are_named(edit, message, csr_counts, tmp_path):
+    def edit64(g):  # float64 values, so that 1e308 fits one and two overflow a total
+        data = g["data"][...].astype(np.float64)
+        del g["data"]
+        g["data"] = data
+        edit(g)
+        if "1e308" in message or "counts of cell" in message:
+            g["data"][g["indptr"][420] + 1] = 1e308
+
     with pytest.raises(DataError, match=message):
-        load_labelled(_with(csr_counts, tmp_path, edit), "bulk_labels", stream=True)
+        load_labelled(_with(csr_counts, tmp_path, edit64), "bulk_labels", stream=True)
+    if "indptr" not in message:  # read whole, the same problem is named (scipy never sees it)
+        with pytest.raises(DataError, match=message.split(":")[-1].split(",")[-1]):
+            load_labelled(_with(csr_counts, tmp_path, edit64), "bulk_labels", stream=False)
+
+
+def test_int64_indices_hash_as_stored(csr_counts, tmp_path):
+    def widen(g):
+        indices = g["indices"][...].astype(np.int64)
+        del g["indices"]
+        g["indices"] = indices
+
+    path = _with(csr_counts, tmp_path, widen)
+    whole = load_labelled(path, "bulk_labels", stream=False)
+    assert load_labelled(path, "bulk_labels", stream=True).sha256 == whole.sha256
+    assert whole.sha256 != load_labelled(csr_counts, "bulk_labels", stream=False).sha256
+
+
+def test_a_big_csc_file_is_refused_not_read_whole(csr_counts, tmp_path, monkeypatch):
+    import cellexplain.models.data as data_mod
+
+    a = ad.read_h5ad(csr_counts)
+    a.X = sp.csc_matrix(a.X)
+    path = tmp_path / "csc.h5ad"
+    a.write_h5ad(path)
+    assert load_labelled(path, "bulk_labels").X.shape == (700, 765)  # small: read whole
+    monkeypatch.setattr(data_mod, "IN_MEMORY_VALUES", 1000)
+    with pytest.raises(DataError, match=r"column by column \(CSC\) with [\d,]+ values.*tocsr"):
+        load_labelled(path, "bulk_labels")
 
 
 def test_what_fits_in_memory_trains_as_read_whole(csr_counts):
@@ -140,6 +179,6 @@ def test_a_streamed_matrix_trains_a_model(csr_counts, monkeypatch):
     # as good as the logistic-regression baseline on the same test cells, give or take
     assert m.model.macro_f1 > m.logistic_regression.macro_f1 - 0.1
     assert m.model.macro_f1 > 0.45
-    assert "of the 140 validation cells (a stratified sample" in m.how_obtained
+    assert "early stopping on 60 of the 140 validation cells (a stratified" in m.how_obtained
     assert f.card_fields["split"].refit_cells == 700
     assert f.test_x.shape[1] == 500

@@ -106,3 +106,15 @@ def test_a_cell_type_held_out_of_the_reference_is_novel(cells, held_out):
     # at the default threshold, most known cells are not flagged and many unseen ones are
     assert (nov[: len(test)] >= nv.DEFAULT_THRESHOLD).mean() < 0.06
     assert (nov[len(test) :] >= nv.DEFAULT_THRESHOLD).mean() > 0.3
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_top_components_span_the_svds(shape):
+    """Both Gram routes (genes x genes for many cells, cells x cells for many genes) give the
+    leading right singular vectors, up to sign."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=shape) * np.linspace(3, 0.1, shape[1])  # distinct variances
+    z -= z.mean(0)
+    pcs = nv._top_components(z, 6)
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    np.testing.assert_allclose(np.abs(pcs.T @ vt[:6].T), np.eye(6), atol=1e-8)

@@ -453,8 +453,10 @@ def _confine(memory_bytes: int, cpu_s: float, parent: int) -> None:
         pass
     if os.getppid() != parent:  # the worker died before the line above
         os._exit(1)
+    global _BUDGET
     mapped = _mapped_bytes()
     limit = mapped + memory_bytes
+    _BUDGET = (mapped, memory_bytes)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     cpu = max(1, math.ceil(cpu_s))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
@@ -495,9 +497,15 @@ def _chain_has_errno(e: BaseException, number: int) -> bool:
     return caused_by(e, of_number) is not None
 
 
-def _near_memory_limit() -> bool:
-    """Whether this process came within 64 MiB of its address-space limit: C code (HDF5's
-    filters) reports a failed allocation as a read error, not as ``MemoryError``."""
+#: (address space when confined, the upload's memory budget) of this child
+_BUDGET: tuple[int, int] | None = None
+
+
+def _near_memory_limit(err: BaseException | None = None) -> bool:
+    """Whether this process came within 64 MiB of its address-space limit, or, for a failed
+    HDF5 filter (``err``), used a third of its budget: C code (HDF5's filters) reports a failed
+    allocation as a read error, not as ``MemoryError``, and a filter that doubles its buffer
+    fails asking for more than is left, its peak then past a third of the budget."""
     limit, _ = resource.getrlimit(resource.RLIMIT_AS)
     if limit == resource.RLIM_INFINITY:
         return False
@@ -507,8 +515,47 @@ def _near_memory_limit() -> bool:
         return False
     for line in status.splitlines():
         if line.startswith("VmPeak:"):
-            return int(line.split()[1]) * 1024 >= limit - 64 * 1024**2
+            peak = int(line.split()[1]) * 1024
+            if peak >= limit - 64 * 1024**2:
+                return True
+            filter_failed = err is not None and "filter returned failure" in str(err)
+            return bool(filter_failed and _BUDGET and peak - _BUDGET[0] >= _BUDGET[1] / 3)
     return False  # pragma: no cover
+
+
+def _name_too_long(kind: str, name: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"the uploaded file has a {kind} name of {len(name)} characters ({brief(name)}); names "
+        f"hold at most {MAX_NAME_CHARS}",
+        "file",
+    )
+
+
+#: index names read at once by :func:`_check_index_names`
+_NAMES_AT_ONCE = 256
+
+
+def _check_index_names(path: Path) -> None:
+    """Refuse a cell or gene name over :data:`MAX_NAME_CHARS` before anndata reads the
+    names: HDF5 strings can share one heap object, so a few MB of file can read as GBs of
+    names (anndata may hold them as fixed-width arrays, 4 bytes a character), past the upload's
+    memory. Read a few at a time here."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        for group, kind in (("obs", "cell"), ("var", "gene")):
+            g = f.get(group)
+            if not isinstance(g, h5py.Group):
+                continue
+            key = g.attrs.get("_index", "_index")
+            ds = g.get(str(key)) if isinstance(key, str | bytes) else None
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype.kind != "O":
+                continue  # anndata's reader says what is wrong with it
+            names = ds.asstr(errors="replace")
+            for start in range(0, ds.shape[0], _NAMES_AT_ONCE):
+                for name in names[start : start + _NAMES_AT_ONCE]:
+                    if len(name) > MAX_NAME_CHARS:
+                        raise _name_too_long(kind, name)
 
 
 def _send(message: dict[str, Any]) -> None:
@@ -525,7 +572,7 @@ def _fail(err: BaseException) -> None:
             "the file declares a small size but expands far beyond it",
             "file",
         )
-    elif isinstance(err, MemoryError) or _near_memory_limit():
+    elif isinstance(err, MemoryError) or _near_memory_limit(err):
         e = TooLargeError(
             "reading the uploaded file needs more memory than one upload may use "
             "(CELLEXPLAIN_UPLOAD_MEMORY_BYTES): the file declares a small size but expands "
@@ -556,6 +603,7 @@ def _child(config: dict[str, Any]) -> int:
         folder = Path(config["folder"])
         limits = Limits(config["max_cells"], config["max_genes"], config["max_bytes"])
         _limit_files(limits.max_bytes + (1 << 20))  # the arrays and names for the worker
+        _check_index_names(folder / "upload.h5ad")
         adata = read_h5ad_upload(folder / "upload.h5ad", limits)
         genes, X = expression(adata, config["gene_key"], config["layer"])
         (folder / "upload.h5ad").unlink()  # AnnData holds what it read: the disk space goes
@@ -575,11 +623,7 @@ def _child(config: dict[str, Any]) -> int:
             names = [str(v) for v in values]
             longest = max(names, key=len, default="")
             if len(longest) > MAX_NAME_CHARS:  # strings can share one heap object: 1 KB -> 1 GB
-                raise InvalidInputError(
-                    f"the uploaded file has a {name[:-1]} name of {len(longest)} characters "
-                    f"({brief(longest)}); names hold at most {MAX_NAME_CHARS}",
-                    "file",
-                )
+                raise _name_too_long(name[:-1], longest)
             with (folder / f"{name}.json").open("w") as out:
                 json.dump(names, out)
         del X

@@ -542,7 +542,11 @@ def _check_index_names(path: Path) -> None:
     memory. Read a few at a time here."""
     import h5py
 
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return  # not HDF5 at all: anndata's reader names what it is
+    with f:
         for group, kind in (("obs", "cell"), ("var", "gene")):
             g = f.get(group)
             if not isinstance(g, h5py.Group):

@@ -630,14 +630,20 @@ def test_a_huge_request_head_is_refused_before_the_app(server, size):
     u = urlparse(server.url)
     for headers in ("X-Big: " + "a" * size + "\r\n", "X-A: b\r\n" * (size // 8)):
         with socket.create_connection((u.hostname, u.port), timeout=30) as s:
-            s.sendall(f"GET /livez HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+            try:
+                s.sendall(f"GET /livez HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+            except ConnectionError:  # the server answered and closed while the rest was sent:
+                cut = True  # on a loaded machine its 400 can be lost to the reset
+            else:
+                cut = False
             answer = b""
             with contextlib.suppress(ConnectionError):
                 while chunk := s.recv(65536):
                     answer += chunk
                     if b"\r\n\r\n" in answer:
                         break
-        assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+        assert answer.startswith(b"HTTP/1.1 400") or (cut and not answer), answer[:80]
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
 
 
 def test_a_head_of_many_small_fields_is_refused_by_the_gate(client):

@@ -19,6 +19,8 @@ from typing import Any
 
 #: gRPC trailing-metadata key carrying an error's request field (REST has it in the body)
 ERROR_FIELD_KEY = "cellexplain-error-field"
+#: gRPC trailing metadata of an overloaded refusal: seconds to wait before retrying
+RETRY_AFTER_KEY = "retry-after"
 #: longest error message sent to a client (characters)
 MAX_MESSAGE_CHARS = 2000
 #: longest piece of client input echoed in a message (characters)
@@ -133,6 +135,21 @@ class NotReadyError(ServiceError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     kind = "unavailable"
+
+
+class OverloadedError(ServiceError):
+    """The worker has more cells queued for the model than it admits
+    (``CELLEXPLAIN_MAX_QUEUED_CELLS``): refused at once (HTTP 503 with ``Retry-After``,
+    RESOURCE_EXHAUSTED with ``retry-after`` trailing metadata) instead of timing out later.
+    ``retry_after_s``: when the queue should have drained."""
+
+    http_status = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
+    kind = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
 
 
 class DeadlineExceededError(ServiceError):

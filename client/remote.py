@@ -7,8 +7,9 @@
     annotate(adata, url="http://localhost:3000")          # writes obs/obsm/uns, like sc.tl.*
     adata.obs["cellexplain_label"].value_counts()
 
-Retries with exponential backoff on HTTP 502/503/504, gRPC ``UNAVAILABLE`` and connection
-errors (annotation is a pure function, so a retried request gives the same answer); other
+Retries with exponential backoff on HTTP 502/503/504, gRPC ``UNAVAILABLE``, an overloaded
+server's gRPC ``RESOURCE_EXHAUSTED`` and connection errors, waiting at least the server's
+``Retry-After`` (annotation is a pure function, so a retried request gives the same answer); other
 errors raise :class:`ClientError` with the server's message and field.
 """
 
@@ -36,7 +37,7 @@ from cellexplain.api.annotations import (
     gene_map,
     write_annotations,
 )
-from cellexplain.api.errors import ERROR_FIELD_KEY
+from cellexplain.api.errors import ERROR_FIELD_KEY, RETRY_AFTER_KEY
 from cellexplain.api.schemas import (
     DEFAULTS,
     AnnotateOptions,
@@ -263,6 +264,7 @@ class AsyncClient:
         import grpc
 
         for attempt in range(self.retries + 1):
+            asked = 0.0  # the server's Retry-After, when it said one
             try:
                 return await call()
             except httpx.TransportError as e:
@@ -272,13 +274,16 @@ class AsyncClient:
                         f"{type(e).__name__}: {e}",
                         "unreachable",
                     ) from e
-            except _RetryableError:
+            except _RetryableError as e:
                 if attempt == self.retries:
                     raise
+                asked = _seconds(e.response.headers.get("retry-after"))
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                delay = grpc_retry_delay(e)
+                if delay is None or attempt == self.retries:
                     raise ClientError(e.details() or str(e.code()), e.code().name, _field(e)) from e
-            await asyncio.sleep(self.backoff * 2**attempt)
+                asked = delay
+            await asyncio.sleep(min(MAX_RETRY_AFTER_S, max(asked, self.backoff * 2**attempt)))
         raise AssertionError("unreachable")
 
     async def _request(self, method: str, path: str, **kw: Any) -> Any:
@@ -486,9 +491,10 @@ class AsyncClient:
                     if failed:
                         raise failed[0] from None
                     return
-                if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+                delay = grpc_retry_delay(e)
+                if delay is None or attempt >= self.retries:
                     raise ClientError(e.details() or str(code), code.name, _field(e)) from e
-                await asyncio.sleep(self.backoff * 2**attempt)
+                await asyncio.sleep(min(MAX_RETRY_AFTER_S, max(delay, self.backoff * 2**attempt)))
                 attempt += 1
 
     async def _grpc_unary(
@@ -580,6 +586,33 @@ def default_url() -> str:
 
 class AnswerWarning(UserWarning):
     """The service's warning about an answer (for example, model genes missing)."""
+
+
+#: the longest a client waits before a retry, whatever the server's Retry-After says
+MAX_RETRY_AFTER_S = 30.0
+
+
+def grpc_retry_delay(e: Any) -> float | None:
+    """Seconds the server asked to wait before a retry of the failed gRPC call ``e`` (0: none
+    said), or ``None`` when the call is not to be retried: ``UNAVAILABLE`` (a worker going
+    away) and an overloaded server's ``RESOURCE_EXHAUSTED`` with ``retry-after`` are retried;
+    a request too large, also ``RESOURCE_EXHAUSTED``, is not."""
+    import grpc
+
+    trailing = dict(e.trailing_metadata() or ())
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        return 0.0
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and RETRY_AFTER_KEY in trailing:
+        return _seconds(trailing[RETRY_AFTER_KEY])
+    return None
+
+
+def _seconds(value: Any) -> float:
+    """A Retry-After value in seconds (0 when absent or not a number of seconds)."""
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _field(e: Any) -> str | None:

@@ -6,6 +6,11 @@ in a dedicated thread. While a call runs, new chunks queue up, so batches grow w
 low load a chunk waits at most ``max_latency_s`` for company. Memory is bounded by ``max_cells``
 whatever the request size.
 
+Overload is refused early: a worker holding more than ``max_queued`` cells for the model
+refuses a new request at once (:class:`~cellexplain.api.errors.OverloadedError`: 503 with
+``Retry-After``, RESOURCE_EXHAUSTED), the wait estimated from the recent rate; a request alone is
+always admitted. The cells queued and in flight are gauges, the time a chunk waits a histogram.
+
 The queue lives on the batcher's own event loop (its own thread), so every front door shares it
 whatever loop it runs on: REST on the HTTP server's loop, gRPC on its server's loop.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cellexplain.api.errors import DeadlineExceededError, NotReadyError
+from cellexplain.api.errors import DeadlineExceededError, NotReadyError, OverloadedError
 from cellexplain.models.runtime import OnnxModel, Prediction
 from cellexplain.service import metrics
 
@@ -32,6 +38,7 @@ class _Chunk:
     x: np.ndarray
     target: np.ndarray
     future: asyncio.Future[Prediction]
+    queued_at: float
 
 
 def concat_predictions(parts: list[Prediction]) -> Prediction:
@@ -64,8 +71,16 @@ class Batcher:
         max_cells: int,
         max_latency_s: float,
         timeout_s: float | None = None,
+        max_queued: int | None = None,
     ) -> None:
         self.name = name
+        #: cells queued at most before new requests are refused (default: 16 batches)
+        self.max_queued = max_queued or 16 * max_cells
+        self._queued = 0  # cells in the queue (touched on the batcher's loop only)
+        self._seconds_per_cell = 0.0  # recent onnxruntime time per cell, for Retry-After
+        self._queued_gauge = metrics.QUEUED_CELLS.labels(model=name)
+        self._inflight_gauge = metrics.INFLIGHT_CELLS.labels(model=name)
+        self._wait = metrics.QUEUE_WAIT_SECONDS.labels(model=name)
         self.timeout_s = timeout_s
         self.model = model
         self.max_cells = max_cells
@@ -117,14 +132,35 @@ class Batcher:
                 "overloaded or the request too large: retry later or send fewer cells"
             ) from None
 
+    def _admit(self, n: int) -> None:
+        """Count ``n`` cells into the queue, or refuse them when the queue is full."""
+        if self._queued and self._queued + n > self.max_queued:
+            wait = math.ceil(self._queued * self._seconds_per_cell) if self._seconds_per_cell else 1
+            raise OverloadedError(
+                f"model {self.name} has {self._queued} cells queued on this worker, and "
+                f"{n} more would pass its bound of {self.max_queued} "
+                f"(CELLEXPLAIN_MAX_QUEUED_CELLS): retry in {max(1, wait)} s, or send fewer "
+                "cells at once",
+                retry_after_s=wait,
+            )
+        self._queued += n
+        self._queued_gauge.inc(n)
+
+    def _taken(self, chunk: _Chunk) -> None:
+        n = chunk.x.shape[0]
+        self._queued -= n
+        self._queued_gauge.dec(n)
+
     async def _queue_and_wait(self, x: np.ndarray, target: np.ndarray) -> Prediction:
         queue = self._queue
         loop = asyncio.get_running_loop()
+        self._admit(x.shape[0])
         futures = []
+        now = time.monotonic()
         for start in range(0, x.shape[0], self.max_cells):
             sl = slice(start, start + self.max_cells)
             fut: asyncio.Future[Prediction] = loop.create_future()
-            queue.put_nowait(_Chunk(x[sl], target[sl], fut))
+            queue.put_nowait(_Chunk(x[sl], target[sl], fut, now))
             futures.append(fut)
         try:
             return concat_predictions(list(await asyncio.gather(*futures)))
@@ -137,7 +173,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         carry: _Chunk | None = None
         while True:
-            first = carry if carry is not None else await queue.get()
+            if carry is not None:
+                first = carry
+            else:
+                first = await queue.get()
+                self._taken(first)
             carry = None
             batch = [first]
             cells = first.x.shape[0]
@@ -153,6 +193,7 @@ class Batcher:
                         nxt = await asyncio.wait_for(queue.get(), remaining)
                     except TimeoutError:
                         break
+                self._taken(nxt)
                 if cells + nxt.x.shape[0] > self.max_cells:
                     carry = nxt
                     break
@@ -163,7 +204,11 @@ class Batcher:
                 continue
             x = np.concatenate([c.x for c in live]) if len(live) > 1 else live[0].x
             t = np.concatenate([c.target for c in live]) if len(live) > 1 else live[0].target
+            started = time.monotonic()
+            for c in live:
+                self._wait.observe(started - c.queued_at)
             t0 = time.perf_counter()
+            self._inflight_gauge.set(x.shape[0])
             try:
                 pred = await loop.run_in_executor(
                     self._executor, self.model.predict, x, t, self.max_cells
@@ -173,7 +218,16 @@ class Batcher:
                     if not c.future.done():
                         c.future.set_exception(e)
                 continue
-            metrics.INFERENCE_SECONDS.labels(model=self.name).observe(time.perf_counter() - t0)
+            finally:
+                self._inflight_gauge.set(0)
+            took = time.perf_counter() - t0
+            per_cell = took / max(x.shape[0], 1)  # smoothed over the last ~10 batches
+            self._seconds_per_cell = (
+                per_cell
+                if not self._seconds_per_cell
+                else (0.9 * self._seconds_per_cell + 0.1 * per_cell)
+            )
+            metrics.INFERENCE_SECONDS.labels(model=self.name).observe(took)
             metrics.BATCH_CELLS.labels(model=self.name).observe(x.shape[0])
             metrics.BATCH_REQUESTS.labels(model=self.name).observe(len(live))
             metrics.WORKER_RSS.set(metrics.resident_bytes())

@@ -429,6 +429,9 @@ class Annotator:
             )
             m.predict(np.zeros((2, len(m.genes)), np.float32))  # warm-up
             name = m.card.name
+            metrics.MODEL_INFO.labels(
+                model=name, version=m.card.version, sha256=m.card.onnx.sha256
+            ).set(1)
             loaded.append(
                 LoadedModel(
                     name,
@@ -441,6 +444,7 @@ class Annotator:
                         settings.max_batch_cells,
                         settings.max_batch_latency_ms / 1000.0,
                         settings.request_timeout_s,
+                        settings.queue_bound,
                     ),
                 )
             )

@@ -20,6 +20,7 @@ from cellexplain.api.errors import (
     InternalError,
     ModelNotFoundError,
     NotReadyError,
+    OverloadedError,
     ServiceError,
     UnauthenticatedError,
     disk_full,
@@ -87,6 +88,8 @@ def http_response(door: str, exc: BaseException) -> Response:
         headers["WWW-Authenticate"] = "Bearer"
     elif isinstance(err, NotReadyError):
         headers["Retry-After"] = "1"
+    elif isinstance(err, OverloadedError):
+        headers["Retry-After"] = str(err.retry_after_s)
     if isinstance(exc, StarletteHTTPException):
         headers.update(exc.headers or {})  # e.g. Allow on a 405
     return JSONResponse(body, status_code=err.http_status, headers=headers or None)

@@ -34,9 +34,10 @@ UNASSIGNED = prom.Counter(
 )
 CONFIDENCE = prom.Histogram(
     name="cellexplain_confidence",
-    documentation="Probability of the predicted class, per cell",
+    documentation="Probability of the predicted class, per cell (fine between 0.5 and 1, where "
+    "the top class's probability lives)",
     labelnames=["model"],
-    buckets=_FRACTION_BUCKETS,
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0),
 )
 NOVELTY = prom.Histogram(
     name="cellexplain_novelty",
@@ -94,6 +95,31 @@ GRPC_SECONDS = prom.Histogram(
     "metrics cover REST only)",
     labelnames=["method", "code"],
     buckets=(*_SECONDS_BUCKETS, 10, 30, 60),
+)
+QUEUED_CELLS = prom.Gauge(
+    name="cellexplain_queued_cells",
+    documentation="Cells waiting for an onnxruntime call, per worker (pid) and model: the "
+    "signal to scale on (CPU says little when requests are batched, nothing on a GPU)",
+    labelnames=["model"],
+    multiprocess_mode="liveall",
+)
+INFLIGHT_CELLS = prom.Gauge(
+    name="cellexplain_inflight_cells",
+    documentation="Cells in the onnxruntime call running now, per worker (pid) and model",
+    labelnames=["model"],
+    multiprocess_mode="liveall",
+)
+QUEUE_WAIT_SECONDS = prom.Histogram(
+    name="cellexplain_queue_wait_seconds",
+    documentation="Time a request's chunk waits in the queue before its batch runs",
+    labelnames=["model"],
+    buckets=(*_SECONDS_BUCKETS, 10, 30, 60),
+)
+MODEL_INFO = prom.Gauge(
+    name="cellexplain_model_info",
+    documentation="1 for each model served, with its version and the sha256 of its ONNX graph",
+    labelnames=["model", "version", "sha256"],
+    multiprocess_mode="max",
 )
 WORKER_RSS = prom.Gauge(
     name="cellexplain_worker_resident_memory_bytes",

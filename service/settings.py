@@ -191,6 +191,13 @@ class Settings(BaseModel):
     max_batch_cells: int = Field(
         default=1024, ge=1, description="cells per onnxruntime call; larger requests are chunked"
     )
+    max_queued_cells: int = Field(
+        default=0,
+        ge=0,
+        description="cells a worker queues for one model before it refuses new requests at "
+        "once (503 with Retry-After, gRPC RESOURCE_EXHAUSTED) instead of letting them time "
+        "out; a request alone is always admitted. 0: 16 x max_batch_cells",
+    )
     max_batch_latency_ms: float = Field(
         default=5.0, ge=0, description="how long a batch waits for more requests to merge"
     )
@@ -238,6 +245,11 @@ class Settings(BaseModel):
         if self.workers:
             return self.workers
         return 1 if self.uses_gpu else min(usable_cpus(), MAX_AUTO_WORKERS)
+
+    @property
+    def queue_bound(self) -> int:
+        """Cells a worker queues per model (``max_queued_cells``, or 16 batches)."""
+        return self.max_queued_cells or 16 * self.max_batch_cells
 
     @property
     def inflight_bytes(self) -> int:

@@ -17,7 +17,9 @@ from cellexplain.api import proto_v1 as converters
 from cellexplain.api.codegen import load
 from cellexplain.api.errors import (
     ERROR_FIELD_KEY,
+    RETRY_AFTER_KEY,
     InvalidInputError,
+    OverloadedError,
     ServiceError,
 )
 from cellexplain.service import oip, v1
@@ -40,6 +42,8 @@ async def abort_with(context: grpc.aio.ServicerContext, err: ServiceError) -> No
     trailing: tuple[tuple[str, str], ...] = ()
     if err.field:
         trailing = ((ERROR_FIELD_KEY, err.field.encode("ascii", "backslashreplace").decode()),)
+    if isinstance(err, OverloadedError):  # as HTTP's Retry-After: the client waits that long
+        trailing += ((RETRY_AFTER_KEY, str(err.retry_after_s)),)
     await context.abort(getattr(grpc.StatusCode, err.grpc_code), err.message, trailing)
     raise AssertionError("unreachable")
 

@@ -5,11 +5,12 @@ at the batch size, deadlines, shutdown."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
-from cellexplain.api.errors import DeadlineExceededError, NotReadyError
+from cellexplain.api.errors import DeadlineExceededError, NotReadyError, OverloadedError
 from cellexplain.models.runtime import OnnxModel
 from cellexplain.service import metrics
 from cellexplain.service.batching import Batcher
@@ -82,3 +83,68 @@ def test_a_request_past_its_deadline_is_refused_and_a_closed_batcher_says_so(mod
         batcher.close()
     with pytest.raises(NotReadyError, match="shutting down"):
         asyncio.run(batcher.predict(x[:2], targets[:2]))
+
+
+def _gauge(gauge, name: str) -> float:
+    return sum(s.value for f in gauge.collect() for s in f.samples if s.labels.get("model") == name)
+
+
+def test_past_its_queue_bound_a_request_is_refused_at_once_and_the_gauges_drain(model, x):
+    """A worker with 200 cells queued refuses more at once (no timeout), saying when to come
+    back; what it admitted is answered; the queue and in-flight gauges rise and return to 0,
+    and every admitted chunk's wait is observed."""
+    targets = np.full(len(x), -1, np.int64)
+    batcher = Batcher("t-overload", model, max_cells=50, max_latency_s=0.0, max_queued=200)
+    seen: list[float] = []
+
+    async def load() -> list:
+        async def watch() -> None:
+            for _ in range(200):
+                seen.append(_gauge(metrics.QUEUED_CELLS, "t-overload"))
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        calls = [batcher.predict(x[:100], targets[:100]) for _ in range(12)]
+        out = list(await asyncio.gather(*calls, return_exceptions=True))
+        watcher.cancel()
+        return out
+
+    t0 = time.monotonic()
+    try:
+        got = asyncio.run(load())
+    finally:
+        batcher.close()
+    refused = [g for g in got if isinstance(g, OverloadedError)]
+    answered = [g for g in got if not isinstance(g, BaseException)]
+    assert refused and answered and len(refused) + len(answered) == 12, got
+    assert all(r.retry_after_s >= 1 and "CELLEXPLAIN_MAX_QUEUED_CELLS" in r.message
+               for r in refused)  # fmt: skip
+    assert time.monotonic() - t0 < 10
+    assert max(seen) > 0 and max(seen) <= 200
+    assert _gauge(metrics.QUEUED_CELLS, "t-overload") == 0
+    assert _gauge(metrics.INFLIGHT_CELLS, "t-overload") == 0
+    waits = [s.value for f in metrics.QUEUE_WAIT_SECONDS.collect() for s in f.samples
+             if s.labels.get("model") == "t-overload" and s.name.endswith("_count")]  # fmt: skip
+    assert waits == [2 * len(answered)]  # two chunks of 50 per answered request
+    # a request alone is admitted whatever its size
+    alone = Batcher("t-alone", model, max_cells=50, max_latency_s=0.0, max_queued=10)
+    try:
+        assert asyncio.run(alone.predict(x[:300], targets[:300])).probabilities.shape[0] == 300
+    finally:
+        alone.close()
+
+
+def test_the_client_retries_overload_and_unavailable_but_not_a_request_too_large():
+    import grpc
+
+    from cellexplain.api.errors import RETRY_AFTER_KEY
+    from cellexplain.client.remote import grpc_retry_delay
+
+    def failed(code, trailing=()):
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing))
+
+    overloaded = failed(grpc.StatusCode.RESOURCE_EXHAUSTED, [(RETRY_AFTER_KEY, "3")])
+    assert grpc_retry_delay(overloaded) == 3.0
+    assert grpc_retry_delay(failed(grpc.StatusCode.UNAVAILABLE)) == 0.0
+    assert grpc_retry_delay(failed(grpc.StatusCode.RESOURCE_EXHAUSTED)) is None  # too large
+    assert grpc_retry_delay(failed(grpc.StatusCode.INVALID_ARGUMENT)) is None

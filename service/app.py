@@ -68,15 +68,19 @@ def create_app(
     annotator: Annotator,
     ready: Callable[[], bool] | None = None,
     gate: bool = True,
+    alive: Callable[[], bool] | None = None,
 ) -> ASGIApp:
     """The HTTP API over ``annotator``, with ``settings``' limits.
 
     Args:
-        ready: what ``/v2/health/ready`` reports (default: the annotator has models).
+        ready: what ``/v2/health/ready`` and ``/v2/models/{name}/ready`` report (default: the
+            annotator has models); not ready, they answer 503, the status KServe's probes read.
+        alive: what ``/v2/health/live`` reports (default: always; 503 when not).
         gate: wrap the app in the :class:`~cellexplain.service.gate.Gate` (the BentoML service
             puts the gate around its whole server instead, its own routes included).
     """
     is_ready = ready or (lambda: bool(annotator.models))
+    is_alive = alive or (lambda: True)
     offload = Offload()
     uploads = asyncio.Semaphore(settings.max_concurrent_uploads)  # readers at once, per worker
     sandbox_limits = sandbox.SandboxLimits(
@@ -198,13 +202,16 @@ def create_app(
     def v2_server_metadata() -> dict[str, object]:
         return oip.server_metadata()
 
+    # probes answer with their status code (KServe's and the kubelet's read it), the body too
     @v2.get("/v2/health/live")
-    def v2_live() -> dict[str, bool]:
-        return {"live": True}
+    def v2_live() -> JSONResponse:
+        live = is_alive()
+        return JSONResponse({"live": live}, status_code=200 if live else 503)
 
     @v2.get("/v2/health/ready")
-    def v2_ready() -> dict[str, bool]:
-        return {"ready": is_ready()}
+    def v2_ready() -> JSONResponse:
+        ready_now = is_ready()
+        return JSONResponse({"ready": ready_now}, status_code=200 if ready_now else 503)
 
     @v2.get("/v2/models/{name}")
     @v2.get("/v2/models/{name}/versions/{version}")
@@ -218,7 +225,10 @@ def create_app(
     def v2_model_ready(name: str, version: str | None = None) -> JSONResponse:
         lm = annotator.get(name)
         oip.check_version(lm, version)
-        return JSONResponse({"name": name, "ready": True})
+        ready_now = is_ready()
+        return JSONResponse(
+            {"name": name, "ready": ready_now}, status_code=200 if ready_now else 503
+        )
 
     @v2.post("/v2/models/{name}/infer")
     @v2.post("/v2/models/{name}/versions/{version}/infer")

@@ -97,7 +97,9 @@ class CellExplain:
     def __init__(self) -> None:
         sandbox.remove_orphans()  # what workers killed mid-upload left in TMPDIR
         self.annotator = Annotator.from_settings(SETTINGS)
-        API.api = create_app(SETTINGS, self.annotator, self.__is_ready__, gate=False)
+        API.api = create_app(
+            SETTINGS, self.annotator, self.__is_ready__, gate=False, alive=self.__is_alive__
+        )
         self.grpc: GrpcServer | None = None
         if SETTINGS.grpc_enabled:
             self.grpc = GrpcServer(self.annotator, SETTINGS)

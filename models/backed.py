@@ -151,7 +151,7 @@ class FileMatrix:
             raise IndexError(f"row index out of range for {self.shape[0]} rows")
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        spans = self._bar(self._spans(sorted_rows), what)
+        spans = self._bar(self._spans(sorted_rows), what, len(rows))
         parts = [self._rows(a, b, sel) for a, b, sel in spans]
         out = sp.vstack(parts, format="csr", dtype=np.float32)
         if not (order == np.arange(len(order))).all():
@@ -163,18 +163,20 @@ class FileMatrix:
     def chunks(self, rows: np.ndarray, what: str = "read") -> Iterator[sp.csr_matrix]:
         """Model input of ``rows`` (sorted), a block of the file at a time (with
         :attr:`progress`, under a progress bar named ``what``)."""
-        for a, b, sel in self._bar(self._spans(np.asarray(rows, dtype=np.int64)), what):
+        rows = np.asarray(rows, dtype=np.int64)
+        for a, b, sel in self._bar(self._spans(rows), what, len(rows)):
             yield self._rows(a, b, sel)
 
     def _bar(
-        self, spans: Iterator[tuple[int, int, np.ndarray]], what: str | None
+        self, spans: Iterator[tuple[int, int, np.ndarray]], what: str | None, total: int
     ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``spans`` under a progress bar of the ``total`` cells they read (when shown)."""
         if not self.progress or what is None:
             yield from spans
             return
         from tqdm.auto import tqdm
 
-        with tqdm(total=self.shape[0], desc=what, unit="cell", unit_scale=True) as bar:
+        with tqdm(total=total, desc=what, unit="cell", unit_scale=True) as bar:
             for a, b, sel in spans:
                 yield a, b, sel
                 bar.update(len(sel))

@@ -109,14 +109,19 @@ def select_matrix(
         X, var, var_names = adata.X, adata.var, adata.var_names
     if X is None:
         raise DataError(f"the AnnData has no matrix in {layer or 'X'}", "layer")
-    if gene_key is not None:
-        if gene_key not in var.columns:
-            cols = ", ".join(map(str, var.columns[:20])) or "(none)"
-            raise DataError(
-                f"gene key {gene_key!r} not found in var; var columns are: {cols}", "gene_key"
-            )
-        return [str(g) for g in var[gene_key]], X
-    return [str(g) for g in var_names], X
+    return _gene_names(var, var_names, gene_key), X
+
+
+def _gene_names(var: pd.DataFrame, var_names: pd.Index, gene_key: str | None) -> list[str]:
+    """The genes' names: ``var[gene_key]``, or the var index ``var_names``."""
+    if gene_key is None:
+        return [str(g) for g in var_names]
+    if gene_key not in var.columns:
+        cols = ", ".join(map(str, var.columns[:20])) or "(none)"
+        raise DataError(
+            f"gene key {gene_key!r} not found in var; var columns are: {cols}", "gene_key"
+        )
+    return [str(g) for g in var[gene_key]]
 
 
 #: stored values above which a training file streams from disk (a
@@ -234,10 +239,12 @@ def load_labelled(
         raise DataError(f"matrix {layer or 'X'} is malformed: {problem}")
 
     X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-    if _values(X).dtype.kind in "fiu" and (bad := first_invalid(X)) is not None:
+    numeric = _values(X).dtype.kind in "fiu"
+    if numeric and (bad := first_invalid(X)) is not None:
         raise invalid_value(f"matrix {layer_name}", *bad)
     try:
-        check_finite_nonnegative(X, f"matrix {layer_name}")
+        if not numeric:  # first_invalid took the numeric ones: this names the dtype
+            check_finite_nonnegative(X, f"matrix {layer_name}")
         detection = detect_input_kind(X)
         log.info("input detected as %s: %s", detection.kind, detection.reason)
         Xn = to_model_input(X, detection.kind)
@@ -285,16 +292,7 @@ def _load_streamed(
     except Exception as e:
         raise DataError(f"cannot read {path} as .h5ad: {e}") from e
     labels = _labels(obs, label_key)
-    if gene_key is not None:
-        if gene_key not in var.columns:
-            cols = ", ".join(map(str, var.columns[:20])) or "(none)"
-            raise DataError(
-                f"gene key {gene_key!r} not found in var; var columns are: {cols}", "gene_key"
-            )
-        genes = [str(g) for g in var[gene_key]]
-    else:
-        genes = [str(g) for g in var.index]
-    _checked_genes(genes)
+    genes = _checked_genes(_gene_names(var, var.index, gene_key))
     layer_name = layer or "X"
     X = FileMatrix(matrix, "counts", f"matrix {layer_name}")
     if X.shape != (len(labels), len(genes)):

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,11 +44,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from benchmarks.peers import peer_python, versions
+
 ROOT = Path(__file__).resolve().parents[1]
 CELLEXPLAIN = Path(sys.executable).with_name("cellexplain")
-CT_VENV = ROOT / ".venv-celltypist"
-CT_PYTHON = CT_VENV / "bin" / "python"
-CT_REQUIREMENTS = ["celltypist==1.7.1", "scikit-learn<1.6"]
+CT_PYTHON = peer_python("celltypist", install=False)
 GENCODE_NAME = "gencode_v44_human_gene_id2name.csv.gz"
 GENCODE = ROOT / "service" / "resources" / GENCODE_NAME
 DEFAULT_MODEL = "pbmc-programs"
@@ -242,25 +241,8 @@ def build_file(
 
 
 def celltypist_venv() -> dict[str, str]:
-    """Create .venv-celltypist once (python3.11 -m venv; pip install); its package versions."""
-    if not (CT_VENV / ".installed").exists():
-        python = shutil.which("python3.11") or sys.executable
-        subprocess.run([python, "-m", "venv", "--clear", str(CT_VENV)], check=True)
-        pip = [str(CT_PYTHON), "-m", "pip", "install", "--quiet"]
-        for what in (["--upgrade", "pip"], CT_REQUIREMENTS):
-            res = subprocess.run([*pip, *what], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise SystemExit(f"pip install {' '.join(what)} failed:\n{res.stderr[-3000:]}")
-        (CT_VENV / ".installed").write_text("\n".join(CT_REQUIREMENTS) + "\n")
-    packages = ["celltypist", "scikit-learn", "scanpy", "anndata", "numpy"]
-    code = (
-        "import json, sys; from importlib.metadata import version; "
-        "print(json.dumps({p: version(p) for p in sys.argv[1:]}))"
-    )
-    out = subprocess.run(
-        [str(CT_PYTHON), "-c", code, *packages], capture_output=True, text=True, check=True
-    )
-    return json.loads(out.stdout)
+    """Create .venv-celltypist once (:func:`benchmarks.peers.peer_python`); its package versions."""
+    return versions("celltypist", ["celltypist", "scikit-learn", "scanpy", "anndata", "numpy"])
 
 
 def celltypist_model(cache: Path) -> Path:

@@ -391,6 +391,13 @@ def resolve_models(settings: Settings) -> list[tuple[str, Path]]:
             "no models to serve: set CELLEXPLAIN_MODELS (store tags) or CELLEXPLAIN_MODEL_DIRS "
             "(artifact folders)"
         )
+    if settings.model_name is not None:
+        if len(sources) != 1:
+            raise SettingsError(
+                f"CELLEXPLAIN_MODEL_NAME={settings.model_name!r} names one model, but "
+                f"{len(sources)} are served ({', '.join(names)}): serve one, or unset it"
+            )
+        names = [settings.model_name]
     twice = sorted(n for n, k in Counter(names).items() if k > 1)
     if twice:
         raise SettingsError(f"two served models are named {twice[0]!r}: serve one of them")
@@ -428,6 +435,13 @@ class Annotator:
                 path, providers=providers, intra_op_threads=threads, spinning=settings.ort_spinning
             )
             m.predict(np.zeros((2, len(m.genes)), np.float32))  # warm-up
+            if settings.model_name is not None and settings.model_name != m.card.name:
+                log.info(
+                    "model %s answers as %s (CELLEXPLAIN_MODEL_NAME)",
+                    m.card.name,
+                    settings.model_name,
+                )
+                m.card = m.card.model_copy(update={"name": settings.model_name})
             name = m.card.name
             metrics.MODEL_INFO.labels(
                 model=name, version=m.card.version, sha256=m.card.onnx.sha256

@@ -121,6 +121,14 @@ class Settings(BaseModel):
     default_model: str | None = Field(
         default=None, description="model used when a request names none (default: the first)"
     )
+    model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the name the one served model answers to, in place of its card's name "
+        "(KServe: the InferenceService's name, passed as {{.Name}}); needs exactly one model",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description="if set (comma-separated, from a Secret), REST /v1 /v2 and gRPC calls need "

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 import os
+import re
 import resource
 import shutil
 import socket
@@ -103,6 +105,72 @@ def pod_env(
     return env
 
 
+#: what KServe's controller names and mounts (pkg/constants): the storage initializer's volume
+KSERVE_MODEL_VOLUME = "kserve-provision-location"
+KSERVE_MODEL_PATH = "/mnt/models"
+
+
+def _kserve_placeholders(obj: Any, meta: dict[str, Any]) -> Any:
+    """``{{.Name}}``, ``{{.Namespace}}``, ``{{.Labels.k}}``, ``{{.Annotations.k}}`` filled from
+    ``meta`` (KServe executes the container's JSON as a Go template on the object's metadata);
+    any other placeholder is an error, as the template would fail."""
+    fields = {"Name": meta["name"], "Namespace": meta.get("namespace", "default")}
+
+    def fill(m: re.Match[str]) -> str:
+        path = m.group(1).split(".")
+        if len(path) == 1 and path[0] in fields:
+            return fields[path[0]]
+        if len(path) == 2 and path[0] in ("Labels", "Annotations"):
+            return meta.get(path[0].lower(), {}).get(path[1], "")
+        raise AssertionError(f"KServe cannot fill {m.group(0)}")
+
+    return json.loads(re.sub(r"\{\{\s*\.([A-Za-z.]+)\s*\}\}", fill, json.dumps(obj)))
+
+
+def kserve_predictor(
+    runtime: dict[str, Any], isvc: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``(pod spec, container, Service)`` that KServe's controller makes for ``isvc``'s
+    predictor on ``runtime`` (a ServingRuntime), in RawDeployment mode: the runtime's first
+    container merged with the predictor's ``model`` fields (``env`` by name and ``resources``
+    replaced by the predictor's, ``args`` appended to the runtime's, as
+    ``MergeRuntimeContainers``), its placeholders filled from the InferenceService's metadata,
+    the runtime's volumes plus the storage initializer's emptyDir, mounted read-only at
+    ``/mnt/models``; and the predictor Service ``NAME-predictor``: the first container port as
+    port 80, the others as they are (``h2c``/``grpc`` ones with ``appProtocol
+    kubernetes.io/h2c``)."""
+    meta = isvc["metadata"]
+    (base, *_) = runtime["spec"]["containers"]
+    model = isvc["spec"]["predictor"]["model"]
+    container = copy.deepcopy(base)
+    env = {e["name"]: e for e in container.get("env", [])}
+    env.update({e["name"]: e for e in model.get("env", [])})
+    container["env"] = list(env.values())
+    if "resources" in model:
+        container["resources"] = model["resources"]
+    container["args"] = [*base.get("args", []), *model.get("args", [])]
+    container = _kserve_placeholders(container, meta)
+    container.setdefault("volumeMounts", []).append(
+        {"name": KSERVE_MODEL_VOLUME, "mountPath": KSERVE_MODEL_PATH, "readOnly": True}
+    )
+    pod = {
+        "containers": [container],
+        "volumes": [
+            *runtime["spec"].get("volumes", []),
+            {"name": KSERVE_MODEL_VOLUME, "emptyDir": {}},
+        ],
+    }
+    ports = []
+    for i, p in enumerate(container.get("ports", [])):
+        port = {"name": p["name"], "port": 80 if i == 0 else p["containerPort"],
+                "targetPort": p["containerPort"], "protocol": p.get("protocol", "TCP")}  # fmt: skip
+        if "h2c" in p["name"] or "grpc" in p["name"]:
+            port["appProtocol"] = "kubernetes.io/h2c"
+        ports.append(port)
+    service = {"metadata": {"name": f"{meta['name']}-predictor"}, "spec": {"ports": ports}}
+    return pod, container, service
+
+
 def secret_data(secret: dict[str, Any]) -> dict[str, str]:
     """A Secret's values, decoded (``data`` is base64, ``stringData`` plain)."""
     out = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
@@ -169,6 +237,9 @@ class PodContainer:
     ports: dict[int, int] = field(default_factory=dict)  # containerPort -> host port
     probes: list[ProbeResult] = field(default_factory=list)
     volume_dirs: dict[str, Path] = field(default_factory=dict)  # disk emptyDirs: host folders
+    #: disk emptyDirs filled before the container starts, as an init container fills them
+    #: (KServe's storage initializer: the model folder): volume name -> folder copied in
+    prefill: dict[str, Path] = field(default_factory=dict)
     volume_peak: dict[str, int] = field(default_factory=dict)  # bytes, largest use seen
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -209,10 +280,16 @@ class PodContainer:
                 args += ["--mount", opts + (f",tmpfs-size={quantity_bytes(size)}" if size else "")]
             else:
                 host = self.workdir / f"{self.name}-{vol['name']}"
-                host.mkdir(mode=0o777)
-                host.chmod(0o1777)
+                if vol["name"] in self.prefill:
+                    shutil.copytree(self.prefill[vol["name"]], host)
+                    for f in (host, *host.rglob("*")):
+                        f.chmod(0o755 if f.is_dir() else 0o644)
+                else:
+                    host.mkdir(mode=0o777)
+                    host.chmod(0o1777)
                 self.volume_dirs[vol["name"]] = host
-                args += ["--mount", f"type=bind,source={host},destination={mount['mountPath']}"]
+                bind = f"type=bind,source={host},destination={mount['mountPath']}"
+                args += ["--mount", bind + (",readonly=true" if mount.get("readOnly") else "")]
         for p in self.container.get("ports", []):
             inside = p["containerPort"]
             self.ports[inside] = _free_port()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
@@ -68,15 +69,18 @@ def test_alert_rules_use_metrics_the_service_exports():
         if family.name.startswith("cellexplain_"):
             declared |= {family.name, f"{family.name}_total"}
             declared |= {f"{family.name}_{s}" for s in ("sum", "count", "bucket")}
-    rules = custom_resource("PrometheusRule")["spec"]["groups"][0]["rules"]
+    groups = custom_resource("PrometheusRule")["spec"]["groups"]
+    every = [r for g in groups for r in g["rules"]]
+    rules = [r for r in every if "alert" in r]
     assert {r["alert"] for r in rules} >= {
         "CellexplainRestErrors",
         "CellexplainGrpcErrors",
         "CellexplainWorkersMissing",
         "CellexplainSlowRequests",
     }
-    used = {m for r in rules for m in re.findall(r"\b(cellexplain_\w+)", r["expr"])}
+    used = {m for r in every for m in re.findall(r"\b(cellexplain_\w+)", r["expr"])}
     assert used and used <= declared, used - declared
+    assert "cellexplain_queued_cells" in used  # the autoscaling signal's recording rule
     for r in rules:
         assert r["for"] and r["labels"]["severity"] in {"page", "warn"}
 
@@ -158,12 +162,15 @@ def kustomize_command() -> list[str] | None:
 
 
 def render(overlay: str) -> list[dict]:
+    """The objects ``deploy/overlays/OVERLAY`` (or ``deploy/OVERLAY`` when it has a slash or
+    is not an overlay) applies."""
     cmd = kustomize_command()
     if cmd is None:
         pytest.skip("neither kustomize nor kubectl is installed: overlays not rendered")
-    out = subprocess.run(
-        [*cmd, str(DEPLOY / "overlays" / overlay)], capture_output=True, text=True, check=True
-    )
+    folder = DEPLOY / "overlays" / overlay
+    if not folder.is_dir():
+        folder = DEPLOY / overlay
+    out = subprocess.run([*cmd, str(folder)], capture_output=True, text=True, check=True)
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
@@ -286,3 +293,100 @@ def test_pin_names_the_image_tag_and_the_model_version(tmp_path, monkeypatch):
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["CELLEXPLAIN_MODELS"] == "pbmc-programs:0123abcd"  # beside the image
     assert "CELLEXPLAIN_MODELS" not in cm["data"]
+
+
+# -- KServe (deploy/kserve) -----------------------------------------------------------------
+
+
+def kserve_files() -> list[Path]:
+    kustomization = load(DEPLOY / "kserve" / "kustomization.yaml")
+    return [DEPLOY / "kserve" / name for name in kustomization["resources"]]
+
+
+def test_kserve_objects_validate_against_kserves_typed_api(tmp_path):
+    """The ServingRuntime and InferenceService, strictly against the typed models of the
+    ``kserve`` package (0.21, in its own venv): unknown fields, wrong types, missing required
+    fields and values outside an enum are errors; the check is shown to fail on each."""
+    from benchmarks.peers import peer_python
+
+    python = peer_python("kserve")
+    check = Path(__file__).resolve().parents[1] / "kserve_typed.py"
+
+    def problems(*paths: Path) -> list[str]:
+        out = subprocess.run(
+            [str(python), str(check), *map(str, paths)], capture_output=True, text=True
+        )
+        assert out.returncode in (0, 1), out.stderr[-3000:]
+        return json.loads(out.stdout)
+
+    assert problems(*render_kserve_files(tmp_path)) == []
+    runtime, isvc = (load(p) for p in kserve_files())
+    broken = copy.deepcopy(runtime)
+    broken["spec"]["supportedModelFormats"][0]["autoSelct"] = True  # a typo
+    broken["spec"]["containers"][0]["ports"][0]["containerPort"] = "8080"
+    del broken["spec"]["containers"][0]["name"]
+    bad_isvc = copy.deepcopy(isvc)
+    bad_isvc["spec"]["predictor"]["model"]["storageURI"] = "pvc://x"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump_all([broken, bad_isvc]))
+    found = "\n".join(problems(bad))
+    assert "autoSelct: unknown field of V1alpha1SupportedModelFormat" in found
+    assert "containerPort: expected int" in found
+    assert "name" in found and "V1Container" in found
+    assert "storageURI: unknown field of V1beta1ModelSpec" in found
+
+
+def render_kserve_files(tmp_path: Path) -> list[Path]:
+    """deploy/kserve rendered by kustomize (the image tag set), one file per object."""
+    paths = []
+    for i, doc in enumerate(render("kserve")):
+        paths.append(tmp_path / f"{i}-{doc['kind']}.yaml")
+        paths[-1].write_text(yaml.safe_dump(doc))
+    return paths
+
+
+def test_kserve_runtime_is_the_service_kserve_expects():
+    """What KServe's controller makes of the objects (tests/kubelet.kserve_predictor): a
+    container that validates as core Kubernetes, whose CELLEXPLAIN_* settings are valid and
+    serve the mounted folder under the InferenceService's name, OIP REST on the first port
+    (8080, KServe's default) and gRPC on the port named h2c, probes on the OIP health routes,
+    the runtime picked by the InferenceService's model format, Prometheus told the port."""
+    from cellexplain.service.settings import Settings
+    from tests.kubelet import KSERVE_MODEL_PATH, kserve_predictor
+
+    docs = render("kserve")
+    (runtime,) = [d for d in docs if d["kind"] == "ServingRuntime"]
+    (isvc,) = [d for d in docs if d["kind"] == "InferenceService"]
+    assert runtime["spec"]["containers"][0]["image"] == "cellexplain:unpinned-run-make-pin"
+    spec, container, service = kserve_predictor(runtime, isvc)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": spec}
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    settings = Settings.from_env(env)
+    name = isvc["metadata"]["name"]
+    assert settings.model_name == name and settings.models == []
+    assert settings.model_dirs == [KSERVE_MODEL_PATH]
+    http, grpc_port = container["ports"]
+    assert http["containerPort"] == settings.http_port == 8080
+    assert "h2c" in grpc_port["name"] and grpc_port["containerPort"] == settings.grpc_port
+    assert service["spec"]["ports"][1]["appProtocol"] == "kubernetes.io/h2c"
+    for probe, path in [
+        ("startupProbe", "/v2/health/ready"),
+        ("readinessProbe", "/v2/health/ready"),
+        ("livenessProbe", "/v2/health/live"),
+    ]:
+        assert container[probe]["httpGet"] == {"path": path, "port": 8080}, probe
+    fmt = isvc["spec"]["predictor"]["model"]["modelFormat"]
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    assert {"name": fmt["name"], "version": fmt["version"]} in [
+        {"name": f["name"], "version": f["version"]}
+        for f in runtime["spec"]["supportedModelFormats"]
+    ]
+    assert {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(settings.http_port)
+    # the same hardening as the Deployment: read-only root, no capabilities, /tmp a volume
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["runAsNonRoot"] and sc["runAsUser"] != 0
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert "/tmp" in mounts and mounts[KSERVE_MODEL_PATH]["readOnly"]

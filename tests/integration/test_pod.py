@@ -39,7 +39,14 @@ from cellexplain.api.schemas import AnnotateOptions
 from cellexplain.models.preprocess import normalize_log1p
 from tests.conftest import raw_cells, require
 from tests.integration.servers import REPO
-from tests.kubelet import PodContainer, pod_env, podman_base, quantity_bytes
+from tests.kubelet import (
+    KSERVE_MODEL_VOLUME,
+    PodContainer,
+    kserve_predictor,
+    pod_env,
+    podman_base,
+    quantity_bytes,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.deploy]
 pb = load("cellexplain_v1_pb2")
@@ -390,5 +397,102 @@ def test_an_arbitrary_uid_in_group_0_starts(image, manifests, tmp_path):
         c.wait_started()
         uid = c.exec_python("import os; print(os.getuid(), os.getgid())").split()
         assert uid == ["1000650000", "0"]
+    finally:
+        c.remove()
+
+
+# -- as a KServe ServingRuntime -------------------------------------------------------------
+
+
+def kserve_objects(name: str) -> tuple[dict, dict]:
+    """deploy/kserve's ServingRuntime and InferenceService, the latter renamed ``name``."""
+    runtime = yaml.safe_load((REPO / "deploy" / "kserve" / "servingruntime.yaml").read_text())
+    isvc = yaml.safe_load((REPO / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    isvc["metadata"]["name"] = name
+    return runtime, isvc
+
+
+def kserve_container(image, name: str, model_dir: Path, workdir: Path) -> PodContainer:
+    """The predictor pod KServe's controller makes for deploy/kserve's objects (RawDeployment),
+    the InferenceService named ``name``, with ``model_dir`` where the storage initializer puts
+    the model (/mnt/models) and the Service links of the predictor's Service."""
+    runtime, isvc = kserve_objects(name)
+    spec, container, service = kserve_predictor(runtime, isvc)
+    container["image"] = image[0]
+    env = pod_env(spec, container, {}, {}, [service], force_service_links=True)
+    c = PodContainer(image[0], spec, container, env, workdir)
+    c.prefill[KSERVE_MODEL_VOLUME] = model_dir
+    return c
+
+
+def test_kserve_serves_the_mounted_model_under_the_inference_service_name(
+    image, programs_model, cells, in_process, tmp_path
+):
+    """Started as KServe starts the runtime: its args and env with {{.Name}} filled, the model
+    folder at /mnt/models (read-only), the predictor Service's links in the environment
+    (CELLEXPLAIN_PREDICTOR_*: the InferenceService is named cellexplain). It answers to that
+    name on OIP REST (8080) and gRPC (h2c, 8081) through tritonclient, as in-process; the card's
+    own name is unknown there; the probes' routes answer with their status codes."""
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+    from tritonclient.utils import InferenceServerException
+
+    card, folder = programs_model
+    c = kserve_container(image, "cellexplain", folder, tmp_path)
+    assert "CELLEXPLAIN_PREDICTOR_SERVICE_HOST" in c.env
+    c.start()
+    try:
+        c.wait_started()
+        http = f"127.0.0.1:{c.port('http1')}"
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/cellexplain/ready"):
+            assert httpx.get(f"http://{http}{path}", timeout=10).status_code == 200, path
+        r = httpx.get(f"http://{http}/v2/models/{card.name}/ready", timeout=10)
+        assert r.status_code == 404 and "served models: cellexplain" in r.text
+        metrics = httpx.get(f"http://{http}/metrics", timeout=10).text
+        info = f'model="cellexplain",sha256="{card.onnx.sha256}",version="{card.version}"'
+        assert f"cellexplain_model_info{{{info}}} 1.0" in metrics
+
+        genes, X = cells
+        lm = in_process.get(None)
+        idx = [genes.index(g) for g in lm.model.genes]
+        x = np.asarray(normalize_log1p(X)[:, idx], dtype=np.float32)
+        want = asyncio.run(in_process.infer(lm.name, x))
+        for mod, client in (
+            (thttp, thttp.InferenceServerClient(http)),
+            (tgrpc, tgrpc.InferenceServerClient(f"127.0.0.1:{c.port('h2c')}")),
+        ):
+            assert client.is_server_ready() and client.is_model_ready("cellexplain")
+            try:  # tritonclient's HTTP client says False to a 404, its gRPC one raises
+                assert not client.is_model_ready(card.name)
+            except InferenceServerException as e:
+                assert "NOT_FOUND" in str(e) and "served models: cellexplain" in str(e)
+            inp = mod.InferInput("x", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            outs = [mod.InferRequestedOutput(n) for n in ("probabilities", "attributions")]
+            res = client.infer("cellexplain", [inp], outputs=outs)
+            np.testing.assert_allclose(res.as_numpy("probabilities"), want.probabilities, atol=1e-5)
+            np.testing.assert_allclose(res.as_numpy("attributions"), want.attributions, atol=1e-5)
+        # the model volume is read-only to the server, as KServe mounts it
+        wrote = c.podman("exec", c.name, "python3", "-c", "open('/mnt/models/x', 'w')")
+        assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr
+    finally:
+        c.remove()
+
+
+def test_kserve_refuses_a_model_whose_onnx_does_not_match_its_card(image, programs_model, tmp_path):
+    """A model folder whose model.onnx is not the file its card names (sha256) stops the
+    server at start, saying so, before it answers anything: the pod never gets ready."""
+    _, folder = programs_model
+    bad = tmp_path / "model"
+    shutil.copytree(folder, bad)
+    onnx = bad / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[-1] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    c = kserve_container(image, "pbmc", bad, tmp_path)
+    c.start()
+    try:
+        with pytest.raises(AssertionError, match="sha256"):
+            c.wait_started()
     finally:
         c.remove()

@@ -121,6 +121,40 @@ def test_models_are_resolved_before_anything_loads(tmp_path, programs_model):
         resolve_models(Settings(models=[], model_dirs=[str(folder)], default_model="nope"))
 
 
+def test_one_model_answers_to_the_name_it_is_served_as(programs_model):
+    """KServe passes the InferenceService's name ({{.Name}}): CELLEXPLAIN_MODEL_NAME renames
+    the one served model everywhere (routing, listings, answers); the card's name is no
+    longer an alias, and a second model makes the name ambiguous."""
+    from cellexplain.service.core import Annotator, ModelNotFoundError, resolve_models
+    from cellexplain.service.settings import Settings, SettingsError
+
+    _, folder = programs_model
+    with pytest.raises(SettingsError, match="CELLEXPLAIN_MODEL_NAME='isvc' names one model"):
+        resolve_models(
+            Settings(models=["pbmc-programs"], model_dirs=[str(folder)], model_name="isvc")
+        )
+    with pytest.raises(SettingsError, match="CELLEXPLAIN_DEFAULT_MODEL"):
+        resolve_models(
+            Settings(
+                models=[],
+                model_dirs=[str(folder)],
+                model_name="isvc",
+                default_model="pbmc-programs",
+            )
+        )
+    for bad in ("", "has space", "-lead", "x" * 254):
+        with pytest.raises(SettingsError, match="CELLEXPLAIN_MODEL_NAME"):
+            Settings.from_env({"CELLEXPLAIN_MODEL_NAME": bad})
+    annotator = Annotator.from_settings(
+        Settings(models=[], model_dirs=[str(folder)], model_name="pbmc-isvc", workers=1)
+    )
+    lm = annotator.get("pbmc-isvc")
+    assert annotator.get(None) is lm and lm.model.card.name == "pbmc-isvc"
+    assert [m.name for m in annotator.list_models().models] == ["pbmc-isvc"]
+    with pytest.raises(ModelNotFoundError, match="served models: pbmc-isvc"):
+        annotator.get("pbmc-programs")
+
+
 def test_service_links_a_kubelet_injects_are_not_settings():
     """A Service named cellexplain (or cellexplain-anything) gives every pod of its namespace
     CELLEXPLAIN_SERVICE_HOST, CELLEXPLAIN_PORT_3000_TCP_PROTO, ...: they must never stop the

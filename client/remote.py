@@ -592,6 +592,10 @@ class AnswerWarning(UserWarning):
 MAX_RETRY_AFTER_S = 30.0
 
 
+#: what gRPC answers a call past a server's ``maximum_concurrent_rpcs`` (no metadata of ours)
+CONCURRENCY_LIMIT = "Concurrent RPC limit exceeded"
+
+
 def grpc_retry_delay(e: Any) -> float | None:
     """Seconds the server asked to wait before a retry of the failed gRPC call ``e`` (0: none
     said), or ``None`` when the call is not to be retried: ``UNAVAILABLE`` (a worker going
@@ -604,6 +608,8 @@ def grpc_retry_delay(e: Any) -> float | None:
         return 0.0
     if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and RETRY_AFTER_KEY in trailing:
         return _seconds(trailing[RETRY_AFTER_KEY])
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and CONCURRENCY_LIMIT in (e.details() or ""):
+        return 1.0  # the worker's gRPC call limit (CELLEXPLAIN_GRPC_MAX_CONCURRENT_RPCS)
     return None
 
 

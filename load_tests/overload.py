@@ -117,30 +117,43 @@ def rest_sender(url: str, cells: int) -> tuple[Send, Callable[[], Awaitable[None
     return send, client.aclose
 
 
-def grpc_sender(target: str, cells: int) -> tuple[Send, Callable[[], Awaitable[None]]]:
-    """As :func:`rest_sender`, over the typed gRPC API (one channel, requests multiplexed)."""
+def grpc_sender(
+    target: str, cells: int, channels: int = 8
+) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """As :func:`rest_sender`, over the typed gRPC API: ``channels`` connections, requests
+    spread over them in turn (a connection stays with one worker)."""
     import grpc
 
     from cellexplain.api.errors import RETRY_AFTER_KEY
+    from cellexplain.client.remote import grpc_retry_delay
     from load_tests.grpc_load import pb_grpc, request
 
     genes, X = scenario.cells()
     req = request(genes, X[:cells])
-    channel = grpc.aio.insecure_channel(target)
-    stub = pb_grpc.CellExplainStub(channel)
+    # distinct options: channels with equal arguments share one connection
+    pool = [
+        grpc.aio.insecure_channel(target, options=[("cellexplain.load", i)])
+        for i in range(channels)
+    ]
+    stubs = [pb_grpc.CellExplainStub(ch) for ch in pool]
+    turn = [0]
 
     async def send() -> str:
+        turn[0] += 1
         try:
-            await stub.Annotate(req, timeout=120)
+            await stubs[turn[0] % channels].Annotate(req, timeout=120)
             return "ok"
         except grpc.aio.AioRpcError as e:
             meta = dict(e.trailing_metadata() or ())
             if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and RETRY_AFTER_KEY in meta:
                 return "refused"
-            return e.code().name
+            if grpc_retry_delay(e) is not None:  # the call limit, which the client retries
+                return "refused"
+            return f"{e.code().name}: {(e.details() or '')[:60]}"
 
     async def close() -> None:
-        await channel.close()
+        for ch in pool:
+            await ch.close()
 
     return send, close
 

@@ -46,6 +46,7 @@ from cellexplain.service.core import Annotator
 from cellexplain.service.failures import http_response
 from cellexplain.service.gate import Gate, door_of
 from cellexplain.service.h5ad_check import Limits
+from cellexplain.service.logs import RequestIdMiddleware
 from cellexplain.service.offload import Offload, answer_bytes
 from cellexplain.service.settings import Settings
 from cellexplain.service.uploads import (
@@ -81,7 +82,7 @@ def create_app(
     """
     is_ready = ready or (lambda: bool(annotator.models))
     is_alive = alive or (lambda: True)
-    offload = Offload()
+    offload = Offload(settings.max_waiting_parses)
     uploads = asyncio.Semaphore(settings.max_concurrent_uploads)  # readers at once, per worker
     sandbox_limits = sandbox.SandboxLimits(
         settings.upload_memory_bytes, settings.upload_cpu_s, settings.upload_timeout_s
@@ -263,4 +264,5 @@ def create_app(
             app.add_exception_handler(kind, answer_error)
 
     root: ASGIApp = Starlette(routes=[Mount("/v1", app=api), Mount("", app=v2)])
-    return Gate(root, settings) if gate else root
+    # outermost: a request refused by the gate has its id too
+    return RequestIdMiddleware(Gate(root, settings) if gate else root)

@@ -9,7 +9,11 @@ whatever the request size.
 Overload is refused early: a worker holding more than ``max_queued`` cells for the model
 refuses a new request at once (:class:`~cellexplain.api.errors.OverloadedError`: 503 with
 ``Retry-After``, RESOURCE_EXHAUSTED), the wait estimated from the recent rate; a request alone is
-always admitted. The cells queued and in flight are gauges, the time a chunk waits a histogram.
+always admitted. A door admits a request (:meth:`Batcher.admit`) as it arrives, before checking,
+aligning and normalising its cells: those cells count as queued from then on, so the work a
+worker has accepted (in preparation or in the queue) is what the bound limits, and a refusal
+costs no preparation. The cells queued and in flight are gauges, the time a chunk waits a
+histogram.
 
 The queue lives on the batcher's own event loop (its own thread), so every front door shares it
 whatever loop it runs on: REST on the HTTP server's loop, gRPC on its server's loop.
@@ -33,12 +37,39 @@ from cellexplain.models.runtime import OnnxModel, Prediction
 from cellexplain.service import metrics
 
 
+class Admission:
+    """``n`` cells a request brought into a batcher's queue (:meth:`Batcher.admit`): they count
+    as queued until their chunks are taken into a batch; :meth:`close` (or leaving the ``with``
+    block) gives back those never taken (a bad request, a timeout, a cancelled call)."""
+
+    def __init__(self, batcher: Batcher, n: int) -> None:
+        self.batcher = batcher
+        self.n = n
+        self.left = n
+
+    def taken(self, k: int) -> None:
+        """``k`` of the cells went into an onnxruntime call."""
+        k = min(k, self.left)
+        self.left -= k
+        self.batcher._release(k)
+
+    def close(self) -> None:
+        self.taken(self.left)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass
 class _Chunk:
     x: np.ndarray
     target: np.ndarray
     future: asyncio.Future[Prediction]
     queued_at: float
+    admission: Admission
 
 
 def concat_predictions(parts: list[Prediction]) -> Prediction:
@@ -76,7 +107,8 @@ class Batcher:
         self.name = name
         #: cells queued at most before new requests are refused (default: 16 batches)
         self.max_queued = max_queued or 16 * max_cells
-        self._queued = 0  # cells in the queue (touched on the batcher's loop only)
+        self._queued = 0  # cells admitted and not yet in an onnxruntime call (any thread)
+        self._lock = threading.Lock()
         self._seconds_per_cell = 0.0  # recent onnxruntime time per cell, for Retry-After
         self._queued_gauge = metrics.QUEUED_CELLS.labels(model=name)
         self._inflight_gauge = metrics.INFLIGHT_CELLS.labels(model=name)
@@ -106,25 +138,35 @@ class Batcher:
     async def _make_queue() -> asyncio.Queue[_Chunk]:
         return asyncio.Queue()
 
-    async def predict(self, x: np.ndarray, target: np.ndarray) -> Prediction:
-        """Run the graph on ``x`` ``[n, n_genes]`` (model input) with per-cell ``target``.
+    async def predict(
+        self, x: np.ndarray, target: np.ndarray, admission: Admission | None = None
+    ) -> Prediction:
+        """Run the graph on ``x`` ``[n, n_genes]`` (model input) with per-cell ``target``;
+        ``admission``: the cells' place in the queue, taken when the request arrived
+        (:meth:`admit`; without it they are admitted now).
 
         Callable from any event loop; the work is queued on the batcher's loop. Raises
-        :class:`~cellexplain.api.errors.DeadlineExceededError` after ``timeout_s`` (its chunks still
-        queued are then skipped)."""
+        :class:`~cellexplain.api.errors.OverloadedError` when the queue is full,
+        :class:`~cellexplain.api.errors.DeadlineExceededError` after ``timeout_s`` (its chunks
+        still queued are then skipped)."""
+        if admission is None:
+            with self.admit(x.shape[0]) as own:
+                return await self.predict(x, target, own)
         if self._closed:
             raise NotReadyError(
                 f"model {self.name} is shutting down on this worker: retry (another worker or "
                 "replica answers)"
             )
-        fut = asyncio.run_coroutine_threadsafe(self._predict(x, target), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self._predict(x, target, admission), self._loop)
         return await asyncio.wrap_future(fut)
 
-    async def _predict(self, x: np.ndarray, target: np.ndarray) -> Prediction:
+    async def _predict(self, x: np.ndarray, target: np.ndarray, admission: Admission) -> Prediction:
         if self.timeout_s is None:
-            return await self._queue_and_wait(x, target)
+            return await self._queue_and_wait(x, target, admission)
         try:
-            return await asyncio.wait_for(self._queue_and_wait(x, target), self.timeout_s)
+            return await asyncio.wait_for(
+                self._queue_and_wait(x, target, admission), self.timeout_s
+            )
         except TimeoutError:
             raise DeadlineExceededError(
                 f"inference for {x.shape[0]} cells did not finish within "
@@ -132,35 +174,52 @@ class Batcher:
                 "overloaded or the request too large: retry later or send fewer cells"
             ) from None
 
-    def _admit(self, n: int) -> None:
-        """Count ``n`` cells into the queue, or refuse them when the queue is full."""
-        if self._queued and self._queued + n > self.max_queued:
-            wait = math.ceil(self._queued * self._seconds_per_cell) if self._seconds_per_cell else 1
+    def admit(self, n: int) -> Admission:
+        """Count ``n`` cells of an arriving request into the queue (from any thread), or refuse
+        them when the queue is full (a request alone is always admitted).
+
+        Raises:
+            OverloadedError: 503 with ``Retry-After`` / RESOURCE_EXHAUSTED, the wait estimated
+                from the recent onnxruntime time per cell.
+        """
+        with self._lock:
+            queued = self._queued
+            if not (queued and queued + n > self.max_queued):
+                self._queued += n
+                queued = -1
+        if queued >= 0:
+            wait = math.ceil(queued * self._seconds_per_cell) if self._seconds_per_cell else 1
             raise OverloadedError(
-                f"model {self.name} has {self._queued} cells queued on this worker, and "
+                f"model {self.name} has {queued} cells queued on this worker, and "
                 f"{n} more would pass its bound of {self.max_queued} "
                 f"(CELLEXPLAIN_MAX_QUEUED_CELLS): retry in {max(1, wait)} s, or send fewer "
                 "cells at once",
                 retry_after_s=wait,
             )
-        self._queued += n
         self._queued_gauge.inc(n)
+        return Admission(self, n)
 
-    def _taken(self, chunk: _Chunk) -> None:
-        n = chunk.x.shape[0]
-        self._queued -= n
-        self._queued_gauge.dec(n)
+    def _release(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self._queued -= n
+            self._queued_gauge.dec(n)
 
-    async def _queue_and_wait(self, x: np.ndarray, target: np.ndarray) -> Prediction:
+    @staticmethod
+    def _taken(chunk: _Chunk) -> None:
+        chunk.admission.taken(chunk.x.shape[0])
+
+    async def _queue_and_wait(
+        self, x: np.ndarray, target: np.ndarray, admission: Admission
+    ) -> Prediction:
         queue = self._queue
         loop = asyncio.get_running_loop()
-        self._admit(x.shape[0])
         futures = []
         now = time.monotonic()
         for start in range(0, x.shape[0], self.max_cells):
             sl = slice(start, start + self.max_cells)
             fut: asyncio.Future[Prediction] = loop.create_future()
-            queue.put_nowait(_Chunk(x[sl], target[sl], fut, now))
+            queue.put_nowait(_Chunk(x[sl], target[sl], fut, now, admission))
             futures.append(fut)
         try:
             return concat_predictions(list(await asyncio.gather(*futures)))

@@ -11,12 +11,14 @@ the result (:mod:`cellexplain.service.v1`, :mod:`cellexplain.service.oip`,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -45,11 +47,12 @@ from cellexplain.models.preprocess import (
     sparse_structure_problem,
 )
 from cellexplain.models.runtime import OnnxModel, Prediction, available_providers
-from cellexplain.service import metrics, ranking
+from cellexplain.service import logs, metrics, ranking
 from cellexplain.service.alignment import Alignment, GeneAligner
 from cellexplain.service.batching import Batcher
 from cellexplain.service.settings import Settings, SettingsError
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 #: a request missing more than this share of the model's genes, or of their importance, is
@@ -409,6 +412,22 @@ def resolve_models(settings: Settings) -> list[tuple[str, Path]]:
     return sources
 
 
+def _values_bytes(X: np.ndarray | sp.spmatrix) -> int:
+    """Bytes of the values a request's matrix holds (its stored values when sparse)."""
+    return int(X.data.nbytes if sp.issparse(X) else np.asarray(X).nbytes)
+
+
+async def off_loop(size: int, fn: Callable[[], T]) -> T:
+    """``fn()``, on a thread when it reads ``size`` >= :data:`~.offload.LARGE` bytes: checking
+    and aligning a large request stays off the door's event loop, whose other calls (a refusal
+    of a full queue, a health check) are then answered at once, not after it."""
+    from cellexplain.service.offload import LARGE
+
+    if size < LARGE:
+        return fn()
+    return await asyncio.to_thread(fn)
+
+
 class Annotator:
     """Holds the served models and annotates requests against them."""
 
@@ -472,13 +491,22 @@ class Annotator:
         return cls(settings, loaded)
 
     def get(self, name: str | None) -> LoadedModel:
+        """The served model ``name`` (default: the default model), which the call's log lines
+        then name (:data:`~cellexplain.service.logs.MODEL`).
+
+        Raises:
+            ModelNotFoundError: no such model (404, ``NOT_FOUND``).
+        """
         key = name or self.default
         if key not in self.models:
+            logs.MODEL.set((key[:100], None))
             raise ModelNotFoundError(
                 f"unknown model {brief(key)}; served models: {', '.join(sorted(self.models))}",
                 "model",
             )
-        return self.models[key]
+        lm = self.models[key]
+        logs.MODEL.set((lm.name, lm.model.card.version))
+        return lm
 
     # -- model metadata --------------------------------------------------------------------
     def list_models(self) -> ModelList:
@@ -538,12 +566,16 @@ class Annotator:
                 f"top_k is {opts.top_k}; the limit is {self.settings.max_top_k}", "top_k"
             )
         n = X.shape[0]
-        ids = self._cell_ids(cell_ids, n)
-        if where is None:
-            where = partial(_cell_value, genes, cell_ids)
-        prep = self._prepare(genes, X, opts, lm, genes_field, where)
-        target = np.full(n, self._target_index(opts.target, lm), dtype=np.int64)
-        pred = await lm.batcher.predict(prep.x, target)
+        self._check_n_cells(n)
+        # the cells count as queued from here: a full queue refuses before any preparation
+        with lm.batcher.admit(n) as admission:
+            ids = self._cell_ids(cell_ids, n)
+            if where is None:
+                where = partial(_cell_value, genes, cell_ids)
+            prepare = partial(self._prepare, genes, X, opts, lm, genes_field, where)
+            prep = await off_loop(_values_bytes(X), prepare)
+            target = np.full(n, self._target_index(opts.target, lm), dtype=np.int64)
+            pred = await lm.batcher.predict(prep.x, target, admission)
         matching = self._matching(prep, lm.model.card)
         return self._result(lm, opts, ids, pred, prep.input_kind, matching, prep.warnings)
 
@@ -559,6 +591,16 @@ class Annotator:
         if x.shape[0] == 0:
             raise InvalidInputError("input x has no rows", "x")
         self._check_n_cells(x.shape[0])
+        with lm.batcher.admit(x.shape[0]) as admission:  # before the checks, as annotate()
+            checked = await off_loop(x.nbytes, partial(self._infer_input, lm, x))
+            pred = await lm.batcher.predict(checked, self._infer_target(lm, x, target), admission)
+        opts = AnnotateOptions(model=lm.name, input="log1p_cp10k", attributions="full")
+        ids = [str(i) for i in range(x.shape[0])]
+        return self._result(lm, opts, ids, pred, "log1p_cp10k", None)
+
+    @staticmethod
+    def _infer_input(lm: LoadedModel, x: np.ndarray) -> np.ndarray:
+        """``x`` checked (finite, 0 to MAX_LOG1P_VALUE) and as float32."""
 
         def where(i: int, j: int) -> tuple[str, str]:
             return f"x[{i}][{j}] (gene {lm.model.genes[j]!r})", "x"
@@ -566,21 +608,21 @@ class Annotator:
         # the model's input is log1p CP10k, never above MAX_LOG1P_VALUE (as the typed API
         # checks): 1e38 in every gene turned the graph's outputs into NaN
         _require_valid(x, where, MAX_LOG1P_VALUE)
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    @staticmethod
+    def _infer_target(lm: LoadedModel, x: np.ndarray, target: np.ndarray | None) -> np.ndarray:
+        """The class index per cell (``-1``: predicted), ``target`` broadcast and checked."""
         if target is None:
-            t = np.full(x.shape[0], -1, dtype=np.int64)
-        else:
-            t = np.broadcast_to(np.asarray(target, dtype=np.int64).ravel(), (x.shape[0],)).copy()
-            if np.any(t >= len(lm.classes)) or np.any(t < -1):
-                raise InvalidInputError(
-                    f"target class index out of range: the model has {len(lm.classes)} classes "
-                    f"(0..{len(lm.classes) - 1}; -1 explains the predicted class)",
-                    "target",
-                )
-        pred = await lm.batcher.predict(x, t)
-        opts = AnnotateOptions(model=lm.name, input="log1p_cp10k", attributions="full")
-        ids = [str(i) for i in range(x.shape[0])]
-        return self._result(lm, opts, ids, pred, "log1p_cp10k", None)
+            return np.full(x.shape[0], -1, dtype=np.int64)
+        t = np.broadcast_to(np.asarray(target, dtype=np.int64).ravel(), (x.shape[0],)).copy()
+        if np.any(t >= len(lm.classes)) or np.any(t < -1):
+            raise InvalidInputError(
+                f"target class index out of range: the model has {len(lm.classes)} classes "
+                f"(0..{len(lm.classes) - 1}; -1 explains the predicted class)",
+                "target",
+            )
+        return t
 
     def _result(
         self,

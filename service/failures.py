@@ -41,8 +41,11 @@ def recorded(door: str, exc: BaseException) -> ServiceError | None:
         log.info("client disconnected before its request was read (%s)", door)
         metrics.ERRORS.labels(door=door, type="client_disconnect").inc()
         return None
+    fields = {"door": door, "error": err.kind, "status": err.http_status, "field": err.field}
     if isinstance(err, InternalError):
-        log.error("unexpected error (%s)", door, exc_info=exc)
+        log.error("unexpected error (%s)", door, exc_info=exc, extra=fields)
+    else:  # with the request id and the model (service/logs.py), for the one who asks why
+        log.info("refused (%s, %s): %s", door, err.kind, err.message, extra=fields)
     metrics.ERRORS.labels(door=door, type=err.kind).inc()
     return err
 

@@ -23,7 +23,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cellexplain.service import allocator, http_timeouts, metrics, sandbox
+from cellexplain.service import allocator, http_timeouts, logs, metrics, sandbox
 from cellexplain.service.app import create_app
 from cellexplain.service.core import Annotator, resolve_models
 from cellexplain.service.gate import Gate
@@ -95,6 +95,7 @@ class CellExplain:
             sys.exit(f"cellexplain: {e}")
 
     def __init__(self) -> None:
+        logs.configure(SETTINGS.log_format)  # BentoML has set its logging up by now
         sandbox.remove_orphans()  # what workers killed mid-upload left in TMPDIR
         self.annotator = Annotator.from_settings(SETTINGS)
         API.api = create_app(

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -134,6 +135,11 @@ class Settings(BaseModel):
         description="if set (comma-separated, from a Secret), REST /v1 /v2 and gRPC calls need "
         "'Authorization: Bearer KEY' or 'X-API-Key: KEY'; health and metrics stay open",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="log lines as BentoML writes them, or one JSON object per line with the "
+        "request id and model (the image's manifests set json)",
+    )
     http_port: int = Field(default=3000, ge=1, le=65535)
     grpc_enabled: bool = Field(default=True, description="serve gRPC beside REST")
     grpc_host: str = "[::]"
@@ -205,6 +211,19 @@ class Settings(BaseModel):
         description="cells a worker queues for one model before it refuses new requests at "
         "once (503 with Retry-After, gRPC RESOURCE_EXHAUSTED) instead of letting them time "
         "out; a request alone is always admitted. 0: 16 x max_batch_cells",
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        default=256,
+        ge=1,
+        description="gRPC calls a worker runs at once; beyond it a call is refused with "
+        "RESOURCE_EXHAUSTED before its message is read (bounds the messages a worker holds "
+        "under overload; the queue bound refuses first for requests of 64+ cells)",
+    )
+    max_waiting_parses: int = Field(
+        default=4,
+        ge=0,
+        description="large REST bodies (1 MiB+) a worker lets wait for the parser (one parses "
+        "at a time); beyond it 503 with Retry-After at once (0: no bound)",
     )
     max_batch_latency_ms: float = Field(
         default=5.0, ge=0, description="how long a batch waits for more requests to merge"

@@ -61,6 +61,11 @@ def build(value: Any, typ: str, path: str, errors: list[str]) -> Any:
         if not ok:
             errors.append(f"{path}: expected {typ}, got {value!r}")
         return value
+    if typ.endswith("Quantity") and not hasattr(km, typ):
+        # a Kubernetes quantity (int or string), which the generated SDK names but leaves out
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            errors.append(f"{path}: expected a quantity (int or string), got {value!r}")
+        return value
     cls = model_class(typ)
     if not isinstance(value, dict):
         errors.append(f"{path}: expected a {typ} object, got {value!r}")

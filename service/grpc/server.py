@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cellexplain.api.errors import InvalidInputError, ServiceError, brief
-from cellexplain.service import auth, metrics, v1
+from cellexplain.service import auth, logs, metrics, v1
 from cellexplain.service.core import Annotator
 from cellexplain.service.failures import recorded
 from cellexplain.service.grpc.oip_converters import check_infer_wire
@@ -54,7 +54,12 @@ def build_server(
     one), and its health servicer."""
     limit = settings.max_body_bytes
     server = grpc.aio.server(
+        # beyond it gRPC refuses a call (RESOURCE_EXHAUSTED) before reading its message: under
+        # overload a worker held every message sent to it (3 GB at 3x capacity, 1024-cell
+        # calls) and its loop answered even refusals seconds late
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         interceptors=[
+            RequestIdInterceptor(),
             TimingInterceptor(),
             *([ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []),
             MalformedMessageInterceptor(settings),
@@ -328,6 +333,24 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             handler.unary_stream
         ):
             return grpc.unary_stream_rpc_method_handler(one_request(handler.unary_stream), **kw)
+        return handler
+
+
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+    """Each call of ours under its request id and a server span
+    (:func:`~cellexplain.service.logs.grpc_call_wrappers`); first in the chain, so that what
+    the others log carries them."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or not str(details.method).startswith(_OWN_SERVICES):
+            return handler
+        unary, streaming = logs.grpc_call_wrappers(str(details.method))
+        kw = _handler_kwargs(handler)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)
         return handler
 
 

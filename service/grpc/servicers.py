@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any, NoReturn
 
 import grpc
@@ -25,6 +26,7 @@ from cellexplain.api.errors import (
 from cellexplain.service import oip, v1
 from cellexplain.service.core import Annotator
 from cellexplain.service.grpc import oip_converters
+from cellexplain.service.offload import Offload, answer_bytes
 
 log = logging.getLogger(__name__)
 pb = load("cellexplain_v1_pb2")
@@ -57,13 +59,17 @@ class CellExplainServicer(_CellExplainBase):
 
     def __init__(self, annotator: Annotator) -> None:
         self.annotator = annotator
+        self._offload: Offload | None = None  # made on the server's loop, on first use
 
     async def _annotate(self, req: Any, genes: list[str], opts: Any) -> bytes:
         """The serialised ``AnnotateResponse`` (written from arrays: :mod:`~.v1`); the
-        server's response serializer passes bytes through."""
+        server's response serializer passes bytes through. A large answer is written on a
+        thread (:mod:`~cellexplain.service.offload`), as REST's are."""
         g, X, field = converters.matrix(req, genes)
         res = await self.annotator.annotate(g, X, opts, list(req.cell_ids) or None, field)
-        return v1.protobuf_bytes(res)
+        if self._offload is None:
+            self._offload = Offload()
+        return await self._offload.render(answer_bytes(res), partial(v1.protobuf_bytes, res))
 
     async def Annotate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         opts = converters.options(request.options)

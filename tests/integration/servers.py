@@ -56,13 +56,18 @@ class Server:
 
 @contextmanager
 def bentoml_server(
-    home: Path, env: dict[str, str], timeout: float = 120, graceful_flag: bool = True
+    home: Path,
+    env: dict[str, str],
+    timeout: float = 120,
+    graceful_flag: bool = True,
+    cpus: str | None = None,
 ) -> Iterator[Server]:
     """Run ``bentoml serve cellexplain.service.rest:CellExplain`` (REST and gRPC on free ports), as
     ``make serve`` does (``--timeout-graceful-shutdown`` set to the shutdown grace unless
     ``graceful_flag`` is false); yields once /readyz answers 200 and gRPC health says
     SERVING. One worker process unless ``env`` sets ``CELLEXPLAIN_WORKERS`` (the tests of
-    several workers do): the suite runs servers side by side on two cores."""
+    several workers do): the suite runs servers side by side on two cores. ``cpus``: the CPUs
+    it may run on (``taskset -c``), as a pod's CPU limit holds it to its share."""
     port = free_port()
     grpc_port = free_port()
     full_env = {
@@ -78,6 +83,7 @@ def bentoml_server(
     log = open(home / f"server-{port}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [
+            *(["taskset", "-c", cpus] if cpus else []),
             sys.executable,
             "-m",
             "bentoml",

@@ -93,3 +93,49 @@ def test_each_rule_is_scoped_and_has_a_runbook(rule):
     headings = re.findall(r"^## (\w+)", RUNBOOKS.read_text(), re.M)
     assert rule["alert"] in headings, f"docs/runbooks.md has no section {rule['alert']}"
     assert rule["labels"]["severity"] in {"page", "warn"} and rule["for"]
+
+
+def test_the_adapters_query_gives_each_pod_its_queued_cells(tmp_path):
+    """The Prometheus adapter's metricsQuery (deploy/autoscaling), filled in as the adapter
+    fills it for an HPA asking for two pods, evaluated by promtool over the recording rule:
+    each pod gets the cells queued in all its workers; another namespace's pod is not asked."""
+    adapter = yaml.safe_load(
+        (REPO / "deploy" / "autoscaling" / "prometheus-adapter-rules.yaml").read_text()
+    )
+    (rule,) = adapter["rules"]
+    series = rule["seriesQuery"].split("{")[0]
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", series)
+        .replace("<<.LabelMatchers>>", 'namespace="lab",pod=~"cellexplain-a|cellexplain-b"')
+        .replace("<<.GroupBy>>", "pod")
+    )
+    groups = yaml.safe_load(RULE.read_text())["spec"]
+    groups["groups"] = [g for g in groups["groups"] if g["name"] == "cellexplain-autoscaling"]
+    workers = [("cellexplain-a", "10", 3000), ("cellexplain-a", "11", 1000),
+               ("cellexplain-b", "10", 0), ("cellexplain-c", "10", 7)]  # fmt: skip
+    inputs = [
+        {"series": f'cellexplain_queued_cells{{job="cellexplain",namespace="{ns}",pod="{pod}",'
+                   f'pid="{pid}",model="pbmc-programs"}}', "values": f"{v}x8"}
+        for pod, pid, v in workers
+        for ns in ("lab", "other")
+    ]  # fmt: skip
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "15s",
+        "tests": [{
+            "interval": "15s",
+            "input_series": inputs,
+            "promql_expr_test": [{
+                "expr": query,
+                "eval_time": "1m",
+                "exp_samples": [{"labels": '{pod="cellexplain-a"}', "value": 4000},
+                                {"labels": '{pod="cellexplain-b"}', "value": 0}],
+            }],
+        }],
+    }  # fmt: skip
+    result = promtool(tmp_path, groups, "check", "rules", "rules.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (tmp_path / "adapter.yaml").write_text(yaml.safe_dump(tests))
+    result = promtool(tmp_path, groups, "test", "rules", "adapter.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr

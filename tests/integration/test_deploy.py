@@ -390,3 +390,134 @@ def test_kserve_runtime_is_the_service_kserve_expects():
     assert sc["runAsNonRoot"] and sc["runAsUser"] != 0
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert "/tmp" in mounts and mounts[KSERVE_MODEL_PATH]["readOnly"]
+
+
+# -- autoscaling on the queue (deploy/base/hpa.yaml, deploy/autoscaling) ---------------------
+
+AUTOSCALING = DEPLOY / "autoscaling"
+#: the Prometheus adapter's config, as its loader reads it (yaml.UnmarshalStrict into
+#: pkg/config: MetricsDiscoveryConfig, DiscoveryRule, ResourceMapping, NameMapping)
+ADAPTER_FIELDS = {
+    "": {"rules", "resourceRules", "externalRules"},
+    "rule": {"seriesQuery", "seriesFilters", "resources", "name", "metricsQuery"},
+    "resources": {"template", "overrides", "namespaced"},
+    "override": {"group", "resource"},
+    "name": {"matches", "as"},
+}
+
+
+def adapter_rules() -> dict:
+    return load(AUTOSCALING / "prometheus-adapter-rules.yaml")
+
+
+def test_adapter_rule_is_read_strictly_and_serves_the_recording_rule():
+    config = adapter_rules()
+    assert set(config) <= ADAPTER_FIELDS[""]
+    (rule,) = config["rules"]
+    assert set(rule) <= ADAPTER_FIELDS["rule"]
+    assert set(rule["resources"]) <= ADAPTER_FIELDS["resources"]
+    for override in rule["resources"]["overrides"].values():
+        assert set(override) <= ADAPTER_FIELDS["override"] and "resource" in override
+    assert set(rule["name"]) <= ADAPTER_FIELDS["name"]
+    # it reads the recording rule the PrometheusRule ships, per pod and namespace
+    recorded = {
+        r["record"]
+        for g in custom_resource("PrometheusRule")["spec"]["groups"]
+        for r in g["rules"]
+        if "record" in r
+    }
+    (series,) = re.findall(r"^([\w:]+)\{", rule["seriesQuery"])
+    assert series in recorded
+    assert re.fullmatch(rule["name"]["matches"], series)
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    for key in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        assert key in rule["metricsQuery"]
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_hpa_scales_on_the_queue_and_the_gpu_overlay_never_on_cpu(overlay):
+    docs = render(overlay)
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    kinds = [m["type"] for m in hpa["spec"]["metrics"]]
+    pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    (queue,) = pods
+    assert queue["metric"]["name"] == adapter_rules()["rules"][0]["name"]["as"]
+    assert queue["target"]["type"] == "AverageValue"
+    target = int(queue["target"]["averageValue"])
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    batch = int(cm["data"]["CELLEXPLAIN_MAX_BATCH_CELLS"])
+    workers = int(cm["data"]["CELLEXPLAIN_WORKERS"])
+    # well under what a pod queues before it refuses (16 batches per worker by default)
+    assert 0 < target <= 16 * batch * workers / 4
+    if overlay == "gpu":
+        assert kinds == ["Pods"]  # CPU says nothing of a GPU pod's backlog
+    else:
+        assert kinds == ["Pods", "Resource"]
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+#: what the KEDA ScaledObject may hold (keda.sh/v1alpha1, the fields this repository uses and
+#: their siblings, from KEDA's CRD): a typo is an unknown field
+KEDA_FIELDS = {
+    "spec": {
+        "scaleTargetRef",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "pollingInterval",
+        "cooldownPeriod",
+        "idleReplicaCount",
+        "initialCooldownPeriod",
+        "advanced",
+        "triggers",
+        "fallback",
+    },
+    "trigger": {"type", "metadata", "metricType", "name", "authenticationRef", "useCachedMetrics"},
+    "prometheus": {
+        "serverAddress",
+        "query",
+        "queryParameters",
+        "threshold",
+        "activationThreshold",
+        "namespace",
+        "customHeaders",
+        "ignoreNullValues",
+        "unsafeSsl",
+        "awsRegion",
+        "timeout",
+        "identityOwner",
+    },
+}
+
+
+def test_keda_component_replaces_the_hpa_with_a_scaled_object_on_the_same_signal(tmp_path):
+    """An overlay with the KEDA component renders a ScaledObject and no HPA (two autoscalers on
+    one Deployment fight), querying the same recording rule at the same per-pod target."""
+    cmd = kustomize_command()
+    if cmd is None:
+        pytest.skip("neither kustomize nor kubectl is installed: overlays not rendered")
+    deploy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, deploy)
+    overlay = deploy / "overlays" / "cpu" / "kustomization.yaml"
+    k = load(overlay)
+    k["components"] = [*k.get("components", []), "../../autoscaling/keda"]
+    overlay.write_text(yaml.safe_dump(k))
+    out = subprocess.run([*cmd, str(overlay.parent)], capture_output=True, text=True, check=True)
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    kinds = [d["kind"] for d in docs]
+    assert "HorizontalPodAutoscaler" not in kinds and kinds.count("ScaledObject") == 1
+    (so,) = [d for d in docs if d["kind"] == "ScaledObject"]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert set(so["spec"]) <= KEDA_FIELDS["spec"]
+    assert so["spec"]["scaleTargetRef"] == {"name": dep["metadata"]["name"]}
+    (trigger,) = so["spec"]["triggers"]
+    assert set(trigger) <= KEDA_FIELDS["trigger"] and trigger["type"] == "prometheus"
+    assert set(trigger["metadata"]) <= KEDA_FIELDS["prometheus"]
+    assert trigger["metricType"] == "AverageValue"
+    assert "cellexplain:queued_cells:avg1m" in trigger["metadata"]["query"]
+    hpa = load(DEPLOY / "base" / "hpa.yaml")
+    (queue,) = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert trigger["metadata"]["threshold"] == queue["target"]["averageValue"]
+    assert so["spec"]["minReplicaCount"] == hpa["spec"]["minReplicas"]

@@ -1,7 +1,7 @@
 """Offered load past capacity: the queue metric rises and falls, overload is refused at once.
 
     python -m load_tests.overload --url http://localhost:3000 --grpc localhost:50051 \\
-        --door rest --cells 64 --phase-s 15 --factors 0.5,1,3 --json overload.json
+        --door rest|oip-rest|grpc --cells 64 --phase-s 15 --factors 0.5,1,3 --json overload.json
 
 First the server's capacity is measured: ``--probe-users`` clients send ``--cells``-cell
 requests back to back for ``--probe-s`` seconds (cells answered per second). Then requests
@@ -117,6 +117,28 @@ def rest_sender(url: str, cells: int) -> tuple[Send, Callable[[], Awaitable[None
     return send, client.aclose
 
 
+def oip_rest_sender(url: str, cells: int, model: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """As :func:`rest_sender`, through the Open Inference Protocol's REST door with binary
+    tensors (as Triton's client encodes them): the model's own input, probabilities and
+    attributions back."""
+    from benchmarks.serving import oip_rest_request
+
+    _, X = scenario.cells()
+    body, headers = oip_rest_request(np.ascontiguousarray(X[:cells], dtype=np.float32))
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    client = httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
+
+    async def send() -> str:
+        r = await client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+        if r.status_code == 200:
+            return "ok"
+        if r.status_code == 503 and r.headers.get("retry-after"):
+            return "refused"
+        return f"HTTP {r.status_code}"
+
+    return send, client.aclose
+
+
 def grpc_sender(
     target: str, cells: int, channels: int = 8
 ) -> tuple[Send, Callable[[], Awaitable[None]]]:
@@ -213,6 +235,8 @@ async def run(args: argparse.Namespace) -> dict:
     cells = args.cells
     if args.door == "rest":
         send, close = rest_sender(args.url, cells)
+    elif args.door == "oip-rest":
+        send, close = oip_rest_sender(args.url, cells, args.model)
     else:
         send, close = grpc_sender(args.grpc, cells)
     try:
@@ -294,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:3000", help="REST base URL (and /metrics)")
     ap.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC target (--door grpc)")
-    ap.add_argument("--door", choices=["rest", "grpc"], default="rest")
+    ap.add_argument("--door", choices=["rest", "oip-rest", "grpc"], default="rest")
+    ap.add_argument("--model", default="pbmc-programs", help="the model (--door oip-rest)")
     ap.add_argument("--cells", type=int, default=64, help="cells per request")
     ap.add_argument("--factors", default="0.5,1,3", help="offered load, x measured capacity")
     ap.add_argument("--phase-s", type=float, default=15.0)

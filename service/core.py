@@ -547,6 +547,7 @@ class Annotator:
         cell_ids: Sequence[str] | None = None,
         genes_field: str = "genes",
         where: Callable[[int, int], tuple[str, str]] | None = None,
+        prepare_off_loop: bool = False,
     ) -> Result:
         """Annotate ``X`` ``[n_cells, n_genes]`` (raw counts or log1p values, any numeric
         dtype, dense or sparse, columns named by ``genes``): the one core every typed front door
@@ -555,7 +556,11 @@ class Annotator:
 
         ``genes_field`` names the request field holding the gene names in errors, and
         ``where(row, col)`` describes a bad value and names its field (default:
-        ``cells[i][j]``).
+        ``cells[i][j]``). ``prepare_off_loop``: check, align and normalise a large matrix on a
+        thread (:func:`off_loop`), for a door whose loop must stay free to refuse calls at
+        once (gRPC, where the message is read before the call); a door that parsed its body
+        on a thread already (REST JSON) keeps it on its loop: in another thread's malloc arena
+        the step's peak memory adds to the parse's.
 
         Raises:
             ServiceError: bad input, unknown model, too many cells; the message names the field.
@@ -573,7 +578,7 @@ class Annotator:
             if where is None:
                 where = partial(_cell_value, genes, cell_ids)
             prepare = partial(self._prepare, genes, X, opts, lm, genes_field, where)
-            prep = await off_loop(_values_bytes(X), prepare)
+            prep = await off_loop(_values_bytes(X) if prepare_off_loop else 0, prepare)
             target = np.full(n, self._target_index(opts.target, lm), dtype=np.int64)
             pred = await lm.batcher.predict(prep.x, target, admission)
         matching = self._matching(prep, lm.model.card)

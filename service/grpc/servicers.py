@@ -66,7 +66,8 @@ class CellExplainServicer(_CellExplainBase):
         server's response serializer passes bytes through. A large answer is written on a
         thread (:mod:`~cellexplain.service.offload`), as REST's are."""
         g, X, field = converters.matrix(req, genes)
-        res = await self.annotator.annotate(g, X, opts, list(req.cell_ids) or None, field)
+        ids = list(req.cell_ids) or None
+        res = await self.annotator.annotate(g, X, opts, ids, field, prepare_off_loop=True)
         if self._offload is None:
             self._offload = Offload()
         return await self._offload.render(answer_bytes(res), partial(v1.protobuf_bytes, res))

@@ -3,6 +3,7 @@ a GPU machine runs from prepared artifacts keeps working where CI has no GPU."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,19 @@ def test_the_paired_comparison_is_per_split():
     assert ours[0] == "+0.015 +- 0.006" and ours[1] == "4/4" and float(ours[2]) > 5
     shuffled = [c.strip() for c in rows["shuffled"].split("|")[2:6]]
     assert shuffled[0].startswith("+0.000") and float(shuffled[3]) > 0.9
+
+
+def test_peer_serving_benchmark_drives_kserve_and_us_with_the_same_load(tmp_path):
+    """``benchmarks.peer_serving``, briefly: our server and KServe's Python server (its own
+    venv, onnxruntime as ours) answer the same tritonclient calls on the same graph, and the
+    rows compare them (MLServer is left to the benchmark itself: one more venv to install)."""
+    out_json = tmp_path / "peers.json"
+    out = benchmark("benchmarks.peer_serving", "--peers", "kserve", "--cells", "64",
+                    "--clients", "1", "--seconds", "1", "--threads", "1",
+                    "--json", str(out_json))  # fmt: skip
+    doors = [r["door"] for r in json.loads(out_json.read_text())["rows"]]
+    for server in ("cellexplain", "kserve"):
+        assert (
+            f"{server} OIP REST /v2 (binary)" in doors and f"{server} OIP gRPC ModelInfer" in doors
+        )
+    assert out.stdout.count("x of ours") == 2

@@ -18,6 +18,7 @@ from tests.integration.servers import bentoml_server
 pytestmark = pytest.mark.integration
 pb = load("cellexplain_v1_pb2")
 pb_grpc = load("cellexplain_v1_pb2_grpc")
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,9 @@ def test_grpc_returns_the_id_in_its_metadata_and_logs_the_refusal(server, pbmc):
     )
     with grpc.insecure_channel(server.grpc) as ch:
         call = pb_grpc.CellExplainStub(ch).Annotate.with_call
-        with pytest.raises(grpc.RpcError) as e:
-            call(req, metadata=[("x-request-id", "grpc-run-7")], timeout=30)
+        with pytest.raises(grpc.RpcError) as e:  # under the caller's trace (W3C traceparent)
+            meta = [("x-request-id", "grpc-run-7"), ("traceparent", TRACEPARENT)]
+            call(req, metadata=meta, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert dict(e.value.initial_metadata())["x-request-id"] == "grpc-run-7"
         X[0, 5] = 1.0
@@ -92,3 +94,4 @@ def test_grpc_returns_the_id_in_its_metadata_and_logs_the_refusal(server, pbmc):
     (line,) = log_lines(server, "grpc-run-7")
     assert line["door"] == "grpc" and line["error"] == "invalid_argument"
     assert line["model"] == "pbmc-programs" and line["model_version"]
+    assert line["trace_id"] == TRACEPARENT.split("-")[1]  # the call's span is the caller's child

@@ -210,7 +210,8 @@ class Settings(BaseModel):
         ge=0,
         description="cells a worker queues for one model before it refuses new requests at "
         "once (503 with Retry-After, gRPC RESOURCE_EXHAUSTED) instead of letting them time "
-        "out; a request alone is always admitted. 0: 16 x max_batch_cells",
+        "out; a request alone is always admitted. 0: 32 x max_batch_cells (cells count from "
+        "arrival, while they are prepared too: a few of the largest requests must fit)",
     )
     grpc_max_concurrent_rpcs: int = Field(
         default=256,
@@ -275,8 +276,9 @@ class Settings(BaseModel):
 
     @property
     def queue_bound(self) -> int:
-        """Cells a worker queues per model (``max_queued_cells``, or 16 batches)."""
-        return self.max_queued_cells or 16 * self.max_batch_cells
+        """Cells a worker queues per model (``max_queued_cells``, or 32 batches: about 1.5 s of
+        work for one CPU with the default model)."""
+        return self.max_queued_cells or 32 * self.max_batch_cells
 
     @property
     def inflight_bytes(self) -> int:

@@ -449,8 +449,8 @@ def test_hpa_scales_on_the_queue_and_the_gpu_overlay_never_on_cpu(overlay):
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
     batch = int(cm["data"]["CELLEXPLAIN_MAX_BATCH_CELLS"])
     workers = int(cm["data"]["CELLEXPLAIN_WORKERS"])
-    # well under what a pod queues before it refuses (16 batches per worker by default)
-    assert 0 < target <= 16 * batch * workers / 4
+    # well under what a pod queues before it refuses (32 batches per worker by default)
+    assert 0 < target <= 32 * batch * workers / 8
     if overlay == "gpu":
         assert kinds == ["Pods"]  # CPU says nothing of a GPU pod's backlog
     else:

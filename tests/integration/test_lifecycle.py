@@ -53,6 +53,21 @@ def post(url: str, body: bytes, timeout: float = 120) -> httpx.Response:
     )
 
 
+def wait_admitted(url: str, cells: int, timeout: float) -> float:
+    """Poll ``/metrics`` until the worker has admitted ``cells`` (queued, in an onnxruntime
+    call, or annotated); the count reached."""
+    deadline = time.monotonic() + timeout
+    series = r"^cellexplain_(?:queued_cells|inflight_cells|cells_annotated_total)\{[^}]*\} (\S+)$"
+    seen = 0.0
+    with httpx.Client(base_url=url, timeout=5) as c:
+        while time.monotonic() < deadline:
+            seen = sum(float(v) for v in re.findall(series, c.get("/metrics").text, re.M))
+            if seen >= cells:
+                break
+            time.sleep(0.05)
+    return seen
+
+
 def test_sigterm_drains_in_flight_rest_and_grpc(programs_home, cells, body):
     """Kubernetes sends SIGTERM to the container's first process (the arbiter): requests
     already sent, on both doors, still get full answers, and the server exits cleanly."""
@@ -92,7 +107,11 @@ def test_sigterm_drains_in_flight_rest_and_grpc(programs_home, cells, body):
         threads += [threading.Thread(target=grpc_call, args=(ch,)) for ch in channels]
         for t in threads:
             t.start()
-        time.sleep(0.8)  # all six are sent and queued behind each other
+        # all six are in the worker's hands (admitted: queued, running or answered) before
+        # SIGTERM: on a loaded machine a 9 MB gRPC message could still be on its way after a
+        # fixed sleep, and a call not yet started when the drain begins is not in flight
+        admitted = wait_admitted(srv.url, 6 * N_CELLS, timeout=20)
+        assert admitted >= 6 * N_CELLS, admitted
         sigterm_at = time.monotonic()
         os.kill(srv.proc.pid, signal.SIGTERM)
         for t in threads:

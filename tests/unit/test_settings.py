@@ -148,11 +148,14 @@ def test_one_model_answers_to_the_name_it_is_served_as(programs_model):
     annotator = Annotator.from_settings(
         Settings(models=[], model_dirs=[str(folder)], model_name="pbmc-isvc", workers=1)
     )
-    lm = annotator.get("pbmc-isvc")
-    assert annotator.get(None) is lm and lm.model.card.name == "pbmc-isvc"
-    assert [m.name for m in annotator.list_models().models] == ["pbmc-isvc"]
-    with pytest.raises(ModelNotFoundError, match="served models: pbmc-isvc"):
-        annotator.get("pbmc-programs")
+    try:
+        lm = annotator.get("pbmc-isvc")
+        assert annotator.get(None) is lm and lm.model.card.name == "pbmc-isvc"
+        assert [m.name for m in annotator.list_models().models] == ["pbmc-isvc"]
+        with pytest.raises(ModelNotFoundError, match="served models: pbmc-isvc"):
+            annotator.get("pbmc-programs")
+    finally:
+        annotator.close()
 
 
 def test_service_links_a_kubelet_injects_are_not_settings():

@@ -597,7 +597,9 @@ class Annotator:
             raise InvalidInputError("input x has no rows", "x")
         self._check_n_cells(x.shape[0])
         with lm.batcher.admit(x.shape[0]) as admission:  # before the checks, as annotate()
-            checked = await off_loop(x.nbytes, partial(self._infer_input, lm, x))
+            # checked on the door's loop: the OIP REST door parsed its body on a thread already
+            # (as annotate(): another thread's arena would add to the parse's peak)
+            checked = self._infer_input(lm, x)
             pred = await lm.batcher.predict(checked, self._infer_target(lm, x, target), admission)
         opts = AnnotateOptions(model=lm.name, input="log1p_cp10k", attributions="full")
         ids = [str(i) for i in range(x.shape[0])]

@@ -111,6 +111,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._seconds_per_cell = 0.0  # recent onnxruntime time per cell, for Retry-After
         self._queued_gauge = metrics.QUEUED_CELLS.labels(model=name)
+        self._admitted = metrics.ADMITTED_CELLS.labels(model=name)
         self._inflight_gauge = metrics.INFLIGHT_CELLS.labels(model=name)
         self._wait = metrics.QUEUE_WAIT_SECONDS.labels(model=name)
         self.timeout_s = timeout_s
@@ -197,6 +198,7 @@ class Batcher:
                 retry_after_s=wait,
             )
         self._queued_gauge.inc(n)
+        self._admitted.inc(n)
         return Admission(self, n)
 
     def _release(self, n: int) -> None:

@@ -96,6 +96,12 @@ GRPC_SECONDS = prom.Histogram(
     labelnames=["method", "code"],
     buckets=(*_SECONDS_BUCKETS, 10, 30, 60),
 )
+ADMITTED_CELLS = prom.Counter(
+    name="cellexplain_admitted_cells_total",
+    documentation="Cells admitted into a model's queue (the rest were refused: overloaded), "
+    "by model: its rate is the load a worker took on",
+    labelnames=["model"],
+)
 QUEUED_CELLS = prom.Gauge(
     name="cellexplain_queued_cells",
     documentation="Cells waiting for an onnxruntime call, per worker (pid) and model: the "

@@ -54,10 +54,10 @@ def post(url: str, body: bytes, timeout: float = 120) -> httpx.Response:
 
 
 def wait_admitted(url: str, cells: int, timeout: float) -> float:
-    """Poll ``/metrics`` until the worker has admitted ``cells`` (queued, in an onnxruntime
-    call, or annotated); the count reached."""
+    """Poll ``/metrics`` until the server has admitted ``cells`` into its queues (whatever
+    has run since); the count reached."""
     deadline = time.monotonic() + timeout
-    series = r"^cellexplain_(?:queued_cells|inflight_cells|cells_annotated_total)\{[^}]*\} (\S+)$"
+    series = r"^cellexplain_admitted_cells_total\{[^}]*\} (\S+)$"
     seen = 0.0
     with httpx.Client(base_url=url, timeout=5) as c:
         while time.monotonic() < deadline:

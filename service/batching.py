@@ -35,6 +35,7 @@ import numpy as np
 from cellexplain.api.errors import DeadlineExceededError, NotReadyError, OverloadedError
 from cellexplain.models.runtime import OnnxModel, Prediction
 from cellexplain.service import metrics
+from cellexplain.service.settings import QUEUED_BATCHES
 
 
 class Admission:
@@ -105,8 +106,8 @@ class Batcher:
         max_queued: int | None = None,
     ) -> None:
         self.name = name
-        #: cells queued at most before new requests are refused (default: 32 batches)
-        self.max_queued = max_queued or 32 * max_cells
+        #: cells queued at most before new requests are refused (default: the settings' rule)
+        self.max_queued = max_queued or QUEUED_BATCHES * max_cells
         self._queued = 0  # cells admitted and not yet in an onnxruntime call (any thread)
         self._lock = threading.Lock()
         self._seconds_per_cell = 0.0  # recent onnxruntime time per cell, for Retry-After

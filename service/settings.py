@@ -101,6 +101,10 @@ def is_service_link(name: str, value: str, settings: frozenset[str] | set[str]) 
     return False
 
 
+#: batches a worker queues per model before it refuses work, unless ``max_queued_cells`` says
+QUEUED_BATCHES = 32
+
+
 class SettingsError(ValueError):
     """A ``CELLEXPLAIN_*`` variable is unknown or its value is not valid; the message names
     the variable."""
@@ -278,7 +282,7 @@ class Settings(BaseModel):
     def queue_bound(self) -> int:
         """Cells a worker queues per model (``max_queued_cells``, or 32 batches: about 1.5 s of
         work for one CPU with the default model)."""
-        return self.max_queued_cells or 32 * self.max_batch_cells
+        return self.max_queued_cells or QUEUED_BATCHES * self.max_batch_cells
 
     @property
     def inflight_bytes(self) -> int:

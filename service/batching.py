@@ -186,21 +186,39 @@ class Batcher:
         """
         with self._lock:
             queued = self._queued
-            if not (queued and queued + n > self.max_queued):
+            if not self._full(queued, n):
                 self._queued += n
                 queued = -1
         if queued >= 0:
-            wait = math.ceil(queued * self._seconds_per_cell) if self._seconds_per_cell else 1
-            raise OverloadedError(
-                f"model {self.name} has {queued} cells queued on this worker, and "
-                f"{n} more would pass its bound of {self.max_queued} "
-                f"(CELLEXPLAIN_MAX_QUEUED_CELLS): retry in {max(1, wait)} s, or send fewer "
-                "cells at once",
-                retry_after_s=wait,
-            )
+            raise self._overloaded(queued, n)
         self._queued_gauge.inc(n)
         self._admitted.inc(n)
         return Admission(self, n)
+
+    def check_room(self, n: int) -> None:
+        """Refuse ``n`` cells as :meth:`admit` would now, without admitting them: for a door
+        that learns a request's size before it parses the request (the queue may still refuse
+        it once parsed).
+
+        Raises:
+            OverloadedError: as :meth:`admit`.
+        """
+        queued = self._queued
+        if self._full(queued, n):
+            raise self._overloaded(queued, n)
+
+    def _full(self, queued: int, n: int) -> bool:
+        return bool(queued) and queued + n > self.max_queued
+
+    def _overloaded(self, queued: int, n: int) -> OverloadedError:
+        wait = math.ceil(queued * self._seconds_per_cell) if self._seconds_per_cell else 1
+        return OverloadedError(
+            f"model {self.name} has {queued} cells queued on this worker, and "
+            f"{n} more would pass its bound of {self.max_queued} "
+            f"(CELLEXPLAIN_MAX_QUEUED_CELLS): retry in {max(1, wait)} s, or send fewer "
+            "cells at once",
+            retry_after_s=wait,
+        )
 
     def _release(self, n: int) -> None:
         if n:

@@ -508,6 +508,22 @@ class Annotator:
         logs.MODEL.set((lm.name, lm.model.card.version))
         return lm
 
+    def check_room(self, model: str | None, n: int) -> None:
+        """Refuse a request of ``n`` cells for ``model`` (default: the default model) when its
+        queue cannot take them now (:meth:`~.batching.Batcher.check_room`), for a door that
+        reads a request's size and model before it parses the request. An unknown model or
+        too many cells pass: the call's own checks name those.
+
+        Raises:
+            OverloadedError: the model's queue is full.
+        """
+        if 0 < n <= self.settings.max_cells_per_request:
+            try:
+                lm = self.get(model)
+            except ModelNotFoundError:
+                return
+            lm.batcher.check_room(n)
+
     # -- model metadata --------------------------------------------------------------------
     def list_models(self) -> ModelList:
         return ModelList(

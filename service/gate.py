@@ -9,7 +9,10 @@ routes ``/`` and ``/docs.json`` included), before any body is read.
 * bodies over the limit are refused with 413 before they are read into memory (``.h5ad``
   uploads have ``max_h5ad_bytes``, everything else ``max_body_bytes``), and while they arrive;
 * a body that stops arriving for ``http_body_timeout_s`` gets 408;
-* a worker holding ``max_inflight_bytes`` of bodies answers 503 with ``Retry-After``.
+* a worker holding ``max_inflight_bytes`` of bodies answers 503 with ``Retry-After``. Bytes
+  are held as they arrive; a head is also weighed against what the declared bodies still
+  arriving have yet to send (:class:`Pending`), so under a burst a request is refused before
+  its body is read. A body that stalls for :data:`STALLED_S` counts only what it sent.
 
 Errors use the body of the API the path belongs to: ``/v2`` (Open Inference Protocol) gets
 ``{"error": message}``, everything else ``/v1``'s ``{"error": {type, field, message}}``.
@@ -17,6 +20,7 @@ Errors use the body of the API the path belongs to: ``/v2`` (Open Inference Prot
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,6 +51,27 @@ SINGLE_HEADERS = (
 )
 
 
+#: a declared body that sends nothing for this long counts only what it has sent: heads are
+#: weighed against bodies that are arriving, while a connection that declares a large body and
+#: trickles it holds (and blocks) nothing
+STALLED_S = 0.25
+
+
+class Pending:
+    """A body being received: the bytes its Content-Length still promises (0 for a chunked
+    body or an upload) and when it last sent some."""
+
+    __slots__ = ("last", "left")
+
+    def __init__(self, declared: int) -> None:
+        self.left = declared
+        self.last = time.monotonic()
+
+    def arrived(self, n: int) -> None:
+        self.left = max(0, self.left - n)
+        self.last = time.monotonic()
+
+
 def door_of(path: str) -> str:
     """The API a path belongs to: ``oip-rest`` under ``/v2``, otherwise ``rest``."""
     return "oip-rest" if path == "/v2" or path.startswith("/v2/") else "rest"
@@ -62,8 +87,10 @@ class Gate:
         self.max_h5ad_bytes = settings.max_h5ad_bytes
         self.body_timeout_s = settings.http_body_timeout_s
         self.inflight_limit = settings.inflight_bytes
-        #: bytes of request bodies admitted and not yet answered, in this worker
+        #: bytes of request bodies received and not yet answered, in this worker
         self.inflight = 0
+        #: the bodies being received, with what they have still to send
+        self.pending: set[Pending] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,11 +121,18 @@ class Gate:
             # limit can be served
             chunked = "chunked" in headers.get("transfer-encoding", "").lower()
             body = 0 if h5ad else (size if known else (limit if chunked else 0))
-            if body and self.inflight and self.inflight + body > self.inflight_limit:
-                raise self._busy(body)
+            holding = self.inflight + self.pending_bytes()
+            if body and holding and holding + body > self.inflight_limit:
+                raise self._busy(body, holding)
         except ServiceError as e:
             await http_response(door_of(path), e)(scope, receive, send)
             return
+        # what a declared body has still to send counts from its head while it arrives
+        # (heads after it are weighed against it, and refused before their bodies are read);
+        # counted only as they arrived, a burst passed its heads together and was refused
+        # piece by piece, seconds later
+        pending = Pending(size if known and not h5ad else 0)
+        self.pending.add(pending)
         received = held = 0
         more_body = True
 
@@ -115,6 +149,7 @@ class Gate:
                 if received > limit:
                     raise too_large(received, limit, setting)
                 if not h5ad and piece:  # held bytes are counted as they arrive
+                    pending.arrived(piece)
                     others = self.inflight - held  # a request alone is always admitted
                     if others and self.inflight + piece > self.inflight_limit:
                         raise self._busy(piece)
@@ -126,10 +161,18 @@ class Gate:
             await self.app(scope, limited, send)
         finally:
             self.inflight -= held
+            self.pending.discard(pending)
 
-    def _busy(self, more: int) -> NotReadyError:
+    def pending_bytes(self) -> int:
+        """What the declared bodies now arriving have still to send (a body stalled for
+        :data:`STALLED_S` counts only what it sent)."""
+        now = time.monotonic()
+        return sum(p.left for p in self.pending if now - p.last <= STALLED_S)
+
+    def _busy(self, more: int, held: int | None = None) -> NotReadyError:
+        held = self.inflight if held is None else held
         return NotReadyError(
-            f"this worker holds {self.inflight} bytes of request bodies; {more} more would pass "
+            f"this worker holds {held} bytes of request bodies; {more} more would pass "
             f"CELLEXPLAIN_MAX_INFLIGHT_BYTES ({self.inflight_limit}): retry shortly",
             "body",
         )

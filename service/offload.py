@@ -44,9 +44,10 @@ class Offload:
         self._waiting = 0
         self._seconds_per_parse = 0.0  # recent, for Retry-After
 
-    async def parse(self, size: int, parse: Callable[[], T]) -> T:
+    async def parse(self, size: int, parse: Callable[[], T], bounded: bool = True) -> T:
         """``parse()``, which reads ``size`` bytes: inline when small, else on a thread, one
-        at a time.
+        at a time. ``bounded=False``: wait for the turn however many wait (a stream's next
+        message, whose call holds its place already).
 
         Raises:
             OverloadedError: ``max_waiting`` large bodies already wait for their turn.
@@ -55,7 +56,8 @@ class Offload:
             return parse()
         if self._parsing is None:
             self._parsing = asyncio.Semaphore(1)
-        if self.max_waiting and self._waiting >= self.max_waiting and self._parsing.locked():
+        full = self.max_waiting and self._waiting >= self.max_waiting
+        if bounded and full and self._parsing.locked():
             wait = max(1, math.ceil(self._waiting * self._seconds_per_parse))
             raise OverloadedError(
                 f"{self._waiting} large request bodies are waiting to be parsed on this worker "

@@ -227,8 +227,9 @@ class Settings(BaseModel):
     max_waiting_parses: int = Field(
         default=4,
         ge=0,
-        description="large REST bodies (1 MiB+) a worker lets wait for the parser (one parses "
-        "at a time); beyond it 503 with Retry-After at once (0: no bound)",
+        description="large request bodies and unary gRPC messages (1 MiB+) a worker lets wait "
+        "for its parser (one parses at a time per door); beyond it 503 with Retry-After or "
+        "RESOURCE_EXHAUSTED at once (0: no bound)",
     )
     max_batch_latency_ms: float = Field(
         default=5.0, ge=0, description="how long a batch waits for more requests to merge"

@@ -319,6 +319,8 @@ def protobuf_bytes(res: Result) -> bytes:
 # -- requests, counted before they are parsed ----------------------------------------------------
 _IN = pb.AnnotateRequest.DESCRIPTOR.fields_by_name
 _IN_GENES, _IN_SPARSE, _IN_CELL_IDS = (_IN[n].number for n in ("genes", "sparse", "cell_ids"))
+_IN_OPTIONS, _IN_DENSE = _IN["options"].number, _IN["dense"].number
+_DENSE_N_CELLS = pb.DenseMatrix.DESCRIPTOR.fields_by_name["n_cells"].number
 _IN_SPARSE_CELLS = pb.SparseCells.DESCRIPTOR.fields_by_name["cells"].number
 _IN_ALL = tuple(f.number for f in pb.AnnotateRequest.DESCRIPTOR.fields)
 #: how often a field that is not a list may occur in a message (protobuf merges repeats)
@@ -372,3 +374,35 @@ def check_annotate_wire(data: bytes, max_cells: int, max_genes: int) -> None:
         raise InvalidInputError(
             f"the request message is not a valid protobuf for this method ({e})", "request"
         ) from e
+
+
+def annotate_wire_demand(
+    data: bytes, most: int = 4096, max_fields: int = 4096
+) -> tuple[str | None, int] | None:
+    """The model an ``AnnotateRequest`` names (``None``: the default) and at least how many
+    cells it holds (a dense matrix's ``n_cells``; sparse cells counted up to ``most``), read
+    from its wire bytes without parsing its values: what a full queue refuses before the
+    message is parsed. ``None`` for bytes that are not such a message (the parse says why), or
+    whose cells come after more than ``max_fields`` top-level fields (a gene list that long:
+    the walk is one Python step per field, and it runs on the door's loop)."""
+    view = memoryview(data)
+    options = bytearray()
+    n = 0
+    try:
+        for i, (number, wire, start, end) in enumerate(protowire.fields(view)):
+            if i >= max_fields:
+                return None
+            if wire != protowire.LEN:
+                continue
+            if number == _IN_OPTIONS:  # repeated occurrences merge, as protobuf merges them
+                options += view[start:end]
+            elif number == _IN_DENSE:
+                for field, kind, begin, _ in protowire.fields(view[start:end]):
+                    if field == _DENSE_N_CELLS and kind == protowire.VARINT:
+                        n = protowire.read_varint(view[start:end], begin)[0]
+            elif number == _IN_SPARSE:
+                n = protowire.count_field(view[start:end], _IN_SPARSE_CELLS, most)
+        model = pb.AnnotateOptions.FromString(bytes(options)).model if options else ""
+    except Exception:  # not the wire format, or options protobuf refuses
+        return None
+    return model or None, n

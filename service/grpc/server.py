@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cellexplain.api.errors import InvalidInputError, ServiceError, brief
+from cellexplain.api.errors import InvalidInputError, OverloadedError, ServiceError, brief
 from cellexplain.service import auth, logs, metrics, v1
 from cellexplain.service.core import Annotator
 from cellexplain.service.failures import recorded
@@ -36,6 +36,7 @@ from cellexplain.service.grpc.servicers import (
     pb,
     pb_grpc,
 )
+from cellexplain.service.offload import LARGE, Offload
 from cellexplain.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def build_server(
             RequestIdInterceptor(),
             TimingInterceptor(),
             *([ApiKeyInterceptor(settings.api_keys)] if settings.api_keys else []),
-            MalformedMessageInterceptor(settings),
+            MalformedMessageInterceptor(settings, annotator),
             ErrorInterceptor(),
         ],
         options=[
@@ -226,11 +227,6 @@ class _Deferred:
         self.data = data
 
 
-#: messages from this size on are checked and parsed on a thread, one at a time per worker, so
-#: that the gRPC loop (health included) never waits on a parse and parser peaks do not add up
-LARGE_MESSAGE = 1 << 20
-
-
 class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
     """Every request message of the typed API, the Open Inference Protocol and health checking
     (reflection keeps gRPC's handling) is decoded here:
@@ -239,13 +235,23 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
       (:func:`~cellexplain.service.v1.check_annotate_wire`,
       :func:`~cellexplain.service.grpc.oip_converters.check_infer_wire`), so a message too
       large once parsed is refused before it is;
-    * from :data:`LARGE_MESSAGE` on, checked and parsed on a thread, one at a time;
+    * a large ``Annotate`` message's model and cell count are read from its wire bytes
+      (:func:`~cellexplain.service.v1.annotate_wire_demand`) and a queue that cannot take them
+      refuses the call before the message is parsed (at 3x capacity, parsing the refused
+      messages had cost a third of the answered cells);
+    * large ones (:data:`~cellexplain.service.offload.LARGE`) checked and parsed on a thread,
+      one at a time, as REST's bodies (:class:`~cellexplain.service.offload.Offload`): a
+      unary call finding ``max_waiting_parses`` messages waiting is refused at once
+      (``RESOURCE_EXHAUSTED`` with retry-after), so a backlog of parses never grows unbounded
+      in front of the model's queue (under 3x load on a contended CPU it did, and refusals
+      took seconds);
     * malformed protobuf bytes get ``INVALID_ARGUMENT`` naming the problem (gRPC's own answer
       to a request its deserializer cannot parse is ``INTERNAL``, a server error).
 
     Responses a servicer already serialised (bytes) go out as they are."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, annotator: Annotator) -> None:
+        self.annotator = annotator
         annotate = functools.partial(
             v1.check_annotate_wire,
             max_cells=settings.max_cells_per_request,
@@ -257,7 +263,13 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             f"/{typed}/AnnotateStream": annotate,
             f"/{oip_service}/ModelInfer": check_infer_wire,
         }
-        self._large: asyncio.Semaphore | None = None
+        #: methods whose model and cells are read from the wire before a large message is
+        #: parsed: a full queue refuses them unparsed
+        self.demands: dict[str, Callable[[bytes], tuple[str | None, int] | None]] = {
+            f"/{typed}/Annotate": v1.annotate_wire_demand,
+        }
+        self.max_waiting = settings.max_waiting_parses
+        self._offload: Offload | None = None  # made on the gRPC loop, on first use
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
@@ -266,6 +278,7 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
             return handler
         parse = handler.request_deserializer
         wire_check = self.wire_checks.get(method)
+        demand = self.demands.get(method)
 
         def decode(data: bytes) -> Any:
             try:
@@ -283,15 +296,20 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
                 )
 
         def safe(data: bytes) -> Any:  # runs on the gRPC loop: only small messages here
-            return _Deferred(data) if len(data) >= LARGE_MESSAGE else decode(data)
+            return _Deferred(data) if len(data) >= LARGE else decode(data)
 
-        async def decoded(request: Any) -> Any:
+        async def decoded(request: Any, bounded: bool = True) -> Any:
             if not isinstance(request, _Deferred):
                 return request
-            if self._large is None:
-                self._large = asyncio.Semaphore(1)
-            async with self._large:
-                return await asyncio.to_thread(decode, request.data)
+            if self._offload is None:
+                self._offload = Offload(self.max_waiting)
+            try:
+                if bounded and demand is not None and (wanted := demand(request.data)):
+                    self.annotator.check_room(*wanted)  # a full queue: refused unparsed
+                parse = functools.partial(decode, request.data)
+                return await self._offload.parse(len(request.data), parse, bounded)
+            except OverloadedError as e:
+                return _Refused(e)
 
         serialise = handler.response_serializer
 
@@ -320,7 +338,7 @@ class MalformedMessageInterceptor(grpc.aio.ServerInterceptor):
 
             async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
                 async for r in requests:
-                    r = await decoded(r)
+                    r = await decoded(r, bounded=False)  # the stream holds its place
                     if isinstance(r, _Refused):
                         raise r.error
                     yield r

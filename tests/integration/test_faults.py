@@ -34,6 +34,7 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from cellexplain.api.codegen import load
 from cellexplain.service import metrics, protowire
+from cellexplain.service.gate import STALLED_S
 from cellexplain.service.sandbox import UPLOAD_PREFIX
 from tests.integration import hostile_inputs as hostile
 from tests.integration.servers import REPO, bentoml_server, running_children, worker_process
@@ -540,8 +541,9 @@ def test_a_body_that_stops_arriving_is_a_408(server):
 def test_bodies_past_the_worker_budget_wait_their_turn_with_a_503(server, client):
     """CELLEXPLAIN_MAX_INFLIGHT_BYTES is 4 MiB here: a body that has sent 3 MiB and pauses
     holds 3 MiB; a 2 MiB one beside it gets 503 + Retry-After at once, a small GET still
-    answers. Bytes are counted as they arrive: connections that declare large bodies and
-    trickle them hold (and block) nothing."""
+    answers. Bytes are held as they arrive, and what a declared body has yet to send counts
+    only while it arrives (gate.STALLED_S): connections that declare large bodies and trickle
+    them hold (and block) nothing."""
     host, port = urlparse(server.url).hostname, urlparse(server.url).port
     tricklers = [socket.create_connection((host, port)) for _ in range(4)]
     for t in tricklers:  # 4 x 64 MiB declared, one byte sent each
@@ -550,7 +552,7 @@ def test_bodies_past_the_worker_budget_wait_their_turn_with_a_503(server, client
             + f"Content-Length: {64 << 20}\r\n\r\n".encode()
             + b"{"
         )
-    time.sleep(0.3)
+    time.sleep(4 * STALLED_S)  # stalled: what they promise no longer counts
     r = client.post("/v1/annotate", content=b"{}", headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text[:300]  # admitted beside them
     for t in tricklers:

@@ -30,26 +30,27 @@ def pinned_server(programs_home):
         yield srv
 
 
+@pytest.mark.parametrize("door", ["grpc", "oip-rest"])
 def test_three_times_capacity_is_refused_at_once_and_the_queue_rises_and_falls(
-    pinned_server, tmp_path
+    pinned_server, tmp_path, door
 ):
-    """load_tests/overload.py over gRPC, 1024-cell calls: the capacity measured, then open-loop
-    arrivals at 0.5x, 1x and 3x of it and a drain. Past the queue bound calls are refused
-    (RESOURCE_EXHAUSTED with retry-after), no call gets anything else (no DEADLINE_EXCEEDED, no
-    CANCELLED), none waits past 10 s; the queue gauge rises with the offered load and is back
-    to 0 after. The one-second goal for refusals is not held here: on this machine the slowest
-    refusal is 0.3 s in some runs and 6 s in others (docs/benchmarks.md section 14; issue 27
-    stays open on it), so the bound here only catches calls that would time out."""
+    """load_tests/overload.py with 1024-cell calls, over gRPC and over OIP REST with binary
+    tensors (tritonclient's encoding): the capacity measured, then open-loop arrivals at 0.5x,
+    1x and 3x of it and a drain. Past the queue bound calls are refused (RESOURCE_EXHAUSTED
+    with retry-after, 503 with Retry-After), every refusal within a second; no call gets
+    anything else (no timeout, no 504); the queue gauge rises with the offered load and is
+    back to 0 after."""
     out_json = tmp_path / "overload.json"
     cmd = ["taskset", "-c", "1", sys.executable, "-m", "load_tests.overload",
-           "--url", pinned_server.url, "--grpc", pinned_server.grpc, "--door", "grpc",
-           "--cells", "1024", "--phase-s", "10", "--probe-s", "6", "--refusal-s", "10",
+           "--url", pinned_server.url, "--grpc", pinned_server.grpc, "--door", door,
+           "--cells", "1024", "--phase-s", "10", "--probe-s", "6", "--refusal-s", "1",
            "--json", str(out_json)]  # fmt: skip
     out = run(cmd)
+    print(out.stdout)  # the phases, shown with -s and on a failure
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out_json.read_text())
     low, one, three, drain = result["phases"]
     assert low["queue_mean"] <= one["queue_mean"] < three["queue_mean"], result["phases"]
-    assert three["refused"] > 0 and three["refusal_max_s"] < 10.0
+    assert three["refused"] > 0 and three["refusal_max_s"] <= 1.0
     assert all(not p["other"] for p in result["phases"])
     assert drain["queue_last"] == 0

@@ -113,6 +113,8 @@ def test_grpc_burst_gets_resource_exhausted_with_retry_after(server, cells):
     assert refused and len(refused) < BURST, got
     for e in refused:
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+        # the model's queue, or the messages waiting for the parser, is full
+        assert re.search(r"CELLEXPLAIN_MAX_(QUEUED_CELLS|WAITING_PARSES)", e.details()), e
         assert int(dict(e.trailing_metadata())[RETRY_AFTER_KEY]) >= 1
 
 

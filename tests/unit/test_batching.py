@@ -134,6 +134,26 @@ def test_past_its_queue_bound_a_request_is_refused_at_once_and_the_gauges_drain(
         alone.close()
 
 
+def test_check_room_refuses_as_admit_would_without_admitting(model):
+    """What a door asks before parsing a request it can size: the same refusal as admit(), and
+    nothing counted either way."""
+    batcher = Batcher("t-room", model, max_cells=50, max_latency_s=0.0, max_queued=100)
+    try:
+        batcher.check_room(500)  # an empty queue takes a request of any size
+        with batcher.admit(80):
+            batcher.check_room(20)
+            with pytest.raises(OverloadedError) as e:
+                batcher.check_room(21)
+            assert "80 cells queued" in e.value.message
+            assert "CELLEXPLAIN_MAX_QUEUED_CELLS" in e.value.message
+            assert _gauge(metrics.QUEUED_CELLS, "t-room") == 80
+            with pytest.raises(OverloadedError):
+                batcher.admit(21)
+        assert _gauge(metrics.QUEUED_CELLS, "t-room") == 0
+    finally:
+        batcher.close()
+
+
 def test_the_client_retries_overload_and_unavailable_but_not_a_request_too_large():
     import grpc
 

@@ -444,3 +444,25 @@ def test_a_novelty_threshold_of_1_turns_the_flag_off(annotator, cells):
     off = run(annotator, far, attributions="none", novelty_threshold=1.0)
     assert not off.novel.any() and off.novelty_threshold == 1.0
     np.testing.assert_array_equal(off.novelty, res.novelty)
+
+
+def test_the_wire_demand_names_the_model_and_cells_without_parsing_them():
+    """What a full queue refuses before parsing (v1.annotate_wire_demand): the model (options
+    merged as protobuf merges them) and the dense n_cells or sparse cells counted, at most
+    ``most``; bytes that are not a message give None."""
+    dense = pb.AnnotateRequest(
+        options=pb.AnnotateOptions(model="m1", top_k=3),
+        genes=["A", "B"],
+        dense=pb.DenseMatrix(n_cells=3, raw_le_float32=np.zeros(6, "<f4").tobytes()),
+    ).SerializeToString()
+    assert v1.annotate_wire_demand(dense) == ("m1", 3)
+    later = pb.AnnotateRequest(options=pb.AnnotateOptions(model="m2")).SerializeToString()
+    assert v1.annotate_wire_demand(dense + later) == ("m2", 3)  # a later options wins its field
+    sparse = pb.AnnotateRequest(
+        genes=["A"], sparse=pb.SparseCells(cells=[pb.SparseCell(values={"A": 1.0})] * 7)
+    ).SerializeToString()
+    assert v1.annotate_wire_demand(sparse) == (None, 7)
+    assert v1.annotate_wire_demand(sparse, most=4) == (None, 5)  # a lower bound: 4 + 1
+    assert v1.annotate_wire_demand(b"\xff\xff\xff") is None
+    assert v1.annotate_wire_demand(dense, max_fields=3) is None  # cells past 3 fields: not read
+    assert v1.annotate_wire_demand(b"") == (None, 0)

@@ -8,11 +8,11 @@ import asyncio
 
 import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from cellexplain.api.errors import ServiceError
 from cellexplain.service.failures import http_response
-from cellexplain.service.gate import MAX_HEADERS, Gate, check_head, door_of
+from cellexplain.service.gate import MAX_HEADERS, STALLED_S, Gate, check_head, door_of
 from cellexplain.service.settings import Settings
 
 KEY = "a-secret-key"
@@ -110,3 +110,70 @@ def test_a_busy_worker_refuses_more_bodies_with_retry_after():
     gate.inflight = 0  # a request alone is always admitted
     assert call(gate, "POST", "/v1/annotate", content=b"x" * LIMIT).text == str(LIMIT)
     assert gate.inflight == 0  # released when answered
+
+
+@pytest.mark.parametrize("stalled", [False, True])
+def test_a_declared_body_counts_from_its_head_while_it_arrives(stalled):
+    """Under a burst the heads arrive before the bodies: what a Content-Length still promises
+    counts at once, so the next request is refused at its head (its body never read), not
+    piece by piece. A body that sends nothing for STALLED_S counts only what it sent: a
+    connection declaring a large body and trickling it blocks nobody."""
+    gate = Gate(echo, Settings(max_body_bytes=LIMIT, max_inflight_bytes=3000))
+
+    async def go() -> tuple[list[Message], list[Message], int]:
+        body_sent = asyncio.Event()
+
+        async def slow_receive() -> Message:  # the first body arrives only when told
+            await body_sent.wait()
+            return {"type": "http.request", "body": b"x" * 1800, "more_body": False}
+
+        def scope(n: int) -> Scope:
+            headers = [(b"content-length", str(n).encode())]
+            return {"type": "http", "method": "POST", "path": "/v1/annotate", "headers": headers}
+
+        first: list[Message] = []
+        second: list[Message] = []
+        read = [0]
+
+        async def counted_receive() -> Message:
+            read[0] += 1
+            return {"type": "http.request", "body": b"y" * 1500, "more_body": False}
+
+        async def keep(out: list[Message], m: Message) -> None:
+            out.append(m)
+
+        task = asyncio.create_task(gate(scope(1800), slow_receive, lambda m: keep(first, m)))
+        await asyncio.sleep(0)  # the first request is past its head, its body not yet here
+        assert gate.inflight == 0 and gate.pending_bytes() == 1800
+        if stalled:
+            await asyncio.sleep(STALLED_S + 0.05)
+            assert gate.pending_bytes() == 0
+        await gate(scope(1500), counted_receive, lambda m: keep(second, m))
+        body_sent.set()
+        await task
+        return first, second, read[0]
+
+    first, second, second_reads = asyncio.run(go())
+    if stalled:
+        assert second[0]["status"] == 200 and second_reads == 1
+    else:
+        assert second[0]["status"] == 503 and second_reads == 0
+        assert b"CELLEXPLAIN_MAX_INFLIGHT_BYTES" in second[1]["body"]
+    assert first[0]["status"] == 200 and first[1]["body"] == b"1800"
+    assert gate.inflight == 0 and not gate.pending
+
+
+def test_a_chunked_body_counts_as_it_arrives():
+    """Without a Content-Length the head is weighed as a whole body of the limit, and the
+    pieces count as they come: another body arriving meanwhile can fill the worker."""
+    gate = Gate(echo, Settings(max_body_bytes=LIMIT, max_inflight_bytes=3100))
+    gate.inflight = 1000  # another request's body, held: 1000 + 2048 passes the head
+
+    async def pieces():
+        yield b"x" * 500
+        gate.inflight += 1500  # a third request's body arrives meanwhile
+        yield b"x" * 200  # 3000 + 200 passes the bound
+
+    r = call(gate, "POST", "/v1/annotate", content=pieces())
+    assert r.status_code == 503 and "CELLEXPLAIN_MAX_INFLIGHT_BYTES" in r.text
+    assert gate.inflight == 2500  # its own bytes released, the others' held

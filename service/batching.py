@@ -43,10 +43,13 @@ class Admission:
     as queued until their chunks are taken into a batch; :meth:`close` (or leaving the ``with``
     block) gives back those never taken (a bad request, a timeout, a cancelled call)."""
 
-    def __init__(self, batcher: Batcher, n: int) -> None:
+    def __init__(self, batcher: Batcher, n: int, party: Party | None = None) -> None:
         self.batcher = batcher
         self.n = n
         self.left = n
+        self.party = party
+        if party is not None:
+            party.members.add(self)
 
     def taken(self, k: int) -> None:
         """``k`` of the cells went into an onnxruntime call."""
@@ -56,12 +59,28 @@ class Admission:
 
     def close(self) -> None:
         self.taken(self.left)
+        if self.party is not None:
+            self.party.members.discard(self)
 
     def __enter__(self) -> Admission:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Party:
+    """Requests that come as one, the chunks of one gRPC stream: to the queue's rule that a
+    request alone is always admitted, a chunk is alone when only its party's cells are queued
+    (a lone stream is never refused by its own chunks in flight)."""
+
+    def __init__(self) -> None:
+        self.members: set[Admission] = set()
+
+    @property
+    def cells(self) -> int:
+        """The party's cells still counted as queued."""
+        return sum(a.left for a in list(self.members))
 
 
 @dataclass
@@ -176,9 +195,10 @@ class Batcher:
                 "overloaded or the request too large: retry later or send fewer cells"
             ) from None
 
-    def admit(self, n: int) -> Admission:
+    def admit(self, n: int, party: Party | None = None) -> Admission:
         """Count ``n`` cells of an arriving request into the queue (from any thread), or refuse
-        them when the queue is full (a request alone is always admitted).
+        them when the queue is full (a request alone is always admitted; one of a ``party`` is
+        alone when only the party's cells are queued).
 
         Raises:
             OverloadedError: 503 with ``Retry-After`` / RESOURCE_EXHAUSTED, the wait estimated
@@ -186,14 +206,15 @@ class Batcher:
         """
         with self._lock:
             queued = self._queued
-            if not self._full(queued, n):
+            own = party.cells if party is not None else 0
+            if not self._full(queued, n, own):
                 self._queued += n
                 queued = -1
         if queued >= 0:
             raise self._overloaded(queued, n)
         self._queued_gauge.inc(n)
         self._admitted.inc(n)
-        return Admission(self, n)
+        return Admission(self, n, party)
 
     def check_room(self, n: int) -> None:
         """Refuse ``n`` cells as :meth:`admit` would now, without admitting them: for a door
@@ -207,8 +228,8 @@ class Batcher:
         if self._full(queued, n):
             raise self._overloaded(queued, n)
 
-    def _full(self, queued: int, n: int) -> bool:
-        return bool(queued) and queued + n > self.max_queued
+    def _full(self, queued: int, n: int, own: int = 0) -> bool:
+        return queued > own and queued + n > self.max_queued
 
     def _overloaded(self, queued: int, n: int) -> OverloadedError:
         wait = math.ceil(queued * self._seconds_per_cell) if self._seconds_per_cell else 1

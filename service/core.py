@@ -49,7 +49,7 @@ from cellexplain.models.preprocess import (
 from cellexplain.models.runtime import OnnxModel, Prediction, available_providers
 from cellexplain.service import logs, metrics, ranking
 from cellexplain.service.alignment import Alignment, GeneAligner
-from cellexplain.service.batching import Batcher
+from cellexplain.service.batching import Batcher, Party
 from cellexplain.service.settings import Settings, SettingsError
 
 T = TypeVar("T")
@@ -564,6 +564,7 @@ class Annotator:
         genes_field: str = "genes",
         where: Callable[[int, int], tuple[str, str]] | None = None,
         prepare_off_loop: bool = False,
+        party: Party | None = None,
     ) -> Result:
         """Annotate ``X`` ``[n_cells, n_genes]`` (raw counts or log1p values, any numeric
         dtype, dense or sparse, columns named by ``genes``): the one core every typed front door
@@ -576,7 +577,9 @@ class Annotator:
         thread (:func:`off_loop`), for a door whose loop must stay free to refuse calls at
         once (gRPC, where the message is read before the call); a door that parsed its body
         on a thread already (REST JSON) keeps it on its loop: in another thread's malloc arena
-        the step's peak memory adds to the parse's.
+        the step's peak memory adds to the parse's. ``party``: the request is one of a group
+        (a stream's chunks) whose own queued cells do not make it "not alone" to the queue
+        (:class:`~cellexplain.service.batching.Party`).
 
         Raises:
             ServiceError: bad input, unknown model, too many cells; the message names the field.
@@ -589,7 +592,7 @@ class Annotator:
         n = X.shape[0]
         self._check_n_cells(n)
         # the cells count as queued from here: a full queue refuses before any preparation
-        with lm.batcher.admit(n) as admission:
+        with lm.batcher.admit(n, party) as admission:
             ids = self._cell_ids(cell_ids, n)
             if where is None:
                 where = partial(_cell_value, genes, cell_ids)

@@ -9,10 +9,11 @@ routes ``/`` and ``/docs.json`` included), before any body is read.
 * bodies over the limit are refused with 413 before they are read into memory (``.h5ad``
   uploads have ``max_h5ad_bytes``, everything else ``max_body_bytes``), and while they arrive;
 * a body that stops arriving for ``http_body_timeout_s`` gets 408;
-* a worker holding ``max_inflight_bytes`` of bodies answers 503 with ``Retry-After``. Bytes
-  are held as they arrive; a head is also weighed against what the declared bodies still
-  arriving have yet to send (:class:`Pending`), so under a burst a request is refused before
-  its body is read. A body that stalls for :data:`STALLED_S` counts only what it sent.
+* a worker holding ``max_inflight_bytes`` of bodies answers 503 with ``Retry-After`` (type
+  ``overloaded``). Bytes are held as they arrive; a head is also weighed against what the
+  declared bodies still arriving have yet to send, as far as each one's pace bears it out
+  (:class:`Pending`), so under a burst a request is refused before its body is read, while a
+  trickled body holds no more than it trickles.
 
 Errors use the body of the API the path belongs to: ``/v2`` (Open Inference Protocol) gets
 ``{"error": message}``, everything else ``/v1``'s ``{"error": {type, field, message}}``.
@@ -28,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cellexplain.api.errors import (
     HeadersTooLargeError,
     InvalidInputError,
-    NotReadyError,
+    OverloadedError,
     ServiceError,
     TooLargeError,
     brief,
@@ -51,25 +52,34 @@ SINGLE_HEADERS = (
 )
 
 
-#: a declared body that sends nothing for this long counts only what it has sent: heads are
-#: weighed against bodies that are arriving, while a connection that declares a large body and
-#: trickles it holds (and blocks) nothing
-STALLED_S = 0.25
+#: what a declared body has yet to send counts, at most, as what it would send in this many
+#: seconds at the pace it has kept since its head (measured over at least
+#: :data:`MIN_PACE_WINDOW_S`): a burst's bodies, arriving at full speed, count whole, while a
+#: connection that declares a large body and trickles it holds what it trickles, not what it
+#: declares
+HORIZON_S = 2.0
+MIN_PACE_WINDOW_S = 0.25
 
 
 class Pending:
     """A body being received: the bytes its Content-Length still promises (0 for a chunked
-    body or an upload) and when it last sent some."""
+    body or an upload), what it sent and since when."""
 
-    __slots__ = ("last", "left")
+    __slots__ = ("left", "sent", "since")
 
     def __init__(self, declared: int) -> None:
         self.left = declared
-        self.last = time.monotonic()
+        self.sent = 0
+        self.since = time.monotonic()
 
     def arrived(self, n: int) -> None:
         self.left = max(0, self.left - n)
-        self.last = time.monotonic()
+        self.sent += n
+
+    def expected(self, now: float) -> int:
+        """What it counts for now: its promise, as far as its pace bears it out."""
+        pace = self.sent / max(now - self.since, MIN_PACE_WINDOW_S)
+        return min(self.left, int(pace * HORIZON_S))
 
 
 def door_of(path: str) -> str:
@@ -164,18 +174,20 @@ class Gate:
             self.pending.discard(pending)
 
     def pending_bytes(self) -> int:
-        """What the declared bodies now arriving have still to send (a body stalled for
-        :data:`STALLED_S` counts only what it sent)."""
+        """What the declared bodies now arriving have still to send, each as far as its pace
+        bears it out (:meth:`Pending.expected`)."""
         now = time.monotonic()
-        return sum(p.left for p in self.pending if now - p.last <= STALLED_S)
+        return sum(p.expected(now) for p in self.pending)
 
-    def _busy(self, more: int, held: int | None = None) -> NotReadyError:
+    def _busy(self, more: int, held: int | None = None) -> OverloadedError:
         held = self.inflight if held is None else held
-        return NotReadyError(
+        err = OverloadedError(
             f"this worker holds {held} bytes of request bodies; {more} more would pass "
             f"CELLEXPLAIN_MAX_INFLIGHT_BYTES ({self.inflight_limit}): retry shortly",
-            "body",
+            retry_after_s=1,
         )
+        err.field = "body"
+        return err
 
 
 def check_head(raw: list[tuple[bytes, bytes]]) -> None:

@@ -24,6 +24,7 @@ from cellexplain.api.errors import (
     ServiceError,
 )
 from cellexplain.service import oip, v1
+from cellexplain.service.batching import Party
 from cellexplain.service.core import Annotator
 from cellexplain.service.grpc import oip_converters
 from cellexplain.service.offload import Offload, answer_bytes
@@ -61,13 +62,17 @@ class CellExplainServicer(_CellExplainBase):
         self.annotator = annotator
         self._offload: Offload | None = None  # made on the server's loop, on first use
 
-    async def _annotate(self, req: Any, genes: list[str], opts: Any) -> bytes:
+    async def _annotate(
+        self, req: Any, genes: list[str], opts: Any, party: Party | None = None
+    ) -> bytes:
         """The serialised ``AnnotateResponse`` (written from arrays: :mod:`~.v1`); the
         server's response serializer passes bytes through. A large answer is written on a
         thread (:mod:`~cellexplain.service.offload`), as REST's are."""
         g, X, field = converters.matrix(req, genes)
         ids = list(req.cell_ids) or None
-        res = await self.annotator.annotate(g, X, opts, ids, field, prepare_off_loop=True)
+        res = await self.annotator.annotate(
+            g, X, opts, ids, field, prepare_off_loop=True, party=party
+        )
         if self._offload is None:
             self._offload = Offload()
         return await self._offload.render(answer_bytes(res), partial(v1.protobuf_bytes, res))
@@ -95,12 +100,15 @@ class CellExplainServicer(_CellExplainBase):
                         opts = converters.options(req.options)
                     if req.genes:
                         genes = list(req.genes)
-                    await queue.put(asyncio.create_task(self._chunk(req, genes, opts, chunk)))
+                    await queue.put(
+                        asyncio.create_task(self._chunk(req, genes, opts, chunk, party))
+                    )
                     chunk += 1
                 await queue.put(None)
             except BaseException as e:  # surfaced by the sender below
                 await queue.put(e)
 
+        party = Party()  # the stream's chunks: not refused by each other in the queue
         reader = asyncio.create_task(read())
         current: asyncio.Task[Any] | None = None
         try:
@@ -127,9 +135,9 @@ class CellExplainServicer(_CellExplainBase):
                 if isinstance(left, asyncio.Task):
                     left.cancel()
 
-    async def _chunk(self, req: Any, genes: list[str], opts: Any, chunk: int) -> Any:
+    async def _chunk(self, req: Any, genes: list[str], opts: Any, chunk: int, party: Party) -> Any:
         try:
-            return await self._annotate(req, genes, opts)
+            return await self._annotate(req, genes, opts, party)
         except ServiceError as e:
             e.message = f"chunk {chunk}: {e.message}"
             raise

@@ -34,7 +34,6 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from cellexplain.api.codegen import load
 from cellexplain.service import metrics, protowire
-from cellexplain.service.gate import STALLED_S
 from cellexplain.service.sandbox import UPLOAD_PREFIX
 from tests.integration import hostile_inputs as hostile
 from tests.integration.servers import REPO, bentoml_server, running_children, worker_process
@@ -542,19 +541,36 @@ def test_bodies_past_the_worker_budget_wait_their_turn_with_a_503(server, client
     """CELLEXPLAIN_MAX_INFLIGHT_BYTES is 4 MiB here: a body that has sent 3 MiB and pauses
     holds 3 MiB; a 2 MiB one beside it gets 503 + Retry-After at once, a small GET still
     answers. Bytes are held as they arrive, and what a declared body has yet to send counts
-    only while it arrives (gate.STALLED_S): connections that declare large bodies and trickle
-    them hold (and block) nothing."""
+    only as far as its pace bears it out (gate.Pending): connections that declare large bodies
+    and trickle them, a byte every 0.1 s, hold what they trickle and block nobody."""
     host, port = urlparse(server.url).hostname, urlparse(server.url).port
     tricklers = [socket.create_connection((host, port)) for _ in range(4)]
-    for t in tricklers:  # 4 x 64 MiB declared, one byte sent each
+    for t in tricklers:  # 4 x 64 MiB declared, then a byte at a time
         t.sendall(
             b"POST /v1/annotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {64 << 20}\r\n\r\n".encode()
             + b"{"
         )
-    time.sleep(4 * STALLED_S)  # stalled: what they promise no longer counts
-    r = client.post("/v1/annotate", content=b"{}", headers={"content-type": "application/json"})
-    assert r.status_code == 400, r.text[:300]  # admitted beside them
+    trickling = threading.Event()
+
+    def trickle() -> None:
+        while not trickling.wait(0.1):
+            for t in tricklers:
+                with contextlib.suppress(OSError):
+                    t.sendall(b" ")
+
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        for _ in range(3):  # as they trickle on
+            time.sleep(0.4)
+            r = client.post(
+                "/v1/annotate", content=b"{}", headers={"content-type": "application/json"}
+            )
+            assert r.status_code == 400, r.text[:300]  # admitted beside them
+    finally:
+        trickling.set()
+        trickler.join()
     for t in tricklers:
         t.close()
     with socket.create_connection((host, port)) as held:

@@ -118,6 +118,28 @@ def test_grpc_burst_gets_resource_exhausted_with_retry_after(server, cells):
         assert int(dict(e.trailing_metadata())[RETRY_AFTER_KEY]) >= 1
 
 
+def test_a_lone_stream_is_not_refused_by_its_own_chunks(server, cells):
+    """Alone on the worker, an AnnotateStream of 200-cell chunks (several in flight, together
+    past the 256-cell bound) is answered in full: a request alone is always admitted, and a
+    stream's chunks are one request to that rule."""
+    genes, X = cells
+
+    def chunks():
+        for i in range(6):
+            part = X[i * 50 : i * 50 + 200]
+            yield pb.AnnotateRequest(
+                genes=genes if i == 0 else [],
+                dense=pb.DenseMatrix(
+                    n_cells=len(part), raw_le_float32=part.astype("<f4").tobytes()
+                ),
+                options=pb.AnnotateOptions(top_k=1),
+            )
+
+    with grpc.insecure_channel(server.grpc) as ch:
+        answers = list(pb_grpc.CellExplainStub(ch).AnnotateStream(chunks(), timeout=60))
+    assert [len(a.cells) for a in answers] == [200] * 6
+
+
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_the_client_retries_an_overloaded_server_and_gets_every_cell(server, cells, transport):
     """While a burst of other clients' requests fills the queue, the Python client's calls,

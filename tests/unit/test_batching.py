@@ -13,7 +13,7 @@ import pytest
 from cellexplain.api.errors import DeadlineExceededError, NotReadyError, OverloadedError
 from cellexplain.models.runtime import OnnxModel
 from cellexplain.service import metrics
-from cellexplain.service.batching import Batcher
+from cellexplain.service.batching import Batcher, Party
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,26 @@ def test_check_room_refuses_as_admit_would_without_admitting(model):
             with pytest.raises(OverloadedError):
                 batcher.admit(21)
         assert _gauge(metrics.QUEUED_CELLS, "t-room") == 0
+    finally:
+        batcher.close()
+
+
+def test_a_partys_own_cells_do_not_make_its_next_request_wait_for_room(model):
+    """A stream's chunks (one Party) are alone together: with only the party's cells queued a
+    chunk is admitted past the bound; another request's cells make the bound apply."""
+    batcher = Batcher("t-party", model, max_cells=50, max_latency_s=0.0, max_queued=100)
+    party = Party()
+    try:
+        with batcher.admit(80, party), batcher.admit(80, party) as second:
+            assert party.cells == 160 and second.party is party
+            with pytest.raises(OverloadedError):
+                batcher.admit(30)  # anyone else: 160 queued is past the bound
+        assert party.cells == 0 and not party.members
+        with batcher.admit(10):  # another request queued: the party is not alone
+            with pytest.raises(OverloadedError):
+                batcher.admit(95, party)
+            with batcher.admit(90, party):  # within the bound
+                assert party.cells == 90
     finally:
         batcher.close()
 

@@ -12,7 +12,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from cellexplain.api.errors import ServiceError
 from cellexplain.service.failures import http_response
-from cellexplain.service.gate import MAX_HEADERS, STALLED_S, Gate, check_head, door_of
+from cellexplain.service.gate import MAX_HEADERS, Gate, check_head, door_of
 from cellexplain.service.settings import Settings
 
 KEY = "a-secret-key"
@@ -112,26 +112,31 @@ def test_a_busy_worker_refuses_more_bodies_with_retry_after():
     assert gate.inflight == 0  # released when answered
 
 
-@pytest.mark.parametrize("stalled", [False, True])
-def test_a_declared_body_counts_from_its_head_while_it_arrives(stalled):
-    """Under a burst the heads arrive before the bodies: what a Content-Length still promises
-    counts at once, so the next request is refused at its head (its body never read), not
-    piece by piece. A body that sends nothing for STALLED_S counts only what it sent: a
-    connection declaring a large body and trickling it blocks nobody."""
+@pytest.mark.parametrize("first", ["burst", "trickle"])
+def test_a_declared_body_counts_from_its_head_as_far_as_its_pace_bears_it_out(first):
+    """Under a burst the heads come before the bodies: what a Content-Length still promises
+    counts at once for a body arriving at full speed, so the next request is refused at its
+    head (its body never read), not piece by piece. A body trickled a byte at a time counts
+    what it trickles, not what it declares: it blocks nobody."""
     gate = Gate(echo, Settings(max_body_bytes=LIMIT, max_inflight_bytes=3000))
 
     async def go() -> tuple[list[Message], list[Message], int]:
-        body_sent = asyncio.Event()
+        go_on = asyncio.Event()
+        pieces = [b"x" * 200, b"x" * 1600] if first == "burst" else [b"x"] * 4 + [b"x" * 1796]
 
-        async def slow_receive() -> Message:  # the first body arrives only when told
-            await body_sent.wait()
-            return {"type": "http.request", "body": b"x" * 1800, "more_body": False}
+        async def first_receive() -> Message:  # its last piece arrives only when told
+            if len(pieces) == 1:
+                await go_on.wait()
+            elif first == "trickle":
+                await asyncio.sleep(0.1)
+            body = pieces.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(pieces)}
 
         def scope(n: int) -> Scope:
             headers = [(b"content-length", str(n).encode())]
             return {"type": "http", "method": "POST", "path": "/v1/annotate", "headers": headers}
 
-        first: list[Message] = []
+        answers: list[Message] = []
         second: list[Message] = []
         read = [0]
 
@@ -142,24 +147,27 @@ def test_a_declared_body_counts_from_its_head_while_it_arrives(stalled):
         async def keep(out: list[Message], m: Message) -> None:
             out.append(m)
 
-        task = asyncio.create_task(gate(scope(1800), slow_receive, lambda m: keep(first, m)))
-        await asyncio.sleep(0)  # the first request is past its head, its body not yet here
-        assert gate.inflight == 0 and gate.pending_bytes() == 1800
-        if stalled:
-            await asyncio.sleep(STALLED_S + 0.05)
-            assert gate.pending_bytes() == 0
+        task = asyncio.create_task(gate(scope(1800), first_receive, lambda m: keep(answers, m)))
+        while len(pieces) > 1:  # the first body is on its way, its last piece not yet here
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)
+        if first == "burst":  # 200 bytes within the pace window: all 1600 left are expected
+            assert gate.inflight == 200 and gate.pending_bytes() == 1600
+        else:  # 4 bytes in 0.4 s: 10 bytes a second is all it holds
+            assert gate.inflight == 4 and gate.pending_bytes() <= 20
         await gate(scope(1500), counted_receive, lambda m: keep(second, m))
-        body_sent.set()
+        go_on.set()
         await task
-        return first, second, read[0]
+        return answers, second, read[0]
 
-    first, second, second_reads = asyncio.run(go())
-    if stalled:
+    answers, second, second_reads = asyncio.run(go())
+    if first == "trickle":
         assert second[0]["status"] == 200 and second_reads == 1
     else:
         assert second[0]["status"] == 503 and second_reads == 0
         assert b"CELLEXPLAIN_MAX_INFLIGHT_BYTES" in second[1]["body"]
-    assert first[0]["status"] == 200 and first[1]["body"] == b"1800"
+        assert b'"type":"overloaded"' in second[1]["body"].replace(b" ", b"")
+    assert answers[0]["status"] == 200 and answers[1]["body"] == b"1800"
     assert gate.inflight == 0 and not gate.pending
 
 

@@ -52,13 +52,14 @@ SINGLE_HEADERS = (
 )
 
 
-#: what a declared body has yet to send counts, at most, as what it would send in this many
-#: seconds at the pace it has kept since its head (measured over at least
-#: :data:`MIN_PACE_WINDOW_S`): a burst's bodies, arriving at full speed, count whole, while a
-#: connection that declares a large body and trickles it holds what it trickles, not what it
-#: declares
+#: what a declared body has yet to send counts whole while it is young (its first
+#: :data:`YOUNG_S`, once a first read of :data:`STARTED_BYTES` has come: a burst's heads all
+#: come before their bodies), then at most as what it would send in :data:`HORIZON_S` at the
+#: pace it has kept since its head: a burst's bodies, arriving at full speed, count whole,
+#: while a connection that declares a large body and trickles it holds what it trickles
+YOUNG_S = 0.25
+STARTED_BYTES = 64 * 1024
 HORIZON_S = 2.0
-MIN_PACE_WINDOW_S = 0.25
 
 
 class Pending:
@@ -77,8 +78,12 @@ class Pending:
         self.sent += n
 
     def expected(self, now: float) -> int:
-        """What it counts for now: its promise, as far as its pace bears it out."""
-        pace = self.sent / max(now - self.since, MIN_PACE_WINDOW_S)
+        """What it counts for now: its whole promise while young and started, then as far as
+        its pace bears it out."""
+        age = now - self.since
+        if age < YOUNG_S and self.sent >= min(STARTED_BYTES, self.sent + self.left):
+            return self.left
+        pace = self.sent / max(age, YOUNG_S)
         return min(self.left, int(pace * HORIZON_S))
 
 

@@ -11,8 +11,18 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from cellexplain.api.errors import ServiceError
+from cellexplain.service import gate as gate_module
 from cellexplain.service.failures import http_response
-from cellexplain.service.gate import MAX_HEADERS, Gate, check_head, door_of
+from cellexplain.service.gate import (
+    HORIZON_S,
+    MAX_HEADERS,
+    STARTED_BYTES,
+    YOUNG_S,
+    Gate,
+    Pending,
+    check_head,
+    door_of,
+)
 from cellexplain.service.settings import Settings
 
 KEY = "a-secret-key"
@@ -112,12 +122,28 @@ def test_a_busy_worker_refuses_more_bodies_with_retry_after():
     assert gate.inflight == 0  # released when answered
 
 
+def test_what_a_pending_body_counts_for():
+    """Pending.expected: nothing before its first read; its whole promise while young once
+    started; then what its pace would bring in HORIZON_S."""
+    p = Pending(10 * STARTED_BYTES)
+    assert p.expected(p.since) == 0  # a head alone holds nothing
+    p.arrived(STARTED_BYTES)
+    assert p.expected(p.since + 0.01) == 9 * STARTED_BYTES  # young and started: all of it
+    later = p.since + 2 * YOUNG_S  # STARTED_BYTES in 0.5 s, kept up for HORIZON_S
+    assert p.expected(later) == int(STARTED_BYTES / (2 * YOUNG_S) * HORIZON_S)
+    trickled = Pending(64 << 20)
+    trickled.arrived(10)
+    assert trickled.expected(trickled.since + 0.01) == 10 / YOUNG_S * HORIZON_S  # not started
+    assert trickled.expected(trickled.since + 10) == 2  # 1 byte a second, for 2 s
+
+
 @pytest.mark.parametrize("first", ["burst", "trickle"])
-def test_a_declared_body_counts_from_its_head_as_far_as_its_pace_bears_it_out(first):
+def test_a_declared_body_counts_from_its_head_as_far_as_its_pace_bears_it_out(first, monkeypatch):
     """Under a burst the heads come before the bodies: what a Content-Length still promises
     counts at once for a body arriving at full speed, so the next request is refused at its
     head (its body never read), not piece by piece. A body trickled a byte at a time counts
     what it trickles, not what it declares: it blocks nobody."""
+    monkeypatch.setattr(gate_module, "STARTED_BYTES", 100)  # bodies here are of 2 KiB at most
     gate = Gate(echo, Settings(max_body_bytes=LIMIT, max_inflight_bytes=3000))
 
     async def go() -> tuple[list[Message], list[Message], int]:
@@ -151,7 +177,7 @@ def test_a_declared_body_counts_from_its_head_as_far_as_its_pace_bears_it_out(fi
         while len(pieces) > 1:  # the first body is on its way, its last piece not yet here
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.01)
-        if first == "burst":  # 200 bytes within the pace window: all 1600 left are expected
+        if first == "burst":  # started (200 bytes) and young: all 1600 left are expected
             assert gate.inflight == 200 and gate.pending_bytes() == 1600
         else:  # 4 bytes in 0.4 s: 10 bytes a second is all it holds
             assert gate.inflight == 4 and gate.pending_bytes() <= 20

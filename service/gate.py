@@ -8,7 +8,8 @@ routes ``/`` and ``/docs.json`` included), before any body is read.
   (401);
 * bodies over the limit are refused with 413 before they are read into memory (``.h5ad``
   uploads have ``max_h5ad_bytes``, everything else ``max_body_bytes``), and while they arrive;
-* a body that stops arriving for ``http_body_timeout_s`` gets 408;
+* a body that stops arriving for ``http_body_timeout_s``, or that averages less than
+  ``http_body_min_rate`` bytes a second over any such window, gets 408;
 * a worker holding ``max_inflight_bytes`` of bodies answers 503 with ``Retry-After`` (type
   ``overloaded``). Bytes are held as they arrive; a head is also weighed against what the
   declared bodies still arriving have yet to send, as far as each one's pace bears it out
@@ -30,6 +31,7 @@ from cellexplain.api.errors import (
     HeadersTooLargeError,
     InvalidInputError,
     OverloadedError,
+    RequestTimeoutError,
     ServiceError,
     TooLargeError,
     brief,
@@ -101,6 +103,7 @@ class Gate:
         self.max_bytes = settings.max_body_bytes
         self.max_h5ad_bytes = settings.max_h5ad_bytes
         self.body_timeout_s = settings.http_body_timeout_s
+        self.min_rate = settings.http_body_min_rate
         self.inflight_limit = settings.inflight_bytes
         #: bytes of request bodies received and not yet answered, in this worker
         self.inflight = 0
@@ -150,6 +153,7 @@ class Gate:
         self.pending.add(pending)
         received = held = 0
         more_body = True
+        window = [time.monotonic(), 0.0]  # the current pace window: its start, bytes in it
 
         async def limited() -> Message:
             nonlocal received, more_body, held
@@ -163,6 +167,8 @@ class Gate:
                 received += piece
                 if received > limit:
                     raise too_large(received, limit, setting)
+                if more_body and self.min_rate:
+                    self._keep_pace(window, piece)
                 if not h5ad and piece:  # held bytes are counted as they arrive
                     pending.arrived(piece)
                     others = self.inflight - held  # a request alone is always admitted
@@ -177,6 +183,23 @@ class Gate:
         finally:
             self.inflight -= held
             self.pending.discard(pending)
+
+    def _keep_pace(self, window: list[float], piece: int) -> None:
+        """Refuse (408) a body that sent less than ``min_rate`` bytes a second over the
+        ``body_timeout_s`` window just ended: each piece is checked against the window, which
+        then starts again."""
+        now = time.monotonic()
+        window[1] += piece
+        elapsed = now - window[0]
+        if elapsed >= self.body_timeout_s:
+            if window[1] < self.min_rate * elapsed:
+                raise RequestTimeoutError(
+                    f"the request body arrived at {window[1] / elapsed:.0f} bytes/s over the "
+                    f"last {elapsed:.0f} s, below CELLEXPLAIN_HTTP_BODY_MIN_RATE "
+                    f"({self.min_rate} bytes/s): send it at once",
+                    "body",
+                )
+            window[0], window[1] = now, 0
 
     def pending_bytes(self) -> int:
         """What the declared bodies now arriving have still to send, each as far as its pace

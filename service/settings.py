@@ -206,6 +206,13 @@ class Settings(BaseModel):
         gt=0,
         description="longest pause between two pieces of a request body; then 408",
     )
+    http_body_min_rate: int = Field(
+        default=16384,
+        ge=0,
+        description="bytes per second a request body must average over each "
+        "http_body_timeout_s while it arrives; below it 408 (a body trickled after a large "
+        "first piece held its bytes of the in-flight budget indefinitely); 0: no minimum",
+    )
     max_batch_cells: int = Field(
         default=1024, ge=1, description="cells per onnxruntime call; larger requests are chunked"
     )

@@ -594,6 +594,45 @@ def test_bodies_past_the_worker_budget_wait_their_turn_with_a_503(server, client
     assert r.status_code == 400  # admitted (and refused for what it is)
 
 
+def test_a_body_trickled_after_a_large_first_piece_gets_408_and_releases_its_share(server, client):
+    """3 MiB at once, then a byte every 0.5 s: each piece comes within the 2 s body timeout,
+    but the body averages far less than CELLEXPLAIN_HTTP_BODY_MIN_RATE over a window, so it
+    gets 408 and its 3 MiB of the 4 MiB budget are released (it had held them indefinitely,
+    refusing every other body, for a byte every few seconds)."""
+    host, port = urlparse(server.url).hostname, urlparse(server.url).port
+    two_mib = {"content": b" " * (2 << 20), "headers": {"content-type": "application/json"}}
+    with socket.create_connection((host, port)) as held:
+        held.sendall(
+            b"POST /v1/annotate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {4 << 20}\r\n\r\n".encode()
+            + b" " * (3 << 20)
+        )
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.wait(0.5):
+                with contextlib.suppress(OSError):
+                    held.sendall(b" ")
+
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        try:
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            assert client.post("/v1/annotate", **two_mib).status_code == 503  # the budget held
+            while (r := client.post("/v1/annotate", **two_mib)).status_code == 503:
+                assert time.monotonic() - t0 < 10, "the trickled body still holds its share"
+                time.sleep(0.25)
+            assert r.status_code == 400  # admitted (and refused for what it is)
+            held.settimeout(5)
+            answer = held.recv(65536)
+        finally:
+            stop.set()
+            trickler.join()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"CELLEXPLAIN_HTTP_BODY_MIN_RATE" in answer
+
+
 # -- SIGTERM in the middle of a hanging upload --------------------------------------------------
 def test_sigterm_during_a_hanging_upload_ends_every_process(programs_home, tmp_path):
     grace = 3

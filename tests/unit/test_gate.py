@@ -211,3 +211,28 @@ def test_a_chunked_body_counts_as_it_arrives():
     r = call(gate, "POST", "/v1/annotate", content=pieces())
     assert r.status_code == 503 and "CELLEXPLAIN_MAX_INFLIGHT_BYTES" in r.text
     assert gate.inflight == 2500  # its own bytes released, the others' held
+
+
+@pytest.mark.parametrize("bytes_per_piece, status", [(10, 408), (200, 200)])
+def test_a_body_below_the_minimum_rate_over_a_window_is_a_408(bytes_per_piece, status):
+    """Each piece within the timeout of the one before is not enough: a body must also average
+    http_body_min_rate over each http_body_timeout_s window (a large first piece then a byte
+    now and then held its share of the budget indefinitely)."""
+    gate = Gate(
+        echo,
+        Settings(max_body_bytes=LIMIT, http_body_timeout_s=0.2, http_body_min_rate=1000),
+    )
+
+    async def pieces():
+        for _ in range(10):  # 0.5 s: 200 or 4,000 bytes a second
+            yield b"x" * bytes_per_piece
+            await asyncio.sleep(0.05)
+
+    r = call(gate, "POST", "/v1/annotate", content=pieces())
+    assert r.status_code == status, r.text
+    if status == 408:
+        assert r.json()["error"]["field"] == "body"
+        assert "CELLEXPLAIN_HTTP_BODY_MIN_RATE" in r.json()["error"]["message"]
+    else:
+        assert r.text == str(10 * bytes_per_piece)
+    assert gate.inflight == 0

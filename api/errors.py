@@ -147,8 +147,8 @@ class OverloadedError(ServiceError):
     grpc_code = "RESOURCE_EXHAUSTED"
     kind = "overloaded"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after_s: int = 1, field: str | None = None) -> None:
+        super().__init__(message, field)
         self.retry_after_s = max(1, int(retry_after_s))
 
 

@@ -66,18 +66,38 @@ HORIZON_S = 2.0
 
 class Pending:
     """A body being received: the bytes its Content-Length still promises (0 for a chunked
-    body or an upload), what it sent and since when."""
+    body or an upload), what it sent and since when, and its current pace window (its start,
+    what came in it)."""
 
-    __slots__ = ("left", "sent", "since")
+    __slots__ = ("left", "sent", "since", "window_sent", "window_start")
 
     def __init__(self, declared: int) -> None:
         self.left = declared
         self.sent = 0
-        self.since = time.monotonic()
+        self.since = self.window_start = time.monotonic()
+        self.window_sent = 0
 
     def arrived(self, n: int) -> None:
         self.left = max(0, self.left - n)
         self.sent += n
+        self.window_sent += n
+
+    def keep_pace(self, min_rate: int, window_s: float) -> None:
+        """Refuse (408) a body that sent less than ``min_rate`` bytes a second over the
+        ``window_s`` window just ended (checked as each piece comes; the window then starts
+        again)."""
+        now = time.monotonic()
+        elapsed = now - self.window_start
+        if elapsed < window_s:
+            return
+        if self.window_sent < min_rate * elapsed:
+            raise RequestTimeoutError(
+                f"the request body arrived at {self.window_sent / elapsed:.0f} bytes/s over the "
+                f"last {elapsed:.0f} s, below CELLEXPLAIN_HTTP_BODY_MIN_RATE "
+                f"({min_rate} bytes/s): send it at once",
+                "body",
+            )
+        self.window_start, self.window_sent = now, 0
 
     def expected(self, now: float) -> int:
         """What it counts for now: its whole promise while young and started, then as far as
@@ -145,15 +165,14 @@ class Gate:
         except ServiceError as e:
             await http_response(door_of(path), e)(scope, receive, send)
             return
-        # what a declared body has still to send counts from its head while it arrives
-        # (heads after it are weighed against it, and refused before their bodies are read);
-        # counted only as they arrived, a burst passed its heads together and was refused
-        # piece by piece, seconds later
+        # what a declared body has still to send counts from its head, as far as its pace
+        # bears it out (heads after it are weighed against it, and refused before their bodies
+        # are read); counted only as they arrived, a burst passed its heads together and was
+        # refused piece by piece, seconds later
         pending = Pending(size if known and not h5ad else 0)
         self.pending.add(pending)
         received = held = 0
         more_body = True
-        window = [time.monotonic(), 0.0]  # the current pace window: its start, bytes in it
 
         async def limited() -> Message:
             nonlocal received, more_body, held
@@ -167,10 +186,10 @@ class Gate:
                 received += piece
                 if received > limit:
                     raise too_large(received, limit, setting)
+                pending.arrived(piece)  # an upload's promise is 0: it only keeps its pace
                 if more_body and self.min_rate:
-                    self._keep_pace(window, piece)
+                    pending.keep_pace(self.min_rate, self.body_timeout_s)
                 if not h5ad and piece:  # held bytes are counted as they arrive
-                    pending.arrived(piece)
                     others = self.inflight - held  # a request alone is always admitted
                     if others and self.inflight + piece > self.inflight_limit:
                         raise self._busy(piece)
@@ -184,23 +203,6 @@ class Gate:
             self.inflight -= held
             self.pending.discard(pending)
 
-    def _keep_pace(self, window: list[float], piece: int) -> None:
-        """Refuse (408) a body that sent less than ``min_rate`` bytes a second over the
-        ``body_timeout_s`` window just ended: each piece is checked against the window, which
-        then starts again."""
-        now = time.monotonic()
-        window[1] += piece
-        elapsed = now - window[0]
-        if elapsed >= self.body_timeout_s:
-            if window[1] < self.min_rate * elapsed:
-                raise RequestTimeoutError(
-                    f"the request body arrived at {window[1] / elapsed:.0f} bytes/s over the "
-                    f"last {elapsed:.0f} s, below CELLEXPLAIN_HTTP_BODY_MIN_RATE "
-                    f"({self.min_rate} bytes/s): send it at once",
-                    "body",
-                )
-            window[0], window[1] = now, 0
-
     def pending_bytes(self) -> int:
         """What the declared bodies now arriving have still to send, each as far as its pace
         bears it out (:meth:`Pending.expected`)."""
@@ -209,13 +211,12 @@ class Gate:
 
     def _busy(self, more: int, held: int | None = None) -> OverloadedError:
         held = self.inflight if held is None else held
-        err = OverloadedError(
+        return OverloadedError(
             f"this worker holds {held} bytes of request bodies; {more} more would pass "
             f"CELLEXPLAIN_MAX_INFLIGHT_BYTES ({self.inflight_limit}): retry shortly",
             retry_after_s=1,
+            field="body",
         )
-        err.field = "body"
-        return err
 
 
 def check_head(raw: list[tuple[bytes, bytes]]) -> None:
